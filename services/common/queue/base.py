@@ -1,0 +1,89 @@
+"""What services need from a job queue and event bus, whatever runs it.
+
+Jobs: `enqueue` puts a payload on a named queue; a worker `claim`s it (at most one worker holds a
+job at a time), `touch`es it while working on it, and `ack`s it when done. A job whose worker died
+(no ack and no touch for the visibility timeout) is handed to the next `claim`, with its
+`deliveries` count raised, so no job is lost with its worker.
+
+Events: `publish` appends an event to a named channel; `read` returns the events after a cursor
+and waits for new ones, so a late subscriber replays a run's whole history, then follows it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from backpropagate_services.common.settings import Settings
+
+JsonDict = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    queue: str
+    payload: JsonDict
+    deliveries: int = 1
+
+
+@dataclass(frozen=True)
+class Event:
+    event_id: str  # the cursor to pass to `read` to get the events after this one
+    data: JsonDict = field(default_factory=dict)
+
+
+class JobQueue(ABC):
+    @abstractmethod
+    def enqueue(self, queue: str, payload: JsonDict) -> str:
+        """Append a job; returns its id."""
+
+    @abstractmethod
+    def claim(self, queue: str, consumer: str, timeout: float) -> Job | None:
+        """Take the next job: a dead worker's expired job first, else a new one.
+
+        Waits up to `timeout` seconds; None when there is nothing to do.
+        """
+
+    @abstractmethod
+    def touch(self, job: Job, consumer: str) -> None:
+        """Tell the queue the job is still being worked on (resets its visibility timeout)."""
+
+    @abstractmethod
+    def ack(self, job: Job) -> None:
+        """The job is done (succeeded or failed for good): never deliver it again."""
+
+    @abstractmethod
+    def pending_count(self, queue: str) -> int:
+        """Jobs claimed but not acked yet."""
+
+    @abstractmethod
+    def publish(self, channel: str, data: JsonDict) -> str:
+        """Append an event; returns its id."""
+
+    @abstractmethod
+    def read(self, channel: str, after: str, timeout: float) -> list[Event]:
+        """Events after the cursor `after` ("" = from the first), oldest first.
+
+        Returns at once when there are some, else waits up to `timeout` seconds for one.
+        """
+
+    def close(self) -> None:  # noqa: B027  # optional for implementations holding nothing
+        """Release connections."""
+
+
+def make_queue(settings: Settings) -> JobQueue:
+    """The queue the settings ask for."""
+    if settings.queue.backend == "redis":
+        from backpropagate_services.common.queue.redis_streams import RedisStreamsQueue
+
+        return RedisStreamsQueue(
+            settings.queue.redis_url,
+            namespace=settings.queue.namespace,
+            visibility_timeout=settings.queue.visibility_timeout_seconds,
+        )
+    from backpropagate_services.common.queue.embedded import EmbeddedQueue
+
+    return EmbeddedQueue(visibility_timeout=settings.queue.visibility_timeout_seconds)

