@@ -16,7 +16,9 @@ EXIT_RUNTIME_ERROR = 2
 EXIT_PARTIAL_FAILURE = 3
 
 _SECRET_PATTERNS = [
-    re.compile(r"(?i)(secret[_-]?key|access[_-]?key|password|token|authorization)(\s*[=:]\s*)(\S+)"),
+    re.compile(
+        r"(?i)(secret[_-]?key|access[_-]?key|password|token|authorization)(\s*[=:]\s*)(\S+)"
+    ),
     re.compile(r"hf_[A-Za-z0-9]{20,}"),
 ]
 

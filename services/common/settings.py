@@ -18,8 +18,12 @@ class QueueSettings(BaseModel):
     backend: Literal["embedded", "redis"] = Field(
         "embedded", description="Job queue and event bus: in-process, or Redis Streams."
     )
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL for the redis backend.")
-    namespace: str = Field("bp", description="Prefix of every Redis key, so stacks can share a server.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis URL for the redis backend."
+    )
+    namespace: str = Field(
+        "bp", description="Prefix of every Redis key, so stacks can share a server."
+    )
     visibility_timeout_seconds: float = Field(
         60.0, description="A claimed job not acked or touched for this long is redelivered."
     )
@@ -91,12 +95,17 @@ class Settings(BaseSettings):
     home: Path = Field(
         Path.home() / ".backpropagate", description="Local state: artifacts, model cache."
     )
+    model_cache: Path | None = Field(
+        None, description="Dequantised copies of GGUF base models; default <home>/models."
+    )
     endpoint: str | None = Field(
         None,
         description="host:port of a running stack. Unset: the client runs the stack in-process.",
     )
     endpoints: EndpointSettings = Field(default_factory=EndpointSettings)  # type: ignore[arg-type]
-    listen: str = Field("127.0.0.1:50051", description="host:port a server binds (`backprop serve`).")
+    listen: str = Field(
+        "127.0.0.1:50051", description="host:port a server binds (`backprop serve`)."
+    )
     log_level: str = Field("INFO", description="Log level of services.")
     queue: QueueSettings = Field(default_factory=QueueSettings)  # type: ignore[arg-type]
     store: StoreSettings = Field(default_factory=StoreSettings)  # type: ignore[arg-type]
@@ -110,7 +119,7 @@ class Settings(BaseSettings):
 
     @property
     def model_cache_dir(self) -> Path:
-        return self.home / "models"
+        return self.model_cache or self.home / "models"
 
     def endpoint_of(self, service: str) -> str | None:
         specific: str | None = getattr(self.endpoints, service)

@@ -1,0 +1,294 @@
+"""`backprop`: the command-line client. Each command is a thin shell over the SDK workflows.
+
+Exit codes: 0 ok, 1 user error, 2 runtime error, 3 partial failure (e.g. trained, export failed).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from backpropagate import __version__
+from backpropagate.connection import Connection
+from backpropagate.progress import ExportProgress, TrainProgress, safety_label
+from backpropagate.results import ExportResult, RunResult, status_name
+from backpropagate.v1 import safety_pb2, trainer_pb2
+from backpropagate.workflows import export, train, upload_dataset
+from backpropagate_services.common.errors import (
+    EXIT_PARTIAL_FAILURE,
+    BackpropagateError,
+)
+from backpropagate_services.common.settings import get_settings
+
+app = typer.Typer(
+    help="Fine-tune a LoRA on a JSONL file, export a verified GGUF, chat with it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+runs_app = typer.Typer(help="Inspect training runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+console = Console()
+err_console = Console(stderr=True)
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.jsonl"
+DEMO_PROMPT = "How do I fine-tune a small model on my own chat data?"
+DEMO_STEPS = 40
+
+
+class PartialFailure(Exception):
+    """Part of a multi-step command succeeded; the message says which part did not."""
+
+
+def print_run(run: RunResult) -> None:
+    table = Table(show_header=False, box=None)
+    for label, value in [
+        ("run", run.run_id),
+        ("status", run.status),
+        ("model", run.base_model),
+        ("steps", str(run.steps)),
+        ("final loss", f"{run.final_loss:.4f}"),
+        ("samples seen", str(run.samples_seen)),
+        ("duration", f"{run.duration_seconds:.1f}s"),
+        ("adapter", run.output),
+    ]:
+        table.add_row(f"[bold]{label}[/]", value)
+    console.print(table)
+
+
+def print_export(result: ExportResult) -> None:
+    table = Table(show_header=False, box=None)
+    for label, value in [
+        ("export", result.export_id),
+        ("file", str(result.path)),
+        ("quantization", result.quantization),
+        ("size", f"{result.size_bytes / 2**20:.1f} MiB"),
+        ("sha256", result.sha256),
+        ("agreement with torch", f"{result.top1_agreement:.1%} top-1, KL {result.mean_kl:.4f}"),
+        ("duration", f"{result.duration_seconds:.1f}s"),
+    ]:
+        table.add_row(f"[bold]{label}[/]", value)
+    console.print(table)
+
+
+def _run_training(
+    connection: Connection, data: Path, model: str, config: trainer_pb2.TrainConfig, fmt: str
+) -> RunResult:
+    dataset = upload_dataset(connection, data, fmt)
+    console.print(
+        f"dataset [bold]{dataset.filename}[/]: {dataset.num_examples} {dataset.format} examples "
+        f"([dim]{dataset.dataset_id[:12]}[/])"
+    )
+    config.base_model = model
+    with TrainProgress(err_console) as bar:
+        return train(connection, dataset.dataset_id, config, bar)
+
+
+def _run_export(
+    connection: Connection, run_id: str, output_dir: Path, quantization: str, prompt: str
+) -> ExportResult:
+    with ExportProgress(err_console) as bar:
+        return export(
+            connection,
+            run_id,
+            output_dir,
+            quantization=quantization,
+            prompt=prompt,
+            on_event=bar,
+        )
+
+
+@app.command("train")
+def train_command(
+    data: Annotated[Path, typer.Option("--data", "-d", help="JSONL dataset to train on.")],
+    model: Annotated[
+        str, typer.Option(help="HF id, local HF dir or .gguf file; default: this machine's.")
+    ] = "",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
+    batch_size: Annotated[int, typer.Option(help="Conversations per step (0: default).")] = 0,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate (0: default).")] = 0.0,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank (0: default).")] = 0,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (0: default).")] = 0,
+    max_length: Annotated[int, typer.Option(help="Tokens per example (0: default).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for init, data order and dropout.")] = 42,
+    data_format: Annotated[
+        str, typer.Option("--format", help="auto, sharegpt, alpaca or openai.")
+    ] = "auto",
+) -> None:
+    """Fine-tune a LoRA adapter on a JSONL chat dataset."""
+    config = trainer_pb2.TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        max_length=max_length,
+        seed=seed,
+    )
+    run = _run_training(Connection.open(), data, model, config, data_format)
+    print_run(run)
+    console.print(f"next: [bold]backprop export {run.run_id}[/]")
+
+
+@app.command("export")
+def export_command(
+    run_id: Annotated[str, typer.Argument(help="The run whose adapter to export.")],
+    export_format: Annotated[str, typer.Option("--format", help="Export format.")] = "gguf",
+    quantization: Annotated[
+        str, typer.Option(help="f16, q8_0, q5_k_m, q4_k_m; default: the model's safe one.")
+    ] = "",
+    output_dir: Annotated[Path, typer.Option(help="Where to download the file.")] = Path("."),
+    prompt: Annotated[str, typer.Option(help="Smoke-test chat prompt.")] = "",
+) -> None:
+    """Merge a run's adapter, write a verified GGUF, smoke-test it and download it."""
+    connection = Connection.open()
+    if export_format != "gguf":
+        raise typer.BadParameter("only gguf is supported", param_hint="--format")
+    result = _run_export(connection, run_id, output_dir, quantization, prompt)
+    print_export(result)
+    console.print(Panel(result.smoke_answer, title=f"llama.cpp: {result.smoke_prompt}"))
+
+
+@runs_app.command("list")
+def runs_list(limit: Annotated[int, typer.Option(help="Most recent N (0: all).")] = 20) -> None:
+    """List training runs, newest first."""
+    connection = Connection.open()
+    response = connection.call(
+        "trainer", connection.trainer.ListRuns, trainer_pb2.ListRunsRequest(limit=limit)
+    )
+    table = Table("run", "status", "model", "steps", "final loss", "created")
+    for record in response.runs:
+        table.add_row(
+            record.run_id,
+            status_name(record.status),
+            record.base_model,
+            str(record.steps),
+            f"{record.final_loss:.4f}" if record.final_loss else "-",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created_at)),
+        )
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
+    """Show one run's record."""
+    connection = Connection.open()
+    record = connection.call(
+        "trainer", connection.trainer.GetRun, trainer_pb2.GetRunRequest(run_id=run_id)
+    )
+    print_run(RunResult.from_proto(record))
+    if record.HasField("error") and record.error.code:
+        console.print(f"[red]{record.error.code}[/]: {record.error.message}")
+
+
+@app.command("info")
+def info() -> None:
+    """Where the stack runs, how it stores things, and the machine's safety level."""
+    settings = get_settings()
+    connection = Connection.open()
+    snapshot = connection.call("safety", connection.safety.Snapshot, safety_pb2.SnapshotRequest())
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("version", __version__),
+        ("mode", "embedded (in this process)" if connection.embedded else "remote stack"),
+        *((f"{name} endpoint", address) for name, address in connection.addresses.items()),
+        ("queue", settings.queue.backend),
+        ("store", settings.store.backend),
+        ("default model", settings.trainer.default_model),
+        ("safety", f"{safety_label(snapshot.level)} ({snapshot.source})"),
+        (
+            "host memory",
+            f"{snapshot.host.memory_used_mb / 1024:.1f} / "
+            f"{snapshot.host.memory_total_mb / 1024:.1f} GiB",
+        ),
+    ]
+    rows += [(f"GPU {gpu.index}", f"{gpu.name} {gpu.temperature_c:.0f} C") for gpu in snapshot.gpus]
+    for label, value in rows:
+        table.add_row(f"[bold]{label}[/]", value)
+    console.print(table)
+
+
+@app.command("serve")
+def serve(
+    service: Annotated[
+        str, typer.Argument(help="all, dataprep, trainer, safety or export.")
+    ] = "all",
+    listen: Annotated[str, typer.Option(help="host:port to bind (default: settings).")] = "",
+) -> None:
+    """Run one service, or all of them in one process, until interrupted."""
+    from backpropagate_services.common.logs import configure_logging
+    from backpropagate_services.stack import SERVICES, start_stack
+
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    services = list(SERVICES) if service == "all" else [service]
+    stack = start_stack(settings, services, listen or settings.listen)
+    signal.signal(signal.SIGTERM, lambda *_: stack.stop())
+    err_console.print(f"serving {', '.join(services)} on {stack.address}")
+    try:
+        stack.wait()
+    except KeyboardInterrupt:
+        stack.stop()
+
+
+@app.command("chat")
+def chat(
+    model_file: Annotated[Path, typer.Argument(help="A .gguf file.")],
+    prompt: Annotated[str, typer.Argument(help="What to ask.")],
+    max_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 96,
+) -> None:
+    """Answer one chat prompt with a GGUF file in llama.cpp."""
+    from backpropagate_services.export.smoke import smoke_answer
+
+    settings = get_settings()
+    console.print(smoke_answer(model_file, prompt, settings.export.threads, max_tokens))
+
+
+@app.command("demo")
+def demo(
+    steps: Annotated[int, typer.Option(help="Training steps.")] = DEMO_STEPS,
+    output_dir: Annotated[Path, typer.Option(help="Where the GGUF goes.")] = Path("out"),
+) -> None:
+    """The main job end to end: train on examples/quickstart.jsonl, export, chat."""
+    from backpropagate_services.export.smoke import smoke_answer
+
+    connection = Connection.open()
+    started = time.monotonic()
+    run = _run_training(connection, QUICKSTART, "", trainer_pb2.TrainConfig(steps=steps), "auto")
+    trained = time.monotonic()
+    print_run(run)
+    try:
+        result = _run_export(connection, run.run_id, output_dir, "", "")
+    except BackpropagateError as exc:
+        raise PartialFailure(f"trained {run.run_id}, but the export failed: {exc}") from exc
+    exported = time.monotonic()
+    print_export(result)
+    answer = smoke_answer(result.path, DEMO_PROMPT, get_settings().export.threads, 96)
+    chatted = time.monotonic()
+    console.print(
+        f"timings: train {trained - started:.1f}s, export {exported - trained:.1f}s, "
+        f"chat {chatted - exported:.1f}s"
+    )
+    console.print(Panel(answer, title=f"{result.path.name}: {DEMO_PROMPT}"))
+
+
+def main() -> None:
+    """Entry point: errors become one readable message and a stable exit code."""
+    try:
+        app()
+    except BackpropagateError as exc:
+        err_console.print(f"[bold red]error {exc.code}[/]: {exc.message}")
+        err_console.print(f"[dim]hint:[/] {exc.hint}")
+        sys.exit(exc.exit_code)
+    except PartialFailure as exc:
+        err_console.print(f"[bold yellow]partial failure[/]: {exc}")
+        sys.exit(EXIT_PARTIAL_FAILURE)

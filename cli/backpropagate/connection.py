@@ -1,0 +1,104 @@
+"""Reaching the services: a remote stack at BACKPROPAGATE_ENDPOINT, or the embedded default.
+
+With no endpoint configured, the first connection starts every service in this process (one
+gRPC server on a free loopback port, the in-process queue, artifacts under ~/.backpropagate) and
+talks to it over gRPC like to any remote stack, so both deployments share every line of client
+code. Calls made through `Connection.call` / `Connection.stream` raise BackpropagateError
+subclasses, never raw grpc.RpcError.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from backpropagate.v1 import (
+    dataprep_pb2_grpc,
+    export_pb2_grpc,
+    safety_pb2_grpc,
+    trainer_pb2_grpc,
+)
+from backpropagate_services.common.grpc_errors import error_from_rpc
+from backpropagate_services.common.settings import Settings, get_settings
+
+T = TypeVar("T")
+
+_embedded_lock = threading.Lock()
+_embedded_address: str | None = None
+
+
+def embedded_address(settings: Settings) -> str:
+    """Start the all-in-one stack in this process once, and return its address."""
+    global _embedded_address
+    with _embedded_lock:
+        if _embedded_address is None:
+            from backpropagate_services.common.logs import configure_logging
+            from backpropagate_services.stack import SERVICES, start_stack
+
+            configure_logging("WARNING")
+            stack = start_stack(settings, list(SERVICES), "127.0.0.1:0")
+            atexit.register(stack.stop)
+            _embedded_address = stack.address
+        return _embedded_address
+
+
+@dataclass
+class Connection:
+    addresses: dict[str, str]
+    embedded: bool
+    _channels: dict[str, grpc.Channel] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, settings: Settings | None = None) -> Connection:
+        settings = settings or get_settings()
+        services = ("dataprep", "trainer", "safety", "export")
+        configured = {name: settings.endpoint_of(name) for name in services}
+        embedded = any(address is None for address in configured.values())
+        fallback = embedded_address(settings) if embedded else ""
+        return cls({name: configured[name] or fallback for name in services}, embedded)
+
+    def channel(self, service: str) -> grpc.Channel:
+        if service not in self._channels:
+            self._channels[service] = grpc.insecure_channel(
+                self.addresses[service],
+                options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+            )
+        return self._channels[service]
+
+    @property
+    def dataprep(self) -> dataprep_pb2_grpc.DataprepServiceStub:
+        return dataprep_pb2_grpc.DataprepServiceStub(self.channel("dataprep"))
+
+    @property
+    def trainer(self) -> trainer_pb2_grpc.TrainerServiceStub:
+        return trainer_pb2_grpc.TrainerServiceStub(self.channel("trainer"))
+
+    @property
+    def safety(self) -> safety_pb2_grpc.SafetyServiceStub:
+        return safety_pb2_grpc.SafetyServiceStub(self.channel("safety"))
+
+    @property
+    def export(self) -> export_pb2_grpc.ExportServiceStub:
+        return export_pb2_grpc.ExportServiceStub(self.channel("export"))
+
+    def call(self, service: str, method: Callable[..., T], request: Any, **kwargs: Any) -> T:
+        try:
+            return method(request, **kwargs)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.addresses[service]) from None
+
+    def stream(self, service: str, method: Callable[..., Iterator[T]], request: Any) -> Iterator[T]:
+        try:
+            yield from method(request)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self.addresses[service]) from None
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()

@@ -1,0 +1,76 @@
+"""What the SDK returns: plain dataclasses, so users never handle protobuf messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
+
+
+def status_name(status: int) -> str:
+    return common_pb2.JobStatus.Name(status).removeprefix("JOB_STATUS_").lower()  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    status: str
+    base_model: str
+    dataset_id: str
+    steps: int
+    final_loss: float
+    loss_history: list[float] = field(default_factory=list)
+    output: str = ""  # store prefix of the adapter
+    duration_seconds: float = 0.0
+    samples_seen: int = 0
+
+    @classmethod
+    def from_proto(cls, record: trainer_pb2.RunRecord) -> RunResult:
+        return cls(
+            run_id=record.run_id,
+            status=status_name(record.status),
+            base_model=record.base_model,
+            dataset_id=record.dataset_id,
+            steps=record.steps,
+            final_loss=record.final_loss,
+            loss_history=list(record.loss_history),
+            output=record.output,
+            duration_seconds=record.duration_seconds,
+            samples_seen=record.samples_seen,
+        )
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    export_id: str
+    run_id: str
+    format: str
+    quantization: str
+    path: Path  # the downloaded file on this machine
+    artifact_key: str
+    size_bytes: int
+    sha256: str
+    top1_agreement: float
+    mean_kl: float
+    smoke_prompt: str
+    smoke_answer: str
+    duration_seconds: float
+
+    @classmethod
+    def from_proto(cls, result: export_pb2.ExportResult, path: Path) -> ExportResult:
+        return cls(
+            export_id=result.export_id,
+            run_id=result.run_id,
+            format=result.format,
+            quantization=result.quantization,
+            path=path,
+            artifact_key=result.artifact_key,
+            size_bytes=result.size_bytes,
+            sha256=result.sha256,
+            top1_agreement=result.verification.top1_agreement,
+            mean_kl=result.verification.mean_kl,
+            smoke_prompt=result.smoke_prompt,
+            smoke_answer=result.smoke_answer,
+            duration_seconds=result.duration_seconds,
+        )

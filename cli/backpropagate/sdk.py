@@ -1,0 +1,88 @@
+"""The three-line Python API.
+
+from backpropagate import Trainer
+trainer = Trainer()                      # or any HF id, local HF dir, or .gguf file
+run = trainer.train("my_data.jsonl", steps=100)
+exported = trainer.export("gguf", quantization="q8_0")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backpropagate.connection import Connection
+from backpropagate.progress import ExportProgress, TrainProgress
+from backpropagate.results import ExportResult, RunResult
+from backpropagate.v1 import trainer_pb2
+from backpropagate.workflows import export, train, upload_dataset
+from backpropagate_services.common.errors import UserError
+from backpropagate_services.common.settings import Settings
+
+
+class Trainer:
+    def __init__(
+        self, model: str = "", *, settings: Settings | None = None, progress: bool = True
+    ) -> None:
+        """`model`: HF id, local HF directory, .gguf file, or "" for this machine's default."""
+        self.model = model
+        self.progress = progress
+        self.connection = Connection.open(settings)
+        self.last_run: RunResult | None = None
+
+    def train(
+        self,
+        data: str | Path,
+        *,
+        steps: int = 100,
+        batch_size: int = 0,
+        learning_rate: float = 0.0,
+        lora_r: int = 0,
+        lora_alpha: int = 0,
+        max_length: int = 0,
+        seed: int = 42,
+        data_format: str = "auto",
+    ) -> RunResult:
+        """Fine-tune a LoRA adapter on a JSONL dataset; 0 means the trainer's default."""
+        dataset = upload_dataset(self.connection, Path(data), data_format)
+        config = trainer_pb2.TrainConfig(
+            base_model=self.model,
+            steps=steps,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            max_length=max_length,
+            seed=seed,
+        )
+        if self.progress:
+            with TrainProgress() as bar:
+                self.last_run = train(self.connection, dataset.dataset_id, config, bar)
+        else:
+            self.last_run = train(self.connection, dataset.dataset_id, config)
+        return self.last_run
+
+    def export(
+        self,
+        export_format: str = "gguf",
+        *,
+        quantization: str = "",
+        run_id: str = "",
+        output_dir: str | Path = ".",
+        prompt: str = "",
+    ) -> ExportResult:
+        """Merge the adapter, write a verified GGUF and download it into `output_dir`.
+
+        quantization "" picks the one that keeps this model's answers intact.
+        """
+        run_id = run_id or (self.last_run.run_id if self.last_run else "")
+        if not run_id:
+            raise UserError("Nothing to export yet.", hint="Call train() first or pass run_id=.")
+        kwargs = {
+            "export_format": export_format,
+            "quantization": quantization,
+            "prompt": prompt,
+        }
+        if self.progress:
+            with ExportProgress() as bar:
+                return export(self.connection, run_id, Path(output_dir), on_event=bar, **kwargs)
+        return export(self.connection, run_id, Path(output_dir), **kwargs)

@@ -1,0 +1,139 @@
+"""The client side of each job: upload, submit, follow the events, fetch the result.
+
+Shared by the SDK and the CLI. Failures come back as the server's BackpropagateError subclass,
+whether the call itself failed or the job failed later on a worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from backpropagate.connection import Connection
+from backpropagate.results import ExportResult, RunResult
+from backpropagate.v1 import common_pb2, dataprep_pb2, export_pb2, trainer_pb2
+from backpropagate_services.common.errors import (
+    ExportVerificationError,
+    JobCancelledError,
+    NotFoundError,
+)
+from backpropagate_services.common.grpc_errors import detail_to_error
+
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+
+RunEventHandler = Callable[[trainer_pb2.RunEvent], None]
+ExportEventHandler = Callable[[export_pb2.ExportEvent], None]
+
+
+def _upload_requests(path: Path, format_hint: str) -> Iterator[dataprep_pb2.UploadDatasetRequest]:
+    header = dataprep_pb2.UploadDatasetHeader(filename=path.name, format=format_hint)
+    yield dataprep_pb2.UploadDatasetRequest(header=header)
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(UPLOAD_CHUNK_BYTES), b""):
+            yield dataprep_pb2.UploadDatasetRequest(chunk=chunk)
+
+
+def upload_dataset(
+    connection: Connection, path: Path, format_hint: str = "auto"
+) -> dataprep_pb2.DatasetInfo:
+    if not path.is_file():
+        raise NotFoundError(
+            f"Dataset file not found: {path}",
+            hint="Pass the path of a JSONL file, e.g. examples/quickstart.jsonl.",
+            path=str(path),
+        )
+    stub = connection.dataprep
+    return connection.call("dataprep", stub.UploadDataset, _upload_requests(path, format_hint))
+
+
+def _raise_if_failed(status: int, error: common_pb2.ErrorDetail, what: str) -> None:
+    if status == common_pb2.JOB_STATUS_FAILED:
+        raise detail_to_error(error)
+    if status == common_pb2.JOB_STATUS_CANCELLED:
+        raise JobCancelledError(f"{what} was cancelled.")
+
+
+def train(
+    connection: Connection,
+    dataset_id: str,
+    config: trainer_pb2.TrainConfig,
+    on_event: RunEventHandler | None = None,
+) -> RunResult:
+    stub = connection.trainer
+    submitted = connection.call(
+        "trainer",
+        stub.SubmitTrain,
+        trainer_pb2.SubmitTrainRequest(dataset_id=dataset_id, config=config),
+    )
+    return follow_run(connection, submitted.run_id, on_event)
+
+
+def follow_run(
+    connection: Connection, run_id: str, on_event: RunEventHandler | None = None
+) -> RunResult:
+    stub = connection.trainer
+    for event in connection.stream(
+        "trainer", stub.WatchRun, trainer_pb2.WatchRunRequest(run_id=run_id)
+    ):
+        if on_event is not None:
+            on_event(event)
+    record = connection.call("trainer", stub.GetRun, trainer_pb2.GetRunRequest(run_id=run_id))
+    _raise_if_failed(record.status, record.error, f"Run {run_id}")
+    return RunResult.from_proto(record)
+
+
+def download_artifact(connection: Connection, key: str, dest: Path, sha256: str = "") -> Path:
+    """Stream a stored file to `dest`; the final name appears only once it is complete and,
+    when a checksum is given, verified."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            request = export_pb2.DownloadArtifactRequest(key=key)
+            for chunk in connection.stream("export", connection.export.DownloadArtifact, request):
+                digest.update(chunk.data)
+                handle.write(chunk.data)
+        if sha256 and digest.hexdigest() != sha256:
+            raise ExportVerificationError(
+                f"Downloaded {key} but its sha256 {digest.hexdigest()} is not {sha256}.",
+                hint="The transfer was corrupted; download it again.",
+            )
+        os.replace(tmp_name, dest)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def export(
+    connection: Connection,
+    run_id: str,
+    output_dir: Path,
+    *,
+    export_format: str = "gguf",
+    quantization: str = "",
+    prompt: str = "",
+    on_event: ExportEventHandler | None = None,
+) -> ExportResult:
+    stub = connection.export
+    request = export_pb2.SubmitExportRequest(
+        run_id=run_id, format=export_format, quantization=quantization, smoke_prompt=prompt
+    )
+    export_id = connection.call("export", stub.SubmitExport, request).export_id
+    for event in connection.stream(
+        "export", stub.WatchExport, export_pb2.WatchExportRequest(export_id=export_id)
+    ):
+        if on_event is not None:
+            on_event(event)
+    result = connection.call(
+        "export", stub.GetExport, export_pb2.GetExportRequest(export_id=export_id)
+    )
+    _raise_if_failed(result.status, result.error, f"Export {export_id}")
+    path = download_artifact(
+        connection, result.artifact_key, output_dir / Path(result.artifact_key).name, result.sha256
+    )
+    return ExportResult.from_proto(result, path)

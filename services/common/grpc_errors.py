@@ -1,0 +1,115 @@
+"""BackpropagateError <-> gRPC status, both directions.
+
+Servicers raise domain errors; `translate_errors` turns them into a status whose details carry
+an `ErrorDetail` (code, message, hint, retryable, context). The client turns a failed call back
+into the same error class with `error_from_rpc`, so `except DatasetSchemaError` works across the
+wire exactly as it does in-process.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+
+from backpropagate.v1 import common_pb2
+from backpropagate_services.common.errors import (
+    BackpropagateError,
+    DependencyError,
+    JobCancelledError,
+    ServiceUnavailableError,
+    rebuild_error,
+)
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def error_to_detail(error: BackpropagateError) -> common_pb2.ErrorDetail:
+    return common_pb2.ErrorDetail(
+        code=error.code,
+        message=error.message,
+        hint=error.hint,
+        retryable=error.retryable,
+        context=error.context,
+    )
+
+
+def detail_to_error(detail: common_pb2.ErrorDetail) -> BackpropagateError:
+    return rebuild_error(detail.code, detail.message, detail.hint, dict(detail.context))
+
+
+def error_to_status(error: BackpropagateError) -> grpc.Status:
+    packed = any_pb2.Any()
+    packed.Pack(error_to_detail(error))
+    status = status_pb2.Status(
+        code=getattr(grpc.StatusCode, error.grpc_status).value[0],
+        message=str(error),
+        details=[packed],
+    )
+    return rpc_status.to_status(status)
+
+
+def as_backpropagate_error(exc: BaseException) -> BackpropagateError:
+    """Any exception as one of ours; an unexpected one becomes INTERNAL and is logged in full."""
+    if isinstance(exc, BackpropagateError):
+        return exc
+    log.exception("unexpected error", exc_info=exc)
+    return BackpropagateError(f"Unexpected {type(exc).__name__}: {exc}")
+
+
+def translate_errors(method: F) -> F:
+    """Decorate a servicer method (unary or server-streaming) to report errors as statuses."""
+
+    def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+        context.abort_with_status(error_to_status(as_backpropagate_error(exc)))
+
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:
+                abort(context, exc)
+
+        return stream_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def unary_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            abort(context, exc)
+
+    return unary_wrapper  # type: ignore[return-value]
+
+
+def error_from_rpc(exc: grpc.RpcError, target: str = "") -> BackpropagateError:
+    """Re-create the server's error from a failed call."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    if status is not None:
+        for packed in status.details:
+            detail = common_pb2.ErrorDetail()
+            if packed.Unpack(detail):
+                return detail_to_error(detail)
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ServiceUnavailableError(
+            f"Cannot reach the Backpropagate service at {target or 'its endpoint'}: {details}",
+            endpoint=target,
+        )
+    if code == grpc.StatusCode.CANCELLED:
+        return JobCancelledError(f"The call was cancelled: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DependencyError(f"The service at {target} did not answer in time: {details}")
+    return BackpropagateError(f"gRPC call failed ({code}): {details}")

@@ -1,0 +1,76 @@
+"""A worker that claims jobs from one queue, keeps them alive while working, and acks them.
+
+Trainer and export workers differ only in `handle`; claiming, heartbeats and acking live here
+once. A job is acked after `handle` returns or raises: its outcome (success or a recorded
+failure) is final. Only a worker that dies mid-job leaves it un-acked, and then the queue hands
+it to another worker after the visibility timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from abc import abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from backpropagate_services.common.queue import Job, JobQueue
+from backpropagate_services.common.service import BackgroundWorker
+
+log = logging.getLogger(__name__)
+
+CLAIM_TIMEOUT_SECONDS = 1.0
+
+
+def consumer_name(role: str) -> str:
+    """Unique per process and thread, readable in `XINFO CONSUMERS`."""
+    return f"{role}-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
+
+
+@contextmanager
+def kept_alive(queue: JobQueue, job: Job, consumer: str, interval: float) -> Iterator[None]:
+    """Touch the job every `interval` seconds while the body runs, so it is not redelivered."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(interval):
+            try:
+                queue.touch(job, consumer)
+            except Exception:
+                log.warning("heartbeat for job %s failed", job.job_id, exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job.job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(interval)
+
+
+class JobWorker(BackgroundWorker):
+    queue_name: str
+
+    def __init__(self, queue: JobQueue, visibility_timeout: float) -> None:
+        super().__init__()
+        self.queue = queue
+        self.heartbeat_interval = max(visibility_timeout / 3, 0.1)
+        self.consumer = ""
+
+    @abstractmethod
+    def handle(self, job: Job) -> None:
+        """Do the job and record its outcome; exceptions are logged, the job is acked anyway."""
+
+    def run_once(self) -> None:
+        if not self.consumer:  # named in the worker's own thread
+            self.consumer = consumer_name(self.name)
+        job = self.queue.claim(self.queue_name, self.consumer, CLAIM_TIMEOUT_SECONDS)
+        if job is None:
+            return
+        try:
+            with kept_alive(self.queue, job, self.consumer, self.heartbeat_interval):
+                self.handle(job)
+        finally:
+            self.queue.ack(job)

@@ -1,0 +1,42 @@
+"""The shared layout of the artifact store and the queue's names: the contract between services.
+
+The trainer writes runs/<run_id>/..., the export service reads them and writes
+exports/<export_id>/...; both go through these functions so the layout is written down once.
+"""
+
+from __future__ import annotations
+
+TRAIN_QUEUE = "train"
+EXPORT_QUEUE = "export"
+
+
+def run_record_key(run_id: str) -> str:
+    return f"runs/{run_id}/run.json"
+
+
+def adapter_prefix(run_id: str) -> str:
+    return f"runs/{run_id}/adapter"
+
+
+def loss_curve_key(run_id: str) -> str:
+    return f"runs/{run_id}/loss.png"
+
+
+def run_events_channel(run_id: str) -> str:
+    return f"run:{run_id}"
+
+
+def cancel_channel(run_id: str) -> str:
+    return f"cancel:{run_id}"
+
+
+def export_record_key(export_id: str) -> str:
+    return f"exports/{export_id}/export.json"
+
+
+def export_artifact_key(export_id: str, model_slug: str, quantization: str) -> str:
+    return f"exports/{export_id}/{model_slug}-{quantization}.gguf"
+
+
+def export_events_channel(export_id: str) -> str:
+    return f"export:{export_id}"

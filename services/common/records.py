@@ -1,0 +1,66 @@
+"""Proto messages as JSON: job records in the store and events on the bus.
+
+Records and events have one schema, the proto's, whether they travel over gRPC, sit in the store
+as JSON or pass through Redis, so nothing is described twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from backpropagate.v1 import common_pb2
+from backpropagate_services.common.errors import NotFoundError
+from backpropagate_services.common.queue import JobQueue
+from backpropagate_services.common.store import ArtifactStore
+
+M = TypeVar("M", bound=Message)
+
+TERMINAL_STATUSES = {
+    common_pb2.JOB_STATUS_SUCCEEDED,
+    common_pb2.JOB_STATUS_FAILED,
+    common_pb2.JOB_STATUS_CANCELLED,
+}
+
+
+def to_json(message: Message) -> dict[str, object]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def from_json(data: dict[str, object], cls: type[M]) -> M:
+    return json_format.ParseDict(data, cls(), ignore_unknown_fields=True)
+
+
+def save_record(store: ArtifactStore, key: str, record: Message) -> None:
+    store.put_json(key, to_json(record))
+
+
+def load_record(store: ArtifactStore, key: str, cls: type[M], what: str) -> M:
+    if not store.exists(key):
+        raise NotFoundError(f"No {what} at {key}.", key=key)
+    return from_json(store.get_json(key), cls)
+
+
+def publish(queue: JobQueue, channel: str, event: Message) -> None:
+    queue.publish(channel, to_json(event))
+
+
+def follow(
+    queue: JobQueue,
+    channel: str,
+    cls: type[M],
+    is_active: Callable[[], bool],
+    poll_seconds: float = 1.0,
+) -> Iterator[M]:
+    """Replay a job's events from the first, then follow until one has a terminal status."""
+    cursor = ""
+    while is_active():
+        for event in queue.read(channel, cursor, poll_seconds):
+            cursor = event.event_id
+            message = from_json(event.data, cls)
+            yield message
+            if getattr(message, "status", None) in TERMINAL_STATUSES:
+                return

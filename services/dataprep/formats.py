@@ -1,0 +1,203 @@
+"""Detect a chat dataset's format, validate every row, normalise to OpenAI-style messages.
+
+Accepted JSONL row shapes (one format per file):
+- ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system", "value": "..."}]}
+- OpenAI messages: {"messages": [{"role": "user" | "assistant" | "system", "content": "..."}]}
+- Alpaca: {"instruction": "...", "input": "..." (optional), "output": "..."}
+
+Every problem is reported with the file, the 1-based line and the field, because a user fixing a
+10,000-line file needs to know exactly where to look.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from backpropagate_services.common.datasets import Conversation
+from backpropagate_services.common.errors import (
+    DatasetEmptyError,
+    DatasetFormatUnknownError,
+    DatasetParseError,
+    DatasetSchemaError,
+)
+
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+OPENAI_ROLES = {"system", "user", "assistant"}
+FORMATS = ("sharegpt", "openai", "alpaca")
+
+
+@dataclass(frozen=True)
+class ParsedDataset:
+    format: str
+    conversations: list[Conversation]
+
+
+@dataclass(frozen=True)
+class _Row:
+    filename: str
+    line: int
+    value: dict[str, Any]
+
+    def fail(self, field: str, problem: str) -> DatasetSchemaError:
+        return DatasetSchemaError(
+            f"{self.filename} line {self.line}: field '{field}' {problem}",
+            filename=self.filename,
+            line=self.line,
+            field=field,
+        )
+
+    def text(self, container: dict[str, Any], key: str, field: str, required: bool = True) -> str:
+        if key not in container:
+            if required:
+                raise self.fail(field, "is missing")
+            return ""
+        value = container[key]
+        if not isinstance(value, str):
+            raise self.fail(field, f"must be a string, not {type(value).__name__}")
+        if required and not value.strip():
+            raise self.fail(field, "is empty")
+        return value
+
+
+def detect_format(row: dict[str, Any]) -> str | None:
+    if "conversations" in row:
+        return "sharegpt"
+    if "messages" in row:
+        return "openai"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    return None
+
+
+def _turns(row: _Row, key: str) -> list[Any]:
+    turns = row.value.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise row.fail(key, "must be a non-empty list of turns")
+    return turns
+
+
+def _require_assistant(row: _Row, field: str, conversation: Conversation) -> Conversation:
+    if not any(message["role"] == "assistant" for message in conversation):
+        raise row.fail(field, "has no assistant turn, so there is nothing to learn from")
+    return conversation
+
+
+def _parse_sharegpt(row: _Row) -> Conversation:
+    conversation = []
+    for index, turn in enumerate(_turns(row, "conversations")):
+        field = f"conversations[{index}]"
+        if not isinstance(turn, dict):
+            raise row.fail(field, "must be an object with 'from' and 'value'")
+        speaker = row.text(turn, "from", f"{field}.from")
+        if speaker not in SHAREGPT_ROLES:
+            raise row.fail(
+                f"{field}.from",
+                f"has unknown speaker {speaker!r} (use one of {sorted(SHAREGPT_ROLES)})",
+            )
+        content = row.text(turn, "value", f"{field}.value")
+        conversation.append({"role": SHAREGPT_ROLES[speaker], "content": content})
+    return _require_assistant(row, "conversations", conversation)
+
+
+def _parse_openai(row: _Row) -> Conversation:
+    conversation = []
+    for index, turn in enumerate(_turns(row, "messages")):
+        field = f"messages[{index}]"
+        if not isinstance(turn, dict):
+            raise row.fail(field, "must be an object with 'role' and 'content'")
+        role = row.text(turn, "role", f"{field}.role")
+        if role not in OPENAI_ROLES:
+            raise row.fail(
+                f"{field}.role", f"has unknown role {role!r} (use one of {sorted(OPENAI_ROLES)})"
+            )
+        content = row.text(turn, "content", f"{field}.content")
+        conversation.append({"role": role, "content": content})
+    return _require_assistant(row, "messages", conversation)
+
+
+def _parse_alpaca(row: _Row) -> Conversation:
+    instruction = row.text(row.value, "instruction", "instruction")
+    extra_input = row.text(row.value, "input", "input", required=False)
+    output = row.text(row.value, "output", "output")
+    prompt = f"{instruction}\n\n{extra_input}" if extra_input.strip() else instruction
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+PARSERS: dict[str, Callable[[_Row], Conversation]] = {
+    "sharegpt": _parse_sharegpt,
+    "openai": _parse_openai,
+    "alpaca": _parse_alpaca,
+}
+
+
+def _rows(lines: Iterable[bytes], filename: str) -> Iterable[_Row]:
+    for number, raw in enumerate(lines, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DatasetParseError(
+                f"{filename} line {number}: not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                filename=filename,
+                line=number,
+            ) from exc
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DatasetParseError(
+                f"{filename} line {number}: invalid JSON ({exc.msg} at column {exc.colno})",
+                filename=filename,
+                line=number,
+            ) from exc
+        if not isinstance(value, dict):
+            raise DatasetParseError(
+                f"{filename} line {number}: a row must be a JSON object, "
+                f"not {type(value).__name__}",
+                filename=filename,
+                line=number,
+            )
+        yield _Row(filename, number, value)
+
+
+def parse_jsonl(lines: Iterable[bytes], filename: str, format_hint: str = "auto") -> ParsedDataset:
+    """Parse and validate a whole file; the first bad row raises with its line number."""
+    expected = None if format_hint in ("", "auto") else format_hint
+    if expected is not None and expected not in PARSERS:
+        raise DatasetFormatUnknownError(
+            f"Unknown dataset format {format_hint!r}; use one of {', '.join(FORMATS)} or auto.",
+            format=format_hint,
+        )
+    conversations: list[Conversation] = []
+    for row in _rows(lines, filename):
+        found = detect_format(row.value)
+        if expected is None:
+            if found is None:
+                raise DatasetFormatUnknownError(
+                    f"{filename} line {row.line}: cannot tell the format from keys "
+                    f"{sorted(row.value)}",
+                    filename=filename,
+                    line=row.line,
+                )
+            expected = found
+        elif found != expected:
+            raise DatasetSchemaError(
+                f"{filename} line {row.line}: row is {found or 'of no known format'} but the file "
+                f"is {expected} (keys {sorted(row.value)})",
+                filename=filename,
+                line=row.line,
+                field=",".join(sorted(row.value)),
+            )
+        conversations.append(PARSERS[expected](row))
+    if not conversations or expected is None:
+        raise DatasetEmptyError(f"{filename} has no rows.", filename=filename)
+    return ParsedDataset(format=expected, conversations=conversations)

@@ -1,0 +1,86 @@
+"""DataprepService: receives uploads, validates them, stores prepared datasets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from backpropagate.v1 import dataprep_pb2, dataprep_pb2_grpc
+from backpropagate_services.common.datasets import DatasetRecord, load_record, save_dataset
+from backpropagate_services.common.errors import UserError
+from backpropagate_services.common.grpc_errors import translate_errors
+from backpropagate_services.common.runtime import Runtime
+from backpropagate_services.common.service import ServiceHandle
+from backpropagate_services.dataprep.formats import parse_jsonl
+
+SERVICE_NAME = dataprep_pb2.DESCRIPTOR.services_by_name["DataprepService"].full_name
+
+
+def to_proto(record: DatasetRecord) -> dataprep_pb2.DatasetInfo:
+    return dataprep_pb2.DatasetInfo(
+        dataset_id=record.dataset_id,
+        format=record.format,
+        num_examples=record.num_examples,
+        num_turns=record.num_turns,
+        size_bytes=record.size_bytes,
+        filename=record.filename,
+        preview_json=json.dumps(record.preview, ensure_ascii=False),
+    )
+
+
+class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.store = runtime.store
+
+    @translate_errors
+    def UploadDataset(
+        self,
+        request_iterator: Iterator[dataprep_pb2.UploadDatasetRequest],
+        context: grpc.ServicerContext,
+    ) -> dataprep_pb2.DatasetInfo:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise UserError("An upload must start with a header message.")
+        header = first.header
+        digest = hashlib.sha256()
+        with tempfile.TemporaryDirectory(prefix="bp-upload-") as tmp:
+            path = Path(tmp) / "upload.jsonl"
+            with path.open("wb") as handle:
+                for message in request_iterator:
+                    digest.update(message.chunk)
+                    handle.write(message.chunk)
+            dataset_id = digest.hexdigest()
+            parsed = parse_jsonl(
+                path.read_bytes().splitlines(), header.filename or "dataset", header.format
+            )
+            record = save_dataset(
+                self.store,
+                dataset_id,
+                parsed.format,
+                parsed.conversations,
+                header.filename,
+                path.stat().st_size,
+            )
+        return to_proto(record)
+
+    @translate_errors
+    def InspectDataset(
+        self, request: dataprep_pb2.InspectDatasetRequest, context: grpc.ServicerContext
+    ) -> dataprep_pb2.DatasetInfo:
+        return to_proto(load_record(self.store, request.dataset_id))
+
+
+def create(runtime: Runtime) -> ServiceHandle:
+    servicer = DataprepServicer(runtime)
+    return ServiceHandle(
+        name="dataprep",
+        grpc_service_name=SERVICE_NAME,
+        register=lambda server: dataprep_pb2_grpc.add_DataprepServiceServicer_to_server(
+            servicer, server
+        ),
+    )

@@ -1,0 +1,108 @@
+"""ExportService: queues exports, streams their progress, serves artifacts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from backpropagate.v1 import common_pb2, export_pb2, export_pb2_grpc, trainer_pb2
+from backpropagate_services.common.errors import ConfigError, UserError
+from backpropagate_services.common.grpc_errors import translate_errors
+from backpropagate_services.common.ids import new_id
+from backpropagate_services.common.layout import EXPORT_QUEUE, run_record_key
+from backpropagate_services.common.layout import export_events_channel as events_channel
+from backpropagate_services.common.layout import export_record_key as record_key
+from backpropagate_services.common.records import follow, load_record, publish, save_record
+from backpropagate_services.common.runtime import Runtime
+from backpropagate_services.common.service import ServiceHandle
+from backpropagate_services.export.quantize import check_quantization
+from backpropagate_services.export.worker import ExportWorker
+
+SERVICE_NAME = export_pb2.DESCRIPTOR.services_by_name["ExportService"].full_name
+DEFAULT_SMOKE_PROMPT = "What is the capital of France? Answer in one sentence."
+FORMATS = ("gguf",)
+
+
+class ExportServicer(export_pb2_grpc.ExportServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.store = runtime.store
+        self.queue = runtime.queue
+
+    def _result(self, export_id: str) -> export_pb2.ExportResult:
+        return load_record(self.store, record_key(export_id), export_pb2.ExportResult, "export")
+
+    @translate_errors
+    def SubmitExport(
+        self, request: export_pb2.SubmitExportRequest, context: grpc.ServicerContext
+    ) -> export_pb2.SubmitExportResponse:
+        export_format = request.format or "gguf"
+        if export_format not in FORMATS:
+            raise ConfigError(
+                f"Unknown export format {export_format!r}; supported: {', '.join(FORMATS)}.",
+                field="format",
+            )
+        if request.quantization:
+            check_quantization(request.quantization)
+        run = load_record(self.store, run_record_key(request.run_id), trainer_pb2.RunRecord, "run")
+        if run.status != common_pb2.JOB_STATUS_SUCCEEDED:
+            raise UserError(
+                f"Run {run.run_id} is {common_pb2.JobStatus.Name(run.status)}: only a run that "
+                "succeeded has an adapter to export.",
+                hint="Wait for the run (`backprop runs show RUN_ID`) or train again.",
+                run_id=run.run_id,
+            )
+        export_id = new_id("export")
+        result = export_pb2.ExportResult(
+            export_id=export_id,
+            run_id=run.run_id,
+            status=common_pb2.JOB_STATUS_QUEUED,
+            format=export_format,
+            quantization=request.quantization,
+            smoke_prompt=request.smoke_prompt or DEFAULT_SMOKE_PROMPT,
+        )
+        save_record(self.store, record_key(export_id), result)
+        publish(
+            self.queue,
+            events_channel(export_id),
+            export_pb2.ExportEvent(
+                export_id=export_id, run_id=run.run_id, status=result.status, message="queued"
+            ),
+        )
+        self.queue.enqueue(EXPORT_QUEUE, {"export_id": export_id})
+        return export_pb2.SubmitExportResponse(export_id=export_id)
+
+    @translate_errors
+    def WatchExport(
+        self, request: export_pb2.WatchExportRequest, context: grpc.ServicerContext
+    ) -> Iterator[export_pb2.ExportEvent]:
+        self._result(request.export_id)
+        yield from follow(
+            self.queue, events_channel(request.export_id), export_pb2.ExportEvent, context.is_active
+        )
+
+    @translate_errors
+    def GetExport(
+        self, request: export_pb2.GetExportRequest, context: grpc.ServicerContext
+    ) -> export_pb2.ExportResult:
+        return self._result(request.export_id)
+
+    @translate_errors
+    def DownloadArtifact(
+        self, request: export_pb2.DownloadArtifactRequest, context: grpc.ServicerContext
+    ) -> Iterator[export_pb2.ArtifactChunk]:
+        total = self.store.size(request.key)
+        for index, chunk in enumerate(self.store.iter_chunks(request.key)):
+            yield export_pb2.ArtifactChunk(data=chunk, total_size=total if index == 0 else 0)
+
+
+def create(runtime: Runtime) -> ServiceHandle:
+    servicer = ExportServicer(runtime)
+    return ServiceHandle(
+        name="export",
+        grpc_service_name=SERVICE_NAME,
+        register=lambda server: export_pb2_grpc.add_ExportServiceServicer_to_server(
+            servicer, server
+        ),
+        workers=[ExportWorker(runtime)],
+    )

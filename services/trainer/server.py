@@ -1,0 +1,142 @@
+"""TrainerService: queues train jobs, reports runs, streams their events."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from backpropagate.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
+from backpropagate_services.common.datasets import load_record as load_dataset_record
+from backpropagate_services.common.errors import UserError
+from backpropagate_services.common.grpc_errors import translate_errors
+from backpropagate_services.common.ids import new_id
+from backpropagate_services.common.layout import TRAIN_QUEUE, cancel_channel
+from backpropagate_services.common.layout import run_events_channel as events_channel
+from backpropagate_services.common.layout import run_record_key as record_key
+from backpropagate_services.common.models import resolve_model
+from backpropagate_services.common.records import follow, load_record, publish, save_record
+from backpropagate_services.common.runtime import Runtime
+from backpropagate_services.common.service import ServiceHandle
+from backpropagate_services.trainer.config import training_config_from_proto
+from backpropagate_services.trainer.safety_monitor import SafetyMonitor
+from backpropagate_services.trainer.worker import TrainWorker
+
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.store = runtime.store
+        self.queue = runtime.queue
+
+    def _record(self, run_id: str) -> trainer_pb2.RunRecord:
+        return load_record(self.store, record_key(run_id), trainer_pb2.RunRecord, "run")
+
+    @translate_errors
+    def SubmitTrain(
+        self, request: trainer_pb2.SubmitTrainRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.SubmitTrainResponse:
+        # Every check a user can fail happens here, synchronously, before anything is queued.
+        config = training_config_from_proto(request.config)
+        load_dataset_record(self.store, request.dataset_id)
+        source = resolve_model(
+            request.config.base_model, self.runtime.settings.trainer.default_model
+        )
+        run_id = new_id("run")
+        record = trainer_pb2.RunRecord(
+            run_id=run_id,
+            status=common_pb2.JOB_STATUS_QUEUED,
+            dataset_id=request.dataset_id,
+            base_model=source.spec,
+            steps=config.steps,
+            created_at=time.time(),
+            config=request.config,
+        )
+        save_record(self.store, record_key(run_id), record)
+        publish(
+            self.queue,
+            events_channel(run_id),
+            trainer_pb2.RunEvent(
+                run_id=run_id,
+                status=record.status,
+                total_steps=config.steps,
+                message="queued",
+                timestamp=time.time(),
+            ),
+        )
+        self.queue.enqueue(TRAIN_QUEUE, {"run_id": run_id})
+        return trainer_pb2.SubmitTrainResponse(run_id=run_id)
+
+    @translate_errors
+    def WatchRun(
+        self, request: trainer_pb2.WatchRunRequest, context: grpc.ServicerContext
+    ) -> Iterator[trainer_pb2.RunEvent]:
+        self._record(request.run_id)  # NOT_FOUND for a run that does not exist
+        yield from follow(
+            self.queue, events_channel(request.run_id), trainer_pb2.RunEvent, context.is_active
+        )
+
+    @translate_errors
+    def GetRun(
+        self, request: trainer_pb2.GetRunRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.RunRecord:
+        return self._record(request.run_id)
+
+    @translate_errors
+    def ListRuns(
+        self, request: trainer_pb2.ListRunsRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.ListRunsResponse:
+        keys = [key for key in self.store.list("runs/") if key.endswith("/run.json")]
+        records = [load_record(self.store, key, trainer_pb2.RunRecord, "run") for key in keys]
+        records.sort(key=lambda record: record.created_at, reverse=True)
+        if request.limit > 0:
+            records = records[: request.limit]
+        return trainer_pb2.ListRunsResponse(runs=records)
+
+    @translate_errors
+    def CancelRun(
+        self, request: trainer_pb2.CancelRunRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.RunRecord:
+        record = self._record(request.run_id)
+        if record.status == common_pb2.JOB_STATUS_QUEUED:
+            record.status = common_pb2.JOB_STATUS_CANCELLED
+            save_record(self.store, record_key(record.run_id), record)
+            publish(
+                self.queue,
+                events_channel(record.run_id),
+                trainer_pb2.RunEvent(
+                    run_id=record.run_id,
+                    status=record.status,
+                    message="cancelled before it started",
+                    timestamp=time.time(),
+                ),
+            )
+        elif record.status == common_pb2.JOB_STATUS_RUNNING:
+            self.queue.publish(cancel_channel(record.run_id), {"requested_at": time.time()})
+        else:
+            raise UserError(
+                f"Run {record.run_id} has already ended "
+                f"({common_pb2.JobStatus.Name(record.status)}).",
+                hint="Only queued or running runs can be cancelled.",
+                run_id=record.run_id,
+            )
+        return record
+
+
+def create(runtime: Runtime) -> ServiceHandle:
+    safety = SafetyMonitor(
+        runtime.settings.endpoint_of("safety"), runtime.settings.safety.interval_seconds
+    )
+    servicer = TrainerServicer(runtime)
+    workers = [TrainWorker(runtime, safety) for _ in range(runtime.settings.trainer.workers)]
+    return ServiceHandle(
+        name="trainer",
+        grpc_service_name=SERVICE_NAME,
+        register=lambda server: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(
+            servicer, server
+        ),
+        workers=[safety, *workers],
+    )

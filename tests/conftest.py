@@ -1,0 +1,36 @@
+"""Fixtures shared by every test directory; the server machinery lives in `servers.py`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import servers
+
+from backpropagate_services.common.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a real Redis started for this test session (fails, never skips, without one)."""
+    with servers.redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """host:port of a moto S3 server started for this test session; any credentials work."""
+    with servers.moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    """Where dequantised base models are kept across test sessions (the product's default)."""
+    return Settings().model_cache_dir
+
+
+@pytest.fixture(scope="session")
+def quickstart() -> Path:
+    return Path(__file__).resolve().parents[1] / "examples" / "quickstart.jsonl"

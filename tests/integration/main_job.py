@@ -1,0 +1,70 @@
+"""The main job, checked the same way whichever deployment runs it.
+
+Upload examples/quickstart.jsonl, train 3 steps on the real SmolLM2, export a GGUF, download it,
+and have llama.cpp answer a prompt with the downloaded file; then send a malformed dataset and
+expect its error code and line number back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from backpropagate import Trainer
+from backpropagate.v1 import common_pb2, trainer_pb2
+from backpropagate.workflows import follow_run
+from backpropagate_services.common.errors import DatasetSchemaError
+from backpropagate_services.export.smoke import smoke_answer
+
+TRAIN_STEPS = 3
+
+
+def check_main_job(trainer: Trainer, quickstart: Path, out_dir: Path) -> None:
+    run = trainer.train(quickstart, steps=TRAIN_STEPS, batch_size=2, max_length=256)
+    assert run.status == "succeeded"
+    assert run.steps == TRAIN_STEPS
+    assert len(run.loss_history) == TRAIN_STEPS
+    assert all(math.isfinite(loss) and loss > 0 for loss in run.loss_history)
+    assert run.final_loss == pytest.approx(run.loss_history[-1])
+    assert run.samples_seen == TRAIN_STEPS * 2
+    assert run.output.startswith(f"runs/{run.run_id}/adapter")
+    assert run.duration_seconds > 0
+
+    events: list[trainer_pb2.RunEvent] = []
+    again = follow_run(trainer.connection, run.run_id, events.append)  # replays the history
+    assert again.run_id == run.run_id
+    statuses = [event.status for event in events]
+    assert statuses[0] == common_pb2.JOB_STATUS_QUEUED
+    assert statuses[-1] == common_pb2.JOB_STATUS_SUCCEEDED
+    steps = [event for event in events if event.loss > 0]
+    assert [event.step for event in steps] == list(range(1, TRAIN_STEPS + 1))
+    assert all(event.tokens_per_second > 0 for event in steps)
+    assert any(event.safety_level != common_pb2.SAFETY_LEVEL_UNSPECIFIED for event in events)
+
+    exported = trainer.export("gguf", output_dir=out_dir)
+    assert exported.path.is_file()
+    assert exported.path.parent == out_dir
+    assert exported.path.stat().st_size == exported.size_bytes
+    assert exported.path.read_bytes()[:4] == b"GGUF"
+    assert exported.smoke_answer.strip()
+    answer = smoke_answer(exported.path, "Name one colour of the sky.", threads=1, max_tokens=24)
+    assert answer.strip()
+
+
+def check_malformed_dataset_is_rejected(trainer: Trainer, tmp_path: Path) -> None:
+    rows = [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+        {"conversations": [{"from": "human", "value": "no answer here"}]},
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    with pytest.raises(DatasetSchemaError) as caught:
+        trainer.train(bad, steps=1)
+    assert caught.value.code == "INPUT_DATASET_SCHEMA"
+    assert caught.value.context["line"] == "3"
+    assert caught.value.context["filename"] == "bad.jsonl"
+    assert "line 3" in caught.value.message
