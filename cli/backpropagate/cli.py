@@ -21,7 +21,7 @@ from backpropagate.connection import Connection
 from backpropagate.progress import ExportProgress, TrainProgress, safety_label
 from backpropagate.results import ExportResult, RunResult, status_name
 from backpropagate.v1 import safety_pb2, trainer_pb2
-from backpropagate.workflows import export, train, upload_dataset
+from backpropagate.workflows import export, require_dataset_file, train, upload_dataset
 from backpropagate_services.common.errors import (
     EXIT_PARTIAL_FAILURE,
     BackpropagateError,
@@ -134,6 +134,7 @@ def train_command(
         max_length=max_length,
         seed=seed,
     )
+    require_dataset_file(data)  # a mistyped path must not wait for the embedded stack to start
     run = _run_training(Connection.open(), data, model, config, data_format)
     print_run(run)
     console.print(f"next: [bold]backprop export {run.run_id}[/]")

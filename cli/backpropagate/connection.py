@@ -9,7 +9,6 @@ subclasses, never raw grpc.RpcError.
 
 from __future__ import annotations
 
-import atexit
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,7 +41,10 @@ def embedded_address(settings: Settings) -> str:
 
             configure_logging("WARNING")
             stack = start_stack(settings, list(SERVICES), "127.0.0.1:0")
-            atexit.register(stack.stop)
+            # At exit, concurrent.futures joins the gRPC server's threads before atexit
+            # handlers run, and the trainer's own safety Watch stream keeps one of them busy
+            # for ever: stop the stack from threading's exit hook, which runs first.
+            threading._register_atexit(stack.stop)  # type: ignore[attr-defined]
             _embedded_address = stack.address
         return _embedded_address
 

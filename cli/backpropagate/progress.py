@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Self
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
 
-SAFETY_STYLE = {
+SAFETY_STYLE: dict[int, str] = {
     common_pb2.SAFETY_LEVEL_SAFE: "green",
     common_pb2.SAFETY_LEVEL_WARM: "yellow",
     common_pb2.SAFETY_LEVEL_WARNING: "dark_orange",
@@ -30,7 +31,7 @@ class _Bar:
         self.progress = Progress(*columns, console=console or Console(stderr=True))  # type: ignore[arg-type]
         self.task: TaskID | None = None
 
-    def __enter__(self) -> _Bar:
+    def __enter__(self) -> Self:
         self.progress.start()
         return self
 

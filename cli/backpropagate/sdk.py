@@ -8,6 +8,7 @@ exported = trainer.export("gguf", quantization="q8_0")
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from backpropagate.connection import Connection
@@ -54,11 +55,8 @@ class Trainer:
             max_length=max_length,
             seed=seed,
         )
-        if self.progress:
-            with TrainProgress() as bar:
-                self.last_run = train(self.connection, dataset.dataset_id, config, bar)
-        else:
-            self.last_run = train(self.connection, dataset.dataset_id, config)
+        with TrainProgress() if self.progress else nullcontext() as bar:
+            self.last_run = train(self.connection, dataset.dataset_id, config, bar)
         return self.last_run
 
     def export(
@@ -77,12 +75,13 @@ class Trainer:
         run_id = run_id or (self.last_run.run_id if self.last_run else "")
         if not run_id:
             raise UserError("Nothing to export yet.", hint="Call train() first or pass run_id=.")
-        kwargs = {
-            "export_format": export_format,
-            "quantization": quantization,
-            "prompt": prompt,
-        }
-        if self.progress:
-            with ExportProgress() as bar:
-                return export(self.connection, run_id, Path(output_dir), on_event=bar, **kwargs)
-        return export(self.connection, run_id, Path(output_dir), **kwargs)
+        with ExportProgress() if self.progress else nullcontext() as bar:
+            return export(
+                self.connection,
+                run_id,
+                Path(output_dir),
+                export_format=export_format,
+                quantization=quantization,
+                prompt=prompt,
+                on_event=bar,
+            )

@@ -36,15 +36,20 @@ def _upload_requests(path: Path, format_hint: str) -> Iterator[dataprep_pb2.Uplo
             yield dataprep_pb2.UploadDatasetRequest(chunk=chunk)
 
 
-def upload_dataset(
-    connection: Connection, path: Path, format_hint: str = "auto"
-) -> dataprep_pb2.DatasetInfo:
+def require_dataset_file(path: Path) -> None:
+    """NotFoundError unless `path` is a file; callers may check before connecting at all."""
     if not path.is_file():
         raise NotFoundError(
             f"Dataset file not found: {path}",
             hint="Pass the path of a JSONL file, e.g. examples/quickstart.jsonl.",
             path=str(path),
         )
+
+
+def upload_dataset(
+    connection: Connection, path: Path, format_hint: str = "auto"
+) -> dataprep_pb2.DatasetInfo:
+    require_dataset_file(path)
     stub = connection.dataprep
     return connection.call("dataprep", stub.UploadDataset, _upload_requests(path, format_hint))
 

@@ -36,8 +36,13 @@ class RunIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.run_id = current_run_id()
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
+        # Redact the merged message: a secret may come in the arguments, and redacting the
+        # template alone would eat the placeholder after "token=" and break the formatting.
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call; the handler reports it as a logging error
+            return True
+        record.msg, record.args = redact(message), None
         return True
 
 

@@ -154,4 +154,5 @@ def load_model(
             f"Could not load model {source.name!r} from {location}: {exc}",
             model=source.name,
         ) from exc
-    return model.to(device), tokenizer
+    # transformers' stubs type `.to` on the class itself; it returns the model it is called on.
+    return model.to(device), tokenizer  # type: ignore[arg-type]

@@ -29,7 +29,9 @@ def to_proto(record: DatasetRecord) -> dataprep_pb2.DatasetInfo:
         num_turns=record.num_turns,
         size_bytes=record.size_bytes,
         filename=record.filename,
-        preview_json=json.dumps(record.preview, ensure_ascii=False),
+        # Sorted like the stored info.json, so UploadDataset and a later InspectDataset of the
+        # same dataset answer the same bytes.
+        preview_json=json.dumps(record.preview, ensure_ascii=False, sort_keys=True),
     )
 
 

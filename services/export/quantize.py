@@ -1,8 +1,8 @@
 """GGUF quantisation with llama.cpp's `llama_model_quantize`, the code behind `llama-quantize`.
 
 Only llama.cpp implements the K-quants (q4_k_m, q5_k_m ...) with their per-tensor type mix;
-the pure-numpy `gguf.quants` stops at Q8_0 / Q4_x. See docs/export.md for the measurements
-behind `default_quantization`.
+the pure-numpy `gguf.quants` stops at Q8_0 / Q4_x. docs/export.md has the measurements behind
+`default_quantization`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from backpropagate_services.export.staging import staged
 
 log = logging.getLogger(__name__)
 
-# Name users type -> name of the llama.cpp `llama_ftype` constant.
+# Name users type -> llama.cpp `llama_ftype` constant, most faithful first.
 QUANTIZATIONS: dict[str, str] = {
     "f16": "LLAMA_FTYPE_MOSTLY_F16",
     "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
@@ -29,14 +29,15 @@ QUANTIZATIONS: dict[str, str] = {
     "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
     "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
 }
+UNQUANTIZED = ("f16", "bf16")
 
-# Below this size, 4-bit K-quants cost more quality than they save space: measured on
-# SmolLM2-135M, whose 576-wide rows are no multiple of the 256-element K-quant super-block
-# (see docs/export.md). Models this small fit anywhere at q8_0.
+# Below this size every quantised type costs more than it saves. Quantised ggml dot products
+# round the activations to 8 bits too, and on SmolLM2-135M that alone flips close answers
+# (docs/export.md); an f16 file of a sub-billion model is a few hundred MB at most.
 SMALL_MODEL_PARAMETERS = 1_000_000_000
 
 
-def normalise_quantization(name: str) -> str:
+def check_quantization(name: str) -> str:
     """The canonical lower-case name, or ConfigError listing the valid ones."""
     canonical = name.strip().lower()
     if canonical not in QUANTIZATIONS:
@@ -49,23 +50,32 @@ def normalise_quantization(name: str) -> str:
 
 
 def default_quantization(num_parameters: int) -> str:
-    """q8_0 for small models (4-bit visibly breaks them), q4_k_m from a billion parameters up."""
-    return "q8_0" if num_parameters < SMALL_MODEL_PARAMETERS else "q4_k_m"
+    """f16 below a billion parameters, q4_k_m (the size users expect of a 7B) from there up."""
+    return "f16" if num_parameters < SMALL_MODEL_PARAMETERS else "q4_k_m"
+
+
+def safer_quantization(name: str) -> str | None:
+    """What to try when `name` fails verification: q8_0 for 4-6 bits, f16 for q8_0; None for
+    an unquantised file, where a lower precision cannot help."""
+    name = check_quantization(name)
+    if name in UNQUANTIZED:
+        return None
+    return "f16" if name == "q8_0" else "q8_0"
 
 
 def quantize_gguf(src: Path, dst: Path, quantization: str, threads: int = 0) -> Path:
     """Write `dst` as `src` quantised; on failure raise ConversionError and leave no `dst`.
 
-    `threads` 0 lets llama.cpp use every core; the result does not depend on it.
+    `threads` 0 uses every core: quantising is a batch job and its result does not depend on it.
     """
     import llama_cpp
 
-    quantization = normalise_quantization(quantization)
+    quantization = check_quantization(quantization)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANTIZATIONS[quantization])
     params.nthread = threads or os.cpu_count() or 1
-    # A fine-tuned model exported twice may arrive already quantised; requantising is lossy but
-    # explicit here, and without the flag llama.cpp fails and leaves a partial file.
+    # An input that is already quantised is requantised (lossy, but asked for): without the flag
+    # llama.cpp fails on it and leaves a partial file.
     params.allow_requantize = True
     with staged(dst) as partial:
         log.info("quantising %s to %s", src.name, quantization)

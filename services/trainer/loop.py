@@ -85,8 +85,7 @@ def train_lora(
         log.warning("dropped %d conversations cut off before any assistant token", dataset.dropped)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)  # LoRA init and dropout
+    torch.manual_seed(config.seed)  # LoRA init and dropout; data order has its own seeded Random
     peft_model = apply_lora(model, config)
     device = next(peft_model.parameters()).device
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
@@ -114,14 +113,17 @@ def train_lora(
             targets = labels[:, 1:]
             predicts = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
             logits = peft_model(
-                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicts
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                logits_to_keep=predicts,
+                use_cache=False,  # a KV cache is for generation
             ).logits
             loss = F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX])
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            learning_rate = scheduler.get_last_lr()[0]
+            learning_rate = float(scheduler.get_last_lr()[0])
             optimizer.step()
             scheduler.step()
 

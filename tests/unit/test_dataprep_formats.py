@@ -1,0 +1,360 @@
+"""Dataset formats: which format a file is, what its rows become, and how a bad row is reported.
+
+A file is one format (ShareGPT, OpenAI messages or Alpaca) and every row becomes a list of
+OpenAI-style messages. Each rejection names the file, the file's own 1-based line and the field,
+because that is what a user needs to fix row 7,312 of a big file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backpropagate_services.common.errors import (
+    BackpropagateError,
+    DatasetEmptyError,
+    DatasetFormatUnknownError,
+    DatasetParseError,
+    DatasetSchemaError,
+)
+from backpropagate_services.dataprep.formats import parse_jsonl
+
+FILENAME = "chat.jsonl"
+
+SHAREGPT_ROW = {
+    "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Hello!"},
+    ]
+}
+OPENAI_ROW = {
+    "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+}
+ALPACA_ROW = {"instruction": "Translate to French", "input": "cat", "output": "chat"}
+
+
+def jsonl(*rows: object) -> list[bytes]:
+    """Lines of a JSONL file as `parse_jsonl` receives them; str rows are taken verbatim."""
+    return [(row if isinstance(row, str) else json.dumps(row)).encode() for row in rows]
+
+
+def rejection(
+    error_class: type[BackpropagateError], lines: list[bytes], format_hint: str = "auto"
+) -> BackpropagateError:
+    with pytest.raises(error_class) as caught:
+        parse_jsonl(lines, FILENAME, format_hint)
+    return caught.value
+
+
+def assert_points_at(error: BackpropagateError, line: int, field: str | None = None) -> None:
+    assert error.context["filename"] == FILENAME
+    assert error.context["line"] == str(line)
+    assert f"{FILENAME} line {line}" in error.message
+    if field is not None:
+        assert error.context["field"] == field
+        assert f"'{field}'" in error.message
+
+
+# --- detection and normalisation ---------------------------------------------------------------
+
+
+def test_sharegpt_file_is_detected_and_speakers_become_openai_roles() -> None:
+    parsed = parse_jsonl(jsonl(SHAREGPT_ROW), FILENAME)
+
+    assert parsed.format == "sharegpt"
+    assert parsed.conversations == [
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ]
+    ]
+
+
+def test_sharegpt_accepts_user_and_assistant_as_speakers_too() -> None:
+    row = {"conversations": [{"from": "user", "value": "Q"}, {"from": "assistant", "value": "A"}]}
+
+    parsed = parse_jsonl(jsonl(row), FILENAME)
+
+    assert parsed.conversations == [
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    ]
+
+
+def test_openai_file_is_detected_and_its_messages_are_kept_as_they_are() -> None:
+    parsed = parse_jsonl(jsonl(OPENAI_ROW, OPENAI_ROW), FILENAME)
+
+    assert parsed.format == "openai"
+    assert parsed.conversations == [OPENAI_ROW["messages"], OPENAI_ROW["messages"]]
+
+
+def test_alpaca_row_becomes_user_prompt_with_input_appended_and_assistant_output() -> None:
+    parsed = parse_jsonl(jsonl(ALPACA_ROW), FILENAME)
+
+    assert parsed.format == "alpaca"
+    assert parsed.conversations == [
+        [
+            {"role": "user", "content": "Translate to French\n\ncat"},
+            {"role": "assistant", "content": "chat"},
+        ]
+    ]
+
+
+@pytest.mark.parametrize("row_input", [None, "", "   "], ids=["absent", "empty", "blank"])
+def test_alpaca_row_without_input_uses_the_instruction_alone(row_input: str | None) -> None:
+    row = {"instruction": "Say hi", "output": "hi"}
+    if row_input is not None:
+        row["input"] = row_input
+
+    parsed = parse_jsonl(jsonl(row), FILENAME)
+
+    assert parsed.conversations[0][0] == {"role": "user", "content": "Say hi"}
+
+
+def test_explicit_format_hint_that_matches_the_file_is_accepted() -> None:
+    assert parse_jsonl(jsonl(OPENAI_ROW), FILENAME, "openai").format == "openai"
+
+
+def test_blank_lines_are_skipped_without_becoming_examples() -> None:
+    parsed = parse_jsonl([b"", *jsonl(OPENAI_ROW), b"   ", b"\t", *jsonl(OPENAI_ROW)], FILENAME)
+
+    assert len(parsed.conversations) == 2
+
+
+def test_line_numbers_stay_the_files_own_after_blank_lines() -> None:
+    lines = [*jsonl(OPENAI_ROW), b"", b"  ", b"{broken"]
+
+    error = rejection(DatasetParseError, lines)
+
+    assert_points_at(error, line=4)
+
+
+# --- rows that are not JSON objects ------------------------------------------------------------
+
+
+def test_invalid_json_is_rejected_with_line_number_and_column() -> None:
+    error = rejection(DatasetParseError, jsonl(OPENAI_ROW, '{"messages": [}'))
+
+    assert_points_at(error, line=2)
+    assert "invalid JSON" in error.message
+    assert "column 15" in error.message
+    assert error.code == "INPUT_DATASET_PARSE"
+    assert "one complete JSON object" in error.hint
+
+
+@pytest.mark.parametrize("row", ["[1, 2]", '"text"', "42", "null"])
+def test_row_that_is_not_an_object_is_rejected_with_its_type(row: str) -> None:
+    error = rejection(DatasetParseError, jsonl(OPENAI_ROW, row))
+
+    assert_points_at(error, line=2)
+    assert type(json.loads(row)).__name__ in error.message
+
+
+def test_invalid_utf8_is_rejected_with_line_number_and_byte_offset() -> None:
+    error = rejection(DatasetParseError, [*jsonl(OPENAI_ROW), b'{"messages": "caf\xe9"}'])
+
+    assert_points_at(error, line=2)
+    assert "not valid UTF-8" in error.message
+    assert "at byte 17" in error.message
+
+
+# --- rows of the right format with a bad field -------------------------------------------------
+
+
+def test_sharegpt_turn_with_unknown_speaker_is_rejected_with_field_path() -> None:
+    row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Yo"}]}
+
+    error = rejection(DatasetSchemaError, jsonl(SHAREGPT_ROW, row))
+
+    assert_points_at(error, line=2, field="conversations[1].from")
+    assert "'bot'" in error.message
+
+
+def test_openai_message_with_unknown_role_is_rejected_with_field_path() -> None:
+    row = {"messages": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "A"}]}
+
+    error = rejection(DatasetSchemaError, jsonl(row))
+
+    assert_points_at(error, line=1, field="messages[0].role")
+    assert "'human'" in error.message
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        (
+            {"conversations": [{"from": "human", "value": "  "}, {"from": "gpt", "value": "A"}]},
+            "conversations[0].value",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": ""}]},
+            "messages[1].content",
+        ),
+        ({"instruction": "", "output": "A"}, "instruction"),
+        ({"instruction": "Q", "output": "\n"}, "output"),
+    ],
+    ids=["sharegpt-value", "openai-content", "alpaca-instruction", "alpaca-output"],
+)
+def test_empty_text_is_rejected_with_field(row: dict[str, object], field: str) -> None:
+    error = rejection(DatasetSchemaError, jsonl(row))
+
+    assert_points_at(error, line=1, field=field)
+    assert "is empty" in error.message
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ({"conversations": [{"value": "Hi"}]}, "conversations[0].from"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ],
+    ids=["sharegpt-from", "openai-content"],
+)
+def test_turn_missing_a_field_is_rejected_with_field(row: dict[str, object], field: str) -> None:
+    error = rejection(DatasetSchemaError, jsonl(row))
+
+    assert_points_at(error, line=1, field=field)
+    assert "is missing" in error.message
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "found_type"),
+    [
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": ["Hi"]},
+                    {"role": "assistant", "content": "A"},
+                ]
+            },
+            "messages[0].content",
+            "list",
+        ),
+        ({"conversations": [{"from": "human", "value": 7}]}, "conversations[0].value", "int"),
+        ({"instruction": "Q", "input": None, "output": "A"}, "input", "NoneType"),
+    ],
+    ids=["openai-content", "sharegpt-value", "alpaca-input"],
+)
+def test_non_string_text_is_rejected_with_field_and_type(
+    row: dict[str, object], field: str, found_type: str
+) -> None:
+    error = rejection(DatasetSchemaError, jsonl(row))
+
+    assert_points_at(error, line=1, field=field)
+    assert f"must be a string, not {found_type}" in error.message
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [({"conversations": []}, "conversations"), ({"messages": "Hi"}, "messages")],
+    ids=["empty-list", "not-a-list"],
+)
+def test_turns_that_are_not_a_non_empty_list_are_rejected(
+    row: dict[str, object], field: str
+) -> None:
+    error = rejection(DatasetSchemaError, jsonl(row))
+
+    assert_points_at(error, line=1, field=field)
+    assert "non-empty list" in error.message
+
+
+def test_turn_that_is_not_an_object_is_rejected_with_its_index() -> None:
+    row = {"messages": [{"role": "user", "content": "Hi"}, "Hello!"]}
+
+    error = rejection(DatasetSchemaError, jsonl(row))
+
+    assert_points_at(error, line=1, field="messages[1]")
+
+
+def test_sharegpt_row_without_assistant_turn_is_rejected_with_line_number() -> None:
+    row = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Hi"}]}
+
+    error = rejection(DatasetSchemaError, jsonl(SHAREGPT_ROW, SHAREGPT_ROW, row))
+
+    assert_points_at(error, line=3, field="conversations")
+    assert "no assistant turn" in error.message
+
+
+def test_openai_row_without_assistant_turn_is_rejected_with_line_number() -> None:
+    row = {"messages": [{"role": "user", "content": "Hi"}]}
+
+    error = rejection(DatasetSchemaError, jsonl(row))
+
+    assert_points_at(error, line=1, field="messages")
+    assert "no assistant turn" in error.message
+
+
+def test_schema_rejection_carries_the_stable_code_and_the_formats_hint() -> None:
+    error = rejection(DatasetSchemaError, jsonl({"messages": [{"role": "user"}]}))
+
+    assert error.code == "INPUT_DATASET_SCHEMA"
+    assert error.exit_code == 1
+    for shape in ("ShareGPT", "Alpaca", "OpenAI"):
+        assert shape in error.hint
+
+
+# --- the file as a whole -----------------------------------------------------------------------
+
+
+def test_row_of_another_format_mid_file_is_rejected_naming_both_formats() -> None:
+    error = rejection(DatasetSchemaError, jsonl(SHAREGPT_ROW, SHAREGPT_ROW, ALPACA_ROW))
+
+    assert_points_at(error, line=3)
+    assert error.context["field"] == "input,instruction,output"
+    assert "row is alpaca but the file is sharegpt" in error.message
+
+
+def test_row_of_no_known_format_mid_file_is_rejected_as_schema_error() -> None:
+    error = rejection(DatasetSchemaError, jsonl(OPENAI_ROW, {"prompt": "Q", "completion": "A"}))
+
+    assert_points_at(error, line=2)
+    assert error.context["field"] == "completion,prompt"
+    assert "of no known format" in error.message
+
+
+def test_first_row_of_unknown_format_is_rejected_listing_its_keys() -> None:
+    error = rejection(DatasetFormatUnknownError, jsonl("", {"prompt": "Q", "completion": "A"}))
+
+    assert_points_at(error, line=2)
+    assert "['completion', 'prompt']" in error.message
+    assert error.code == "INPUT_DATASET_FORMAT_UNKNOWN"
+
+
+def test_alpaca_needs_both_instruction_and_output_to_be_recognised() -> None:
+    rejection(DatasetFormatUnknownError, jsonl({"instruction": "Q", "input": "x"}))
+
+
+@pytest.mark.parametrize(
+    "lines", [[], [b""], [b"", b"   ", b"\t\r"]], ids=["no-lines", "one-blank", "only-blanks"]
+)
+def test_file_without_rows_is_rejected_as_empty(lines: list[bytes]) -> None:
+    error = rejection(DatasetEmptyError, lines)
+
+    assert error.context == {"filename": FILENAME}
+    assert error.code == "INPUT_DATASET_EMPTY"
+
+
+def test_explicit_format_hint_rejects_a_file_of_another_format_at_its_first_row() -> None:
+    error = rejection(DatasetSchemaError, jsonl(SHAREGPT_ROW), format_hint="alpaca")
+
+    assert_points_at(error, line=1, field="conversations")
+    assert "row is sharegpt but the file is alpaca" in error.message
+
+
+def test_unknown_format_hint_is_rejected_before_reading_any_row() -> None:
+    error = rejection(DatasetFormatUnknownError, [b"{not json"], format_hint="csv")
+
+    assert error.context == {"format": "csv"}
+    assert "'csv'" in error.message
+    for name in ("sharegpt", "openai", "alpaca", "auto"):
+        assert name in error.message
+
+
+@pytest.mark.parametrize("hint", ["", "auto"])
+def test_empty_or_auto_hint_means_detect(hint: str) -> None:
+    assert parse_jsonl(jsonl(ALPACA_ROW), FILENAME, hint).format == "alpaca"
