@@ -2,8 +2,13 @@
 
 from setuptools import find_packages, setup
 
+PACKAGE_DIRS = {"backpropagate": "cli/backpropagate", "backpropagate_services": "services"}
+
 setup(
-    package_dir={"backpropagate": "cli/backpropagate", "backpropagate_services": "services"},
-    packages=["backpropagate", *(f"backpropagate.{p}" for p in find_packages("cli/backpropagate"))]
-    + ["backpropagate_services", *(f"backpropagate_services.{p}" for p in find_packages("services"))],
+    package_dir=PACKAGE_DIRS,
+    packages=[
+        name
+        for package, directory in PACKAGE_DIRS.items()
+        for name in [package, *(f"{package}.{sub}" for sub in find_packages(directory))]
+    ],
 )
