@@ -68,9 +68,9 @@ def quantize_gguf(src: Path, dst: Path, quantization: str, threads: int = 0) -> 
 
     `threads` 0 uses every core: quantising is a batch job and its result does not depend on it.
     """
+    quantization = check_quantization(quantization)
     import llama_cpp
 
-    quantization = check_quantization(quantization)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANTIZATIONS[quantization])
     params.nthread = threads or os.cpu_count() or 1

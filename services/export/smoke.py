@@ -7,15 +7,21 @@ renders, and that generation stops on the model's end-of-turn token with text in
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from backpropagate_services.common.errors import ExportSmokeTestError
+
+if TYPE_CHECKING:
+    from llama_cpp.llama_types import CreateChatCompletionResponse
 
 
 def smoke_answer(gguf_path: Path, prompt: str, threads: int, max_tokens: int = 48) -> str:
     """Greedy answer to `prompt` through the GGUF's chat template; ExportSmokeTestError if empty.
 
-    Both thread counts are set: `n_threads_batch` defaults to every core, and on a busy machine
-    that is slower and flips near-tie tokens differently from run to run (docs/export.md).
+    Both thread counts are set: `n_threads_batch` defaults to every core, and on a small machine
+    whose other cores are busy that runs several times slower than one thread. The answer does
+    not depend on the thread count (docs/export.md); it is checked for being there, not for its
+    words, since a near-tie can send a faithful quantisation down another branch.
     """
     import llama_cpp
 
@@ -31,14 +37,18 @@ def smoke_answer(gguf_path: Path, prompt: str, threads: int, max_tokens: int = 4
         raise ExportSmokeTestError(f"llama.cpp could not load {gguf_path.name}: {exc}") from exc
     try:
         # No chat_format: llama-cpp-python then renders the template stored in the GGUF.
-        completion = llm.create_chat_completion(
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=max_tokens,
-            temperature=0.0,
+        # Without stream=True the result is one response, never the iterator the union allows.
+        completion = cast(
+            "CreateChatCompletionResponse",
+            llm.create_chat_completion(
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=max_tokens,
+                temperature=0.0,
+            ),
         )
     finally:
         llm.close()
-    answer = str(completion["choices"][0]["message"]["content"] or "").strip()  # type: ignore[index]
+    answer = str(completion["choices"][0]["message"]["content"] or "").strip()
     if not answer:
         raise ExportSmokeTestError(
             f"{gguf_path.name} answered {prompt!r} with nothing.", gguf=str(gguf_path)

@@ -1,10 +1,10 @@
 """Teacher-forced comparison of an exported GGUF with the torch model it came from.
 
-Both models read the same token ids; at every position we compare their next-token
-distributions: how often the top-1 token agrees, and the KL divergence from torch to llama.cpp.
-Comparing greedy answers instead would be wrong: one near-tie that flips (a thread count is
-enough, see docs/export.md) sends the text down another branch while the model is fine. The
-tokenizer is checked too, since a wrong pre-tokenizer breaks a model whose weights are perfect.
+Both models read the same token ids; at every position of each reference reply we compare their
+next-token distributions: how often the top-1 token agrees, and the KL divergence from torch to
+llama.cpp. Comparing greedy answers instead would be wrong: one near-tie that flips (llama.cpp's
+8-bit activations are enough, see docs/export.md) sends the text down another branch while the
+model is fine. The tokenizer is checked too: a wrong pre-tokenizer breaks perfect weights.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import torch
 
 from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS, hf_location, resolve_model
 from backpropagate_services.common.settings import Settings
@@ -31,3 +33,13 @@ def smollm2_tokenizer(smollm2_dir: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Module-wide, so shared module fixtures run under it too. With the other core busy, a
+    second torch thread makes forward passes several times slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +33,8 @@ from backpropagate_services.export.quantize import (
 from backpropagate_services.export.smoke import smoke_answer
 from backpropagate_services.export.verify import verify_gguf
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPT = "What is the capital of France?"
 # A fine-tune's worth of change: the merged model differs from the base, yet stays fluent.
 GENTLE_LORA_B = 0.01
@@ -60,16 +61,6 @@ def save_lora_adapter(base_dir: Path, out_dir: Path, lora_b_std: float) -> Path:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * lora_b_std)
     peft_model.save_pretrained(out_dir)
     return out_dir
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Module-wide, so the shared exports below run under it too: with the other core busy, a
-    second torch thread makes the reference forward passes several times slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +211,6 @@ def test_verification_fails_for_a_gguf_of_another_model(destructively_merged):
 # -- conversion and quantisation failures ----------------------------------------------------
 
 
-@pytest.mark.llama
 def test_conversion_of_a_directory_without_weights_fails_with_the_converter_log(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text('{"architectures": ["NoSuchModel"]}')

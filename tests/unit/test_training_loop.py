@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,8 @@ from backpropagate_services.trainer.lora import TrainingConfig
 from backpropagate_services.trainer.plots import write_loss_curve
 from backpropagate_services.trainer.templating import IGNORE_INDEX, TokenizedExample
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CODE_WORDS = ["apple", "river", "stone", "cloud"]
 MEMORISE = [
     [
@@ -37,15 +38,6 @@ MEMORISE = [
 ]
 # A learning rate a random tiny model needs to memorise in a few dozen steps.
 FAST = TrainingConfig(steps=30, learning_rate=1e-2, lora_dropout=0.0, warmup_ratio=0.1)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls gain nothing from a second thread, and lose 10x when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_llama(tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
