@@ -18,10 +18,10 @@ from rich.table import Table
 
 from backpropagate import __version__
 from backpropagate.connection import Connection
-from backpropagate.progress import ExportProgress, TrainProgress, safety_label
+from backpropagate.progress import safety_label
 from backpropagate.results import ExportResult, RunResult, status_name
+from backpropagate.sdk import Trainer
 from backpropagate.v1 import safety_pb2, trainer_pb2
-from backpropagate.workflows import export, require_dataset_file, train, upload_dataset
 from backpropagate_services.common.errors import (
     EXIT_PARTIAL_FAILURE,
     BackpropagateError,
@@ -80,33 +80,6 @@ def print_export(result: ExportResult) -> None:
     console.print(table)
 
 
-def _run_training(
-    connection: Connection, data: Path, model: str, config: trainer_pb2.TrainConfig, fmt: str
-) -> RunResult:
-    dataset = upload_dataset(connection, data, fmt)
-    console.print(
-        f"dataset [bold]{dataset.filename}[/]: {dataset.num_examples} {dataset.format} examples "
-        f"([dim]{dataset.dataset_id[:12]}[/])"
-    )
-    config.base_model = model
-    with TrainProgress(err_console) as bar:
-        return train(connection, dataset.dataset_id, config, bar)
-
-
-def _run_export(
-    connection: Connection, run_id: str, output_dir: Path, quantization: str, prompt: str
-) -> ExportResult:
-    with ExportProgress(err_console) as bar:
-        return export(
-            connection,
-            run_id,
-            output_dir,
-            quantization=quantization,
-            prompt=prompt,
-            on_event=bar,
-        )
-
-
 @app.command("train")
 def train_command(
     data: Annotated[Path, typer.Option("--data", "-d", help="JSONL dataset to train on.")],
@@ -125,7 +98,8 @@ def train_command(
     ] = "auto",
 ) -> None:
     """Fine-tune a LoRA adapter on a JSONL chat dataset."""
-    config = trainer_pb2.TrainConfig(
+    run = Trainer(model).train(
+        data,
         steps=steps,
         batch_size=batch_size,
         learning_rate=learning_rate,
@@ -133,9 +107,8 @@ def train_command(
         lora_alpha=lora_alpha,
         max_length=max_length,
         seed=seed,
+        data_format=data_format,
     )
-    require_dataset_file(data)  # a mistyped path must not wait for the embedded stack to start
-    run = _run_training(Connection.open(), data, model, config, data_format)
     print_run(run)
     console.print(f"next: [bold]backprop export {run.run_id}[/]")
 
@@ -151,10 +124,13 @@ def export_command(
     prompt: Annotated[str, typer.Option(help="Smoke-test chat prompt.")] = "",
 ) -> None:
     """Merge a run's adapter, write a verified GGUF, smoke-test it and download it."""
-    connection = Connection.open()
-    if export_format != "gguf":
-        raise typer.BadParameter("only gguf is supported", param_hint="--format")
-    result = _run_export(connection, run_id, output_dir, quantization, prompt)
+    result = Trainer().export(
+        export_format,
+        run_id=run_id,
+        quantization=quantization,
+        output_dir=output_dir,
+        prompt=prompt,
+    )
     print_export(result)
     console.print(Panel(result.smoke_answer, title=f"llama.cpp: {result.smoke_prompt}"))
 
@@ -262,13 +238,13 @@ def demo(
     """The main job end to end: train on examples/quickstart.jsonl, export, chat."""
     from backpropagate_services.export.smoke import smoke_answer
 
-    connection = Connection.open()
+    trainer = Trainer()
     started = time.monotonic()
-    run = _run_training(connection, QUICKSTART, "", trainer_pb2.TrainConfig(steps=steps), "auto")
+    run = trainer.train(QUICKSTART, steps=steps)
     trained = time.monotonic()
     print_run(run)
     try:
-        result = _run_export(connection, run.run_id, output_dir, "", "")
+        result = trainer.export(output_dir=output_dir)
     except BackpropagateError as exc:
         raise PartialFailure(f"trained {run.run_id}, but the export failed: {exc}") from exc
     exported = time.monotonic()

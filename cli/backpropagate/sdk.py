@@ -11,11 +11,13 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
+from rich.console import Console
+
 from backpropagate.connection import Connection
 from backpropagate.progress import ExportProgress, TrainProgress
 from backpropagate.results import ExportResult, RunResult
 from backpropagate.v1 import trainer_pb2
-from backpropagate.workflows import export, train, upload_dataset
+from backpropagate.workflows import export, require_dataset_file, train, upload_dataset
 from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.settings import Settings
 
@@ -26,9 +28,18 @@ class Trainer:
     ) -> None:
         """`model`: HF id, local HF directory, .gguf file, or "" for this machine's default."""
         self.model = model
-        self.progress = progress
-        self.connection = Connection.open(settings)
+        # Progress and the dataset summary go to stderr, so stdout stays for results.
+        self.console = Console(stderr=True) if progress else None
+        self.settings = settings
+        self._connection: Connection | None = None
         self.last_run: RunResult | None = None
+
+    @property
+    def connection(self) -> Connection:
+        """Opened on first use: with no endpoint set, that starts the embedded stack."""
+        if self._connection is None:
+            self._connection = Connection.open(self.settings)
+        return self._connection
 
     def train(
         self,
@@ -44,7 +55,13 @@ class Trainer:
         data_format: str = "auto",
     ) -> RunResult:
         """Fine-tune a LoRA adapter on a JSONL dataset; 0 means the trainer's default."""
+        require_dataset_file(Path(data))  # before anything slow: a typo should fail at once
         dataset = upload_dataset(self.connection, Path(data), data_format)
+        if self.console is not None:
+            self.console.print(
+                f"dataset [bold]{dataset.filename}[/]: {dataset.num_examples} {dataset.format} "
+                f"examples ([dim]{dataset.dataset_id[:12]}[/])"
+            )
         config = trainer_pb2.TrainConfig(
             base_model=self.model,
             steps=steps,
@@ -55,7 +72,7 @@ class Trainer:
             max_length=max_length,
             seed=seed,
         )
-        with TrainProgress() if self.progress else nullcontext() as bar:
+        with TrainProgress(self.console) if self.console else nullcontext() as bar:
             self.last_run = train(self.connection, dataset.dataset_id, config, bar)
         return self.last_run
 
@@ -75,7 +92,7 @@ class Trainer:
         run_id = run_id or (self.last_run.run_id if self.last_run else "")
         if not run_id:
             raise UserError("Nothing to export yet.", hint="Call train() first or pass run_id=.")
-        with ExportProgress() if self.progress else nullcontext() as bar:
+        with ExportProgress(self.console) if self.console else nullcontext() as bar:
             return export(
                 self.connection,
                 run_id,

@@ -12,10 +12,14 @@ import logging
 import os
 import socket
 import threading
+import time
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
+from backpropagate_services.common.errors import JobCancelledError
+from backpropagate_services.common.grpc_errors import as_backpropagate_error, error_to_detail
 from backpropagate_services.common.queue import Job, JobQueue
 from backpropagate_services.common.service import BackgroundWorker
 
@@ -48,6 +52,30 @@ def kept_alive(queue: JobQueue, job: Job, consumer: str, interval: float) -> Ite
     finally:
         done.set()
         thread.join(interval)
+
+
+JobRecord = trainer_pb2.RunRecord | export_pb2.ExportResult
+
+
+def run_recorded(record: JobRecord, work: Callable[[], str]) -> str:
+    """Run `work` and write its outcome into the record: status, error detail and duration.
+
+    Returns the line to log and publish. Every failure ends up in the record, never lost with
+    the worker thread: the user reads it from GetRun / GetExport and the final event.
+    """
+    started = time.monotonic()
+    try:
+        message = work()
+        record.status = common_pb2.JOB_STATUS_SUCCEEDED
+    except JobCancelledError:
+        record.status = common_pb2.JOB_STATUS_CANCELLED
+        message = "cancelled"
+    except Exception as exc:
+        record.status = common_pb2.JOB_STATUS_FAILED
+        record.error.CopyFrom(error_to_detail(as_backpropagate_error(exc)))
+        message = f"failed: {record.error.message}"
+    record.duration_seconds = time.monotonic() - started
+    return message
 
 
 class JobWorker(BackgroundWorker):

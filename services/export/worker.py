@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
-from backpropagate_services.common.grpc_errors import as_backpropagate_error, error_to_detail
-from backpropagate_services.common.jobs import JobWorker
+from backpropagate_services.common.jobs import JobWorker, run_recorded
 from backpropagate_services.common.layout import (
     EXPORT_QUEUE,
     adapter_prefix,
@@ -51,21 +50,12 @@ class ExportWorker(JobWorker):
         export_id = str(job.payload["export_id"])
         result = load_record(self.store, record_key(export_id), export_pb2.ExportResult, "export")
         with run_context(result.run_id):
-            started = time.monotonic()
-            try:
-                self.export(result)
-                result.status = common_pb2.JOB_STATUS_SUCCEEDED
-                message = f"exported {result.artifact_key}"
-            except Exception as exc:
-                result.status = common_pb2.JOB_STATUS_FAILED
-                result.error.CopyFrom(error_to_detail(as_backpropagate_error(exc)))
-                message = f"failed: {result.error.message}"
-            result.duration_seconds = time.monotonic() - started
+            message = run_recorded(result, lambda: self.export(result))
             save_record(self.store, record_key(export_id), result)
             log.info("export %s %s", export_id, message)
             self.emit(result, message=message, error=result.error)
 
-    def export(self, result: export_pb2.ExportResult) -> None:
+    def export(self, result: export_pb2.ExportResult) -> str:
         settings = self.runtime.settings
         run = load_record(self.store, run_record_key(result.run_id), trainer_pb2.RunRecord, "run")
         result.status = common_pb2.JOB_STATUS_RUNNING
@@ -105,3 +95,4 @@ class ExportWorker(JobWorker):
             )
         )
         result.smoke_answer = outcome.smoke_answer
+        return f"exported {result.artifact_key}"

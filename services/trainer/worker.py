@@ -15,9 +15,7 @@ import torch
 
 from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.datasets import load_conversations
-from backpropagate_services.common.errors import JobCancelledError
-from backpropagate_services.common.grpc_errors import as_backpropagate_error, error_to_detail
-from backpropagate_services.common.jobs import JobWorker
+from backpropagate_services.common.jobs import JobWorker, run_recorded
 from backpropagate_services.common.layout import (
     TRAIN_QUEUE,
     adapter_prefix,
@@ -69,24 +67,12 @@ class TrainWorker(JobWorker):
                 return
             if job.deliveries > 1:
                 log.warning("resuming a run whose worker died (delivery %d)", job.deliveries)
-            started = time.monotonic()
-            try:
-                self.train(record)
-                record.status = common_pb2.JOB_STATUS_SUCCEEDED
-                message = f"done: final loss {record.final_loss:.4f}"
-            except JobCancelledError:
-                record.status = common_pb2.JOB_STATUS_CANCELLED
-                message = "cancelled"
-            except Exception as exc:
-                record.status = common_pb2.JOB_STATUS_FAILED
-                record.error.CopyFrom(error_to_detail(as_backpropagate_error(exc)))
-                message = f"failed: {record.error.message}"
-            record.duration_seconds = time.monotonic() - started
+            message = run_recorded(record, lambda: self.train(record))
             save_record(self.store, record_key(run_id), record)
             log.info("run %s", message)
             self.emit(record, message=message, error=record.error, step=len(record.loss_history))
 
-    def train(self, record: trainer_pb2.RunRecord) -> None:
+    def train(self, record: trainer_pb2.RunRecord) -> str:
         run_id = record.run_id
         record.status = common_pb2.JOB_STATUS_RUNNING
         save_record(self.store, record_key(run_id), record)
@@ -127,3 +113,4 @@ class TrainWorker(JobWorker):
         record.loss_history.extend(outcome.loss_history)
         record.samples_seen = outcome.samples_seen
         record.output = adapter_prefix(run_id) + "/"
+        return f"done: final loss {record.final_loss:.4f}"
