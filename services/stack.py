@@ -15,6 +15,7 @@ import grpc
 
 from backpropagate_services.common.errors import ConfigError
 from backpropagate_services.common.grpc_server import add_standard_services, bind_server
+from backpropagate_services.common.logs import quiet_library_output
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
 from backpropagate_services.common.settings import Settings
@@ -61,6 +62,7 @@ def start_stack(
         raise ConfigError(
             f"Unknown service(s) {unknown}; choose from {', '.join(SERVICES)} or 'all'.",
         )
+    quiet_library_output()
     address = address or settings.listen
     server, port = bind_server(address)
     host = address.rsplit(":", 1)[0]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -44,6 +46,19 @@ class RunIdFilter(logging.Filter):
             return True
         record.msg, record.args = redact(message), None
         return True
+
+
+def quiet_library_output() -> None:
+    """Keep libraries' own progress bars and upstream warnings out of our output.
+
+    Services report progress as events, which the client renders as one rich progress bar;
+    tqdm bars from transformers (which read this variable at import) would tear it apart.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # peft 0.21's get_peft_model calls an API transformers 5.23 deprecates: not ours to fix.
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
 
 
 def configure_logging(level: str = "INFO") -> None:
