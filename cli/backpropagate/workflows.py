@@ -7,14 +7,13 @@ whether the call itself failed or the job failed later on a worker.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from backpropagate.connection import Connection
 from backpropagate.results import ExportResult, RunResult
 from backpropagate.v1 import common_pb2, dataprep_pb2, export_pb2, trainer_pb2
+from backpropagate_services.common.atomic import staged
 from backpropagate_services.common.errors import (
     ExportVerificationError,
     JobCancelledError,
@@ -93,12 +92,10 @@ def follow_run(
 def download_artifact(connection: Connection, key: str, dest: Path, sha256: str = "") -> Path:
     """Stream a stored file to `dest`; the final name appears only once it is complete and,
     when a checksum is given, verified."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            request = export_pb2.DownloadArtifactRequest(key=key)
+    request = export_pb2.DownloadArtifactRequest(key=key)
+    with staged(dest) as staging:
+        with staging.open("wb") as handle:
             for chunk in connection.stream("export", connection.export.DownloadArtifact, request):
                 digest.update(chunk.data)
                 handle.write(chunk.data)
@@ -107,10 +104,6 @@ def download_artifact(connection: Connection, key: str, dest: Path, sha256: str 
                 f"Downloaded {key} but its sha256 {digest.hexdigest()} is not {sha256}.",
                 hint="The transfer was corrupted; download it again.",
             )
-        os.replace(tmp_name, dest)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return dest
 
 

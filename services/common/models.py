@@ -11,12 +11,11 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from backpropagate_services.common.atomic import staged
 from backpropagate_services.common.errors import MissingDependencyError, ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -114,18 +113,10 @@ def materialise_gguf(source: ModelSource, cache_dir: Path) -> Path:
         dtype="float32",
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}."))
-    try:
+    # Another process may build the same copy meanwhile; theirs is as good as ours.
+    with staged(target, replace_existing=False) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():  # another process won the race; theirs is as good as ours
-            shutil.rmtree(staging)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from backpropagate_services.common.atomic import staged
 from backpropagate_services.common.errors import ConfigError, NotFoundError
 from backpropagate_services.common.models import ModelSource, load_model
-from backpropagate_services.export.staging import staged
 
 log = logging.getLogger(__name__)
 

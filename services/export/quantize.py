@@ -12,8 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+from backpropagate_services.common.atomic import staged
 from backpropagate_services.common.errors import ConfigError, ConversionError
-from backpropagate_services.export.staging import staged
 
 log = logging.getLogger(__name__)
 

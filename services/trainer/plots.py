@@ -7,13 +7,13 @@ sees half a file.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from backpropagate_services.common.atomic import staged
 
 
 def write_loss_curve(loss_history: Sequence[float], path: Path) -> Path:
@@ -25,13 +25,6 @@ def write_loss_curve(loss_history: Sequence[float], path: Path) -> Path:
     axes.set_xlabel("step")
     axes.set_ylabel("training loss")
     axes.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            figure.savefig(file, format="png")
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    with staged(path) as staging:
+        figure.savefig(staging, format="png")
     return path

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backpropagate_services.common.atomic import staged
 from backpropagate_services.common.errors import NotFoundError
 
 if TYPE_CHECKING:
@@ -73,16 +72,9 @@ class ArtifactStore(ABC):
 
     def download(self, key: str, dest: Path) -> Path:
         """Write the object to `dest` atomically (a partial download never has the final name)."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                for chunk in self.iter_chunks(key):
-                    handle.write(chunk)
-            os.replace(tmp_name, dest)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        with staged(dest) as staging, staging.open("wb") as handle:
+            for chunk in self.iter_chunks(key):
+                handle.write(chunk)
         return dest
 
     def put_dir(self, prefix: str, source: Path) -> dict[str, Any]:

@@ -7,24 +7,14 @@ when a writer dies mid-copy.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from backpropagate_services.common.atomic import is_partial, staged
 from backpropagate_services.common.errors import NotFoundError, UserError
 from backpropagate_services.common.store.base import CHUNK_SIZE, ArtifactStore
-
-# Names of writes in progress: hidden and tagged, so `list` can tell them from real dotfiles
-# (a model directory may well hold a `.gitattributes`).
-_TMP_PREFIX = "."
-_TMP_SUFFIX = ".bp-partial"
-
-
-def _is_partial(path: Path) -> bool:
-    return path.name.startswith(_TMP_PREFIX) and path.name.endswith(_TMP_SUFFIX)
 
 
 class LocalDirStore(ArtifactStore):
@@ -44,18 +34,8 @@ class LocalDirStore(ArtifactStore):
         return self._root.joinpath(*relative.parts)
 
     def _write_atomically(self, key: str, write: Callable[[BinaryIO], object]) -> None:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            dir=target.parent, prefix=f"{_TMP_PREFIX}{target.name}.", suffix=_TMP_SUFFIX
-        )
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        with staged(self._path(key)) as staging, staging.open("wb") as handle:
+            write(handle)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write_atomically(key, lambda handle: handle.write(data))
@@ -91,7 +71,7 @@ class LocalDirStore(ArtifactStore):
         keys = (
             path.relative_to(self._root).as_posix()
             for path in directory.rglob("*")
-            if path.is_file() and not _is_partial(path)
+            if path.is_file() and not is_partial(path)
         )
         return sorted(key for key in keys if key.startswith(prefix))
 

@@ -1,7 +1,9 @@
 """Build a file or directory under a temporary name beside its target, then rename it.
 
-A crash, a failed converter or a failed quantisation must never leave something under the
-final name that looks like a finished export: readers see the finished artifact or nothing.
+The one way anything here writes an artifact: a crash, a failed converter, a broken download
+or a full disk must never leave something under the final name that looks finished. Readers see
+the finished file or nothing. Callers open the staged path themselves, so files get the usual
+permissions (umask), not a temporary file's private ones.
 """
 
 from __future__ import annotations
@@ -13,6 +15,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+PARTIAL_SUFFIX = ".partial"
+
+
+def is_partial(path: Path) -> bool:
+    """A write in progress (or left by a crash), not an artifact."""
+    return path.name.startswith(".") and path.name.endswith(PARTIAL_SUFFIX)
+
 
 def remove_path(path: Path) -> None:
     """Delete a file or a directory tree, whichever it is; nothing if it is gone."""
@@ -23,16 +32,21 @@ def remove_path(path: Path) -> None:
 
 
 @contextmanager
-def staged(target: Path) -> Iterator[Path]:
+def staged(target: Path, *, replace_existing: bool = True) -> Iterator[Path]:
     """Yield a fresh path in the target's directory; rename it over the target on success.
 
     The staged path does not exist yet: the caller creates a file or a directory there. On any
-    exception whatever was written is removed and the target is left untouched.
+    exception whatever was written is removed and the target is left untouched. With
+    `replace_existing=False` a target that appeared meanwhile (another process won the race to
+    build the same thing) is kept and the staged copy dropped.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
     try:
         yield staging
+        if target.exists() and not replace_existing:
+            remove_path(staging)
+            return
         if target.is_dir() and staging.is_dir():
             # os.replace cannot swap a non-empty directory: clear the old export first.
             shutil.rmtree(target)
