@@ -22,10 +22,12 @@ from backpropagate.progress import safety_label
 from backpropagate.results import ExportResult, RunResult, status_name
 from backpropagate.sdk import Trainer
 from backpropagate.v1 import safety_pb2, trainer_pb2
+from backpropagate.workflows import download_artifact
 from backpropagate_services.common.errors import (
     EXIT_PARTIAL_FAILURE,
     BackpropagateError,
 )
+from backpropagate_services.common.layout import loss_curve_key
 from backpropagate_services.common.settings import get_settings
 
 app = typer.Typer(
@@ -110,7 +112,10 @@ def train_command(
         data_format=data_format,
     )
     print_run(run)
-    console.print(f"next: [bold]backprop export {run.run_id}[/]")
+    console.print(
+        f"next: [bold]backprop export {run.run_id}[/]  "
+        f"(loss curve: backprop runs show {run.run_id} --plot loss.png)"
+    )
 
 
 @app.command("export")
@@ -156,7 +161,12 @@ def runs_list(limit: Annotated[int, typer.Option(help="Most recent N (0: all).")
 
 
 @runs_app.command("show")
-def runs_show(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    plot: Annotated[
+        Path | None, typer.Option(help="Also download the run's loss curve to this PNG file.")
+    ] = None,
+) -> None:
     """Show one run's record."""
     connection = Connection.open()
     record = connection.call(
@@ -165,6 +175,9 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
     print_run(RunResult.from_proto(record))
     if record.HasField("error") and record.error.code:
         console.print(f"[red]{record.error.code}[/]: {record.error.message}")
+    if plot is not None:
+        download_artifact(connection, loss_curve_key(run_id), plot)
+        console.print(f"loss curve: {plot}")
 
 
 @app.command("info")

@@ -9,17 +9,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from backpropagate import Trainer
 from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate.workflows import follow_run
+from backpropagate.workflows import download_artifact, follow_run
 from backpropagate_services.common.errors import DatasetSchemaError
+from backpropagate_services.common.layout import loss_curve_key
 from backpropagate_services.export.smoke import smoke_answer
 
 TRAIN_STEPS = 3
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_main_job(trainer: Trainer, quickstart: Path, out_dir: Path) -> None:
@@ -44,11 +53,15 @@ def check_main_job(trainer: Trainer, quickstart: Path, out_dir: Path) -> None:
     assert all(event.tokens_per_second > 0 for event in steps)
     assert any(event.safety_level != common_pb2.SAFETY_LEVEL_UNSPECIFIED for event in events)
 
+    curve = download_artifact(trainer.connection, loss_curve_key(run.run_id), out_dir / "l.png")
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     exported = trainer.export("gguf", output_dir=out_dir)
     assert exported.path.is_file()
     assert exported.path.parent == out_dir
     assert exported.path.stat().st_size == exported.size_bytes
     assert exported.path.read_bytes()[:4] == b"GGUF"
+    assert stat.S_IMODE(exported.path.stat().st_mode) == 0o666 & ~current_umask()
     assert exported.smoke_answer.strip()
     answer = smoke_answer(exported.path, "Name one colour of the sky.", threads=1, max_tokens=24)
     assert answer.strip()
