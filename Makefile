@@ -39,6 +39,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services/common cli/backpropagate services/stack.py
 
 format: setup
 	$(VENV)/bin/ruff check --fix .
