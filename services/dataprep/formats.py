@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from backpropagate_services.common.datasets import Conversation
@@ -91,37 +92,38 @@ def _require_assistant(row: _Row, field: str, conversation: Conversation) -> Con
     return conversation
 
 
-def _parse_sharegpt(row: _Row) -> Conversation:
-    conversation = []
-    for index, turn in enumerate(_turns(row, "conversations")):
-        field = f"conversations[{index}]"
-        if not isinstance(turn, dict):
-            raise row.fail(field, "must be an object with 'from' and 'value'")
-        speaker = row.text(turn, "from", f"{field}.from")
-        if speaker not in SHAREGPT_ROLES:
-            raise row.fail(
-                f"{field}.from",
-                f"has unknown speaker {speaker!r} (use one of {sorted(SHAREGPT_ROLES)})",
-            )
-        content = row.text(turn, "value", f"{field}.value")
-        conversation.append({"role": SHAREGPT_ROLES[speaker], "content": content})
-    return _require_assistant(row, "conversations", conversation)
+@dataclass(frozen=True)
+class _TurnFormat:
+    """Where a turn-list format keeps its turns, who speaks, and what is said."""
+
+    turns_key: str
+    speaker_key: str
+    text_key: str
+    roles: dict[str, str]  # the format's speaker names -> our roles
+    speaker_noun: str  # "speaker" or "role", as users of the format call it
 
 
-def _parse_openai(row: _Row) -> Conversation:
+SHAREGPT = _TurnFormat("conversations", "from", "value", SHAREGPT_ROLES, "speaker")
+OPENAI = _TurnFormat("messages", "role", "content", {r: r for r in OPENAI_ROLES}, "role")
+
+
+def _parse_turns(row: _Row, spec: _TurnFormat) -> Conversation:
     conversation = []
-    for index, turn in enumerate(_turns(row, "messages")):
-        field = f"messages[{index}]"
+    for index, turn in enumerate(_turns(row, spec.turns_key)):
+        field = f"{spec.turns_key}[{index}]"
         if not isinstance(turn, dict):
-            raise row.fail(field, "must be an object with 'role' and 'content'")
-        role = row.text(turn, "role", f"{field}.role")
-        if role not in OPENAI_ROLES:
             raise row.fail(
-                f"{field}.role", f"has unknown role {role!r} (use one of {sorted(OPENAI_ROLES)})"
+                field, f"must be an object with '{spec.speaker_key}' and '{spec.text_key}'"
             )
-        content = row.text(turn, "content", f"{field}.content")
-        conversation.append({"role": role, "content": content})
-    return _require_assistant(row, "messages", conversation)
+        speaker = row.text(turn, spec.speaker_key, f"{field}.{spec.speaker_key}")
+        if speaker not in spec.roles:
+            raise row.fail(
+                f"{field}.{spec.speaker_key}",
+                f"has unknown {spec.speaker_noun} {speaker!r} (use one of {sorted(spec.roles)})",
+            )
+        content = row.text(turn, spec.text_key, f"{field}.{spec.text_key}")
+        conversation.append({"role": spec.roles[speaker], "content": content})
+    return _require_assistant(row, spec.turns_key, conversation)
 
 
 def _parse_alpaca(row: _Row) -> Conversation:
@@ -133,8 +135,8 @@ def _parse_alpaca(row: _Row) -> Conversation:
 
 
 PARSERS: dict[str, Callable[[_Row], Conversation]] = {
-    "sharegpt": _parse_sharegpt,
-    "openai": _parse_openai,
+    "sharegpt": partial(_parse_turns, spec=SHAREGPT),
+    "openai": partial(_parse_turns, spec=OPENAI),
     "alpaca": _parse_alpaca,
 }
 
