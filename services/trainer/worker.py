@@ -36,6 +36,9 @@ from backpropagate_services.trainer.safety_monitor import SafetyMonitor
 
 log = logging.getLogger(__name__)
 
+# The first event of every attempt at a run: a redelivered run shows it once per worker.
+STARTED_MESSAGE = "loading dataset and model"
+
 
 class TrainWorker(JobWorker):
     name = "train-worker"
@@ -76,7 +79,7 @@ class TrainWorker(JobWorker):
         run_id = record.run_id
         record.status = common_pb2.JOB_STATUS_RUNNING
         save_record(self.store, record_key(run_id), record)
-        self.emit(record, message="loading dataset and model")
+        self.emit(record, message=STARTED_MESSAGE)
         config = training_config_from_proto(record.config)
         conversations = load_conversations(self.store, record.dataset_id)
         source = resolve_model(record.base_model)
