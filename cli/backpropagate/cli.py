@@ -180,6 +180,16 @@ def runs_show(
         console.print(f"loss curve: {plot}")
 
 
+@runs_app.command("cancel")
+def runs_cancel(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
+    """Cancel a queued or running run; a running one stops before its next step."""
+    connection = Connection.open()
+    record = connection.call(
+        "trainer", connection.trainer.CancelRun, trainer_pb2.CancelRunRequest(run_id=run_id)
+    )
+    console.print(f"{record.run_id}: cancel requested ({status_name(record.status)})")
+
+
 @app.command("info")
 def info() -> None:
     """Where the stack runs, how it stores things, and the machine's safety level."""
