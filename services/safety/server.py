@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import grpc
 
@@ -21,29 +22,12 @@ MIN_INTERVAL_SECONDS = 0.05
 def snapshot_of(source: ReadingSource) -> safety_pb2.SafetySnapshot:
     readings = source.read()
     assessment = assess(readings)
-    host = readings.host
     return safety_pb2.SafetySnapshot(
         level=common_pb2.SafetyLevel.Value(f"SAFETY_LEVEL_{assessment.level.name}"),
         source=readings.source,
-        gpus=[
-            safety_pb2.GpuReading(
-                index=gpu.index,
-                name=gpu.name,
-                temperature_c=gpu.temperature_c,
-                memory_used_mb=gpu.memory_used_mb,
-                memory_total_mb=gpu.memory_total_mb,
-                power_w=gpu.power_w,
-                power_limit_w=gpu.power_limit_w,
-                utilization_percent=gpu.utilization_percent,
-            )
-            for gpu in readings.gpus
-        ],
-        host=safety_pb2.HostReading(
-            memory_used_mb=host.memory_used_mb,
-            memory_total_mb=host.memory_total_mb,
-            memory_percent=host.memory_percent,
-            cpu_percent=host.cpu_percent,
-        ),
+        # The reading dataclasses mirror the proto messages field for field.
+        gpus=[safety_pb2.GpuReading(**asdict(gpu)) for gpu in readings.gpus],
+        host=safety_pb2.HostReading(**asdict(readings.host)),
         reasons=assessment.reasons,
         timestamp=time.time(),
     )
