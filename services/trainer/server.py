@@ -101,6 +101,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.CancelRunRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.RunRecord:
         record = self._record(request.run_id)
+        if record.status not in (common_pb2.JOB_STATUS_QUEUED, common_pb2.JOB_STATUS_RUNNING):
+            raise UserError(
+                f"Run {record.run_id} has already ended "
+                f"({common_pb2.JobStatus.Name(record.status)}).",
+                hint="Only queued or running runs can be cancelled.",
+                run_id=record.run_id,
+            )
+        # The worker holding the run checks this channel before every step; publishing it for a
+        # queued run too stops a worker that claims the run while this call marks it cancelled.
+        self.queue.publish(cancel_channel(record.run_id), {"requested_at": time.time()})
         if record.status == common_pb2.JOB_STATUS_QUEUED:
             record.status = common_pb2.JOB_STATUS_CANCELLED
             save_record(self.store, record_key(record.run_id), record)
@@ -113,15 +123,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                     message="cancelled before it started",
                     timestamp=time.time(),
                 ),
-            )
-        elif record.status == common_pb2.JOB_STATUS_RUNNING:
-            self.queue.publish(cancel_channel(record.run_id), {"requested_at": time.time()})
-        else:
-            raise UserError(
-                f"Run {record.run_id} has already ended "
-                f"({common_pb2.JobStatus.Name(record.status)}).",
-                hint="Only queued or running runs can be cancelled.",
-                run_id=record.run_id,
             )
         return record
 
