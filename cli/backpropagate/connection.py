@@ -39,7 +39,7 @@ def embedded_address(settings: Settings) -> str:
             from backpropagate_services.common.logs import configure_logging
             from backpropagate_services.stack import SERVICES, start_stack
 
-            configure_logging("WARNING")
+            configure_logging(settings.log_level, settings.home / "logs" / "embedded.log")
             stack = start_stack(settings, list(SERVICES), "127.0.0.1:0")
             # At exit, concurrent.futures joins the gRPC server's threads before atexit
             # handlers run, and the trainer's own safety Watch stream keeps one of them busy

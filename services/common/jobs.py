@@ -75,6 +75,8 @@ def run_recorded(record: JobRecord, work: Callable[[], str]) -> str:
         record.error.CopyFrom(error_to_detail(as_backpropagate_error(exc)))
         message = f"failed: {record.error.message}"
     record.duration_seconds = time.monotonic() - started
+    succeeded = record.status == common_pb2.JOB_STATUS_SUCCEEDED
+    log.log(logging.INFO if succeeded else logging.WARNING, "%s", message)
     return message
 
 

@@ -12,6 +12,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from backpropagate_services.common.errors import redact
 
@@ -55,19 +56,31 @@ def quiet_library_output() -> None:
     tqdm bars from transformers (which read this variable at import) would tear it apart.
     """
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Their own stderr handlers would print retries and advice beside ours; errors still show.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # peft 0.21's get_peft_model calls an API transformers 5.23 deprecates: not ours to fix.
     warnings.filterwarnings(
         "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
     )
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Idempotent: safe to call from every entry point."""
+def configure_logging(level: str = "INFO", log_file: Path | None = None) -> None:
+    """Idempotent: safe to call from every entry point.
+
+    Servers log to stderr; the embedded stack logs to `log_file`, because the user's terminal
+    belongs to the progress bar and the results.
+    """
     root = logging.getLogger()
     if any(isinstance(f, RunIdFilter) for h in root.handlers for f in h.filters):
         root.setLevel(level)
         return
-    handler = logging.StreamHandler()
+    handler: logging.Handler
+    if log_file is None:
+        handler = logging.StreamHandler()
+    else:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, encoding="utf-8")
     handler.addFilter(RunIdFilter())
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +22,6 @@ from backpropagate_services.common.queue import Job
 from backpropagate_services.common.records import load_record, publish, save_record
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.export.pipeline import export_gguf
-
-log = logging.getLogger(__name__)
 
 
 class ExportWorker(JobWorker):
@@ -52,7 +49,6 @@ class ExportWorker(JobWorker):
         with run_context(result.run_id):
             message = run_recorded(result, lambda: self.export(result))
             save_record(self.store, record_key(export_id), result)
-            log.info("export %s %s", export_id, message)
             self.emit(result, message=message, error=result.error)
 
     def export(self, result: export_pb2.ExportResult) -> str:

@@ -72,7 +72,6 @@ class TrainWorker(JobWorker):
                 log.warning("resuming a run whose worker died (delivery %d)", job.deliveries)
             message = run_recorded(record, lambda: self.train(record))
             save_record(self.store, record_key(run_id), record)
-            log.info("run %s", message)
             self.emit(record, message=message, error=record.error, step=len(record.loss_history))
 
     def train(self, record: trainer_pb2.RunRecord) -> str:
