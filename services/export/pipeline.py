@@ -7,7 +7,6 @@ broken export fails here, loudly, with the figures, instead of in a user's Ollam
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from backpropagate_services.common.errors import ExportVerificationError
 from backpropagate_services.common.models import ModelSource
+from backpropagate_services.common.store.base import sha256_file
 from backpropagate_services.export.convert import convert_to_gguf, read_gguf_summary
 from backpropagate_services.export.merge import merge_adapter
 from backpropagate_services.export.quantize import (
@@ -45,11 +45,6 @@ class ExportOutcome:
     sha256: str
     size_bytes: int
     duration_seconds: float
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _verification_error(
@@ -137,7 +132,7 @@ def export_gguf(
         quantization=chosen,
         verification=verification,
         smoke_answer=answer,
-        sha256=_sha256(gguf_file),
+        sha256=sha256_file(gguf_file),
         size_bytes=gguf_file.stat().st_size,
         duration_seconds=time.monotonic() - started,
     )
