@@ -88,7 +88,7 @@ class TrainWorker(JobWorker):
         self.emit(record, message=f"training {source.name} for {config.steps} steps")
 
         def on_step(report: StepReport) -> None:
-            record.loss_history.append(report.loss)
+            record.loss_history.append(report.loss)  # kept per step: a failed run keeps its curve
             self.emit(
                 record,
                 step=report.step,
@@ -111,8 +111,6 @@ class TrainWorker(JobWorker):
             curve = write_loss_curve(outcome.loss_history, Path(tmp) / "loss.png")
             self.store.put_file(loss_curve_key(run_id), curve)
         record.final_loss = outcome.final_loss
-        del record.loss_history[:]
-        record.loss_history.extend(outcome.loss_history)
         record.samples_seen = outcome.samples_seen
         record.output = adapter_prefix(run_id) + "/"
         return f"done: final loss {record.final_loss:.4f}"
