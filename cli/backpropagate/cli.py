@@ -76,10 +76,17 @@ def print_export(result: ExportResult) -> None:
         ("size", f"{result.size_bytes / 2**20:.1f} MiB"),
         ("sha256", result.sha256),
         ("agreement with torch", f"{result.top1_agreement:.1%} top-1, KL {result.mean_kl:.4f}"),
+        (
+            "perplexity",
+            f"{result.perplexity_gguf:.2f} (torch {result.perplexity_reference:.2f})",
+        ),
+        ("merge check", f"max logit difference {result.merge_error:.1e} of the largest"),
         ("duration", f"{result.duration_seconds:.1f}s"),
     ]:
         table.add_row(f"[bold]{label}[/]", value)
     console.print(table)
+    if result.verification_warning:
+        err_console.print(f"[bold yellow]warning[/]: {result.verification_warning}")
 
 
 @app.command("train")
@@ -240,6 +247,21 @@ def serve(
         stack.stop()
 
 
+def _chat_answer(model_file: Path, prompt: str, max_tokens: int) -> str:
+    """The GGUF's answer, marked when it was cut at `max_tokens` rather than finished."""
+    from backpropagate_services.export.chat import chat_reply
+
+    reply = chat_reply(
+        model_file,
+        [{"role": "user", "content": prompt}],
+        threads=get_settings().export.threads,
+        max_tokens=max_tokens,
+    )
+    if reply.finish_reason == "length":
+        return f"{reply.text} [cut at {max_tokens} tokens]"
+    return reply.text
+
+
 @app.command("chat")
 def chat(
     model_file: Annotated[Path, typer.Argument(help="A .gguf file.")],
@@ -247,10 +269,7 @@ def chat(
     max_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 96,
 ) -> None:
     """Answer one chat prompt with a GGUF file in llama.cpp."""
-    from backpropagate_services.export.smoke import smoke_answer
-
-    settings = get_settings()
-    console.print(smoke_answer(model_file, prompt, settings.export.threads, max_tokens))
+    console.print(_chat_answer(model_file, prompt, max_tokens))
 
 
 @app.command("demo")
@@ -259,8 +278,6 @@ def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the GGUF goes.")] = Path("out"),
 ) -> None:
     """The main job end to end: train on examples/quickstart.jsonl, export, chat."""
-    from backpropagate_services.export.smoke import smoke_answer
-
     trainer = Trainer()
     started = time.monotonic()
     run = trainer.train(QUICKSTART, steps=steps)
@@ -272,7 +289,7 @@ def demo(
         raise PartialFailure(f"trained {run.run_id}, but the export failed: {exc}") from exc
     exported = time.monotonic()
     print_export(result)
-    answer = smoke_answer(result.path, DEMO_PROMPT, get_settings().export.threads, 96)
+    answer = _chat_answer(result.path, DEMO_PROMPT, 96)
     chatted = time.monotonic()
     console.print(
         f"timings: train {trained - started:.1f}s, export {exported - trained:.1f}s, "

@@ -56,6 +56,10 @@ class ExportResult:
     smoke_prompt: str
     smoke_answer: str
     duration_seconds: float
+    perplexity_reference: float = 0.0  # the trained torch model's, on the reference replies
+    perplexity_gguf: float = 0.0
+    merge_error: float = 0.0  # merged vs base + adapter logits, relative to the largest
+    verification_warning: str = ""  # a low-bit file that passed below the high-bit gate
 
     @classmethod
     def from_proto(cls, result: export_pb2.ExportResult, path: Path) -> ExportResult:
@@ -73,4 +77,8 @@ class ExportResult:
             smoke_prompt=result.smoke_prompt,
             smoke_answer=result.smoke_answer,
             duration_seconds=result.duration_seconds,
+            perplexity_reference=result.verification.perplexity_reference,
+            perplexity_gguf=result.verification.perplexity_gguf,
+            merge_error=result.verification.merge_error,
+            verification_warning=result.verification.warning,
         )

@@ -6,20 +6,20 @@ whether the call itself failed or the job failed later on a worker.
 
 from __future__ import annotations
 
-import hashlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from backpropagate.connection import Connection
 from backpropagate.results import ExportResult, RunResult
 from backpropagate.v1 import common_pb2, dataprep_pb2, export_pb2, trainer_pb2
-from backpropagate_services.common.atomic import staged
 from backpropagate_services.common.errors import (
     ExportVerificationError,
     JobCancelledError,
     NotFoundError,
 )
 from backpropagate_services.common.grpc_errors import detail_to_error
+from backpropagate_services.common.store.base import sha256_file
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 
@@ -89,21 +89,39 @@ def follow_run(
     return RunResult.from_proto(record)
 
 
+def _unique_destination(dest: Path, sha256: str, export_id: str) -> Path:
+    """`dest`, unless a different file already has that name: then the export's own suffix is
+    added, so one export never overwrites another's file."""
+    if not dest.exists() or (sha256 and sha256_file(dest) == sha256):
+        return dest
+    return dest.with_stem(f"{dest.stem}-{export_id.rsplit('-', 1)[-1]}")
+
+
 def download_artifact(connection: Connection, key: str, dest: Path, sha256: str = "") -> Path:
     """Stream a stored file to `dest`; the final name appears only once it is complete and,
-    when a checksum is given, verified."""
-    digest = hashlib.sha256()
-    request = export_pb2.DownloadArtifactRequest(key=key)
-    with staged(dest) as staging:
-        with staging.open("wb") as handle:
-            for chunk in connection.stream("export", connection.export.DownloadArtifact, request):
-                digest.update(chunk.data)
-                handle.write(chunk.data)
-        if sha256 and digest.hexdigest() != sha256:
-            raise ExportVerificationError(
-                f"Downloaded {key} but its sha256 {digest.hexdigest()} is not {sha256}.",
-                hint="The transfer was corrupted; download it again.",
-            )
+    when a checksum is given, verified.
+
+    The bytes go to a hidden `.<name>.download` file first. An interrupted download (network,
+    Ctrl-C, a restarted server) leaves it behind, and the next call for the same `dest` asks
+    the server for the rest only. A file that is already there with the right checksum is
+    kept as it is.
+    """
+    if sha256 and dest.is_file() and sha256_file(dest) == sha256:
+        return dest
+    partial = dest.with_name(f".{dest.name}.download")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    offset = partial.stat().st_size if partial.is_file() else 0
+    request = export_pb2.DownloadArtifactRequest(key=key, offset=offset)
+    with partial.open("ab") as handle:
+        for chunk in connection.stream("export", connection.export.DownloadArtifact, request):
+            handle.write(chunk.data)
+    if sha256 and sha256_file(partial) != sha256:
+        partial.unlink()  # a stale partial of another file, or corrupted: start over next time
+        raise ExportVerificationError(
+            f"Downloaded {key} but its sha256 is not {sha256}.",
+            hint="The transfer was corrupted; download it again.",
+        )
+    os.replace(partial, dest)  # created by open(), so with the user's usual permissions
     return dest
 
 
@@ -131,7 +149,8 @@ def export(
         "export", stub.GetExport, export_pb2.GetExportRequest(export_id=export_id)
     )
     _raise_if_failed(result.status, result.error, f"Export {export_id}")
-    path = download_artifact(
-        connection, result.artifact_key, output_dir / Path(result.artifact_key).name, result.sha256
+    dest = _unique_destination(
+        output_dir / Path(result.artifact_key).name, result.sha256, result.export_id
     )
+    path = download_artifact(connection, result.artifact_key, dest, result.sha256)
     return ExportResult.from_proto(result, path)

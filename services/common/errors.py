@@ -51,6 +51,11 @@ class BackpropagateError(Exception):
     def __str__(self) -> str:
         return f"[{self.code}] {self.message}"
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Exceptions pickle as cls(*args), which would drop the hint and context: errors cross
+        # process boundaries (isolated native stages), so they must arrive whole.
+        return (_restore_error, (type(self), self.code, self.message, self.hint, self.context))
+
     def to_dict(self) -> dict[str, object]:
         return {
             "code": self.code,
@@ -139,9 +144,26 @@ class ExportVerificationError(RuntimeFailure):
     default_hint = "The quantised model disagrees with the trained one: export q8_0 or f16."
 
 
+class ExportMergeError(RuntimeFailure):
+    code = "RUNTIME_EXPORT_MERGE_FAILED"
+    default_hint = (
+        "Merging the adapter changed what the model computes: this is a bug in the merge for "
+        "this architecture; export the adapter alone with --format adapter-gguf meanwhile."
+    )
+
+
 class ExportSmokeTestError(RuntimeFailure):
     code = "RUNTIME_EXPORT_SMOKE_FAILED"
     default_hint = "llama.cpp could not answer with the exported file; try --quantization f16."
+
+
+class NativeCrashError(RuntimeFailure):
+    code = "RUNTIME_NATIVE_CRASH"
+    default_hint = (
+        "llama.cpp crashed in native code; the service is unharmed. Try another --quantization, "
+        "or pin the CPU backend with BACKPROPAGATE_EXPORT__LLAMA_CPU_VARIANT=haswell, and report "
+        "the crash with the log."
+    )
 
 
 class ConversionError(RuntimeFailure):
@@ -177,11 +199,74 @@ class StoreUnavailableError(DependencyError):
     default_hint = "Check that MinIO / S3 is running and the BACKPROPAGATE_STORE__* settings."
 
 
+class OllamaRegistrationError(DependencyError):
+    code = "DEP_OLLAMA_REGISTRATION_FAILED"
+    default_hint = (
+        "Start Ollama with `ollama serve`, and set OLLAMA_HOST if it does not listen on "
+        "127.0.0.1:11434."
+    )
+    retryable = True
+
+
 class MissingDependencyError(DependencyError):
     code = "DEP_PACKAGE_MISSING"
     default_hint = "Run `make setup` to install every service's dependencies."
     retryable = False
     grpc_status = "FAILED_PRECONDITION"
+
+
+class ModelLoadError(DependencyError):
+    code = "DEP_MODEL_LOAD_FAILED"
+    default_hint = "Check that the file is a complete model file of a supported architecture."
+    retryable = False
+    grpc_status = "FAILED_PRECONDITION"
+
+
+# -- hub errors: publishing on the Hugging Face Hub failed --------------------------------------
+
+
+class HubError(BackpropagateError):
+    code = "HUB_PUSH_FAILED"
+    default_hint = "The Hugging Face Hub refused the upload; the message says why."
+    exit_code = EXIT_RUNTIME_ERROR
+    grpc_status = "UNAVAILABLE"
+
+
+class HubAuthRequiredError(HubError):
+    code = "HUB_AUTH_REQUIRED"
+    default_hint = (
+        "Run `huggingface-cli login` (or `hf auth login`), or set HF_TOKEN to a write token."
+    )
+    exit_code = EXIT_USER_ERROR
+    grpc_status = "UNAUTHENTICATED"
+
+
+class HubAuthFailedError(HubError):
+    code = "HUB_AUTH_FAILED"
+    default_hint = (
+        "The Hub rejected the token: use a token with write access to this namespace "
+        "(huggingface.co/settings/tokens), via `huggingface-cli login` or HF_TOKEN."
+    )
+    exit_code = EXIT_USER_ERROR
+    grpc_status = "PERMISSION_DENIED"
+
+
+class HubUnreachableError(HubError):
+    code = "HUB_UNREACHABLE"
+    default_hint = (
+        "Check the network connection and HF_ENDPOINT; unset HF_HUB_OFFLINE if it is set; "
+        "then push again."
+    )
+    retryable = True
+
+
+def _restore_error(
+    cls: type[BackpropagateError], code: str, message: str, hint: str, context: dict[str, str]
+) -> BackpropagateError:
+    error = cls(message, hint=hint, **context)
+    if error.code != code:
+        error.code = code  # type: ignore[misc]  # an unknown code rebuilt on the base class
+    return error
 
 
 def all_error_classes() -> list[type[BackpropagateError]]:

@@ -128,18 +128,23 @@ def hf_location(source: ModelSource, cache_dir: Path) -> str:
 
 
 def load_model(
-    source: ModelSource, cache_dir: Path, device: str | None = None
+    source: ModelSource,
+    cache_dir: Path,
+    device: str | None = None,
+    dtype: Literal["compute", "auto"] = "compute",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model and tokenizer: fp32 on CPU, bf16 on CUDA."""
+    """Load model and tokenizer. dtype "compute": fp32 on CPU, bf16 on CUDA (for training);
+    "auto": the checkpoint's own dtype (for merging, so no wider copy is made)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     location = hf_location(source, cache_dir)
-    dtype: Any = torch.bfloat16 if device == "cuda" else torch.float32
+    compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch_dtype: Any = "auto" if dtype == "auto" else compute_dtype
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
     except OSError as exc:
         raise ModelNotFoundError(
             f"Could not load model {source.name!r} from {location}: {exc}",

@@ -1,25 +1,64 @@
 """Fold a LoRA adapter into its base model: W' = W + (alpha / r) * B A, saved as a plain HF dir.
 
 llama.cpp and Ollama run one set of weights, so the adapter is merged before conversion. The
-base is loaded in fp32 (never a quantised copy) so the merge adds no rounding of its own, and
-the tokenizer is the base model's: its chat template is the one the model answers to, whatever
-template training may have used to mask the loss.
+base is loaded in its own dtype (fp32 for the offline SmolLM2 copy, bf16 for most hub models on
+a GPU machine): one copy of the weights, merged in place, never a second fp32 copy of a 7B
+model. The tokenizer is the base model's: its chat template is the one the model answers to,
+whatever template training may have used to mask the loss.
+
+The merge is checked, not trusted: on the reference chats, the merged model's logits must equal
+those of base + adapter (peft's unmerged forward pass) within the rounding of the dtype. The
+merged logits are kept: verification compares the GGUF with them, so the merged model never
+has to be loaded again.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backpropagate_services.common.atomic import staged
-from backpropagate_services.common.errors import ConfigError, NotFoundError
+from backpropagate_services.common.errors import ConfigError, ExportMergeError, NotFoundError
 from backpropagate_services.common.models import ModelSource, load_model
+from backpropagate_services.export.reference import ScoredChat, reference_logits, scored_chats
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
+# Largest merged-vs-unmerged logit difference, relative to the largest logit, that rounding
+# explains: fp32 merges agree to about 1e-6; 16-bit weights round W + BA to 8 or 11 bits.
+MERGE_TOLERANCE = {"torch.float32": 1e-4, "torch.float16": 2e-2, "torch.bfloat16": 5e-2}
 
-def merge_adapter(base: ModelSource, adapter_dir: Path, cache_dir: Path, out_dir: Path) -> Path:
-    """Write base + adapter to `out_dir` (safetensors, config, tokenizer); atomic on failure."""
+
+@dataclass(frozen=True)
+class MergedModel:
+    directory: Path
+    chats: list[ScoredChat]
+    logits: list[torch.Tensor]  # the merged model's logits at the chats' scored positions
+    vocab_size: int
+    num_parameters: int
+    dtype: str
+    merge_error: float  # max |merged - unmerged| logit difference / max |logit|
+
+
+def _relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    import torch
+
+    reference, other = torch.cat(a), torch.cat(b)
+    return float((reference - other).abs().max() / reference.abs().max().clamp(min=1e-6))
+
+
+def merge_adapter(
+    base: ModelSource, adapter_dir: Path, cache_dir: Path, out_dir: Path
+) -> MergedModel:
+    """Write base + adapter to `out_dir` (safetensors, config, tokenizer); atomic on failure.
+
+    Raises ExportMergeError when the merged model does not compute what base + adapter did.
+    """
     from peft import PeftModel
 
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -28,18 +67,40 @@ def merge_adapter(base: ModelSource, adapter_dir: Path, cache_dir: Path, out_dir
             hint="Export the adapter directory a finished train run wrote.",
             adapter=str(adapter_dir),
         )
-    model, tokenizer = load_model(base, cache_dir, device="cpu")
+    model, tokenizer = load_model(base, cache_dir, device="cpu", dtype="auto")
     log.info("merging %s into %s", adapter_dir, base.name)
     try:
-        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    except RuntimeError as exc:  # torch's size mismatch when the shapes do not fit
+        adapted = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    except (RuntimeError, ValueError) as exc:  # shapes or target modules that do not fit
         raise ConfigError(
             f"The adapter in {adapter_dir} does not fit {base.name}: {exc}",
             hint="Export with the base model the adapter was trained on.",
             adapter=str(adapter_dir),
             model=base.name,
         ) from exc
+    chats = scored_chats(tokenizer)
+    unmerged = reference_logits(adapted, chats)
+    merged = adapted.merge_and_unload()
+    logits = reference_logits(merged, chats)
+    dtype = str(next(merged.parameters()).dtype)
+    error = _relative_difference(unmerged, logits)
+    tolerance = MERGE_TOLERANCE.get(dtype, MERGE_TOLERANCE["torch.bfloat16"])
+    if error > tolerance:
+        raise ExportMergeError(
+            f"The merged model's logits differ from base + adapter by {error:.2e} of the largest "
+            f"logit ({dtype}), more than rounding explains ({tolerance:g}).",
+            adapter=str(adapter_dir),
+            model=base.name,
+        )
     with staged(out_dir) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    return out_dir
+    return MergedModel(
+        directory=out_dir,
+        chats=chats,
+        logits=logits,
+        vocab_size=int(merged.config.vocab_size),
+        num_parameters=int(merged.num_parameters()),
+        dtype=dtype,
+        merge_error=error,
+    )

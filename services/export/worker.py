@@ -71,23 +71,31 @@ class ExportWorker(JobWorker):
                 quantization=result.quantization or None,
                 prompt=result.smoke_prompt,
                 cache_dir=settings.model_cache_dir,
-                threads=settings.export.threads,
-                min_top1_agreement=settings.export.min_top1_agreement,
+                settings=settings.export,
                 on_stage=on_stage,
             )
             result.quantization = outcome.quantization
             result.artifact_key = export_artifact_key(
-                result.export_id, source.slug, outcome.quantization
+                result.export_id, source.slug, run.run_id, outcome.quantization
             )
             self.store.put_file(result.artifact_key, outcome.gguf_path)
         result.size_bytes = outcome.size_bytes
         result.sha256 = outcome.sha256
+        verification = outcome.verification
         result.verification.CopyFrom(
             export_pb2.ExportVerification(
-                positions=outcome.verification.positions,
-                top1_agreement=outcome.verification.top1_agreement,
-                mean_kl=outcome.verification.mean_kl,
-                passed=outcome.verification.passed,
+                positions=verification.positions,
+                decisive_positions=verification.decisive_positions,
+                top1_agreement=verification.top1_agreement,
+                top1_agreement_all=verification.top1_agreement_all,
+                mean_kl=verification.mean_kl,
+                passed=verification.passed,
+                min_top1_agreement=verification.gate.min_top1,
+                max_mean_kl=verification.gate.max_mean_kl or 0.0,
+                warning=verification.warning,
+                perplexity_reference=verification.perplexity_reference,
+                perplexity_gguf=verification.perplexity_gguf,
+                merge_error=outcome.merge_error,
             )
         )
         result.smoke_answer = outcome.smoke_answer

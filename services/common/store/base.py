@@ -39,8 +39,11 @@ class ArtifactStore(ABC):
     def put_file(self, key: str, path: Path) -> None: ...
 
     @abstractmethod
-    def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """The object's bytes in order; raises NotFoundError for a missing key."""
+    def iter_chunks(
+        self, key: str, chunk_size: int = CHUNK_SIZE, offset: int = 0
+    ) -> Iterator[bytes]:
+        """The object's bytes in order from `offset` (to resume a download); raises
+        NotFoundError for a missing key."""
 
     @abstractmethod
     def size(self, key: str) -> int:

@@ -52,8 +52,11 @@ class LocalDirStore(ArtifactStore):
             raise NotFoundError(f"No artifact at {key}.", key=key)
         return path
 
-    def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    def iter_chunks(
+        self, key: str, chunk_size: int = CHUNK_SIZE, offset: int = 0
+    ) -> Iterator[bytes]:
         with self._existing(key).open("rb") as handle:
+            handle.seek(offset)
             yield from iter(lambda: handle.read(chunk_size), b"")
 
     def size(self, key: str) -> int:

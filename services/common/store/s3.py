@@ -72,9 +72,13 @@ class S3Store(ArtifactStore):
         with self._translated(key):
             self._client.fput_object(self._bucket, key, str(path))
 
-    def iter_chunks(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    def iter_chunks(
+        self, key: str, chunk_size: int = CHUNK_SIZE, offset: int = 0
+    ) -> Iterator[bytes]:
         with self._translated(key):
-            response = self._client.get_object(self._bucket, key)
+            if offset and offset >= self.size(key):
+                return  # a ranged GET past the end is an error in S3; nothing is left to send
+            response = self._client.get_object(self._bucket, key, offset=offset)
             try:
                 yield from response.stream(chunk_size)
             finally:
