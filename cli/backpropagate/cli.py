@@ -18,6 +18,7 @@ from rich.table import Table
 
 from backpropagate import __version__
 from backpropagate.connection import Connection
+from backpropagate.ollama import register_with_ollama, write_ollama_modelfile
 from backpropagate.progress import safety_label
 from backpropagate.results import ExportResult, RunResult, status_name
 from backpropagate.sdk import Trainer
@@ -130,21 +131,55 @@ def export_command(
     run_id: Annotated[str, typer.Argument(help="The run whose adapter to export.")],
     export_format: Annotated[str, typer.Option("--format", help="Export format.")] = "gguf",
     quantization: Annotated[
-        str, typer.Option(help="f16, q8_0, q5_k_m, q4_k_m; default: the model's safe one.")
+        str,
+        typer.Option(
+            help="f32, f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0; default: the safe one."
+        ),
     ] = "",
     output_dir: Annotated[Path, typer.Option(help="Where to download the file.")] = Path("."),
     prompt: Annotated[str, typer.Option(help="Smoke-test chat prompt.")] = "",
+    ollama: Annotated[
+        bool, typer.Option("--ollama", help="Register the GGUF with Ollama (OLLAMA_HOST).")
+    ] = False,
+    ollama_name: Annotated[
+        str, typer.Option(help="Name of the Ollama model; default: the file's name.")
+    ] = "",
+    ollama_modelfile: Annotated[
+        bool, typer.Option("--ollama-modelfile", help="Write <file>.Modelfile beside the GGUF.")
+    ] = False,
+    system: Annotated[str, typer.Option(help="System prompt for Ollama (SYSTEM).")] = "",
+    num_ctx: Annotated[int, typer.Option(help="Ollama context length (num_ctx).")] = 4096,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the export record as JSON (proto names).")
+    ] = False,
 ) -> None:
-    """Merge a run's adapter, write a verified GGUF, smoke-test it and download it."""
-    result = Trainer().export(
+    """Merge a run's adapter, write a verified GGUF, smoke-test it and download it; optionally
+    hand it to Ollama."""
+    result = Trainer(progress=not as_json).export(
         export_format,
         run_id=run_id,
         quantization=quantization,
         output_dir=output_dir,
         prompt=prompt,
     )
-    print_export(result)
-    console.print(Panel(result.smoke_answer, title=f"llama.cpp: {result.smoke_prompt}"))
+    if as_json:
+        console.print_json(data={**result.record, "path": str(result.path)})
+    else:
+        print_export(result)
+        console.print(Panel(result.smoke_answer, title=f"llama.cpp: {result.smoke_prompt}"))
+    if ollama_modelfile:
+        modelfile = write_ollama_modelfile(result.path, system=system or None, num_ctx=num_ctx)
+        err_console.print(f"Modelfile: {modelfile}  (ollama create NAME -f {modelfile})")
+    if ollama:
+        name = ollama_name or result.path.stem.lower()
+        try:
+            registered = register_with_ollama(
+                result.path, name, system=system or None, num_ctx=num_ctx
+            )
+        except BackpropagateError as exc:
+            raise PartialFailure(f"exported {result.path}, but {exc}\nhint: {exc.hint}") from exc
+        err_console.print(f"Ollama: registered [bold]{registered.name}[/] at {registered.host}")
+        err_console.print(f"next: [bold]ollama run {registered.name}[/]")
 
 
 @runs_app.command("list")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from google.protobuf.json_format import MessageToDict
+
 from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
 
 
@@ -60,6 +62,7 @@ class ExportResult:
     perplexity_gguf: float = 0.0
     merge_error: float = 0.0  # merged vs base + adapter logits, relative to the largest
     verification_warning: str = ""  # a low-bit file that passed below the high-bit gate
+    record: dict[str, object] = field(default_factory=dict)  # the export record, proto names
 
     @classmethod
     def from_proto(cls, result: export_pb2.ExportResult, path: Path) -> ExportResult:
@@ -81,4 +84,5 @@ class ExportResult:
             perplexity_gguf=result.verification.perplexity_gguf,
             merge_error=result.verification.merge_error,
             verification_warning=result.verification.warning,
+            record=MessageToDict(result, preserving_proto_field_name=True),
         )

@@ -29,6 +29,7 @@ class GgufSummary:
 
     parameters: int
     chat_template: str | None
+    eos_token: str | None  # the end-of-turn token's text, for runners' stop lists
 
 
 def converter_path() -> Path:
@@ -52,9 +53,15 @@ def read_gguf_summary(path: Path) -> GgufSummary:
 
     reader = GGUFReader(path)
     template_field = reader.get_field("tokenizer.chat_template")
+    eos_field = reader.get_field("tokenizer.ggml.eos_token_id")
+    tokens_field = reader.get_field("tokenizer.ggml.tokens")
+    eos_token = None
+    if eos_field is not None and tokens_field is not None:
+        eos_token = str(tokens_field.contents(int(eos_field.contents())))
     return GgufSummary(
         parameters=sum(int(tensor.n_elements) for tensor in reader.tensors),
         chat_template=None if template_field is None else str(template_field.contents()),
+        eos_token=eos_token,
     )
 
 

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from main_job import check_main_job, check_malformed_dataset_is_rejected
+from ollama_test_server import running_ollama_test_server
 
-from backpropagate import Trainer
+from backpropagate import Trainer, register_with_ollama
 from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate.workflows import follow_run, upload_dataset
-from backpropagate_services.common.errors import JobCancelledError, UserError
+from backpropagate_services.common.errors import (
+    JobCancelledError,
+    OllamaRegistrationError,
+    UserError,
+)
 from backpropagate_services.common.settings import Settings
 
 pytestmark = [pytest.mark.model, pytest.mark.llama]
@@ -75,3 +85,60 @@ def test_cancel_stops_a_running_run_and_a_queued_one_never_starts(
         connection.call(
             "trainer", connection.trainer.CancelRun, trainer_pb2.CancelRunRequest(run_id=running)
         )
+
+
+def test_cli_export_hands_the_gguf_to_ollama_and_prints_the_record_as_json(
+    embedded_trainer: Trainer, quickstart: Path, tmp_path: Path
+) -> None:
+    run = embedded_trainer.train(quickstart, steps=1, batch_size=1, max_length=64)
+    settings = embedded_trainer.settings
+    assert settings is not None
+    out = tmp_path / "out"
+    with running_ollama_test_server() as ollama:
+        exported = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "backprop"),
+                "export",
+                run.run_id,
+                "--output-dir",
+                str(out),
+                "--ollama",
+                "--ollama-name",
+                "smol-test",
+                "--ollama-modelfile",
+                "--json",
+            ],
+            env={
+                **os.environ,
+                "BACKPROPAGATE_HOME": str(settings.home),
+                "BACKPROPAGATE_MODEL_CACHE": str(settings.model_cache_dir),
+                "OLLAMA_HOST": ollama.url,
+            },
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert exported.returncode == 0, exported.stderr
+        record = json.loads(exported.stdout)
+        gguf = Path(record["path"])
+
+        assert record["run_id"] == run.run_id
+        assert record["quantization"] == "f16"
+        assert record["verification"]["top1_agreement"] >= 0.99
+        assert gguf.parent == out and gguf.is_file()
+        modelfile = gguf.with_suffix(".Modelfile").read_text()
+        assert f"FROM ./{gguf.name}" in modelfile
+        assert "<|im_start|>" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+        created = ollama.models["smol-test"]
+        digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+        assert created["files"] == {gguf.name: f"sha256:{digest}"}
+        assert ollama.blobs[digest] == gguf.read_bytes()
+        assert f'TEMPLATE """{created["template"]}"""' in modelfile
+        assert "<|im_end|>" in created["parameters"]["stop"]
+        assert created["parameters"]["num_ctx"] == 4096
+
+    # The daemon is gone now: the SDK call says so with the documented code and what to do.
+    with pytest.raises(OllamaRegistrationError) as caught:
+        register_with_ollama(gguf, "smol-test", host=ollama.url)
+    assert caught.value.code == "DEP_OLLAMA_REGISTRATION_FAILED"
+    assert "ollama serve" in caught.value.hint
