@@ -43,6 +43,7 @@ test: setup
 # Benchmarks print ratios against a baseline measured in the same run, on this machine.
 bench: setup
 	$(PY) bench/llama_variants.py
+	$(PY) bench/export_quantizations.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -4,10 +4,27 @@ Light on purpose: importing this package never imports torch. With no BACKPROPAG
 set, the services run inside this process the first time they are needed.
 """
 
-from backpropagate.ollama import register_with_ollama, write_ollama_modelfile
+from typing import Any
+
 from backpropagate.results import ExportResult, RunResult
 from backpropagate.sdk import Trainer
 from backpropagate_services.common.errors import BackpropagateError
+
+# Imported on first use: they need the export service's packages, which a service image that
+# carries the client (dataprep, trainer, safety) does not install.
+_LAZY = {
+    "register_with_ollama": "backpropagate.ollama",
+    "write_ollama_modelfile": "backpropagate.ollama",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'backpropagate' has no attribute {name!r}")
+
 
 __all__ = [
     "BackpropagateError",

@@ -12,21 +12,24 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from rich.console import Console
 from rich.panel import Panel
+from rich.prompt import Prompt
 from rich.table import Table
 
 from backpropagate import __version__
 from backpropagate.connection import Connection
-from backpropagate.ollama import register_with_ollama, write_ollama_modelfile
 from backpropagate.progress import safety_label
 from backpropagate.results import ExportResult, RunResult, status_name
 from backpropagate.sdk import Trainer
-from backpropagate.v1 import safety_pb2, trainer_pb2
+from backpropagate.v1 import export_pb2, safety_pb2, trainer_pb2
 from backpropagate.workflows import download_artifact
 from backpropagate_services.common.errors import (
     EXIT_PARTIAL_FAILURE,
     BackpropagateError,
+    ConfigError,
 )
 from backpropagate_services.common.layout import loss_curve_key
 from backpropagate_services.common.settings import get_settings
@@ -39,6 +42,12 @@ app = typer.Typer(
 )
 runs_app = typer.Typer(help="Inspect training runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+exports_app = typer.Typer(help="Inspect and cancel exports.", no_args_is_help=True)
+app.add_typer(exports_app, name="exports")
+
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print the record as JSON (proto field names).")
+]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -69,21 +78,26 @@ def print_run(run: RunResult) -> None:
 
 
 def print_export(result: ExportResult) -> None:
-    table = Table(show_header=False, box=None)
-    for label, value in [
+    rows = [
         ("export", result.export_id),
-        ("file", str(result.path)),
+        ("format", result.format),
+        *(("file", str(path)) for path in result.files[:3]),
         ("quantization", result.quantization),
         ("size", f"{result.size_bytes / 2**20:.1f} MiB"),
-        ("sha256", result.sha256),
-        ("agreement with torch", f"{result.top1_agreement:.1%} top-1, KL {result.mean_kl:.4f}"),
-        (
-            "perplexity",
-            f"{result.perplexity_gguf:.2f} (torch {result.perplexity_reference:.2f})",
-        ),
         ("merge check", f"max logit difference {result.merge_error:.1e} of the largest"),
-        ("duration", f"{result.duration_seconds:.1f}s"),
-    ]:
+    ]
+    if result.format != "hf":  # an hf export is the torch model itself: nothing to compare
+        rows += [
+            ("sha256", result.sha256),
+            ("agreement with torch", f"{result.top1_agreement:.1%} top-1, KL {result.mean_kl:.4f}"),
+            (
+                "perplexity",
+                f"{result.perplexity_gguf:.2f} (torch {result.perplexity_reference:.2f})",
+            ),
+        ]
+    rows.append(("duration", f"{result.duration_seconds:.1f}s"))
+    table = Table(show_header=False, box=None)
+    for label, value in rows:
         table.add_row(f"[bold]{label}[/]", value)
     console.print(table)
     if result.verification_warning:
@@ -128,7 +142,9 @@ def train_command(
 
 @app.command("export")
 def export_command(
-    run_id: Annotated[str, typer.Argument(help="The run whose adapter to export.")],
+    run_id: Annotated[
+        str, typer.Argument(help="The run whose adapter to export, or a local adapter directory.")
+    ],
     export_format: Annotated[str, typer.Option("--format", help="Export format.")] = "gguf",
     quantization: Annotated[
         str,
@@ -152,10 +168,20 @@ def export_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the export record as JSON (proto names).")
     ] = False,
+    model: Annotated[
+        str, typer.Option(help="Base model of an adapter directory; default: its config's.")
+    ] = "",
 ) -> None:
-    """Merge a run's adapter, write a verified GGUF, smoke-test it and download it; optionally
-    hand it to Ollama."""
-    result = Trainer(progress=not as_json).export(
+    """Merge a run's adapter, write a verified GGUF (or --format hf: the merged model as
+    safetensors; adapter-gguf: a GGUF adapter and its base GGUF), smoke-test it and download it;
+    optionally hand it to Ollama."""
+    if (ollama or ollama_modelfile) and export_format != "gguf":
+        raise ConfigError(
+            f"--ollama and --ollama-modelfile take a GGUF of the whole model, not {export_format}.",
+            hint="Export with --format gguf to hand the model to Ollama.",
+            format=export_format,
+        )
+    result = Trainer(model, progress=not as_json).export(
         export_format,
         run_id=run_id,
         quantization=quantization,
@@ -166,7 +192,11 @@ def export_command(
         console.print_json(data={**result.record, "path": str(result.path)})
     else:
         print_export(result)
-        console.print(Panel(result.smoke_answer, title=f"llama.cpp: {result.smoke_prompt}"))
+        if result.smoke_answer:
+            console.print(Panel(result.smoke_answer, title=f"llama.cpp: {result.smoke_prompt}"))
+    # Imported here: the export packages are not in every image that carries this CLI.
+    from backpropagate.ollama import register_with_ollama, write_ollama_modelfile
+
     if ollama_modelfile:
         modelfile = write_ollama_modelfile(result.path, system=system or None, num_ctx=num_ctx)
         err_console.print(f"Modelfile: {modelfile}  (ollama create NAME -f {modelfile})")
@@ -182,13 +212,36 @@ def export_command(
         err_console.print(f"next: [bold]ollama run {registered.name}[/]")
 
 
+@app.command("push")
+def push_command(
+    run_id: Annotated[str, typer.Argument(help="A run id, or a local adapter directory.")],
+    repo: Annotated[str, typer.Option(help="Hub repository, owner/name.")],
+    merged: Annotated[
+        bool, typer.Option("--merged", help="Push the merged model instead of the adapter.")
+    ] = False,
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    model: Annotated[
+        str, typer.Option(help="Base model of an adapter directory; default: its config's.")
+    ] = "",
+) -> None:
+    """Push a run's adapter (or merged model) to the Hugging Face Hub with a model card."""
+    url = Trainer(model).push(repo, run_id=run_id, merged=merged, private=private)
+    console.print(f"pushed: {url}")
+
+
 @runs_app.command("list")
-def runs_list(limit: Annotated[int, typer.Option(help="Most recent N (0: all).")] = 20) -> None:
+def runs_list(
+    limit: Annotated[int, typer.Option(help="Most recent N (0: all).")] = 20,
+    as_json: JsonOption = False,
+) -> None:
     """List training runs, newest first."""
     connection = Connection.open()
     response = connection.call(
         "trainer", connection.trainer.ListRuns, trainer_pb2.ListRunsRequest(limit=limit)
     )
+    if as_json:
+        print_json(response)
+        return
     table = Table("run", "status", "model", "steps", "final loss", "created")
     for record in response.runs:
         table.add_row(
@@ -208,12 +261,16 @@ def runs_show(
     plot: Annotated[
         Path | None, typer.Option(help="Also download the run's loss curve to this PNG file.")
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Show one run's record."""
     connection = Connection.open()
     record = connection.call(
         "trainer", connection.trainer.GetRun, trainer_pb2.GetRunRequest(run_id=run_id)
     )
+    if as_json:
+        print_json(record)
+        return
     print_run(RunResult.from_proto(record))
     if record.HasField("error") and record.error.code:
         console.print(f"[red]{record.error.code}[/]: {record.error.message}")
@@ -230,6 +287,58 @@ def runs_cancel(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
         "trainer", connection.trainer.CancelRun, trainer_pb2.CancelRunRequest(run_id=run_id)
     )
     console.print(f"{record.run_id}: cancel requested ({status_name(record.status)})")
+
+
+def print_json(message: Message) -> None:
+    """A record as scripts read it: JSON with the proto's field names."""
+    console.print_json(data=MessageToDict(message, preserving_proto_field_name=True))
+
+
+@exports_app.command("show")
+def exports_show(
+    export_id: Annotated[str, typer.Argument(help="Export id.")], as_json: JsonOption = False
+) -> None:
+    """Show one export's record: status, files, verification report."""
+    connection = Connection.open()
+    result = connection.call(
+        "export", connection.export.GetExport, export_pb2.GetExportRequest(export_id=export_id)
+    )
+    if as_json:
+        print_json(result)
+        return
+    table = Table(show_header=False, box=None)
+    report = result.verification
+    for label, value in [
+        ("export", result.export_id),
+        ("run", result.run_id),
+        ("status", status_name(result.status)),
+        ("format", f"{result.format} {result.quantization}"),
+        *(("file", f"{file.name} ({file.size_bytes / 2**20:.1f} MiB)") for file in result.files),
+        ("agreement with torch", f"{report.top1_agreement:.1%} top-1, KL {report.mean_kl:.4f}"),
+        ("smoke answer", result.smoke_answer),
+    ]:
+        table.add_row(f"[bold]{label}[/]", value)
+    console.print(table)
+    if result.error.code:
+        console.print(f"[red]{result.error.code}[/]: {result.error.message}")
+
+
+@exports_app.command("cancel")
+def exports_cancel(
+    export_id: Annotated[str, typer.Argument(help="Export id.")], as_json: JsonOption = False
+) -> None:
+    """Cancel a queued or running export: it stops before its next stage, or at once while
+    llama.cpp runs (quantise, verify, smoke)."""
+    connection = Connection.open()
+    result = connection.call(
+        "export",
+        connection.export.CancelExport,
+        export_pb2.CancelExportRequest(export_id=export_id),
+    )
+    if as_json:
+        print_json(result)
+    else:
+        console.print(f"{result.export_id}: cancel requested ({status_name(result.status)})")
 
 
 @app.command("info")
@@ -282,29 +391,55 @@ def serve(
         stack.stop()
 
 
-def _chat_answer(model_file: Path, prompt: str, max_tokens: int) -> str:
-    """The GGUF's answer, marked when it was cut at `max_tokens` rather than finished."""
+def _one_answer(gguf: Path, prompt: str, max_tokens: int, system: str = "") -> str:
+    from backpropagate import chat
     from backpropagate_services.export.chat import chat_reply
 
-    reply = chat_reply(
-        model_file,
-        [{"role": "user", "content": prompt}],
-        threads=get_settings().export.threads,
-        max_tokens=max_tokens,
-    )
-    if reply.finish_reason == "length":
-        return f"{reply.text} [cut at {max_tokens} tokens]"
-    return reply.text
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    threads = get_settings().export.threads
+    reply = chat_reply(gguf, messages, threads=threads, max_tokens=max_tokens)
+    return chat.shown(reply, max_tokens)
 
 
 @app.command("chat")
-def chat(
-    model_file: Annotated[Path, typer.Argument(help="A .gguf file.")],
-    prompt: Annotated[str, typer.Argument(help="What to ask.")],
-    max_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 96,
+def chat_command(
+    target: Annotated[str, typer.Argument(help="A .gguf file, or a run id (its export).")],
+    message: Annotated[
+        str | None, typer.Argument(help="What to ask; omit it to chat interactively.")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 256,
+    system: Annotated[str, typer.Option(help="A system prompt.")] = "",
 ) -> None:
-    """Answer one chat prompt with a GGUF file in llama.cpp."""
-    console.print(_chat_answer(model_file, prompt, max_tokens))
+    """Chat with an export in llama.cpp through its own chat template."""
+    from backpropagate import chat
+
+    settings = get_settings()
+
+    def export_run(run_id: str, directory: Path) -> Path:
+        err_console.print(f"exporting run {run_id} for chat (once) into {directory}")
+        return Trainer().export(run_id=run_id, output_dir=directory).path
+
+    gguf = chat.resolve_chat_target(target, settings, export_run)
+    if message is not None:
+        console.print(_one_answer(gguf, message, max_tokens, system))
+        return
+
+    def ask() -> str | None:
+        try:
+            return Prompt.ask("[bold]you[/]", console=err_console)
+        except EOFError:
+            return None
+
+    err_console.print(f"chatting with {gguf.name}; an empty line or /exit ends it")
+    chat.converse(
+        gguf,
+        ask,
+        lambda text: console.print(f"[bold]model[/]: {text}"),
+        system=system,
+        threads=settings.export.threads,
+        max_tokens=max_tokens,
+    )
 
 
 @app.command("demo")
@@ -324,7 +459,7 @@ def demo(
         raise PartialFailure(f"trained {run.run_id}, but the export failed: {exc}") from exc
     exported = time.monotonic()
     print_export(result)
-    answer = _chat_answer(result.path, DEMO_PROMPT, 96)
+    answer = _one_answer(result.path, DEMO_PROMPT, 96)
     chatted = time.monotonic()
     console.print(
         f"timings: train {trained - started:.1f}s, export {exported - trained:.1f}s, "

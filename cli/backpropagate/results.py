@@ -49,7 +49,7 @@ class ExportResult:
     run_id: str
     format: str
     quantization: str
-    path: Path  # the downloaded file on this machine
+    path: Path  # the downloaded main file (an hf export: its directory) on this machine
     artifact_key: str
     size_bytes: int
     sha256: str
@@ -63,9 +63,12 @@ class ExportResult:
     merge_error: float = 0.0  # merged vs base + adapter logits, relative to the largest
     verification_warning: str = ""  # a low-bit file that passed below the high-bit gate
     record: dict[str, object] = field(default_factory=dict)  # the export record, proto names
+    files: list[Path] = field(default_factory=list)  # every downloaded file, main one first
 
     @classmethod
-    def from_proto(cls, result: export_pb2.ExportResult, path: Path) -> ExportResult:
+    def from_proto(
+        cls, result: export_pb2.ExportResult, path: Path, files: list[Path] | None = None
+    ) -> ExportResult:
         return cls(
             export_id=result.export_id,
             run_id=result.run_id,
@@ -85,4 +88,5 @@ class ExportResult:
             merge_error=result.verification.merge_error,
             verification_warning=result.verification.warning,
             record=MessageToDict(result, preserving_proto_field_name=True),
+            files=files or [path],
         )

@@ -17,7 +17,14 @@ from backpropagate.connection import Connection
 from backpropagate.progress import ExportProgress, TrainProgress
 from backpropagate.results import ExportResult, RunResult
 from backpropagate.v1 import trainer_pb2
-from backpropagate.workflows import export, require_dataset_file, train, upload_dataset
+from backpropagate.workflows import (
+    export,
+    import_adapter,
+    push,
+    require_dataset_file,
+    train,
+    upload_dataset,
+)
 from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.settings import Settings
 
@@ -87,9 +94,13 @@ class Trainer:
     ) -> ExportResult:
         """Merge the adapter, write a verified GGUF and download it into `output_dir`.
 
-        quantization "" picks the one that keeps this model's answers intact.
+        quantization "" picks the one that keeps this model's answers intact. `run_id` may also
+        be a local adapter directory (what `save()` or peft wrote): it is imported as a run
+        first, on the base model this Trainer names, or else the one its config names.
         """
         run_id = run_id or (self.last_run.run_id if self.last_run else "")
+        if run_id and Path(run_id).is_dir():
+            run_id = import_adapter(self.connection, Path(run_id), self.model).run_id
         if not run_id:
             raise UserError("Nothing to export yet.", hint="Call train() first or pass run_id=.")
         with ExportProgress(self.console) if self.console else nullcontext() as bar:
@@ -102,3 +113,19 @@ class Trainer:
                 prompt=prompt,
                 on_event=bar,
             )
+
+    def push(
+        self, repo: str, *, run_id: str = "", merged: bool = False, private: bool = False
+    ) -> str:
+        """Push the adapter (or `merged`, the merged model) with a generated model card to the
+        Hugging Face Hub repo `repo` ("me/name"); returns the repo's URL. The export service
+        pushes, with its HF_TOKEN (the embedded default: this process's)."""
+        run_id = run_id or (self.last_run.run_id if self.last_run else "")
+        if not run_id:
+            raise UserError("Nothing to push yet.", hint="Call train() first or pass run_id=.")
+        if Path(run_id).is_dir():
+            run_id = import_adapter(self.connection, Path(run_id), self.model).run_id
+        with ExportProgress(self.console) if self.console else nullcontext() as bar:
+            return push(
+                self.connection, run_id, repo, merged=merged, private=private, on_event=bar
+            ).hub_url

@@ -35,6 +35,27 @@ def _upload_requests(path: Path, format_hint: str) -> Iterator[dataprep_pb2.Uplo
             yield dataprep_pb2.UploadDatasetRequest(chunk=chunk)
 
 
+def _adapter_requests(
+    directory: Path, base_model: str
+) -> Iterator[trainer_pb2.ImportAdapterRequest]:
+    header = trainer_pb2.ImportAdapterHeader(base_model=base_model, source=directory.name)
+    yield trainer_pb2.ImportAdapterRequest(header=header)
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        relative = path.relative_to(directory).as_posix()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(UPLOAD_CHUNK_BYTES), b""):
+                file_chunk = trainer_pb2.AdapterFileChunk(path=relative, data=chunk)
+                yield trainer_pb2.ImportAdapterRequest(chunk=file_chunk)
+
+
+def import_adapter(connection: Connection, directory: Path, base_model: str = "") -> RunResult:
+    """A local peft adapter directory as a finished run (to export, chat with, push)."""
+    record = connection.call(
+        "trainer", connection.trainer.ImportAdapter, _adapter_requests(directory, base_model)
+    )
+    return RunResult.from_proto(record)
+
+
 def require_dataset_file(path: Path) -> None:
     """NotFoundError unless `path` is a file; callers may check before connecting at all."""
     if not path.is_file():
@@ -89,12 +110,35 @@ def follow_run(
     return RunResult.from_proto(record)
 
 
-def _unique_destination(dest: Path, sha256: str, export_id: str) -> Path:
-    """`dest`, unless a different file already has that name: then the export's own suffix is
-    added, so one export never overwrites another's file."""
-    if not dest.exists() or (sha256 and sha256_file(dest) == sha256):
-        return dest
-    return dest.with_stem(f"{dest.stem}-{export_id.rsplit('-', 1)[-1]}")
+def _same_files(root: Path, files: list[export_pb2.ExportFile], top: str) -> bool:
+    """Whether `root/top` already holds exactly these files (by checksum)."""
+    return all(
+        (root / file.name).is_file() and sha256_file(root / file.name) == file.sha256
+        for file in files
+        if file.name.split("/", 1)[0] == top
+    )
+
+
+def _download_plan(result: export_pb2.ExportResult, output_dir: Path) -> dict[str, Path]:
+    """Where each file of the export goes. A top-level name (a file, or the directory of an hf
+    export) that already holds something else gets the export's own suffix, so one export never
+    overwrites another's files; one that holds these very files is reused."""
+    suffix = result.export_id.rsplit("-", 1)[-1]
+    renamed: dict[str, str] = {}
+    for file in result.files:
+        top = file.name.split("/", 1)[0]
+        if top in renamed:
+            continue
+        taken = (output_dir / top).exists() and not _same_files(output_dir, list(result.files), top)
+        stem, extension = (
+            (top.removesuffix(".gguf"), ".gguf") if top.endswith(".gguf") else (top, "")
+        )
+        renamed[top] = f"{stem}-{suffix}{extension}" if taken else top
+    plan = {}
+    for file in result.files:
+        top, _, rest = file.name.partition("/")
+        plan[file.key] = output_dir / renamed[top] / rest if rest else output_dir / renamed[top]
+    return plan
 
 
 def download_artifact(connection: Connection, key: str, dest: Path, sha256: str = "") -> Path:
@@ -125,20 +169,14 @@ def download_artifact(connection: Connection, key: str, dest: Path, sha256: str 
     return dest
 
 
-def export(
+def _finished_export(
     connection: Connection,
-    run_id: str,
-    output_dir: Path,
-    *,
-    export_format: str = "gguf",
-    quantization: str = "",
-    prompt: str = "",
-    on_event: ExportEventHandler | None = None,
-) -> ExportResult:
+    request: export_pb2.SubmitExportRequest,
+    on_event: ExportEventHandler | None,
+) -> export_pb2.ExportResult:
+    """Submit an export, follow its events to the end, and return its record (or raise its
+    error)."""
     stub = connection.export
-    request = export_pb2.SubmitExportRequest(
-        run_id=run_id, format=export_format, quantization=quantization, smoke_prompt=prompt
-    )
     export_id = connection.call("export", stub.SubmitExport, request).export_id
     for event in connection.stream(
         "export", stub.WatchExport, export_pb2.WatchExportRequest(export_id=export_id)
@@ -149,8 +187,43 @@ def export(
         "export", stub.GetExport, export_pb2.GetExportRequest(export_id=export_id)
     )
     _raise_if_failed(result.status, result.error, f"Export {export_id}")
-    dest = _unique_destination(
-        output_dir / Path(result.artifact_key).name, result.sha256, result.export_id
+    return result
+
+
+def push(
+    connection: Connection,
+    run_id: str,
+    repo: str,
+    *,
+    merged: bool = False,
+    private: bool = False,
+    on_event: ExportEventHandler | None = None,
+) -> export_pb2.ExportResult:
+    """Push a run's adapter (or, `merged`, the merged model) to the Hub with a model card."""
+    request = export_pb2.SubmitExportRequest(
+        run_id=run_id, format="hf" if merged else "adapter", hub_repo=repo, hub_private=private
     )
-    path = download_artifact(connection, result.artifact_key, dest, result.sha256)
-    return ExportResult.from_proto(result, path)
+    return _finished_export(connection, request, on_event)
+
+
+def export(
+    connection: Connection,
+    run_id: str,
+    output_dir: Path,
+    *,
+    export_format: str = "gguf",
+    quantization: str = "",
+    prompt: str = "",
+    on_event: ExportEventHandler | None = None,
+) -> ExportResult:
+    request = export_pb2.SubmitExportRequest(
+        run_id=run_id, format=export_format, quantization=quantization, smoke_prompt=prompt
+    )
+    result = _finished_export(connection, request, on_event)
+    plan = _download_plan(result, output_dir)
+    for file in result.files:
+        download_artifact(connection, file.key, plan[file.key], file.sha256)
+    main = plan[result.files[0].key]
+    # An hf export is a directory: its path is the directory, not its first file.
+    path = main.parent if result.format == "hf" else main
+    return ExportResult.from_proto(result, path, [plan[file.key] for file in result.files])

@@ -24,15 +24,36 @@ import signal
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, ParamSpec, TypeVar
 
-from backpropagate_services.common.errors import BackpropagateError, NativeCrashError
+from backpropagate_services.common.errors import (
+    BackpropagateError,
+    JobCancelledError,
+    NativeCrashError,
+)
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+# How often a waiting parent asks whether the job was cancelled.
+_POLL_SECONDS = 0.5
+_should_stop: ContextVar[Callable[[], bool] | None] = ContextVar("should_stop", default=None)
+
+
+@contextmanager
+def cancellable(should_stop: Callable[[], bool]) -> Iterator[None]:
+    """Within this block, a child still running when `should_stop()` turns true is killed and
+    its call raises JobCancelledError: a cancelled export does not wait out a quantisation."""
+    token = _should_stop.set(should_stop)
+    try:
+        yield
+    finally:
+        _should_stop.reset(token)
 
 
 def _crash_natively() -> None:
@@ -58,11 +79,22 @@ def run_isolated(stage: str, target: Callable[P, T], *args: P.args, **kwargs: P.
     result picklable. `stage` names the work in errors and logs, and is what the native-crash
     drill setting matches.
     """
-    job = pickle.dumps(sys.path) + pickle.dumps((stage, target, args, kwargs))
-    child = subprocess.run(
-        [sys.executable, "-m", __name__], input=job, stdout=subprocess.PIPE, check=False
+    job: bytes | None = pickle.dumps(sys.path) + pickle.dumps((stage, target, args, kwargs))
+    should_stop = _should_stop.get()
+    child = subprocess.Popen(
+        [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
-    if child.returncode != 0 or not child.stdout:
+    while True:
+        try:
+            output, _ = child.communicate(job, timeout=_POLL_SECONDS)
+            break
+        except subprocess.TimeoutExpired:
+            job = None  # communicate() goes on sending what it started; output is kept
+            if should_stop is not None and should_stop():
+                child.kill()
+                child.communicate()
+                raise JobCancelledError(f"Cancelled during the {stage} stage.") from None
+    if child.returncode != 0 or not output:
         cause, phrase = _death_message(child.returncode)
         log.error("the %s child process %s", stage, phrase)
         raise NativeCrashError(
@@ -70,7 +102,7 @@ def run_isolated(stage: str, target: Callable[P, T], *args: P.args, **kwargs: P.
             stage=stage,
             signal=cause,
         )
-    kind, value = pickle.loads(child.stdout)
+    kind, value = pickle.loads(output)
     if kind == "ok":
         return value  # type: ignore[no-any-return]
     if kind == "error":

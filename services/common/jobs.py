@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
-from backpropagate_services.common.errors import JobCancelledError
+from backpropagate_services.common.errors import JobCancelledError, UserError
 from backpropagate_services.common.grpc_errors import as_backpropagate_error, error_to_detail
+from backpropagate_services.common.layout import cancel_channel
 from backpropagate_services.common.queue import Job, JobQueue
 from backpropagate_services.common.service import BackgroundWorker
 
@@ -55,6 +56,28 @@ def kept_alive(queue: JobQueue, job: Job, consumer: str, interval: float) -> Ite
 
 
 JobRecord = trainer_pb2.RunRecord | export_pb2.ExportResult
+
+
+def request_cancel(queue: JobQueue, job_id: str, status: int, what: str) -> bool:
+    """Ask the worker holding `job_id` to stop; True when the job is still queued, so the
+    caller marks its record cancelled itself. UserError for a job that has already ended.
+
+    The worker checks the cancel channel as it goes; publishing it for a queued job too stops
+    a worker that claims the job while the caller marks it cancelled.
+    """
+    if status not in (common_pb2.JOB_STATUS_QUEUED, common_pb2.JOB_STATUS_RUNNING):
+        raise UserError(
+            f"{what} {job_id} has already ended ({common_pb2.JobStatus.Name(status)}).",  # type: ignore[arg-type]
+            hint="Only queued or running jobs can be cancelled.",
+            job_id=job_id,
+        )
+    queue.publish(cancel_channel(job_id), {"requested_at": time.time()})
+    return status == common_pb2.JOB_STATUS_QUEUED
+
+
+def cancel_requested(queue: JobQueue, job_id: str) -> Callable[[], bool]:
+    """What a worker polls to learn that `job_id` was cancelled."""
+    return lambda: bool(queue.read(cancel_channel(job_id), "", 0))
 
 
 def run_recorded(record: JobRecord, work: Callable[[], str]) -> str:

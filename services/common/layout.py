@@ -34,10 +34,9 @@ def export_record_key(export_id: str) -> str:
     return f"exports/{export_id}/export.json"
 
 
-def export_artifact_key(export_id: str, model_slug: str, run_id: str, quantization: str) -> str:
-    """The file name says what it is (model, run, quantisation), so downloads of different
-    exports never land on the same name."""
-    return f"exports/{export_id}/{model_slug}-{run_id}-{quantization}.gguf"
+def export_file_key(export_id: str, name: str) -> str:
+    """Where an export's file is kept: under the name it is downloaded as."""
+    return f"exports/{export_id}/{name}"
 
 
 def export_events_channel(export_id: str) -> str:

@@ -127,6 +127,17 @@ def hf_location(source: ModelSource, cache_dir: Path) -> str:
     return source.location
 
 
+def local_directory(source: ModelSource, cache_dir: Path) -> Path:
+    """The model's files on this disk (a hub model once downloaded, e.g. by `load_model`):
+    what converters that read a directory need."""
+    location = hf_location(source, cache_dir)
+    if source.kind != "hub":
+        return Path(location)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(location, local_files_only=True))
+
+
 def load_model(
     source: ModelSource,
     cache_dir: Path,

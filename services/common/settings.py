@@ -102,6 +102,11 @@ class ExportSettings(BaseModel):
         "this many nats are near-ties that any rounding flips: left out of the gated top-1 "
         "agreement, kept in the KL.",
     )
+    hub_endpoint: str | None = Field(
+        None,
+        description="Hugging Face Hub endpoint for pushes (a mirror or an enterprise Hub); unset: "
+        "huggingface_hub's default. The token is HF_TOKEN or the huggingface-cli login.",
+    )
     llama_cpu_variant: str | None = Field(
         None,
         description="llama.cpp CPU backend to use (haswell, skylakex, icelake, zen4, ...). "

@@ -34,7 +34,12 @@ class ChatReply:
 
 
 def _reply_in_this_process(
-    gguf_path: Path, messages: list[dict[str, str]], threads: int, max_tokens: int, n_ctx: int
+    gguf_path: Path,
+    messages: list[dict[str, str]],
+    threads: int,
+    max_tokens: int,
+    n_ctx: int,
+    lora_path: Path | None,
 ) -> ChatReply:
     llama_cpp = load_llama_cpp()
     try:
@@ -45,6 +50,7 @@ def _reply_in_this_process(
             n_ctx=n_ctx,
             n_threads=threads,
             n_threads_batch=threads,
+            lora_path=None if lora_path is None else str(lora_path),
             verbose=False,
         )
     except ValueError as exc:  # llama-cpp-python's way of saying the file did not load
@@ -80,11 +86,13 @@ def chat_reply(
     max_tokens: int,
     n_ctx: int = 2048,
     stage: str = "chat",
+    lora_path: Path | None = None,
 ) -> ChatReply:
-    """Greedy reply to `messages` ([{"role", "content"}]) from the GGUF, in a child process.
+    """Greedy reply to `messages` ([{"role", "content"}]) from the GGUF (with the GGUF adapter
+    `lora_path` applied, if given), in a child process.
 
     Raises ModelLoadError for a file llama.cpp cannot load, NativeCrashError if it crashes.
     """
     return run_isolated(
-        stage, _reply_in_this_process, gguf_path, messages, threads, max_tokens, n_ctx
+        stage, _reply_in_this_process, gguf_path, messages, threads, max_tokens, n_ctx, lora_path
     )

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from backpropagate_services.common.atomic import staged
 from backpropagate_services.common.errors import ConfigError, ExportMergeError, NotFoundError
-from backpropagate_services.common.models import ModelSource, load_model
+from backpropagate_services.common.models import ModelSource, load_model, local_directory
 from backpropagate_services.export.reference import ScoredChat, reference_logits, scored_chats
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ MERGE_TOLERANCE = {"torch.float32": 1e-4, "torch.float16": 2e-2, "torch.bfloat16
 @dataclass(frozen=True)
 class MergedModel:
     directory: Path
+    base_directory: Path  # the base model's own files, for exports that keep base and adapter
     chats: list[ScoredChat]
     logits: list[torch.Tensor]  # the merged model's logits at the chats' scored positions
     vocab_size: int
@@ -97,6 +98,7 @@ def merge_adapter(
         tokenizer.save_pretrained(staging)
     return MergedModel(
         directory=out_dir,
+        base_directory=local_directory(base, cache_dir),
         chats=chats,
         logits=logits,
         vocab_size=int(merged.config.vocab_size),

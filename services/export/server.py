@@ -10,18 +10,20 @@ from backpropagate.v1 import common_pb2, export_pb2, export_pb2_grpc, trainer_pb
 from backpropagate_services.common.errors import ConfigError, UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.ids import new_id
+from backpropagate_services.common.jobs import request_cancel
 from backpropagate_services.common.layout import EXPORT_QUEUE, run_record_key
 from backpropagate_services.common.layout import export_events_channel as events_channel
 from backpropagate_services.common.layout import export_record_key as record_key
 from backpropagate_services.common.records import follow, load_record, publish, save_record
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
+from backpropagate_services.export.hub import validate_repo_id
+from backpropagate_services.export.pipeline import check_format
 from backpropagate_services.export.quantize import check_quantization
 from backpropagate_services.export.smoke import DEFAULT_SMOKE_PROMPT
 from backpropagate_services.export.worker import ExportWorker
 
 SERVICE_NAME = export_pb2.DESCRIPTOR.services_by_name["ExportService"].full_name
-FORMATS = ("gguf",)
 
 
 class ExportServicer(export_pb2_grpc.ExportServiceServicer):
@@ -36,14 +38,17 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
     def SubmitExport(
         self, request: export_pb2.SubmitExportRequest, context: grpc.ServicerContext
     ) -> export_pb2.SubmitExportResponse:
-        export_format = request.format or "gguf"
-        if export_format not in FORMATS:
-            raise ConfigError(
-                f"Unknown export format {export_format!r}; supported: {', '.join(FORMATS)}.",
-                field="format",
-            )
+        export_format = check_format(request.format)
         if request.quantization:
             check_quantization(request.quantization)
+        if request.hub_repo:
+            validate_repo_id(request.hub_repo)
+            if export_format not in ("adapter", "hf"):
+                raise ConfigError(
+                    f"A Hub push takes the adapter or the merged model, not {export_format}.",
+                    hint="Push with format adapter (default) or hf (merged).",
+                    format=export_format,
+                )
         run = load_record(self.store, run_record_key(request.run_id), trainer_pb2.RunRecord, "run")
         if run.status != common_pb2.JOB_STATUS_SUCCEEDED:
             raise UserError(
@@ -60,6 +65,8 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
             format=export_format,
             quantization=request.quantization,
             smoke_prompt=request.smoke_prompt or DEFAULT_SMOKE_PROMPT,
+            hub_repo=request.hub_repo,
+            hub_private=request.hub_private,
         )
         save_record(self.store, record_key(export_id), result)
         publish(
@@ -86,6 +93,26 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
         self, request: export_pb2.GetExportRequest, context: grpc.ServicerContext
     ) -> export_pb2.ExportResult:
         return self._result(request.export_id)
+
+    @translate_errors
+    def CancelExport(
+        self, request: export_pb2.CancelExportRequest, context: grpc.ServicerContext
+    ) -> export_pb2.ExportResult:
+        result = self._result(request.export_id)
+        if request_cancel(self.queue, result.export_id, result.status, "Export"):
+            result.status = common_pb2.JOB_STATUS_CANCELLED
+            save_record(self.store, record_key(result.export_id), result)
+            publish(
+                self.queue,
+                events_channel(result.export_id),
+                export_pb2.ExportEvent(
+                    export_id=result.export_id,
+                    run_id=result.run_id,
+                    status=result.status,
+                    message="cancelled before it started",
+                ),
+            )
+        return result
 
     @translate_errors
     def DownloadArtifact(

@@ -20,7 +20,11 @@ SMOKE_MAX_TOKENS = 256
 
 
 def smoke_answer(
-    gguf_path: Path, prompt: str, threads: int, max_tokens: int = SMOKE_MAX_TOKENS
+    gguf_path: Path,
+    prompt: str,
+    threads: int,
+    max_tokens: int = SMOKE_MAX_TOKENS,
+    lora_path: Path | None = None,
 ) -> ChatReply:
     """Greedy answer to `prompt`; ExportSmokeTestError if it is empty or does not stop.
 
@@ -34,6 +38,7 @@ def smoke_answer(
             threads=threads,
             max_tokens=max_tokens,
             stage="smoke",
+            lora_path=lora_path,
         )
     except ModelLoadError as exc:
         raise ExportSmokeTestError(exc.message, gguf=str(gguf_path)) from exc

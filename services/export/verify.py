@@ -85,7 +85,11 @@ class Verification:
 
 
 def _gguf_logits_in_this_process(
-    gguf_path: Path, chats: list[ScoredChat], vocab_size: int, threads: int
+    gguf_path: Path,
+    chats: list[ScoredChat],
+    vocab_size: int,
+    threads: int,
+    lora_path: Path | None = None,
 ) -> list[np.ndarray]:
     """llama.cpp's logits at each chat's scored positions; runs in an isolated child.
 
@@ -101,6 +105,7 @@ def _gguf_logits_in_this_process(
         logits_all=True,
         n_threads=threads,
         n_threads_batch=threads,
+        lora_path=None if lora_path is None else str(lora_path),
         verbose=False,
     )
     try:
@@ -181,18 +186,20 @@ def verify_gguf(
     threads: int,
     gate: Gate,
     tie_margin_nats: float = 0.1,
+    lora_path: Path | None = None,
 ) -> Verification:
     """Compare the GGUF's next-token distributions with torch's `reference` logits.
 
     `chats` and `reference` come from export.reference (the merged model's logits). Raises
     ExportVerificationError when the GGUF tokenizes the chats differently or has another
     vocabulary; returns the figures otherwise, judged by `gate`. llama.cpp runs in an isolated
-    child process (NativeCrashError if it crashes).
+    child process (NativeCrashError if it crashes). `lora_path`: a GGUF adapter llama.cpp
+    applies on top of `gguf_path` (the adapter-gguf export).
     """
     import torch
 
     gguf_logits = run_isolated(
-        "verify", _gguf_logits_in_this_process, gguf_path, chats, vocab_size, threads
+        "verify", _gguf_logits_in_this_process, gguf_path, chats, vocab_size, threads, lora_path
     )
     figures = _compare(
         reference, [torch.from_numpy(logits) for logits in gguf_logits], chats, tie_margin_nats

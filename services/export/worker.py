@@ -7,11 +7,14 @@ import time
 from pathlib import Path
 
 from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
-from backpropagate_services.common.jobs import JobWorker, run_recorded
+from backpropagate_services.common.datasets import load_record as load_dataset_record
+from backpropagate_services.common.errors import JobCancelledError
+from backpropagate_services.common.isolation import cancellable
+from backpropagate_services.common.jobs import JobWorker, cancel_requested, run_recorded
 from backpropagate_services.common.layout import (
     EXPORT_QUEUE,
     adapter_prefix,
-    export_artifact_key,
+    export_file_key,
     run_record_key,
 )
 from backpropagate_services.common.layout import export_events_channel as events_channel
@@ -21,7 +24,14 @@ from backpropagate_services.common.models import resolve_model
 from backpropagate_services.common.queue import Job
 from backpropagate_services.common.records import load_record, publish, save_record
 from backpropagate_services.common.runtime import Runtime
-from backpropagate_services.export.pipeline import export_gguf
+from backpropagate_services.common.store.base import sha256_file
+from backpropagate_services.export.hub import (
+    ModelCardInfo,
+    build_model_card,
+    push_to_hub,
+    stage_upload,
+)
+from backpropagate_services.export.pipeline import ExportOutcome, export_model
 
 
 class ExportWorker(JobWorker):
@@ -46,10 +56,50 @@ class ExportWorker(JobWorker):
     def handle(self, job: Job) -> None:
         export_id = str(job.payload["export_id"])
         result = load_record(self.store, record_key(export_id), export_pb2.ExportResult, "export")
+        if result.status == common_pb2.JOB_STATUS_CANCELLED:
+            return  # cancelled while queued: CancelExport recorded it
         with run_context(result.run_id):
             message = run_recorded(result, lambda: self.export(result))
             save_record(self.store, record_key(export_id), result)
             self.emit(result, message=message, error=result.error)
+
+    def push(
+        self,
+        result: export_pb2.ExportResult,
+        run: trainer_pb2.RunRecord,
+        outcome: ExportOutcome,
+        work: Path,
+    ) -> None:
+        """Upload the adapter or merged model with a generated card; the record keeps the URL."""
+        dataset = load_dataset_record(self.store, run.dataset_id) if run.dataset_id else None
+        config = run.config
+        info = ModelCardInfo(
+            base_model=run.base_model,
+            artifact="merged" if result.format == "hf" else "adapter",
+            repo_id=result.hub_repo,
+            run_id=run.run_id,
+            dataset_file=dataset.filename if dataset else None,
+            dataset_sha256=dataset.dataset_id if dataset else None,
+            num_examples=dataset.num_examples if dataset else None,
+            dataset_format=dataset.format if dataset else None,
+            steps=run.steps or None,
+            batch_size=config.batch_size or None,
+            learning_rate=config.learning_rate or None,
+            lora_r=config.lora_r or None,
+            lora_alpha=config.lora_alpha or None,
+            max_length=config.max_length or None,
+            seed=config.seed or None,
+            final_loss=run.final_loss or None,
+            loss_history=list(run.loss_history) or None,
+        )
+        stage_upload(outcome.root, build_model_card(info), work)
+        pushed = push_to_hub(
+            work,
+            result.hub_repo,
+            private=result.hub_private,
+            endpoint=self.runtime.settings.export.hub_endpoint,
+        )
+        result.hub_url, result.hub_commit = pushed.url, pushed.commit
 
     def export(self, result: export_pb2.ExportResult) -> str:
         settings = self.runtime.settings
@@ -58,16 +108,21 @@ class ExportWorker(JobWorker):
         save_record(self.store, record_key(result.export_id), result)
         source = resolve_model(run.base_model)
 
+        should_stop = cancel_requested(self.queue, result.export_id)
+
         def on_stage(stage: str, index: int, count: int, message: str) -> None:
+            if should_stop():
+                raise JobCancelledError(f"Cancelled before the {stage} stage.")
             self.emit(result, stage=stage, stage_index=index, stage_count=count, message=message)
 
-        with tempfile.TemporaryDirectory(prefix="bp-export-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="bp-export-") as tmp, cancellable(should_stop):
             work = Path(tmp)
             adapter_dir = self.store.get_dir(adapter_prefix(run.run_id), work / "adapter")
-            outcome = export_gguf(
+            outcome = export_model(
                 source,
                 adapter_dir,
                 work / "build",
+                export_format=result.format,
                 quantization=result.quantization or None,
                 prompt=result.smoke_prompt,
                 cache_dir=settings.model_cache_dir,
@@ -75,28 +130,62 @@ class ExportWorker(JobWorker):
                 on_stage=on_stage,
             )
             result.quantization = outcome.quantization
-            result.artifact_key = export_artifact_key(
-                result.export_id, source.slug, run.run_id, outcome.quantization
-            )
-            self.store.put_file(result.artifact_key, outcome.gguf_path)
-        result.size_bytes = outcome.size_bytes
-        result.sha256 = outcome.sha256
+            if result.hub_repo:
+                on_stage("push", 1, 1, f"pushing to the Hugging Face Hub: {result.hub_repo}")
+                self.push(result, run, outcome, work / "upload")
+                return f"pushed to {result.hub_url}"
+            names = download_names(outcome, result.format, source.slug, run.run_id)
+            for name, path in names.items():
+                key = export_file_key(result.export_id, name)
+                self.store.put_file(key, path)
+                result.files.append(
+                    export_pb2.ExportFile(
+                        name=name, key=key, size_bytes=path.stat().st_size, sha256=sha256_file(path)
+                    )
+                )
+        main = result.files[0]
+        result.artifact_key = main.key if result.format != "hf" else main.key.rpartition("/")[0]
+        result.sha256 = main.sha256 if result.format != "hf" else ""
+        result.size_bytes = sum(file.size_bytes for file in result.files)
         verification = outcome.verification
-        result.verification.CopyFrom(
-            export_pb2.ExportVerification(
-                positions=verification.positions,
-                decisive_positions=verification.decisive_positions,
-                top1_agreement=verification.top1_agreement,
-                top1_agreement_all=verification.top1_agreement_all,
-                mean_kl=verification.mean_kl,
-                passed=verification.passed,
-                min_top1_agreement=verification.gate.min_top1,
-                max_mean_kl=verification.gate.max_mean_kl or 0.0,
-                warning=verification.warning,
-                perplexity_reference=verification.perplexity_reference,
-                perplexity_gguf=verification.perplexity_gguf,
-                merge_error=outcome.merge_error,
+        report = export_pb2.ExportVerification(merge_error=outcome.merge_error, passed=True)
+        if verification is not None:
+            report.MergeFrom(
+                export_pb2.ExportVerification(
+                    positions=verification.positions,
+                    decisive_positions=verification.decisive_positions,
+                    top1_agreement=verification.top1_agreement,
+                    top1_agreement_all=verification.top1_agreement_all,
+                    mean_kl=verification.mean_kl,
+                    passed=verification.passed,
+                    min_top1_agreement=verification.gate.min_top1,
+                    max_mean_kl=verification.gate.max_mean_kl or 0.0,
+                    warning=verification.warning,
+                    perplexity_reference=verification.perplexity_reference,
+                    perplexity_gguf=verification.perplexity_gguf,
+                )
             )
-        )
+        result.verification.CopyFrom(report)
         result.smoke_answer = outcome.smoke_answer
         return f"exported {result.artifact_key}"
+
+
+def download_names(
+    outcome: ExportOutcome, export_format: str, model_slug: str, run_id: str
+) -> dict[str, Path]:
+    """Each file's download name, main file first. Names say what they are (model, run,
+    quantisation), so the downloads of different exports never land on one name; the base GGUF
+    of an adapter export is the same for every run, so it is named without one."""
+    quantization = outcome.quantization
+    if export_format in ("hf", "adapter"):
+        return {
+            f"{model_slug}-{run_id}-{export_format}/{name}": path
+            for name, path in outcome.files.items()
+        }
+    if export_format == "adapter-gguf":
+        adapter, base = outcome.files.values()
+        return {
+            f"{model_slug}-{run_id}-adapter.gguf": adapter,
+            f"{model_slug}-base-{quantization}.gguf": base,
+        }
+    return {f"{model_slug}-{run_id}-{quantization}.gguf": outcome.main_file}

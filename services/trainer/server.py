@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 
@@ -12,7 +14,8 @@ from backpropagate_services.common.datasets import load_record as load_dataset_r
 from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.ids import new_id
-from backpropagate_services.common.layout import TRAIN_QUEUE, cancel_channel
+from backpropagate_services.common.jobs import request_cancel
+from backpropagate_services.common.layout import TRAIN_QUEUE
 from backpropagate_services.common.layout import run_events_channel as events_channel
 from backpropagate_services.common.layout import run_record_key as record_key
 from backpropagate_services.common.models import resolve_model
@@ -20,6 +23,7 @@ from backpropagate_services.common.records import follow, load_record, publish, 
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
 from backpropagate_services.trainer.config import training_config_from_proto
+from backpropagate_services.trainer.imports import import_adapter, receive_adapter_files
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
 from backpropagate_services.trainer.worker import TrainWorker
 
@@ -97,21 +101,28 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.ListRunsResponse(runs=records)
 
     @translate_errors
+    def ImportAdapter(
+        self,
+        request_iterator: Iterator[trainer_pb2.ImportAdapterRequest],
+        context: grpc.ServicerContext,
+    ) -> trainer_pb2.RunRecord:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise UserError("An adapter import must start with a header message.")
+        with tempfile.TemporaryDirectory(prefix="bp-adapter-") as tmp:
+            adapter_dir = receive_adapter_files(
+                (message.chunk for message in request_iterator), Path(tmp)
+            )
+            record = import_adapter(self.store, adapter_dir, first.header.base_model)
+        save_record(self.store, record_key(record.run_id), record)
+        return record
+
+    @translate_errors
     def CancelRun(
         self, request: trainer_pb2.CancelRunRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.RunRecord:
         record = self._record(request.run_id)
-        if record.status not in (common_pb2.JOB_STATUS_QUEUED, common_pb2.JOB_STATUS_RUNNING):
-            raise UserError(
-                f"Run {record.run_id} has already ended "
-                f"({common_pb2.JobStatus.Name(record.status)}).",
-                hint="Only queued or running runs can be cancelled.",
-                run_id=record.run_id,
-            )
-        # The worker holding the run checks this channel before every step; publishing it for a
-        # queued run too stops a worker that claims the run while this call marks it cancelled.
-        self.queue.publish(cancel_channel(record.run_id), {"requested_at": time.time()})
-        if record.status == common_pb2.JOB_STATUS_QUEUED:
+        if request_cancel(self.queue, record.run_id, record.status, "Run"):
             record.status = common_pb2.JOB_STATUS_CANCELLED
             save_record(self.store, record_key(record.run_id), record)
             publish(

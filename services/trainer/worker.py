@@ -15,11 +15,10 @@ import torch
 
 from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.datasets import load_conversations
-from backpropagate_services.common.jobs import JobWorker, run_recorded
+from backpropagate_services.common.jobs import JobWorker, cancel_requested, run_recorded
 from backpropagate_services.common.layout import (
     TRAIN_QUEUE,
     adapter_prefix,
-    cancel_channel,
     loss_curve_key,
 )
 from backpropagate_services.common.layout import run_events_channel as events_channel
@@ -98,11 +97,13 @@ class TrainWorker(JobWorker):
                 eta_seconds=report.eta_seconds,
             )
 
-        def cancel_requested() -> bool:
-            return bool(self.queue.read(cancel_channel(run_id), "", 0))
-
         peft_model, outcome = train_lora(
-            model, tokenizer, conversations, config, on_step=on_step, should_stop=cancel_requested
+            model,
+            tokenizer,
+            conversations,
+            config,
+            on_step=on_step,
+            should_stop=cancel_requested(self.queue, run_id),
         )
         self.emit(record, step=config.steps, message="saving adapter")
         with tempfile.TemporaryDirectory(prefix="bp-adapter-") as tmp:

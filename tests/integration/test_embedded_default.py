@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,11 @@ from main_job import check_main_job, check_malformed_dataset_is_rejected
 from ollama_test_server import running_ollama_test_server
 
 from backpropagate import Trainer, register_with_ollama
-from backpropagate.v1 import common_pb2, trainer_pb2
+from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate.workflows import follow_run, upload_dataset
 from backpropagate_services.common.errors import (
+    ConfigError,
+    HubAuthRequiredError,
     JobCancelledError,
     OllamaRegistrationError,
     UserError,
@@ -142,3 +145,134 @@ def test_cli_export_hands_the_gguf_to_ollama_and_prints_the_record_as_json(
         register_with_ollama(gguf, "smol-test", host=ollama.url)
     assert caught.value.code == "DEP_OLLAMA_REGISTRATION_FAILED"
     assert "ollama serve" in caught.value.hint
+
+
+def test_hf_and_adapter_gguf_exports_download_every_file_under_names_of_their_own(
+    embedded_trainer: Trainer, quickstart: Path, tmp_path: Path
+) -> None:
+    run = embedded_trainer.train(quickstart, steps=1, batch_size=1, max_length=64)
+
+    merged = embedded_trainer.export("hf", run_id=run.run_id, output_dir=tmp_path)
+    adapter = embedded_trainer.export(
+        "adapter-gguf", run_id=run.run_id, quantization="f16", output_dir=tmp_path
+    )
+
+    assert merged.path == tmp_path / f"SmolLM2-135M-Instruct-{run.run_id}-hf"
+    assert {"config.json", "model.safetensors"} <= {path.name for path in merged.path.iterdir()}
+    assert merged.size_bytes == sum(path.stat().st_size for path in merged.files)
+    assert [path.name for path in adapter.files] == [
+        f"SmolLM2-135M-Instruct-{run.run_id}-adapter.gguf",
+        "SmolLM2-135M-Instruct-base-f16.gguf",
+    ]
+    assert all(path.read_bytes()[:4] == b"GGUF" for path in adapter.files)
+    assert adapter.top1_agreement >= 0.99
+    assert sorted(tmp_path.iterdir()) == sorted([merged.path, *adapter.files])
+
+
+def test_cancel_stops_a_running_export_mid_stage_and_a_queued_one_never_starts(
+    embedded_trainer: Trainer, quickstart: Path
+) -> None:
+    run = embedded_trainer.train(quickstart, steps=1, batch_size=1, max_length=64)
+    connection, stub = embedded_trainer.connection, embedded_trainer.connection.export
+
+    def submit() -> str:
+        request = export_pb2.SubmitExportRequest(run_id=run.run_id, quantization="q8_0")
+        return connection.call("export", stub.SubmitExport, request).export_id
+
+    running, queued = submit(), submit()  # one export worker: the second one waits
+    stages = []
+    for event in connection.stream(
+        "export", stub.WatchExport, export_pb2.WatchExportRequest(export_id=running)
+    ):
+        stages.append(event.stage)
+        if event.stage == "convert":  # a child process is converting now
+            for export_id in (queued, running):
+                connection.call(
+                    "export", stub.CancelExport, export_pb2.CancelExportRequest(export_id=export_id)
+                )
+    records = {
+        export_id: connection.call(
+            "export", stub.GetExport, export_pb2.GetExportRequest(export_id=export_id)
+        )
+        for export_id in (running, queued)
+    }
+
+    assert "verify" not in stages and "smoke" not in stages
+    assert records[running].status == common_pb2.JOB_STATUS_CANCELLED
+    assert records[queued].status == common_pb2.JOB_STATUS_CANCELLED
+    assert not records[running].files and not records[queued].files
+    with pytest.raises(UserError, match="already ended"):
+        connection.call(
+            "export", stub.CancelExport, export_pb2.CancelExportRequest(export_id=running)
+        )
+
+
+def test_chat_with_a_run_exports_it_once_and_answers_from_that_file(
+    embedded_trainer: Trainer, quickstart: Path
+) -> None:
+    run = embedded_trainer.train(quickstart, steps=1, batch_size=1, max_length=64)
+    settings = embedded_trainer.settings
+    assert settings is not None
+    env = {
+        **os.environ,
+        "BACKPROPAGATE_HOME": str(settings.home),
+        "BACKPROPAGATE_MODEL_CACHE": str(settings.model_cache_dir),
+    }
+    backprop = str(Path(sys.executable).parent / "backprop")
+
+    def chat(question: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [backprop, "chat", run.run_id, question, "--max-tokens", "48"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    first, second = chat("Name a colour."), chat("Say hello.")
+
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.strip() and second.stdout.strip()
+    assert "exporting run" in first.stderr and "exporting run" not in second.stderr
+    assert len(list((settings.home / "exports").glob(f"*-{run.run_id}-f16.gguf"))) == 1
+
+
+def test_a_local_adapter_directory_is_imported_as_a_run_and_exports_like_one(
+    embedded_trainer: Trainer, quickstart: Path, tmp_path: Path
+) -> None:
+    run = embedded_trainer.train(quickstart, steps=1, batch_size=1, max_length=64)
+    settings = embedded_trainer.settings
+    assert settings is not None
+    stored = settings.local_store_root / "runs" / run.run_id / "adapter"
+    adapter = tmp_path / "my-lora"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(stored / name, adapter / name)
+
+    exported = embedded_trainer.export(run_id=str(adapter), output_dir=tmp_path / "out")
+
+    assert exported.run_id != run.run_id
+    connection = embedded_trainer.connection
+    imported = connection.call(
+        "trainer", connection.trainer.GetRun, trainer_pb2.GetRunRequest(run_id=exported.run_id)
+    )
+    assert imported.status == common_pb2.JOB_STATUS_SUCCEEDED
+    assert imported.dataset_id == ""
+    assert exported.top1_agreement >= 0.99 and exported.path.is_file()
+    with pytest.raises(UserError, match="no peft adapter"):
+        embedded_trainer.export(run_id=str(tmp_path / "out"))
+
+
+def test_push_without_a_hub_token_fails_with_its_code_through_the_export_service(
+    embedded_trainer: Trainer, quickstart: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = embedded_trainer.train(quickstart, steps=1, batch_size=1, max_length=64)
+    monkeypatch.setenv("HF_TOKEN", "")
+
+    with pytest.raises(HubAuthRequiredError) as caught:
+        embedded_trainer.push("me/smollm2-quickstart", run_id=run.run_id)
+
+    assert caught.value.code == "HUB_AUTH_REQUIRED"
+    assert "huggingface-cli login" in caught.value.hint
+    with pytest.raises(ConfigError, match="INPUT_CONFIG_INVALID"):
+        embedded_trainer.push("not a repo", run_id=run.run_id)

@@ -51,7 +51,9 @@ SERVICES = sorted(
     if re.search(r"^service \w+", path.read_text(), re.MULTILINE)
 )
 DOCKERFILES = {service: REPO / "deploy" / service / "Dockerfile" for service in SERVICES}
-GPU_SERVICES = ["trainer", "safety"]
+STACK = {*SERVICES, "redis", "minio"}  # what `docker compose up` starts, no profile given
+GPU_SERVICES = ["trainer", "safety", "ollama"]
+OLLAMA_PORT = 11434
 
 
 # --- Compose -----------------------------------------------------------------------------------
@@ -93,18 +95,39 @@ def empty_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def profile_flags() -> list[str]:
+    """`--profile` for every profile the compose file names, so that every service resolves."""
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"].values()
+    profiles = sorted({profile for service in services for profile in service.get("profiles", [])})
+    return [flag for profile in profiles for flag in ("--profile", profile)]
+
+
 @pytest.fixture(scope="module")
 def resolved(empty_env_file: Path) -> dict[str, Any]:
-    """The compose model as Compose resolves it: anchors merged, variables at their defaults."""
-    result = run_compose(COMPOSE_FILE, "config", "--format", "json", env_file=empty_env_file)
+    """The compose model as Compose resolves it with every profile on: anchors merged,
+    variables at their defaults."""
+    result = run_compose(
+        COMPOSE_FILE, *profile_flags(), "config", "--format", "json", env_file=empty_env_file
+    )
     assert result.returncode == 0, result.stderr
     model: dict[str, Any] = json.loads(result.stdout)
     return model
 
 
-def test_compose_file_is_yaml_with_the_four_services_redis_and_minio() -> None:
+def test_compose_file_is_yaml_with_the_four_services_redis_minio_and_ollama() -> None:
     document = yaml.safe_load(COMPOSE_FILE.read_text())
-    assert set(document["services"]) == {*SERVICES, "redis", "minio"}
+    assert set(document["services"]) == {*STACK, "ollama"}
+
+
+def compose_services(*profile_args: str, env_file: Path) -> set[str]:
+    result = run_compose(COMPOSE_FILE, *profile_args, "config", "--services", env_file=env_file)
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+def test_ollama_starts_only_with_the_ollama_profile(empty_env_file: Path) -> None:
+    assert compose_services(env_file=empty_env_file) == STACK
+    assert compose_services("--profile", "ollama", env_file=empty_env_file) == {*STACK, "ollama"}
 
 
 def test_compose_config_accepts_the_compose_file(empty_env_file: Path) -> None:
@@ -269,6 +292,27 @@ def test_dependencies_wait_for_health(resolved: dict[str, Any]) -> None:
     for name, service in resolved["services"].items():
         for target, condition in (service.get("depends_on") or {}).items():
             assert condition["condition"] == "service_healthy", f"{name} -> {target}"
+
+
+def test_ollama_publishes_its_api_on_loopback_and_keeps_its_models_in_a_named_volume(
+    resolved: dict[str, Any],
+) -> None:
+    ollama = resolved["services"]["ollama"]
+    assert ollama["image"].startswith("ollama/ollama:")
+    (port,) = ollama["ports"]
+    assert (port["host_ip"], port["target"]) == ("127.0.0.1", OLLAMA_PORT)
+    (volume,) = ollama["volumes"]
+    assert (volume["type"], volume["target"]) == ("volume", "/root/.ollama")
+    assert volume["source"] in resolved["volumes"]
+
+
+def test_ollama_health_check_asks_the_daemon_with_the_cli_of_its_image(
+    resolved: dict[str, Any],
+) -> None:
+    """The image has no curl or wget; `ollama list` fails while the daemon is down, where
+    `ollama --version` only warns and exits 0."""
+    check = resolved["services"]["ollama"]["healthcheck"]
+    assert check["test"] == ["CMD", "ollama", "list"]
 
 
 # --- Dockerfiles -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from backpropagate_services.common.models import (
 from backpropagate_services.common.settings import ExportSettings
 from backpropagate_services.export.convert import convert_to_gguf, read_gguf_summary
 from backpropagate_services.export.merge import MergedModel, merge_adapter
-from backpropagate_services.export.pipeline import STAGES, ExportOutcome, export_gguf
+from backpropagate_services.export.pipeline import STAGES, ExportOutcome, export_model
 from backpropagate_services.export.quantize import (
     QUANTIZATIONS,
     check_quantization,
@@ -83,10 +83,11 @@ def export(
 ) -> tuple[ExportOutcome, list[tuple[str, int, int, str]]]:
     """One full export at the default quantisation, with the stages it reported."""
     stages: list[tuple[str, int, int, str]] = []
-    outcome = export_gguf(
+    outcome = export_model(
         base,
         gentle_adapter,
         tmp_path_factory.mktemp("export"),
+        export_format="gguf",
         quantization=None,
         prompt=PROMPT,
         cache_dir=model_cache,
@@ -118,9 +119,8 @@ def test_default_export_of_smollm2_is_a_verified_f16_gguf_that_answers(export):
     outcome, stages = export
 
     assert outcome.quantization == "f16"
-    assert outcome.gguf_path.is_file()
-    assert outcome.size_bytes == outcome.gguf_path.stat().st_size > 200_000_000
-    assert len(outcome.sha256) == 64
+    assert list(outcome.files) == [outcome.main_file.name]
+    assert outcome.main_file.stat().st_size > 200_000_000
     assert outcome.verification.passed
     assert outcome.verification.positions >= 200
     assert outcome.verification.top1_agreement >= 0.99
@@ -131,7 +131,7 @@ def test_default_export_of_smollm2_is_a_verified_f16_gguf_that_answers(export):
     assert outcome.merge_error < 1e-4
     assert outcome.smoke_answer.strip()
     assert [(name, index, count) for name, index, count, _ in stages] == [
-        (name, index, len(STAGES)) for index, name in enumerate(STAGES, start=1)
+        (name, index, 5) for index, name in enumerate(STAGES["gguf"], start=1)
     ]
 
 
@@ -139,9 +139,9 @@ def test_default_export_of_smollm2_is_a_verified_f16_gguf_that_answers(export):
 @pytest.mark.llama
 def test_export_leaves_only_the_gguf_and_keeps_the_model_chat_template(export, smollm2_tokenizer):
     outcome, _ = export
-    summary = read_gguf_summary(outcome.gguf_path)
+    summary = read_gguf_summary(outcome.main_file)
 
-    assert list(outcome.gguf_path.parent.iterdir()) == [outcome.gguf_path]
+    assert list(outcome.main_file.parent.iterdir()) == [outcome.main_file]
     assert summary.chat_template == smollm2_tokenizer.chat_template
     assert 134_000_000 < summary.parameters < 135_000_000
 
@@ -151,7 +151,7 @@ def test_export_leaves_only_the_gguf_and_keeps_the_model_chat_template(export, s
 def test_exported_gguf_answers_again_through_its_own_chat_template(export):
     outcome, _ = export
 
-    reply = smoke_answer(outcome.gguf_path, "Name a colour.", threads=1)
+    reply = smoke_answer(outcome.main_file, "Name a colour.", threads=1)
 
     assert reply.text.strip()
     assert reply.finish_reason == "stop"  # ended on <|im_end|>, not cut by the budget
@@ -163,7 +163,7 @@ def test_an_answer_that_does_not_end_within_the_budget_fails_the_smoke_test(expo
     outcome, _ = export
 
     with pytest.raises(ExportSmokeTestError) as caught:
-        smoke_answer(outcome.gguf_path, "Describe the history of Europe.", threads=1, max_tokens=3)
+        smoke_answer(outcome.main_file, "Describe the history of Europe.", threads=1, max_tokens=3)
 
     assert "did not end" in caught.value.message
     assert "'length'" in caught.value.message
@@ -175,10 +175,11 @@ def test_a_quantisation_that_fails_verification_names_a_safer_one_and_leaves_not
     base, gentle_adapter, model_cache, tmp_path
 ):
     with pytest.raises(ExportVerificationError) as caught:
-        export_gguf(
+        export_model(
             base,
             gentle_adapter,
             tmp_path,
+            export_format="gguf",
             quantization="q4_0",
             prompt=PROMPT,
             cache_dir=model_cache,
@@ -366,3 +367,60 @@ def test_every_quantisation_is_produced_verified_against_its_gate_and_answers(
         assert quantization in verification.warning
     reply = smoke_answer(target, DEFAULT_SMOKE_PROMPT, threads=1)
     assert reply.text and reply.finish_reason == "stop"
+
+
+# -- the other formats: the merged model as safetensors, the adapter as a GGUF adapter ---------
+
+
+@pytest.mark.model
+def test_hf_export_is_the_merged_model_as_a_directory_transformers_loads(
+    base, gentle_adapter, model_cache, tmp_path, gently_merged
+):
+    from transformers import AutoModelForCausalLM
+
+    stages: list[str] = []
+    outcome = export_model(
+        base,
+        gentle_adapter,
+        tmp_path,
+        export_format="hf",
+        quantization=None,
+        prompt=PROMPT,
+        cache_dir=model_cache,
+        settings=ExportSettings(threads=1),
+        on_stage=lambda name, *_: stages.append(name),
+    )
+
+    assert stages == list(STAGES["hf"])
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(outcome.files)
+    assert outcome.verification is None and outcome.merge_error < 1e-4
+    model = AutoModelForCausalLM.from_pretrained(outcome.root, dtype=torch.float32)
+    weights = load_file(gently_merged.directory / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.state_dict()[name], weights[name])
+
+
+@pytest.mark.model
+@pytest.mark.llama
+def test_adapter_gguf_export_is_checked_as_base_plus_adapter_in_llama_cpp(
+    base, gentle_adapter, model_cache, tmp_path
+):
+    outcome = export_model(
+        base,
+        gentle_adapter,
+        tmp_path,
+        export_format="adapter-gguf",
+        quantization="f16",
+        prompt=PROMPT,
+        cache_dir=model_cache,
+        settings=ExportSettings(threads=1),
+        on_stage=lambda *_: None,
+    )
+    adapter, base_file = outcome.files.values()
+
+    assert adapter.name.endswith("-adapter-f16.gguf") and base_file.name.endswith("-f16.gguf")
+    assert sorted(tmp_path.iterdir()) == sorted([adapter, base_file])
+    assert adapter.stat().st_size < base_file.stat().st_size / 10
+    assert outcome.verification is not None and outcome.verification.passed
+    assert outcome.verification.top1_agreement >= 0.99
+    assert outcome.smoke_answer

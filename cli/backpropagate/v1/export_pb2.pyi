@@ -4,8 +4,10 @@ isort:skip_file
 """
 
 from backpropagate.v1 import common_pb2 as _common_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -25,13 +27,20 @@ class SubmitExportRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     QUANTIZATION_FIELD_NUMBER: _builtins.int
     SMOKE_PROMPT_FIELD_NUMBER: _builtins.int
+    HUB_REPO_FIELD_NUMBER: _builtins.int
+    HUB_PRIVATE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     format: _builtins.str
-    """"gguf" """
+    """gguf | hf | adapter-gguf | adapter"""
     quantization: _builtins.str
     """"" for the model's safe default; f16 | q8_0 | q4_k_m"""
     smoke_prompt: _builtins.str
     """"" for the default chat prompt"""
+    hub_repo: _builtins.str
+    """Push to the Hugging Face Hub instead of keeping files to download (format adapter or hf),
+    with the export service's HF_TOKEN; "" downloads as usual.
+    """
+    hub_private: _builtins.bool
     def __init__(
         self,
         *,
@@ -39,10 +48,12 @@ class SubmitExportRequest(_message.Message):
         format: _builtins.str = ...,
         quantization: _builtins.str = ...,
         smoke_prompt: _builtins.str = ...,
+        hub_repo: _builtins.str = ...,
+        hub_private: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "quantization", b"quantization", "run_id", b"run_id", "smoke_prompt", b"smoke_prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "hub_private", b"hub_private", "hub_repo", b"hub_repo", "quantization", b"quantization", "run_id", b"run_id", "smoke_prompt", b"smoke_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -104,6 +115,25 @@ class GetExportRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetExportRequest: _TypeAlias = GetExportRequest  # noqa: Y015
+
+@_typing.final
+class CancelExportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPORT_ID_FIELD_NUMBER: _builtins.int
+    export_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        export_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["export_id", b"export_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelExportRequest: _TypeAlias = CancelExportRequest  # noqa: Y015
 
 @_typing.final
 class ExportEvent(_message.Message):
@@ -213,6 +243,38 @@ class ExportVerification(_message.Message):
 Global___ExportVerification: _TypeAlias = ExportVerification  # noqa: Y015
 
 @_typing.final
+class ExportFile(_message.Message):
+    """One file of an export, as the client downloads it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """path under the download directory, e.g. "x-hf/config.json" """
+    key: _builtins.str
+    """store key"""
+    size_bytes: _builtins.int
+    sha256: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        key: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "name", b"name", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportFile: _TypeAlias = ExportFile  # noqa: Y015
+
+@_typing.final
 class ExportResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -229,22 +291,36 @@ class ExportResult(_message.Message):
     SMOKE_ANSWER_FIELD_NUMBER: _builtins.int
     DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    HUB_REPO_FIELD_NUMBER: _builtins.int
+    HUB_PRIVATE_FIELD_NUMBER: _builtins.int
+    HUB_URL_FIELD_NUMBER: _builtins.int
+    HUB_COMMIT_FIELD_NUMBER: _builtins.int
     export_id: _builtins.str
     run_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     format: _builtins.str
     quantization: _builtins.str
     artifact_key: _builtins.str
-    """store key of the GGUF file"""
+    """store key of the main file (for hf: of the directory)"""
     size_bytes: _builtins.int
     sha256: _builtins.str
     smoke_prompt: _builtins.str
     smoke_answer: _builtins.str
     duration_seconds: _builtins.float
+    hub_repo: _builtins.str
+    hub_private: _builtins.bool
+    hub_url: _builtins.str
+    """the pushed repo's page"""
+    hub_commit: _builtins.str
     @_builtins.property
     def verification(self) -> Global___ExportVerification: ...
     @_builtins.property
     def error(self) -> _common_pb2.ErrorDetail: ...
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExportFile]:
+        """every file to download, the main one first"""
+
     def __init__(
         self,
         *,
@@ -261,10 +337,15 @@ class ExportResult(_message.Message):
         smoke_answer: _builtins.str = ...,
         duration_seconds: _builtins.float = ...,
         error: _common_pb2.ErrorDetail | None = ...,
+        files: _abc.Iterable[Global___ExportFile] | None = ...,
+        hub_repo: _builtins.str = ...,
+        hub_private: _builtins.bool = ...,
+        hub_url: _builtins.str = ...,
+        hub_commit: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "verification", b"verification"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_key", b"artifact_key", "duration_seconds", b"duration_seconds", "error", b"error", "export_id", b"export_id", "format", b"format", "quantization", b"quantization", "run_id", b"run_id", "sha256", b"sha256", "size_bytes", b"size_bytes", "smoke_answer", b"smoke_answer", "smoke_prompt", b"smoke_prompt", "status", b"status", "verification", b"verification"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_key", b"artifact_key", "duration_seconds", b"duration_seconds", "error", b"error", "export_id", b"export_id", "files", b"files", "format", b"format", "hub_commit", b"hub_commit", "hub_private", b"hub_private", "hub_repo", b"hub_repo", "hub_url", b"hub_url", "quantization", b"quantization", "run_id", b"run_id", "sha256", b"sha256", "size_bytes", b"size_bytes", "smoke_answer", b"smoke_answer", "smoke_prompt", b"smoke_prompt", "status", b"status", "verification", b"verification"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

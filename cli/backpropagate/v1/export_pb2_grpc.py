@@ -50,6 +50,11 @@ class ExportServiceStub:
                 request_serializer=backpropagate_dot_v1_dot_export__pb2.GetExportRequest.SerializeToString,
                 response_deserializer=backpropagate_dot_v1_dot_export__pb2.ExportResult.FromString,
                 _registered_method=True)
+        self.CancelExport = channel.unary_unary(
+                '/backpropagate.v1.ExportService/CancelExport',
+                request_serializer=backpropagate_dot_v1_dot_export__pb2.CancelExportRequest.SerializeToString,
+                response_deserializer=backpropagate_dot_v1_dot_export__pb2.ExportResult.FromString,
+                _registered_method=True)
         self.DownloadArtifact = channel.unary_stream(
                 '/backpropagate.v1.ExportService/DownloadArtifact',
                 request_serializer=backpropagate_dot_v1_dot_export__pb2.DownloadArtifactRequest.SerializeToString,
@@ -79,6 +84,13 @@ class ExportServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelExport(self, request, context):
+        """Stops a queued or running export; the record ends CANCELLED and keeps no files.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DownloadArtifact(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -101,6 +113,11 @@ def add_ExportServiceServicer_to_server(servicer, server):
             'GetExport': grpc.unary_unary_rpc_method_handler(
                     servicer.GetExport,
                     request_deserializer=backpropagate_dot_v1_dot_export__pb2.GetExportRequest.FromString,
+                    response_serializer=backpropagate_dot_v1_dot_export__pb2.ExportResult.SerializeToString,
+            ),
+            'CancelExport': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelExport,
+                    request_deserializer=backpropagate_dot_v1_dot_export__pb2.CancelExportRequest.FromString,
                     response_serializer=backpropagate_dot_v1_dot_export__pb2.ExportResult.SerializeToString,
             ),
             'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
@@ -190,6 +207,33 @@ class ExportService:
             target,
             '/backpropagate.v1.ExportService/GetExport',
             backpropagate_dot_v1_dot_export__pb2.GetExportRequest.SerializeToString,
+            backpropagate_dot_v1_dot_export__pb2.ExportResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backpropagate.v1.ExportService/CancelExport',
+            backpropagate_dot_v1_dot_export__pb2.CancelExportRequest.SerializeToString,
             backpropagate_dot_v1_dot_export__pb2.ExportResult.FromString,
             options,
             channel_credentials,

@@ -25,33 +25,39 @@ _sym_db = _symbol_database.Default()
 from backpropagate.v1 import common_pb2 as backpropagate_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61\x63kpropagate/v1/trainer.proto\x12\x10\x62\x61\x63kpropagate.v1\x1a\x1d\x62\x61\x63kpropagate/v1/common.proto\"\xa1\x01\n\x0bTrainConfig\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x0e\n\x06lora_r\x18\x05 \x01(\x05\x12\x12\n\nlora_alpha\x18\x06 \x01(\x05\x12\x12\n\nmax_length\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x05\"W\n\x12SubmitTrainRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12-\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1d.backpropagate.v1.TrainConfig\"%\n\x13SubmitTrainResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"!\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xc6\x02\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.backpropagate.v1.JobStatus\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x08 \x01(\x01\x12\x33\n\x0csafety_level\x18\t \x01(\x0e\x32\x1d.backpropagate.v1.SafetyLevel\x12\x0f\n\x07message\x18\n \x01(\t\x12,\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x1d.backpropagate.v1.ErrorDetail\x12\x11\n\ttimestamp\x18\x0c \x01(\x01\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\" \n\x0fListRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\xda\x02\n\tRunRecord\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.backpropagate.v1.JobStatus\x12\x12\n\ndataset_id\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x12\n\nfinal_loss\x18\x06 \x01(\x01\x12\x14\n\x0closs_history\x18\x07 \x03(\x01\x12\x0e\n\x06output\x18\x08 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\t \x01(\x01\x12\x14\n\x0csamples_seen\x18\n \x01(\x03\x12\x12\n\ncreated_at\x18\x0b \x01(\x01\x12,\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1d.backpropagate.v1.ErrorDetail\x12-\n\x06\x63onfig\x18\r \x01(\x0b\x32\x1d.backpropagate.v1.TrainConfig\"=\n\x10ListRunsResponse\x12)\n\x04runs\x18\x01 \x03(\x0b\x32\x1b.backpropagate.v1.RunRecord\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t2\xa2\x03\n\x0eTrainerService\x12Z\n\x0bSubmitTrain\x12$.backpropagate.v1.SubmitTrainRequest\x1a%.backpropagate.v1.SubmitTrainResponse\x12K\n\x08WatchRun\x12!.backpropagate.v1.WatchRunRequest\x1a\x1a.backpropagate.v1.RunEvent0\x01\x12\x46\n\x06GetRun\x12\x1f.backpropagate.v1.GetRunRequest\x1a\x1b.backpropagate.v1.RunRecord\x12Q\n\x08ListRuns\x12!.backpropagate.v1.ListRunsRequest\x1a\".backpropagate.v1.ListRunsResponse\x12L\n\tCancelRun\x12\".backpropagate.v1.CancelRunRequest\x1a\x1b.backpropagate.v1.RunRecordb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61\x63kpropagate/v1/trainer.proto\x12\x10\x62\x61\x63kpropagate.v1\x1a\x1d\x62\x61\x63kpropagate/v1/common.proto\"9\n\x13ImportAdapterHeader\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\".\n\x10\x41\x64\x61pterFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8f\x01\n\x14ImportAdapterRequest\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.backpropagate.v1.ImportAdapterHeaderH\x00\x12\x33\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\".backpropagate.v1.AdapterFileChunkH\x00\x42\t\n\x07payload\"\xa1\x01\n\x0bTrainConfig\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x0e\n\x06lora_r\x18\x05 \x01(\x05\x12\x12\n\nlora_alpha\x18\x06 \x01(\x05\x12\x12\n\nmax_length\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x05\"W\n\x12SubmitTrainRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12-\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1d.backpropagate.v1.TrainConfig\"%\n\x13SubmitTrainResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"!\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xc6\x02\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.backpropagate.v1.JobStatus\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x08 \x01(\x01\x12\x33\n\x0csafety_level\x18\t \x01(\x0e\x32\x1d.backpropagate.v1.SafetyLevel\x12\x0f\n\x07message\x18\n \x01(\t\x12,\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x1d.backpropagate.v1.ErrorDetail\x12\x11\n\ttimestamp\x18\x0c \x01(\x01\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\" \n\x0fListRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\xda\x02\n\tRunRecord\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.backpropagate.v1.JobStatus\x12\x12\n\ndataset_id\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x12\n\nfinal_loss\x18\x06 \x01(\x01\x12\x14\n\x0closs_history\x18\x07 \x03(\x01\x12\x0e\n\x06output\x18\x08 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\t \x01(\x01\x12\x14\n\x0csamples_seen\x18\n \x01(\x03\x12\x12\n\ncreated_at\x18\x0b \x01(\x01\x12,\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1d.backpropagate.v1.ErrorDetail\x12-\n\x06\x63onfig\x18\r \x01(\x0b\x32\x1d.backpropagate.v1.TrainConfig\"=\n\x10ListRunsResponse\x12)\n\x04runs\x18\x01 \x03(\x0b\x32\x1b.backpropagate.v1.RunRecord\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t2\xfa\x03\n\x0eTrainerService\x12Z\n\x0bSubmitTrain\x12$.backpropagate.v1.SubmitTrainRequest\x1a%.backpropagate.v1.SubmitTrainResponse\x12K\n\x08WatchRun\x12!.backpropagate.v1.WatchRunRequest\x1a\x1a.backpropagate.v1.RunEvent0\x01\x12\x46\n\x06GetRun\x12\x1f.backpropagate.v1.GetRunRequest\x1a\x1b.backpropagate.v1.RunRecord\x12Q\n\x08ListRuns\x12!.backpropagate.v1.ListRunsRequest\x1a\".backpropagate.v1.ListRunsResponse\x12L\n\tCancelRun\x12\".backpropagate.v1.CancelRunRequest\x1a\x1b.backpropagate.v1.RunRecord\x12V\n\rImportAdapter\x12&.backpropagate.v1.ImportAdapterRequest\x1a\x1b.backpropagate.v1.RunRecord(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'backpropagate.v1.trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRAINCONFIG']._serialized_start=84
-  _globals['_TRAINCONFIG']._serialized_end=245
-  _globals['_SUBMITTRAINREQUEST']._serialized_start=247
-  _globals['_SUBMITTRAINREQUEST']._serialized_end=334
-  _globals['_SUBMITTRAINRESPONSE']._serialized_start=336
-  _globals['_SUBMITTRAINRESPONSE']._serialized_end=373
-  _globals['_WATCHRUNREQUEST']._serialized_start=375
-  _globals['_WATCHRUNREQUEST']._serialized_end=408
-  _globals['_RUNEVENT']._serialized_start=411
-  _globals['_RUNEVENT']._serialized_end=737
-  _globals['_GETRUNREQUEST']._serialized_start=739
-  _globals['_GETRUNREQUEST']._serialized_end=770
-  _globals['_LISTRUNSREQUEST']._serialized_start=772
-  _globals['_LISTRUNSREQUEST']._serialized_end=804
-  _globals['_RUNRECORD']._serialized_start=807
-  _globals['_RUNRECORD']._serialized_end=1153
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1155
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1216
-  _globals['_CANCELRUNREQUEST']._serialized_start=1218
-  _globals['_CANCELRUNREQUEST']._serialized_end=1252
-  _globals['_TRAINERSERVICE']._serialized_start=1255
-  _globals['_TRAINERSERVICE']._serialized_end=1673
+  _globals['_IMPORTADAPTERHEADER']._serialized_start=83
+  _globals['_IMPORTADAPTERHEADER']._serialized_end=140
+  _globals['_ADAPTERFILECHUNK']._serialized_start=142
+  _globals['_ADAPTERFILECHUNK']._serialized_end=188
+  _globals['_IMPORTADAPTERREQUEST']._serialized_start=191
+  _globals['_IMPORTADAPTERREQUEST']._serialized_end=334
+  _globals['_TRAINCONFIG']._serialized_start=337
+  _globals['_TRAINCONFIG']._serialized_end=498
+  _globals['_SUBMITTRAINREQUEST']._serialized_start=500
+  _globals['_SUBMITTRAINREQUEST']._serialized_end=587
+  _globals['_SUBMITTRAINRESPONSE']._serialized_start=589
+  _globals['_SUBMITTRAINRESPONSE']._serialized_end=626
+  _globals['_WATCHRUNREQUEST']._serialized_start=628
+  _globals['_WATCHRUNREQUEST']._serialized_end=661
+  _globals['_RUNEVENT']._serialized_start=664
+  _globals['_RUNEVENT']._serialized_end=990
+  _globals['_GETRUNREQUEST']._serialized_start=992
+  _globals['_GETRUNREQUEST']._serialized_end=1023
+  _globals['_LISTRUNSREQUEST']._serialized_start=1025
+  _globals['_LISTRUNSREQUEST']._serialized_end=1057
+  _globals['_RUNRECORD']._serialized_start=1060
+  _globals['_RUNRECORD']._serialized_end=1406
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1408
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1469
+  _globals['_CANCELRUNREQUEST']._serialized_start=1471
+  _globals['_CANCELRUNREQUEST']._serialized_end=1505
+  _globals['_TRAINERSERVICE']._serialized_start=1508
+  _globals['_TRAINERSERVICE']._serialized_end=2014
 # @@protoc_insertion_point(module_scope)

@@ -60,6 +60,11 @@ class TrainerServiceStub:
                 request_serializer=backpropagate_dot_v1_dot_trainer__pb2.CancelRunRequest.SerializeToString,
                 response_deserializer=backpropagate_dot_v1_dot_trainer__pb2.RunRecord.FromString,
                 _registered_method=True)
+        self.ImportAdapter = channel.stream_unary(
+                '/backpropagate.v1.TrainerService/ImportAdapter',
+                request_serializer=backpropagate_dot_v1_dot_trainer__pb2.ImportAdapterRequest.SerializeToString,
+                response_deserializer=backpropagate_dot_v1_dot_trainer__pb2.RunRecord.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -97,6 +102,14 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportAdapter(self, request_iterator, context):
+        """Registers an adapter trained elsewhere (a peft directory) as a finished run, so that it
+        exports, chats and pushes like any run. Client streaming: a header, then file chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +136,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
             'CancelRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelRun,
                     request_deserializer=backpropagate_dot_v1_dot_trainer__pb2.CancelRunRequest.FromString,
+                    response_serializer=backpropagate_dot_v1_dot_trainer__pb2.RunRecord.SerializeToString,
+            ),
+            'ImportAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportAdapter,
+                    request_deserializer=backpropagate_dot_v1_dot_trainer__pb2.ImportAdapterRequest.FromString,
                     response_serializer=backpropagate_dot_v1_dot_trainer__pb2.RunRecord.SerializeToString,
             ),
     }
@@ -261,6 +279,33 @@ class TrainerService:
             target,
             '/backpropagate.v1.TrainerService/CancelRun',
             backpropagate_dot_v1_dot_trainer__pb2.CancelRunRequest.SerializeToString,
+            backpropagate_dot_v1_dot_trainer__pb2.RunRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/backpropagate.v1.TrainerService/ImportAdapter',
+            backpropagate_dot_v1_dot_trainer__pb2.ImportAdapterRequest.SerializeToString,
             backpropagate_dot_v1_dot_trainer__pb2.RunRecord.FromString,
             options,
             channel_credentials,
