@@ -119,7 +119,7 @@ def _same_files(root: Path, files: list[export_pb2.ExportFile], top: str) -> boo
     )
 
 
-def _download_plan(result: export_pb2.ExportResult, output_dir: Path) -> dict[str, Path]:
+def download_plan(result: export_pb2.ExportResult, output_dir: Path) -> dict[str, Path]:
     """Where each file of the export goes. A top-level name (a file, or the directory of an hf
     export) that already holds something else gets the export's own suffix, so one export never
     overwrites another's files; one that holds these very files is reused."""
@@ -220,7 +220,7 @@ def export(
         run_id=run_id, format=export_format, quantization=quantization, smoke_prompt=prompt
     )
     result = _finished_export(connection, request, on_event)
-    plan = _download_plan(result, output_dir)
+    plan = download_plan(result, output_dir)
     for file in result.files:
         download_artifact(connection, file.key, plan[file.key], file.sha256)
     main = plan[result.files[0].key]

@@ -17,12 +17,16 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from google.protobuf.message import Message
+
 from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate_services.common.errors import JobCancelledError, UserError
 from backpropagate_services.common.grpc_errors import as_backpropagate_error, error_to_detail
 from backpropagate_services.common.layout import cancel_channel
 from backpropagate_services.common.queue import Job, JobQueue
+from backpropagate_services.common.records import publish, save_record
 from backpropagate_services.common.service import BackgroundWorker
+from backpropagate_services.common.store.base import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,24 @@ def request_cancel(queue: JobQueue, job_id: str, status: int, what: str) -> bool
         )
     queue.publish(cancel_channel(job_id), {"requested_at": time.time()})
     return status == common_pb2.JOB_STATUS_QUEUED
+
+
+def cancel_job(
+    queue: JobQueue,
+    store: ArtifactStore,
+    record: JobRecord,
+    key: str,
+    events: str,
+    cancelled_event: Callable[[], Message],
+) -> None:
+    """CancelRun / CancelExport: signal the worker, and mark a still-queued job cancelled here
+    (record saved at `key`, `cancelled_event()` published on `events`)."""
+    job_id = record.run_id if isinstance(record, trainer_pb2.RunRecord) else record.export_id
+    what = "Run" if isinstance(record, trainer_pb2.RunRecord) else "Export"
+    if request_cancel(queue, job_id, record.status, what):
+        record.status = common_pb2.JOB_STATUS_CANCELLED
+        save_record(store, key, record)
+        publish(queue, events, cancelled_event())
 
 
 def cancel_requested(queue: JobQueue, job_id: str) -> Callable[[], bool]:

@@ -110,6 +110,9 @@ def cpu_backend() -> CpuBackend:
         raise MissingDependencyError(
             f"llama-cpp-python is not installed: {exc}", hint=REBUILD_HINT
         ) from exc
+    # llama-cpp-python prints every llama.cpp log line until a model is opened quietly; the
+    # chosen backend is logged below, in our own log.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
     scores = _variant_scores(lib_dir)
     if not scores:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -10,7 +11,7 @@ from backpropagate.v1 import common_pb2, export_pb2, export_pb2_grpc, trainer_pb
 from backpropagate_services.common.errors import ConfigError, UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.ids import new_id
-from backpropagate_services.common.jobs import request_cancel
+from backpropagate_services.common.jobs import cancel_job
 from backpropagate_services.common.layout import EXPORT_QUEUE, run_record_key
 from backpropagate_services.common.layout import export_events_channel as events_channel
 from backpropagate_services.common.layout import export_record_key as record_key
@@ -99,19 +100,20 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
         self, request: export_pb2.CancelExportRequest, context: grpc.ServicerContext
     ) -> export_pb2.ExportResult:
         result = self._result(request.export_id)
-        if request_cancel(self.queue, result.export_id, result.status, "Export"):
-            result.status = common_pb2.JOB_STATUS_CANCELLED
-            save_record(self.store, record_key(result.export_id), result)
-            publish(
-                self.queue,
-                events_channel(result.export_id),
-                export_pb2.ExportEvent(
-                    export_id=result.export_id,
-                    run_id=result.run_id,
-                    status=result.status,
-                    message="cancelled before it started",
-                ),
-            )
+        cancel_job(
+            self.queue,
+            self.store,
+            result,
+            record_key(result.export_id),
+            events_channel(result.export_id),
+            lambda: export_pb2.ExportEvent(
+                export_id=result.export_id,
+                run_id=result.run_id,
+                status=result.status,
+                message="cancelled before it started",
+                timestamp=time.time(),
+            ),
+        )
         return result
 
     @translate_errors

@@ -14,7 +14,7 @@ from backpropagate_services.common.datasets import load_record as load_dataset_r
 from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.ids import new_id
-from backpropagate_services.common.jobs import request_cancel
+from backpropagate_services.common.jobs import cancel_job
 from backpropagate_services.common.layout import TRAIN_QUEUE
 from backpropagate_services.common.layout import run_events_channel as events_channel
 from backpropagate_services.common.layout import run_record_key as record_key
@@ -122,19 +122,19 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.CancelRunRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.RunRecord:
         record = self._record(request.run_id)
-        if request_cancel(self.queue, record.run_id, record.status, "Run"):
-            record.status = common_pb2.JOB_STATUS_CANCELLED
-            save_record(self.store, record_key(record.run_id), record)
-            publish(
-                self.queue,
-                events_channel(record.run_id),
-                trainer_pb2.RunEvent(
-                    run_id=record.run_id,
-                    status=record.status,
-                    message="cancelled before it started",
-                    timestamp=time.time(),
-                ),
-            )
+        cancel_job(
+            self.queue,
+            self.store,
+            record,
+            record_key(record.run_id),
+            events_channel(record.run_id),
+            lambda: trainer_pb2.RunEvent(
+                run_id=record.run_id,
+                status=record.status,
+                message="cancelled before it started",
+                timestamp=time.time(),
+            ),
+        )
         return record
 
 

@@ -29,6 +29,16 @@ from backpropagate_services.common.settings import Settings
 pytestmark = [pytest.mark.model, pytest.mark.llama]
 
 
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `backprop` process that works on the same home as `settings`."""
+    return {
+        **os.environ,
+        "BACKPROPAGATE_HOME": str(settings.home),
+        "BACKPROPAGATE_MODEL_CACHE": str(settings.model_cache_dir),
+        **extra,
+    }
+
+
 @pytest.fixture(scope="module")
 def embedded_trainer(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Trainer:
     settings = Settings(home=tmp_path_factory.mktemp("embedded-home"), model_cache=model_cache)
@@ -111,12 +121,7 @@ def test_cli_export_hands_the_gguf_to_ollama_and_prints_the_record_as_json(
                 "--ollama-modelfile",
                 "--json",
             ],
-            env={
-                **os.environ,
-                "BACKPROPAGATE_HOME": str(settings.home),
-                "BACKPROPAGATE_MODEL_CACHE": str(settings.model_cache_dir),
-                "OLLAMA_HOST": ollama.url,
-            },
+            env=cli_env(settings, OLLAMA_HOST=ollama.url),
             capture_output=True,
             text=True,
             check=False,
@@ -213,11 +218,7 @@ def test_chat_with_a_run_exports_it_once_and_answers_from_that_file(
     run = embedded_trainer.train(quickstart, steps=1, batch_size=1, max_length=64)
     settings = embedded_trainer.settings
     assert settings is not None
-    env = {
-        **os.environ,
-        "BACKPROPAGATE_HOME": str(settings.home),
-        "BACKPROPAGATE_MODEL_CACHE": str(settings.model_cache_dir),
-    }
+    env = cli_env(settings)
     backprop = str(Path(sys.executable).parent / "backprop")
 
     def chat(question: str) -> subprocess.CompletedProcess[str]:

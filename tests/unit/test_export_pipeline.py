@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_adapters import save_random_lora
 from safetensors.torch import load_file
 
 from backpropagate_services.common.errors import (
@@ -44,24 +45,11 @@ DESTRUCTIVE_LORA_B = 1.0
 
 
 def save_lora_adapter(base_dir: Path, out_dir: Path, lora_b_std: float) -> Path:
-    """A LoRA adapter as the trainer saves one, with lora_B random instead of trained.
-
-    peft initialises lora_B to zero (the adapter starts as a no-op); nonzero values make the
-    merge observable without running the trainer.
-    """
-    from peft import LoraConfig, get_peft_model
+    """`save_random_lora` on a fresh copy of the base model: r=8, alpha=16, all-linear."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
-    peft_model = get_peft_model(model, lora)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * lora_b_std)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
+    return save_random_lora(model, out_dir, lora_b_std)
 
 
 @pytest.fixture(scope="module")

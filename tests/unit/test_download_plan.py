@@ -1,0 +1,49 @@
+"""Where an export's files land: their own names, never over another export's files."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from backpropagate.v1 import export_pb2
+from backpropagate.workflows import download_plan
+
+
+def export_of(*files: tuple[str, bytes]) -> export_pb2.ExportResult:
+    return export_pb2.ExportResult(
+        export_id="export-20261124T120000-a1b2c3",
+        files=[
+            export_pb2.ExportFile(
+                name=name, key=f"exports/x/{name}", sha256=hashlib.sha256(data).hexdigest()
+            )
+            for name, data in files
+        ],
+    )
+
+
+def test_files_go_under_their_own_names_when_nothing_is_there(tmp_path: Path):
+    result = export_of(("m-run-1-q8_0.gguf", b"a"), ("m-run-1-hf/config.json", b"{}"))
+
+    assert sorted(download_plan(result, tmp_path).values()) == [
+        tmp_path / "m-run-1-hf" / "config.json",
+        tmp_path / "m-run-1-q8_0.gguf",
+    ]
+
+
+def test_a_name_taken_by_another_exports_file_gets_this_exports_suffix(tmp_path: Path):
+    (tmp_path / "m-run-1-q8_0.gguf").write_bytes(b"another export")
+    (tmp_path / "m-run-1-hf").mkdir()
+    (tmp_path / "m-run-1-hf" / "config.json").write_bytes(b"other")
+    result = export_of(("m-run-1-q8_0.gguf", b"a"), ("m-run-1-hf/config.json", b"{}"))
+
+    assert sorted(download_plan(result, tmp_path).values()) == [
+        tmp_path / "m-run-1-hf-a1b2c3" / "config.json",
+        tmp_path / "m-run-1-q8_0-a1b2c3.gguf",
+    ]
+
+
+def test_the_same_files_already_there_are_reused_not_duplicated(tmp_path: Path):
+    (tmp_path / "m-run-1-q8_0.gguf").write_bytes(b"a")
+    result = export_of(("m-run-1-q8_0.gguf", b"a"))
+
+    assert list(download_plan(result, tmp_path).values()) == [tmp_path / "m-run-1-q8_0.gguf"]
