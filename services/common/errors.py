@@ -139,6 +139,14 @@ class JobCancelledError(RuntimeFailure):
     grpc_status = "CANCELLED"
 
 
+class JobAttemptsExhaustedError(RuntimeFailure):
+    code = "RUNTIME_JOB_ATTEMPTS_EXHAUSTED"
+    default_hint = (
+        "The job killed every worker that took it (out of memory, a native crash): it was taken "
+        "out of the queue. Check the workers' logs, then submit it again with smaller settings."
+    )
+
+
 class ExportVerificationError(RuntimeFailure):
     code = "RUNTIME_EXPORT_VERIFICATION_FAILED"
     default_hint = "The quantised model disagrees with the trained one: export q8_0 or f16."

@@ -18,9 +18,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from google.protobuf.message import Message
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
-from backpropagate_services.common.errors import JobCancelledError, UserError
+from backpropagate_services.common.errors import (
+    BackpropagateError,
+    DependencyError,
+    JobAttemptsExhaustedError,
+    JobCancelledError,
+    UserError,
+)
 from backpropagate_services.common.grpc_errors import as_backpropagate_error, error_to_detail
 from backpropagate_services.common.layout import cancel_channel
 from backpropagate_services.common.queue import Job, JobQueue
@@ -126,17 +133,31 @@ def run_recorded(record: JobRecord, work: Callable[[], str]) -> str:
 
 
 class JobWorker(BackgroundWorker):
+    """Claims jobs and acknowledges each only once its outcome is durably recorded.
+
+    `handle` returns after saving the job's terminal record (or finding it already ended: a
+    redelivered job is then acked without running again). If it raises, the job is not acked
+    and the queue delivers it again after the visibility timeout, so a store outage loses
+    nothing. A job delivered more than `max_attempts` times (it killed every worker that took
+    it) is recorded as failed with RUNTIME_JOB_ATTEMPTS_EXHAUSTED and dead-lettered.
+    """
+
     queue_name: str
 
-    def __init__(self, queue: JobQueue, visibility_timeout: float) -> None:
+    def __init__(self, queue: JobQueue, visibility_timeout: float, max_attempts: int) -> None:
         super().__init__()
         self.queue = queue
         self.heartbeat_interval = max(visibility_timeout / 3, 0.1)
+        self.max_attempts = max_attempts
         self.consumer = ""
 
     @abstractmethod
     def handle(self, job: Job) -> None:
-        """Do the job and record its outcome; exceptions are logged, the job is acked anyway."""
+        """Do the job and save its terminal record; raise to have it delivered again."""
+
+    @abstractmethod
+    def give_up(self, job: Job, error: JobAttemptsExhaustedError) -> None:
+        """Save the job's record as failed with `error` (unless it has ended already)."""
 
     def run_once(self) -> None:
         if not self.consumer:  # named in the worker's own thread
@@ -144,8 +165,42 @@ class JobWorker(BackgroundWorker):
         job = self.queue.claim(self.queue_name, self.consumer, CLAIM_TIMEOUT_SECONDS)
         if job is None:
             return
-        try:
-            with kept_alive(self.queue, job, self.consumer, self.heartbeat_interval):
-                self.handle(job)
-        finally:
-            self.queue.ack(job)
+        if job.deliveries > self.max_attempts:
+            reason = (
+                f"delivered {job.deliveries} times; every worker that took it died before "
+                "recording an outcome"
+            )
+            log.error("job %s dead-lettered: %s", job.job_id, reason)
+            try:
+                self.give_up(
+                    job, JobAttemptsExhaustedError(f"The job was {reason}.", job=job.job_id)
+                )
+            finally:  # even a job whose record cannot be read must leave the queue
+                self.queue.dead_letter(job, self.consumer, reason)
+            return
+        with kept_alive(self.queue, job, self.consumer, self.heartbeat_interval):
+            self.handle(job)
+        if not self.queue.ack(job, self.consumer):
+            log.warning("job %s went to another worker meanwhile; left to it", job.job_id)
+
+
+ENDED = (
+    common_pb2.JOB_STATUS_SUCCEEDED,
+    common_pb2.JOB_STATUS_FAILED,
+    common_pb2.JOB_STATUS_CANCELLED,
+)
+
+# Store calls whose failure would lose an outcome ride out an outage of about half a minute
+# (a restarting MinIO, a Redis failover) before the job is left to be delivered again.
+durably = retry(
+    retry=retry_if_exception_type(DependencyError),
+    stop=stop_after_delay(30),
+    wait=wait_exponential(multiplier=0.5, max=5),
+    reraise=True,
+)
+
+
+def fail_record(record: JobRecord, error: BackpropagateError) -> None:
+    """Mark the record failed with `error`, as `run_recorded` would have."""
+    record.status = common_pb2.JOB_STATUS_FAILED
+    record.error.CopyFrom(error_to_detail(error))

@@ -29,6 +29,12 @@ class QueueSettings(BaseModel):
     visibility_timeout_seconds: float = Field(
         60.0, description="A claimed job not acked or touched for this long is redelivered."
     )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Deliveries of a job before it is failed (RUNTIME_JOB_ATTEMPTS_EXHAUSTED) "
+        "and dead-lettered: a job that kills every worker must not loop forever.",
+    )
 
 
 class StoreSettings(BaseModel):

@@ -8,9 +8,16 @@ from pathlib import Path
 
 from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate_services.common.datasets import load_record as load_dataset_record
-from backpropagate_services.common.errors import JobCancelledError
+from backpropagate_services.common.errors import JobAttemptsExhaustedError, JobCancelledError
 from backpropagate_services.common.isolation import cancellable
-from backpropagate_services.common.jobs import JobWorker, cancel_requested, run_recorded
+from backpropagate_services.common.jobs import (
+    ENDED,
+    JobWorker,
+    cancel_requested,
+    durably,
+    fail_record,
+    run_recorded,
+)
 from backpropagate_services.common.layout import (
     EXPORT_QUEUE,
     adapter_prefix,
@@ -39,7 +46,10 @@ class ExportWorker(JobWorker):
     queue_name = EXPORT_QUEUE
 
     def __init__(self, runtime: Runtime) -> None:
-        super().__init__(runtime.queue, runtime.settings.queue.visibility_timeout_seconds)
+        queue_settings = runtime.settings.queue
+        super().__init__(
+            runtime.queue, queue_settings.visibility_timeout_seconds, queue_settings.max_attempts
+        )
         self.runtime = runtime
         self.store = runtime.store
 
@@ -53,15 +63,28 @@ class ExportWorker(JobWorker):
         )
         publish(self.queue, events_channel(result.export_id), event)
 
-    def handle(self, job: Job) -> None:
+    def _record(self, job: Job) -> export_pb2.ExportResult:
         export_id = str(job.payload["export_id"])
-        result = load_record(self.store, record_key(export_id), export_pb2.ExportResult, "export")
-        if result.status == common_pb2.JOB_STATUS_CANCELLED:
-            return  # cancelled while queued: CancelExport recorded it
+        return durably(load_record)(
+            self.store, record_key(export_id), export_pb2.ExportResult, "export"
+        )
+
+    def _finish(self, result: export_pb2.ExportResult, message: str) -> None:
+        durably(save_record)(self.store, record_key(result.export_id), result)
+        self.emit(result, message=message, error=result.error)
+
+    def handle(self, job: Job) -> None:
+        result = self._record(job)
+        if result.status in ENDED:
+            return  # cancelled while queued, or redelivered after its outcome was saved
         with run_context(result.run_id):
-            message = run_recorded(result, lambda: self.export(result))
-            save_record(self.store, record_key(export_id), result)
-            self.emit(result, message=message, error=result.error)
+            self._finish(result, run_recorded(result, lambda: self.export(result)))
+
+    def give_up(self, job: Job, error: JobAttemptsExhaustedError) -> None:
+        result = self._record(job)
+        if result.status not in ENDED:
+            fail_record(result, error)
+            self._finish(result, f"failed: {error.message}")
 
     def push(
         self,

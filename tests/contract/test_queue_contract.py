@@ -134,9 +134,48 @@ def test_acked_job_is_never_redelivered(queue: JobQueue) -> None:
     job = queue.claim("train", "worker-1", timeout=GENEROUS)
     assert job is not None
 
-    queue.ack(job)
+    assert queue.ack(job, "worker-1")
 
     assert queue.claim("train", "worker-2", timeout=VISIBILITY_TIMEOUT * 2) is None
+
+
+def test_ack_by_a_worker_that_lost_its_job_does_not_take_it_from_its_new_holder(
+    queue: JobQueue,
+) -> None:
+    queue.enqueue("train", {"run_id": "run-1"})
+    stalled = queue.claim("train", "worker-1", timeout=GENEROUS)
+    assert stalled is not None
+    holder = queue.claim("train", "worker-2", timeout=GENEROUS)  # redelivered after the timeout
+    assert holder is not None
+
+    assert not queue.ack(stalled, "worker-1")
+
+    assert queue.pending_count("train") == 1
+    assert queue.ack(holder, "worker-2")
+    assert queue.pending_count("train") == 0
+
+
+def test_a_dead_lettered_job_is_kept_for_an_operator_and_never_delivered_again(
+    queue: JobQueue,
+) -> None:
+    queue.enqueue("train", {"run_id": "run-1"})
+    first = queue.claim("train", "worker-1", timeout=GENEROUS)
+    assert first is not None
+    again = queue.claim("train", "worker-2", timeout=GENEROUS)  # worker-1 died
+    assert again is not None and again.deliveries == 2
+
+    assert not queue.dead_letter(first, "worker-1", "not yours")
+    assert queue.dead_letter(again, "worker-2", "killed its worker twice")
+
+    assert queue.claim("train", "worker-3", timeout=VISIBILITY_TIMEOUT * 2) is None
+    [letter] = queue.dead_letters("train")
+    assert (letter.job_id, letter.payload, letter.deliveries, letter.reason) == (
+        again.job_id,
+        {"run_id": "run-1"},
+        2,
+        "killed its worker twice",
+    )
+    assert queue.dead_letters("export") == []
 
 
 def test_claim_with_nothing_to_do_returns_none_after_its_timeout(queue: JobQueue) -> None:
@@ -168,7 +207,7 @@ def test_pending_count_counts_claimed_jobs_until_they_are_acked(queue: JobQueue)
     assert queue.pending_count("train") == 2
 
     assert first is not None
-    queue.ack(first)
+    queue.ack(first, "worker-1")
     assert queue.pending_count("train") == 1
 
 

@@ -30,6 +30,16 @@ class Job:
 
 
 @dataclass(frozen=True)
+class DeadLetter:
+    """A job taken out of circulation after too many deliveries, kept for an operator."""
+
+    job_id: str
+    payload: JsonDict
+    deliveries: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Event:
     event_id: str  # the cursor to pass to `read` to get the events after this one
     data: JsonDict = field(default_factory=dict)
@@ -52,8 +62,21 @@ class JobQueue(ABC):
         """Tell the queue the job is still being worked on (resets its visibility timeout)."""
 
     @abstractmethod
-    def ack(self, job: Job) -> None:
-        """The job is done (succeeded or failed for good): never deliver it again."""
+    def ack(self, job: Job, consumer: str) -> bool:
+        """The job is done (its outcome is recorded): never deliver it again.
+
+        Only its holder can: a worker that lost the job (it stalled past the timeout and the job
+        went to another worker) acks nothing and gets False.
+        """
+
+    @abstractmethod
+    def dead_letter(self, job: Job, consumer: str, reason: str) -> bool:
+        """Take a job that keeps failing out of circulation: ack it and keep it, with `reason`,
+        on the queue's dead-letter list. Owner-checked like `ack`."""
+
+    @abstractmethod
+    def dead_letters(self, queue: str) -> list[DeadLetter]:
+        """The queue's dead-lettered jobs, oldest first."""
 
     @abstractmethod
     def pending_count(self, queue: str) -> int:

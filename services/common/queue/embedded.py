@@ -16,7 +16,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
-from backpropagate_services.common.queue.base import Event, Job, JobQueue, JsonDict
+from backpropagate_services.common.queue.base import DeadLetter, Event, Job, JobQueue, JsonDict
 
 
 @dataclass
@@ -37,6 +37,7 @@ class EmbeddedQueue(JobQueue):
         self._new: defaultdict[str, deque[Job]] = defaultdict(deque)
         self._claimed: defaultdict[str, dict[str, _Claim]] = defaultdict(dict)
         self._events: defaultdict[str, list[Event]] = defaultdict(list)
+        self._dead: defaultdict[str, list[DeadLetter]] = defaultdict(list)
         self._ids = itertools.count(1)
 
     def _next_id(self) -> str:
@@ -92,9 +93,29 @@ class EmbeddedQueue(JobQueue):
             if claim is not None and claim.consumer == consumer:
                 claim.last_seen = time.monotonic()
 
-    def ack(self, job: Job) -> None:
+    def _release(self, job: Job, consumer: str) -> bool:
+        """Drop the job if `consumer` holds it; the caller holds the lock."""
+        claim = self._claimed[job.queue].get(job.job_id)
+        if claim is None or claim.consumer != consumer:
+            return False
+        del self._claimed[job.queue][job.job_id]
+        return True
+
+    def ack(self, job: Job, consumer: str) -> bool:
         with self._changed:
-            self._claimed[job.queue].pop(job.job_id, None)
+            return self._release(job, consumer)
+
+    def dead_letter(self, job: Job, consumer: str, reason: str) -> bool:
+        with self._changed:
+            if not self._release(job, consumer):
+                return False
+            letter = DeadLetter(job.job_id, job.payload, job.deliveries, reason)
+            self._dead[job.queue].append(letter)
+            return True
+
+    def dead_letters(self, queue: str) -> list[DeadLetter]:
+        with self._changed:
+            return list(self._dead[queue])
 
     def pending_count(self, queue: str) -> int:
         with self._changed:

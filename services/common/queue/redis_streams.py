@@ -23,7 +23,7 @@ from redis.retry import Retry
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from backpropagate_services.common.errors import QueueUnavailableError
-from backpropagate_services.common.queue.base import Event, Job, JobQueue, JsonDict
+from backpropagate_services.common.queue.base import DeadLetter, Event, Job, JobQueue, JsonDict
 
 GROUP = "workers"
 FIELD = "json"
@@ -39,6 +39,28 @@ if #held == 1 then
     redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
 end
 return #held
+"""
+
+
+# Ack only for the holder (the same check as touch), atomically with the deletion; with a
+# second key, the job is first copied to the dead-letter stream (ARGV[4]: the reason).
+_RELEASE_IF_OWNER = """
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[3])
+if #held == 0 then
+    return 0
+end
+if KEYS[2] then
+    local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+    local payload = '{}'
+    if #entry == 1 then
+        payload = entry[1][2][2]
+    end
+    redis.call('XADD', KEYS[2], '*', 'json', payload, 'job_id', ARGV[2],
+               'deliveries', held[1][4], 'reason', ARGV[4])
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
 """
 
 
@@ -90,6 +112,7 @@ class RedisStreamsQueue(JobQueue):
         # Named from the parsed URL, never the URL itself: it may carry a password.
         self._where = pool_kwargs.get("path") or f"{pool_kwargs['host']}:{pool_kwargs['port']}"
         self._touch_if_owner = self._client.register_script(_TOUCH_IF_OWNER)
+        self._release_if_owner = self._client.register_script(_RELEASE_IF_OWNER)
         with self._reachable():
             _ping(self._client)
 
@@ -104,6 +127,9 @@ class RedisStreamsQueue(JobQueue):
 
     def _jobs_key(self, queue: str) -> str:
         return f"{self._namespace}:jobs:{queue}"
+
+    def _dead_key(self, queue: str) -> str:
+        return f"{self._namespace}:dead:{queue}"
 
     def _events_key(self, channel: str) -> str:
         return f"{self._namespace}:events:{channel}"
@@ -171,12 +197,31 @@ class RedisStreamsQueue(JobQueue):
                 keys=[self._jobs_key(job.queue)], args=[GROUP, job.job_id, consumer]
             )
 
-    def ack(self, job: Job) -> None:
-        key = self._jobs_key(job.queue)
-        with self._reachable(), self._client.pipeline(transaction=True) as pipe:
-            pipe.xack(key, GROUP, job.job_id)
-            pipe.xdel(key, job.job_id)  # a done job has no reason to stay in memory
-            pipe.execute()
+    def ack(self, job: Job, consumer: str) -> bool:
+        # XDEL too: a done job has no reason to stay in memory.
+        with self._reachable():
+            released = self._release_if_owner(
+                keys=[self._jobs_key(job.queue)], args=[GROUP, job.job_id, consumer]
+            )
+        return bool(released)
+
+    def dead_letter(self, job: Job, consumer: str, reason: str) -> bool:
+        with self._reachable():
+            released = self._release_if_owner(
+                keys=[self._jobs_key(job.queue), self._dead_key(job.queue)],
+                args=[GROUP, job.job_id, consumer, reason],
+            )
+        return bool(released)
+
+    def dead_letters(self, queue: str) -> list[DeadLetter]:
+        with self._reachable():
+            entries: list[tuple[str, dict[str, str]]] = self._client.xrange(self._dead_key(queue))  # type: ignore[assignment]
+        return [
+            DeadLetter(
+                fields["job_id"], _payload(fields), int(fields["deliveries"]), fields["reason"]
+            )
+            for _, fields in entries
+        ]
 
     def pending_count(self, queue: str) -> int:
         with self._reachable():
