@@ -156,8 +156,19 @@ class JobWorker(BackgroundWorker):
         """Do the job and save its terminal record; raise to have it delivered again."""
 
     @abstractmethod
+    def job_record(self, job: Job) -> JobRecord:
+        """The job's record, read from the store (retried through outages)."""
+
+    @abstractmethod
+    def finish(self, record: JobRecord, message: str) -> None:
+        """Save the terminal record (retried through outages) and publish its last event."""
+
     def give_up(self, job: Job, error: JobAttemptsExhaustedError) -> None:
-        """Save the job's record as failed with `error` (unless it has ended already)."""
+        """Save the job's record as failed with `error`, unless it has ended already."""
+        record = self.job_record(job)
+        if record.status not in ENDED:
+            fail_record(record, error)
+            self.finish(record, f"failed: {error.message}")
 
     def run_once(self) -> None:
         if not self.consumer:  # named in the worker's own thread

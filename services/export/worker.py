@@ -8,14 +8,13 @@ from pathlib import Path
 
 from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate_services.common.datasets import load_record as load_dataset_record
-from backpropagate_services.common.errors import JobAttemptsExhaustedError, JobCancelledError
+from backpropagate_services.common.errors import JobCancelledError
 from backpropagate_services.common.isolation import cancellable
 from backpropagate_services.common.jobs import (
     ENDED,
     JobWorker,
     cancel_requested,
     durably,
-    fail_record,
     run_recorded,
 )
 from backpropagate_services.common.layout import (
@@ -63,28 +62,22 @@ class ExportWorker(JobWorker):
         )
         publish(self.queue, events_channel(result.export_id), event)
 
-    def _record(self, job: Job) -> export_pb2.ExportResult:
+    def job_record(self, job: Job) -> export_pb2.ExportResult:
         export_id = str(job.payload["export_id"])
         return durably(load_record)(
             self.store, record_key(export_id), export_pb2.ExportResult, "export"
         )
 
-    def _finish(self, result: export_pb2.ExportResult, message: str) -> None:
+    def finish(self, result: export_pb2.ExportResult, message: str) -> None:
         durably(save_record)(self.store, record_key(result.export_id), result)
         self.emit(result, message=message, error=result.error)
 
     def handle(self, job: Job) -> None:
-        result = self._record(job)
+        result = self.job_record(job)
         if result.status in ENDED:
             return  # cancelled while queued, or redelivered after its outcome was saved
         with run_context(result.run_id):
-            self._finish(result, run_recorded(result, lambda: self.export(result)))
-
-    def give_up(self, job: Job, error: JobAttemptsExhaustedError) -> None:
-        result = self._record(job)
-        if result.status not in ENDED:
-            fail_record(result, error)
-            self._finish(result, f"failed: {error.message}")
+            self.finish(result, run_recorded(result, lambda: self.export(result)))
 
     def push(
         self,

@@ -15,13 +15,11 @@ import torch
 
 from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.datasets import load_conversations
-from backpropagate_services.common.errors import JobAttemptsExhaustedError
 from backpropagate_services.common.jobs import (
     ENDED,
     JobWorker,
     cancel_requested,
     durably,
-    fail_record,
     run_recorded,
 )
 from backpropagate_services.common.layout import (
@@ -71,29 +69,23 @@ class TrainWorker(JobWorker):
         )
         publish(self.queue, events_channel(record.run_id), event)
 
-    def _record(self, job: Job) -> trainer_pb2.RunRecord:
+    def job_record(self, job: Job) -> trainer_pb2.RunRecord:
         run_id = str(job.payload["run_id"])
         return durably(load_record)(self.store, record_key(run_id), trainer_pb2.RunRecord, "run")
 
-    def _finish(self, record: trainer_pb2.RunRecord, message: str) -> None:
+    def finish(self, record: trainer_pb2.RunRecord, message: str) -> None:
         durably(save_record)(self.store, record_key(record.run_id), record)
         self.emit(record, message=message, error=record.error, step=len(record.loss_history))
 
     def handle(self, job: Job) -> None:
-        record = self._record(job)
+        record = self.job_record(job)
         with run_context(record.run_id):
             if record.status in ENDED:
                 log.info("run already %s: nothing to do", common_pb2.JobStatus.Name(record.status))
                 return
             if job.deliveries > 1:
                 log.warning("starting again a run whose worker died (delivery %d)", job.deliveries)
-            self._finish(record, run_recorded(record, lambda: self.train(record)))
-
-    def give_up(self, job: Job, error: JobAttemptsExhaustedError) -> None:
-        record = self._record(job)
-        if record.status not in ENDED:
-            fail_record(record, error)
-            self._finish(record, f"failed: {error.message}")
+            self.finish(record, run_recorded(record, lambda: self.train(record)))
 
     def train(self, record: trainer_pb2.RunRecord) -> str:
         run_id = record.run_id
