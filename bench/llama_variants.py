@@ -30,12 +30,9 @@ LEVELS = ("x64", "sse42", "haswell", "skylakex", "icelake", "zen4", "sapphirerap
 
 def measure(gguf: str, threads: int) -> dict[str, float]:
     """One measurement, in this process: prompt eval and greedy generation speed."""
-    from backpropagate_services.export.llama_runtime import cpu_backend, load_llama_cpp
+    from backpropagate_services.export.llama_runtime import cpu_backend, open_gguf
 
-    llama_cpp = load_llama_cpp()
-    llm = llama_cpp.Llama(
-        model_path=gguf, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False
-    )
+    llm = open_gguf(Path(gguf), n_ctx=1024, threads=threads)
     prompt = [(7 * i) % 1000 + 100 for i in range(PROMPT_TOKENS)]
     started = time.perf_counter()
     llm.eval(prompt)

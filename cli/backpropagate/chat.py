@@ -32,6 +32,16 @@ def resolve_chat_target(
     return existing[-1] if existing else export_run(target, directory)
 
 
+def _opening(system: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+def ask_once(gguf: Path, question: str, *, system: str, threads: int, max_tokens: int) -> str:
+    """One answer to `question`, as shown to the user."""
+    messages = [*_opening(system), {"role": "user", "content": question}]
+    return shown(chat_reply(gguf, messages, threads=threads, max_tokens=max_tokens), max_tokens)
+
+
 def shown(reply: ChatReply, max_tokens: int) -> str:
     """The answer, marked when it was cut at `max_tokens` rather than finished."""
     if reply.finish_reason == "length":
@@ -50,7 +60,7 @@ def converse(
 ) -> int:
     """An interactive chat that keeps the conversation; ends on EOF, an empty line or /exit.
     Returns the number of answers given."""
-    messages = [{"role": "system", "content": system}] if system else []
+    messages = _opening(system)
     answers = 0
     while (question := ask()) is not None and question.strip() not in ("", *EXIT_WORDS):
         messages.append({"role": "user", "content": question})

@@ -393,13 +393,9 @@ def serve(
 
 def _one_answer(gguf: Path, prompt: str, max_tokens: int, system: str = "") -> str:
     from backpropagate import chat
-    from backpropagate_services.export.chat import chat_reply
 
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
     threads = get_settings().export.threads
-    reply = chat_reply(gguf, messages, threads=threads, max_tokens=max_tokens)
-    return chat.shown(reply, max_tokens)
+    return chat.ask_once(gguf, prompt, system=system, threads=threads, max_tokens=max_tokens)
 
 
 @app.command("chat")

@@ -83,6 +83,16 @@ class Trainer:
             self.last_run = train(self.connection, dataset.dataset_id, config, bar)
         return self.last_run
 
+    def _run_to_use(self, run_id: str, what: str) -> str:
+        """`run_id`, else the last run trained here; a local adapter directory is imported as
+        a run first, on this Trainer's model or else the one its config names."""
+        run_id = run_id or (self.last_run.run_id if self.last_run else "")
+        if not run_id:
+            raise UserError(f"Nothing to {what} yet.", hint="Call train() first or pass run_id=.")
+        if Path(run_id).is_dir():
+            return import_adapter(self.connection, Path(run_id), self.model).run_id
+        return run_id
+
     def export(
         self,
         export_format: str = "gguf",
@@ -98,11 +108,7 @@ class Trainer:
         be a local adapter directory (what `save()` or peft wrote): it is imported as a run
         first, on the base model this Trainer names, or else the one its config names.
         """
-        run_id = run_id or (self.last_run.run_id if self.last_run else "")
-        if run_id and Path(run_id).is_dir():
-            run_id = import_adapter(self.connection, Path(run_id), self.model).run_id
-        if not run_id:
-            raise UserError("Nothing to export yet.", hint="Call train() first or pass run_id=.")
+        run_id = self._run_to_use(run_id, "export")
         with ExportProgress(self.console) if self.console else nullcontext() as bar:
             return export(
                 self.connection,
@@ -120,11 +126,7 @@ class Trainer:
         """Push the adapter (or `merged`, the merged model) with a generated model card to the
         Hugging Face Hub repo `repo` ("me/name"); returns the repo's URL. The export service
         pushes, with its HF_TOKEN (the embedded default: this process's)."""
-        run_id = run_id or (self.last_run.run_id if self.last_run else "")
-        if not run_id:
-            raise UserError("Nothing to push yet.", hint="Call train() first or pass run_id=.")
-        if Path(run_id).is_dir():
-            run_id = import_adapter(self.connection, Path(run_id), self.model).run_id
+        run_id = self._run_to_use(run_id, "push")
         with ExportProgress(self.console) if self.console else nullcontext() as bar:
             return push(
                 self.connection, run_id, repo, merged=merged, private=private, on_event=bar

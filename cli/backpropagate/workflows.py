@@ -27,12 +27,17 @@ RunEventHandler = Callable[[trainer_pb2.RunEvent], None]
 ExportEventHandler = Callable[[export_pb2.ExportEvent], None]
 
 
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    """A file's bytes in upload-sized pieces, read as they are sent."""
+    with path.open("rb") as handle:
+        yield from iter(lambda: handle.read(UPLOAD_CHUNK_BYTES), b"")
+
+
 def _upload_requests(path: Path, format_hint: str) -> Iterator[dataprep_pb2.UploadDatasetRequest]:
     header = dataprep_pb2.UploadDatasetHeader(filename=path.name, format=format_hint)
     yield dataprep_pb2.UploadDatasetRequest(header=header)
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(UPLOAD_CHUNK_BYTES), b""):
-            yield dataprep_pb2.UploadDatasetRequest(chunk=chunk)
+    for chunk in _file_chunks(path):
+        yield dataprep_pb2.UploadDatasetRequest(chunk=chunk)
 
 
 def _adapter_requests(
@@ -42,10 +47,9 @@ def _adapter_requests(
     yield trainer_pb2.ImportAdapterRequest(header=header)
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         relative = path.relative_to(directory).as_posix()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(UPLOAD_CHUNK_BYTES), b""):
-                file_chunk = trainer_pb2.AdapterFileChunk(path=relative, data=chunk)
-                yield trainer_pb2.ImportAdapterRequest(chunk=file_chunk)
+        for chunk in _file_chunks(path):
+            file_chunk = trainer_pb2.AdapterFileChunk(path=relative, data=chunk)
+            yield trainer_pb2.ImportAdapterRequest(chunk=file_chunk)
 
 
 def import_adapter(connection: Connection, directory: Path, base_model: str = "") -> RunResult:
@@ -224,6 +228,6 @@ def export(
     for file in result.files:
         download_artifact(connection, file.key, plan[file.key], file.sha256)
     main = plan[result.files[0].key]
-    # An hf export is a directory: its path is the directory, not its first file.
-    path = main.parent if result.format == "hf" else main
+    # A directory export (hf, adapter): its path is the directory, not its first file.
+    path = main.parent if "/" in result.files[0].name else main
     return ExportResult.from_proto(result, path, [plan[file.key] for file in result.files])

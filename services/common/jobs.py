@@ -132,6 +132,28 @@ def run_recorded(record: JobRecord, work: Callable[[], str]) -> str:
     return message
 
 
+ENDED = (
+    common_pb2.JOB_STATUS_SUCCEEDED,
+    common_pb2.JOB_STATUS_FAILED,
+    common_pb2.JOB_STATUS_CANCELLED,
+)
+
+# Store calls whose failure would lose an outcome ride out an outage of about half a minute
+# (a restarting MinIO, a Redis failover) before the job is left to be delivered again.
+durably = retry(
+    retry=retry_if_exception_type(DependencyError),
+    stop=stop_after_delay(30),
+    wait=wait_exponential(multiplier=0.5, max=5),
+    reraise=True,
+)
+
+
+def fail_record(record: JobRecord, error: BackpropagateError) -> None:
+    """Mark the record failed with `error`, as `run_recorded` would have."""
+    record.status = common_pb2.JOB_STATUS_FAILED
+    record.error.CopyFrom(error_to_detail(error))
+
+
 class JobWorker(BackgroundWorker):
     """Claims jobs and acknowledges each only once its outcome is durably recorded.
 
@@ -193,25 +215,3 @@ class JobWorker(BackgroundWorker):
             self.handle(job)
         if not self.queue.ack(job, self.consumer):
             log.warning("job %s went to another worker meanwhile; left to it", job.job_id)
-
-
-ENDED = (
-    common_pb2.JOB_STATUS_SUCCEEDED,
-    common_pb2.JOB_STATUS_FAILED,
-    common_pb2.JOB_STATUS_CANCELLED,
-)
-
-# Store calls whose failure would lose an outcome ride out an outage of about half a minute
-# (a restarting MinIO, a Redis failover) before the job is left to be delivered again.
-durably = retry(
-    retry=retry_if_exception_type(DependencyError),
-    stop=stop_after_delay(30),
-    wait=wait_exponential(multiplier=0.5, max=5),
-    reraise=True,
-)
-
-
-def fail_record(record: JobRecord, error: BackpropagateError) -> None:
-    """Mark the record failed with `error`, as `run_recorded` would have."""
-    record.status = common_pb2.JOB_STATUS_FAILED
-    record.error.CopyFrom(error_to_detail(error))

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from backpropagate_services.common.errors import ModelLoadError
 from backpropagate_services.common.isolation import run_isolated
-from backpropagate_services.export.llama_runtime import load_llama_cpp
+from backpropagate_services.export.llama_runtime import open_gguf
 
 if TYPE_CHECKING:
     from llama_cpp.llama_types import CreateChatCompletionResponse
@@ -41,22 +40,7 @@ def _reply_in_this_process(
     n_ctx: int,
     lora_path: Path | None,
 ) -> ChatReply:
-    llama_cpp = load_llama_cpp()
-    try:
-        # Both thread counts: n_threads_batch defaults to every core, and on a small machine
-        # whose other cores are busy that runs several times slower than one thread.
-        llm = llama_cpp.Llama(
-            model_path=str(gguf_path),
-            n_ctx=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            lora_path=None if lora_path is None else str(lora_path),
-            verbose=False,
-        )
-    except ValueError as exc:  # llama-cpp-python's way of saying the file did not load
-        raise ModelLoadError(
-            f"llama.cpp could not load {gguf_path.name}: {exc}", gguf=str(gguf_path)
-        ) from None
+    llm = open_gguf(gguf_path, n_ctx=n_ctx, threads=threads, lora_path=lora_path)
     try:
         # Without stream=True the result is one response, never the iterator the union allows.
         completion = cast(

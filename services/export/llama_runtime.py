@@ -23,8 +23,12 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
-from backpropagate_services.common.errors import MissingDependencyError
+from backpropagate_services.common.errors import MissingDependencyError, ModelLoadError
+
+if TYPE_CHECKING:
+    import llama_cpp
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +142,34 @@ def load_llama_cpp() -> ModuleType:
     import llama_cpp
 
     return llama_cpp
+
+
+def open_gguf(
+    gguf_path: Path,
+    *,
+    n_ctx: int,
+    threads: int,
+    lora_path: Path | None = None,
+    logits_all: bool = False,
+) -> llama_cpp.Llama:
+    """A GGUF loaded in llama.cpp (with the GGUF adapter `lora_path` applied, if given), quiet.
+
+    Both thread counts are set: `n_threads_batch` defaults to every core, and on a small machine
+    whose other cores are busy that runs several times slower than one thread. ModelLoadError
+    for a file llama.cpp cannot load.
+    """
+    llama = load_llama_cpp()
+    try:
+        return llama.Llama(
+            model_path=str(gguf_path),
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            lora_path=None if lora_path is None else str(lora_path),
+            logits_all=logits_all,
+            verbose=False,
+        )
+    except ValueError as exc:  # llama-cpp-python's way of saying the file did not load
+        raise ModelLoadError(
+            f"llama.cpp could not load {gguf_path.name}: {exc}", gguf=str(gguf_path)
+        ) from None

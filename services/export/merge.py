@@ -36,7 +36,7 @@ MERGE_TOLERANCE = {"torch.float32": 1e-4, "torch.float16": 2e-2, "torch.bfloat16
 
 @dataclass(frozen=True)
 class MergedModel:
-    directory: Path
+    directory: Path | None  # where the merged model was saved; None when it was not asked for
     base_directory: Path  # the base model's own files, for exports that keep base and adapter
     chats: list[ScoredChat]
     logits: list[torch.Tensor]  # the merged model's logits at the chats' scored positions
@@ -54,9 +54,10 @@ def _relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def merge_adapter(
-    base: ModelSource, adapter_dir: Path, cache_dir: Path, out_dir: Path
+    base: ModelSource, adapter_dir: Path, cache_dir: Path, out_dir: Path | None
 ) -> MergedModel:
-    """Write base + adapter to `out_dir` (safetensors, config, tokenizer); atomic on failure.
+    """Merge base + adapter and check it; write it to `out_dir` (safetensors, config,
+    tokenizer; atomic on failure) unless `out_dir` is None, when only its logits are needed.
 
     Raises ExportMergeError when the merged model does not compute what base + adapter did.
     """
@@ -93,9 +94,10 @@ def merge_adapter(
             adapter=str(adapter_dir),
             model=base.name,
         )
-    with staged(out_dir) as staging:
-        merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    if out_dir is not None:
+        with staged(out_dir) as staging:
+            merged.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     return MergedModel(
         directory=out_dir,
         base_directory=local_directory(base, cache_dir),

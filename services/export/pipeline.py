@@ -152,7 +152,9 @@ def export_model(
     made: list[Path] = []  # everything written, removed again if a stage fails
     try:
         stage("merge", f"merging {adapter_dir.name} into {base.name}")
-        merged = merge_adapter(base, adapter_dir, cache_dir, merged_dir)
+        # adapter-gguf ships the untouched base: the merged model is needed for its logits only.
+        keep_merged = export_format != "adapter-gguf"
+        merged = merge_adapter(base, adapter_dir, cache_dir, merged_dir if keep_merged else None)
         made.append(merged_dir)
         if export_format == "hf":
             stage("package", "the merged model as safetensors, with its tokenizer")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from backpropagate_services.common.errors import ExportVerificationError
 from backpropagate_services.common.isolation import run_isolated
-from backpropagate_services.export.llama_runtime import load_llama_cpp
+from backpropagate_services.export.llama_runtime import open_gguf
 from backpropagate_services.export.quantize import HIGH_BIT, UNQUANTIZED, check_quantization
 from backpropagate_services.export.reference import ScoredChat
 
@@ -98,15 +98,12 @@ def _gguf_logits_in_this_process(
     """
     import numpy as np
 
-    llama_cpp = load_llama_cpp()
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_path),
+    llm = open_gguf(
+        gguf_path,
         n_ctx=max(len(chat.token_ids) for chat in chats),
+        threads=threads,
+        lora_path=lora_path,
         logits_all=True,
-        n_threads=threads,
-        n_threads_batch=threads,
-        lora_path=None if lora_path is None else str(lora_path),
-        verbose=False,
     )
     try:
         if llm.n_vocab() != vocab_size:

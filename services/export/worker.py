@@ -160,8 +160,9 @@ class ExportWorker(JobWorker):
                     )
                 )
         main = result.files[0]
-        result.artifact_key = main.key if result.format != "hf" else main.key.rpartition("/")[0]
-        result.sha256 = main.sha256 if result.format != "hf" else ""
+        in_directory = "/" in main.name  # hf and adapter: a directory, named by its prefix
+        result.artifact_key = main.key.rpartition("/")[0] if in_directory else main.key
+        result.sha256 = "" if in_directory else main.sha256
         result.size_bytes = sum(file.size_bytes for file in result.files)
         verification = outcome.verification
         report = export_pb2.ExportVerification(merge_error=outcome.merge_error, passed=True)

@@ -15,6 +15,7 @@ from lora_adapters import save_random_lora
 from backpropagate_services.common.errors import ConversionError
 from backpropagate_services.common.isolation import run_isolated
 from backpropagate_services.export.adapter_gguf import convert_adapter_to_gguf, permute_for_rope
+from backpropagate_services.export.llama_runtime import open_gguf
 from backpropagate_services.export.reference import ScoredChat, reference_logits, scored_chats
 
 if TYPE_CHECKING:
@@ -40,19 +41,14 @@ def llama_cpp_logits(
     """llama.cpp's logits at the scored positions of each run's chats, for the base GGUF with
     that run's adapter GGUF (None: the base alone). Runs isolated: a native crash must not take
     pytest down."""
-    from backpropagate_services.export.llama_runtime import load_llama_cpp
-
-    llama_cpp = load_llama_cpp()
     results = []
     for adapter, chats in runs:
-        llm = llama_cpp.Llama(
-            model_path=str(base_gguf),
-            lora_path=None if adapter is None else str(adapter),
-            logits_all=True,
+        llm = open_gguf(
+            base_gguf,
             n_ctx=max(len(chat.token_ids) for chat in chats),
-            n_threads=1,
-            n_threads_batch=1,
-            verbose=False,
+            threads=1,
+            lora_path=adapter,
+            logits_all=True,
         )
         try:
             logits = []
