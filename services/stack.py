@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import grpc
 
 from backpropagate_services.common.errors import ConfigError
 from backpropagate_services.common.grpc_server import add_standard_services, bind_server
+from backpropagate_services.common.jobs import JobWorker
 from backpropagate_services.common.logs import quiet_library_output
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
@@ -32,13 +34,30 @@ class RunningStack:
     host: str
     handles: list[ServiceHandle]
     runtime: Runtime
+    workers_started: bool = field(default=False)
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def start_workers(self) -> None:
+        """Start the background workers (job workers, the safety follower), once."""
+        if self.workers_started:
+            return
+        self.workers_started = True
+        for handle in self.handles:
+            for worker in handle.workers:
+                worker.start()
+
     def wait(self) -> None:
         self.server.wait_for_termination()
+
+    def wait_until_idle(self, idle_seconds: float, poll_seconds: float = 1.0) -> None:
+        """Return once no job worker has had a job for `idle_seconds` (a detached embedded
+        worker's lifetime: it ends when the work it was started for is done)."""
+        job_workers = [w for h in self.handles for w in h.workers if isinstance(w, JobWorker)]
+        while not all(worker.idle_seconds() >= idle_seconds for worker in job_workers):
+            time.sleep(poll_seconds)
 
     def stop(self, grace: float = 2.0) -> None:
         for handle in self.handles:
@@ -55,8 +74,14 @@ def _create(name: str, runtime: Runtime) -> ServiceHandle:
 
 
 def start_stack(
-    settings: Settings, services: list[str], address: str | None = None
+    settings: Settings,
+    services: list[str],
+    address: str | None = None,
+    *,
+    start_workers: bool = True,
 ) -> RunningStack:
+    """Serve `services` on `address`; `start_workers=False` serves the API only (a client
+    that reads records and events, and must not take jobs it would not see through)."""
     unknown = sorted(set(services) - set(SERVICES))
     if unknown or not services:
         raise ConfigError(
@@ -79,8 +104,8 @@ def start_stack(
         handle.register(server)
     add_standard_services(server, [handle.grpc_service_name for handle in handles])
     server.start()
-    for handle in handles:
-        for worker in handle.workers:
-            worker.start()
+    stack = RunningStack(server=server, port=port, host=host, handles=handles, runtime=runtime)
+    if start_workers:
+        stack.start_workers()
     log.info("serving %s on %s:%d", ", ".join(services), host, port)
-    return RunningStack(server=server, port=port, host=host, handles=handles, runtime=runtime)
+    return stack

@@ -40,7 +40,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-runs_app = typer.Typer(help="Inspect training runs.", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="Inspect, follow, resume and cancel training runs.", no_args_is_help=True
+)
 app.add_typer(runs_app, name="runs")
 exports_app = typer.Typer(help="Inspect and cancel exports.", no_args_is_help=True)
 app.add_typer(exports_app, name="exports")
@@ -72,6 +74,9 @@ def print_run(run: RunResult) -> None:
         ("samples seen", str(run.samples_seen)),
         ("duration", f"{run.duration_seconds:.1f}s"),
         ("adapter", run.output),
+        ("attempts", str(run.attempts)),
+        ("resumed from step", str(run.resumed_from_step) if run.resumed_from_step else "-"),
+        ("checkpoints", ", ".join(map(str, run.checkpoint_steps)) or "-"),
     ]:
         table.add_row(f"[bold]{label}[/]", value)
     console.print(table)
@@ -120,6 +125,20 @@ def train_command(
     data_format: Annotated[
         str, typer.Option("--format", help="auto, sharegpt, alpaca or openai.")
     ] = "auto",
+    gradient_accumulation: Annotated[
+        int, typer.Option(help="Micro-batches per step (0: 1); same result, less memory.")
+    ] = 0,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Steps between checkpoints (0: every ~5 minutes; always at end).")
+    ] = 0,
+    oom_recovery: Annotated[
+        bool,
+        typer.Option(help="On out-of-memory, halve the micro-batch and go on (up to 3 times)."),
+    ] = True,
+    detach: Annotated[
+        bool,
+        typer.Option(help="Submit, print the run id and exit; follow with `backprop runs watch`."),
+    ] = False,
 ) -> None:
     """Fine-tune a LoRA adapter on a JSONL chat dataset."""
     run = Trainer(model).train(
@@ -132,7 +151,15 @@ def train_command(
         max_length=max_length,
         seed=seed,
         data_format=data_format,
+        gradient_accumulation=gradient_accumulation,
+        checkpoint_every=checkpoint_every,
+        oom_recovery=oom_recovery,
+        wait=not detach,
     )
+    if detach:
+        console.print(run.run_id)
+        err_console.print(f"follow it with: backprop runs watch {run.run_id}")
+        return
     print_run(run)
     console.print(
         f"next: [bold]backprop export {run.run_id}[/]  "
@@ -235,7 +262,7 @@ def runs_list(
     as_json: JsonOption = False,
 ) -> None:
     """List training runs, newest first."""
-    connection = Connection.open()
+    connection = Connection.open(workers=False)
     response = connection.call(
         "trainer", connection.trainer.ListRuns, trainer_pb2.ListRunsRequest(limit=limit)
     )
@@ -264,7 +291,7 @@ def runs_show(
     as_json: JsonOption = False,
 ) -> None:
     """Show one run's record."""
-    connection = Connection.open()
+    connection = Connection.open(workers=False)
     record = connection.call(
         "trainer", connection.trainer.GetRun, trainer_pb2.GetRunRequest(run_id=run_id)
     )
@@ -279,10 +306,22 @@ def runs_show(
         console.print(f"loss curve: {plot}")
 
 
+@runs_app.command("watch")
+def runs_watch(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
+    """Follow a run to its end with the progress bar (its history first)."""
+    print_run(Trainer().watch(run_id))
+
+
+@runs_app.command("resume")
+def runs_resume(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
+    """Continue a run that did not finish from its last checkpoint, and follow it."""
+    print_run(Trainer().resume(run_id))
+
+
 @runs_app.command("cancel")
 def runs_cancel(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
     """Cancel a queued or running run; a running one stops before its next step."""
-    connection = Connection.open()
+    connection = Connection.open(workers=False)
     record = connection.call(
         "trainer", connection.trainer.CancelRun, trainer_pb2.CancelRunRequest(run_id=run_id)
     )
@@ -299,7 +338,7 @@ def exports_show(
     export_id: Annotated[str, typer.Argument(help="Export id.")], as_json: JsonOption = False
 ) -> None:
     """Show one export's record: status, files, verification report."""
-    connection = Connection.open()
+    connection = Connection.open(workers=False)
     result = connection.call(
         "export", connection.export.GetExport, export_pb2.GetExportRequest(export_id=export_id)
     )
@@ -329,7 +368,7 @@ def exports_cancel(
 ) -> None:
     """Cancel a queued or running export: it stops before its next stage, or at once while
     llama.cpp runs (quantise, verify, smoke)."""
-    connection = Connection.open()
+    connection = Connection.open(workers=False)
     result = connection.call(
         "export",
         connection.export.CancelExport,
@@ -345,7 +384,7 @@ def exports_cancel(
 def info() -> None:
     """Where the stack runs, how it stores things, and the machine's safety level."""
     settings = get_settings()
-    connection = Connection.open()
+    connection = Connection.open(workers=False)
     snapshot = connection.call("safety", connection.safety.Snapshot, safety_pb2.SnapshotRequest())
     table = Table(show_header=False, box=None)
     rows = [
@@ -374,6 +413,10 @@ def serve(
         str, typer.Argument(help="all, dataprep, trainer, safety or export.")
     ] = "all",
     listen: Annotated[str, typer.Option(help="host:port to bind (default: settings).")] = "",
+    until_idle: Annotated[
+        float,
+        typer.Option(help="Exit once no job has run for this many seconds (0: run until stopped)."),
+    ] = 0.0,
 ) -> None:
     """Run one service, or all of them in one process, until interrupted."""
     from backpropagate_services.common.logs import configure_logging
@@ -386,7 +429,11 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: stack.stop())
     err_console.print(f"serving {', '.join(services)} on {stack.address}")
     try:
-        stack.wait()
+        if until_idle:
+            stack.wait_until_idle(until_idle)
+            stack.stop()
+        else:
+            stack.wait()
     except KeyboardInterrupt:
         stack.stop()
 
@@ -475,3 +522,7 @@ def main() -> None:
     except PartialFailure as exc:
         err_console.print(f"[bold yellow]partial failure[/]: {exc}")
         sys.exit(EXIT_PARTIAL_FAILURE)
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -25,28 +25,40 @@ from backpropagate.v1 import (
 from backpropagate_services.common.grpc_errors import error_from_rpc
 from backpropagate_services.common.settings import Settings, get_settings
 
+if TYPE_CHECKING:
+    from backpropagate_services.stack import RunningStack
+
 T = TypeVar("T")
 
 _embedded_lock = threading.Lock()
-_embedded_address: str | None = None
+_embedded_stack: RunningStack | None = None
 
 
-def embedded_address(settings: Settings) -> str:
-    """Start the all-in-one stack in this process once, and return its address."""
-    global _embedded_address
+def embedded_address(settings: Settings, workers: bool = True) -> str:
+    """Start the all-in-one stack in this process once, and return its address.
+
+    Its queue and records live in files under the home directory, shared by every process on
+    the machine; only a process that does jobs (train, resume, export) runs workers, so that
+    `runs list` in another terminal never takes a job it would drop on exit.
+    """
+    global _embedded_stack
     with _embedded_lock:
-        if _embedded_address is None:
+        if _embedded_stack is None:
             from backpropagate_services.common.logs import configure_logging
             from backpropagate_services.stack import SERVICES, start_stack
 
             configure_logging(settings.log_level, settings.home / "logs" / "embedded.log")
-            stack = start_stack(settings, list(SERVICES), "127.0.0.1:0")
+            _embedded_stack = start_stack(
+                settings, list(SERVICES), "127.0.0.1:0", start_workers=False
+            )
             # At exit, concurrent.futures joins the gRPC server's threads before atexit
             # handlers run, and the trainer's own safety Watch stream keeps one of them busy
-            # for ever: stop the stack from threading's exit hook, which runs first.
-            threading._register_atexit(stack.stop)  # type: ignore[attr-defined]
-            _embedded_address = stack.address
-        return _embedded_address
+            # for ever: stop the stack from threading's exit hook, which runs first. A worker
+            # mid-run checkpoints and releases its job there (`backprop runs resume` goes on).
+            threading._register_atexit(_embedded_stack.stop)  # type: ignore[attr-defined]
+        if workers:
+            _embedded_stack.start_workers()
+        return _embedded_stack.address
 
 
 @dataclass
@@ -56,12 +68,14 @@ class Connection:
     _channels: dict[str, grpc.Channel] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, settings: Settings | None = None) -> Connection:
+    def open(cls, settings: Settings | None = None, *, workers: bool = True) -> Connection:
+        """`workers=False`: a connection that only reads (records, events) and submits; with
+        the embedded default, this process then takes no jobs."""
         settings = settings or get_settings()
         services = ("dataprep", "trainer", "safety", "export")
         configured = {name: settings.endpoint_of(name) for name in services}
         embedded = any(address is None for address in configured.values())
-        fallback = embedded_address(settings) if embedded else ""
+        fallback = embedded_address(settings, workers) if embedded else ""
         return cls({name: configured[name] or fallback for name in services}, embedded)
 
     def channel(self, service: str) -> grpc.Channel:

@@ -26,6 +26,10 @@ class RunResult:
     output: str = ""  # store prefix of the adapter
     duration_seconds: float = 0.0
     samples_seen: int = 0
+    attempts: int = 0  # times a worker started it (more than 1: it was resumed)
+    resumed_from_step: int = 0
+    last_checkpoint_step: int = 0
+    checkpoint_steps: list[int] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, record: trainer_pb2.RunRecord) -> RunResult:
@@ -40,6 +44,10 @@ class RunResult:
             output=record.output,
             duration_seconds=record.duration_seconds,
             samples_seen=record.samples_seen,
+            attempts=record.attempts,
+            resumed_from_step=record.resumed_from_step,
+            last_checkpoint_step=record.last_checkpoint_step,
+            checkpoint_steps=[checkpoint.step for checkpoint in record.checkpoints],
         )
 
 

@@ -13,20 +13,23 @@ from pathlib import Path
 
 from rich.console import Console
 
+from backpropagate.background import start_background_worker
 from backpropagate.connection import Connection
 from backpropagate.progress import ExportProgress, TrainProgress
 from backpropagate.results import ExportResult, RunResult
 from backpropagate.v1 import trainer_pb2
 from backpropagate.workflows import (
     export,
+    follow_run,
     import_adapter,
     push,
     require_dataset_file,
-    train,
+    resume_run,
+    submit_train,
     upload_dataset,
 )
 from backpropagate_services.common.errors import UserError
-from backpropagate_services.common.settings import Settings
+from backpropagate_services.common.settings import Settings, get_settings
 
 
 class Trainer:
@@ -39,13 +42,19 @@ class Trainer:
         self.console = Console(stderr=True) if progress else None
         self.settings = settings
         self._connection: Connection | None = None
+        self._has_workers = False
         self.last_run: RunResult | None = None
 
     @property
     def connection(self) -> Connection:
-        """Opened on first use: with no endpoint set, that starts the embedded stack."""
-        if self._connection is None:
-            self._connection = Connection.open(self.settings)
+        """Opened on first use: with no endpoint set, that starts the embedded stack, whose
+        workers then run this process's jobs."""
+        return self._open(workers=True)
+
+    def _open(self, workers: bool) -> Connection:
+        if self._connection is None or (workers and not self._has_workers):
+            self._connection = Connection.open(self.settings, workers=workers)
+            self._has_workers = workers
         return self._connection
 
     def train(
@@ -60,10 +69,21 @@ class Trainer:
         max_length: int = 0,
         seed: int = 42,
         data_format: str = "auto",
+        gradient_accumulation: int = 0,
+        checkpoint_every: int = 0,
+        oom_recovery: bool = True,
+        wait: bool = True,
     ) -> RunResult:
-        """Fine-tune a LoRA adapter on a JSONL dataset; 0 means the trainer's default."""
+        """Fine-tune a LoRA adapter on a JSONL dataset; 0 means the trainer's default.
+
+        `checkpoint_every`: steps between checkpoints (0: every few minutes, and at the end).
+        `oom_recovery=False`: fail on out-of-memory instead of halving the micro-batch.
+        `wait=False`: submit and return the queued run at once (`watch` or `resume` it later);
+        with the embedded default a background worker process trains it.
+        """
         require_dataset_file(Path(data))  # before anything slow: a typo should fail at once
-        dataset = upload_dataset(self.connection, Path(data), data_format)
+        connection = self._open(workers=wait)
+        dataset = upload_dataset(connection, Path(data), data_format)
         if self.console is not None:
             self.console.print(
                 f"dataset [bold]{dataset.filename}[/]: {dataset.num_examples} {dataset.format} "
@@ -78,9 +98,36 @@ class Trainer:
             lora_alpha=lora_alpha,
             max_length=max_length,
             seed=seed,
+            gradient_accumulation=gradient_accumulation,
+            checkpoint_every=checkpoint_every,
+            disable_oom_recovery=not oom_recovery,
         )
+        run_id = submit_train(connection, dataset.dataset_id, config)
+        if not wait:
+            if connection.embedded:
+                start_background_worker((self.settings or get_settings()).home)
+            self.last_run = self.run(run_id)
+            return self.last_run
+        return self.watch(run_id)
+
+    def run(self, run_id: str) -> RunResult:
+        """The run's record as it is now."""
+        connection = self._open(workers=False)
+        request = trainer_pb2.GetRunRequest(run_id=run_id)
+        return RunResult.from_proto(connection.call("trainer", connection.trainer.GetRun, request))
+
+    def watch(self, run_id: str) -> RunResult:
+        """Follow a run (from its first event) until it ends; its result, or its error."""
+        connection = self._open(workers=False) if self._connection is None else self._connection
         with TrainProgress(self.console) if self.console else nullcontext() as bar:
-            self.last_run = train(self.connection, dataset.dataset_id, config, bar)
+            self.last_run = follow_run(connection, run_id, bar)
+        return self.last_run
+
+    def resume(self, run_id: str) -> RunResult:
+        """Continue a run that did not finish (its process died, it was stopped for safety
+        or cancelled) from its last checkpoint, and follow it to its end."""
+        with TrainProgress(self.console) if self.console else nullcontext() as bar:
+            self.last_run = resume_run(self.connection, run_id, bar)
         return self.last_run
 
     def _run_to_use(self, run_id: str, what: str) -> str:

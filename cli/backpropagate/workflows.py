@@ -85,19 +85,19 @@ def _raise_if_failed(status: int, error: common_pb2.ErrorDetail, what: str) -> N
         raise JobCancelledError(f"{what} was cancelled.")
 
 
-def train(
-    connection: Connection,
-    dataset_id: str,
-    config: trainer_pb2.TrainConfig,
-    on_event: RunEventHandler | None = None,
+def submit_train(connection: Connection, dataset_id: str, config: trainer_pb2.TrainConfig) -> str:
+    """Queue a train job; returns its run id."""
+    request = trainer_pb2.SubmitTrainRequest(dataset_id=dataset_id, config=config)
+    return connection.call("trainer", connection.trainer.SubmitTrain, request).run_id
+
+
+def resume_run(
+    connection: Connection, run_id: str, on_event: RunEventHandler | None = None
 ) -> RunResult:
-    stub = connection.trainer
-    submitted = connection.call(
-        "trainer",
-        stub.SubmitTrain,
-        trainer_pb2.SubmitTrainRequest(dataset_id=dataset_id, config=config),
-    )
-    return follow_run(connection, submitted.run_id, on_event)
+    """Continue an unfinished run from its last checkpoint, and follow it to its end."""
+    request = trainer_pb2.ResumeRunRequest(run_id=run_id)
+    connection.call("trainer", connection.trainer.ResumeRun, request)
+    return follow_run(connection, run_id, on_event)
 
 
 def follow_run(

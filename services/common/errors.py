@@ -147,6 +147,14 @@ class JobAttemptsExhaustedError(RuntimeFailure):
     )
 
 
+class CheckpointInvalidError(RuntimeFailure):
+    code = "STATE_CHECKPOINT_INVALID"
+    default_hint = (
+        "The checkpoint is incomplete or corrupt (a disk filled up or a file was edited). The "
+        "run keeps its other checkpoints: delete this one's directory and resume again."
+    )
+
+
 class ExportVerificationError(RuntimeFailure):
     code = "RUNTIME_EXPORT_VERIFICATION_FAILED"
     default_hint = "The quantised model disagrees with the trained one: export q8_0 or f16."

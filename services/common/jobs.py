@@ -1,9 +1,10 @@
 """A worker that claims jobs from one queue, keeps them alive while working, and acks them.
 
-Trainer and export workers differ only in `handle`; claiming, heartbeats and acking live here
-once. A job is acked after `handle` returns or raises: its outcome (success or a recorded
-failure) is final. Only a worker that dies mid-job leaves it un-acked, and then the queue hands
-it to another worker after the visibility timeout.
+Trainer and export workers differ only in `handle`; claiming, heartbeats (the lease), acking and
+releasing live here once. A job is acked once its outcome is durably recorded. A worker that dies
+mid-job leaves it un-acked, and the queue hands it to another worker after the visibility
+timeout; one asked to shut down releases it at once; one that finds its lease taken by another
+worker stops without writing anything.
 """
 
 from __future__ import annotations
@@ -39,28 +40,85 @@ log = logging.getLogger(__name__)
 
 CLAIM_TIMEOUT_SECONDS = 1.0
 
+# Store calls whose failure would lose an outcome ride out an outage of about half a minute
+# (a restarting MinIO, a Redis failover) before the job is left to be delivered again.
+durably = retry(
+    retry=retry_if_exception_type(DependencyError),
+    stop=stop_after_delay(30),
+    wait=wait_exponential(multiplier=0.5, max=5),
+    reraise=True,
+)
+
 
 def consumer_name(role: str) -> str:
     """Unique per process and thread, readable in `XINFO CONSUMERS`."""
     return f"{role}-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
 
 
+class JobInterrupted(Exception):
+    """The worker gives the job up without an outcome: nothing is recorded, nothing acked."""
+
+
+class LeaseLost(JobInterrupted):
+    """Another worker holds the job now (this one stalled past the visibility timeout)."""
+
+
+class ReleasedForShutdown(JobInterrupted):
+    """The worker is shutting down: the job was checkpointed and goes back to the queue."""
+
+
+class Lease:
+    """This worker's hold on a job: renewed by the heartbeat, confirmed before every write.
+
+    A refused renewal means another worker took the job over; from then on this one must not
+    write a record, a checkpoint or an artifact, or it would overwrite the new holder's work.
+    """
+
+    def __init__(self, queue: JobQueue, job: Job, consumer: str) -> None:
+        self.queue = queue
+        self.job = job
+        self.consumer = consumer
+        self.lost = threading.Event()
+
+    def renew(self) -> bool:
+        """Touch the job; False (and lost for good) when another worker holds it."""
+        if self.lost.is_set():
+            return False
+        held = self.queue.touch(self.job, self.consumer)
+        if not held:
+            log.warning("lost the lease on job %s to another worker", self.job.job_id)
+            self.lost.set()
+        return held
+
+    def check(self) -> None:
+        """LeaseLost if the heartbeat found the job taken (cheap: no queue call)."""
+        if self.lost.is_set():
+            raise LeaseLost(f"Job {self.job.job_id} is held by another worker now.")
+
+    def confirm(self) -> None:
+        """Renew now, through a queue outage; LeaseLost if the job is no longer ours."""
+        if not durably(self.renew)():
+            raise LeaseLost(f"Job {self.job.job_id} is held by another worker now.")
+
+
 @contextmanager
-def kept_alive(queue: JobQueue, job: Job, consumer: str, interval: float) -> Iterator[None]:
-    """Touch the job every `interval` seconds while the body runs, so it is not redelivered."""
+def kept_alive(queue: JobQueue, job: Job, consumer: str, interval: float) -> Iterator[Lease]:
+    """Renew the job's lease every `interval` seconds while the body runs, so it is not
+    redelivered; a failed renewal (queue away) is retried at the next beat."""
     done = threading.Event()
+    lease = Lease(queue, job, consumer)
 
     def beat() -> None:
-        while not done.wait(interval):
+        while not done.wait(interval) and not lease.lost.is_set():
             try:
-                queue.touch(job, consumer)
+                lease.renew()
             except Exception:
                 log.warning("heartbeat for job %s failed", job.job_id, exc_info=True)
 
     thread = threading.Thread(target=beat, name=f"heartbeat-{job.job_id}", daemon=True)
     thread.start()
     try:
-        yield
+        yield lease
     finally:
         done.set()
         thread.join(interval)
@@ -119,6 +177,8 @@ def run_recorded(record: JobRecord, work: Callable[[], str]) -> str:
     try:
         message = work()
         record.status = common_pb2.JOB_STATUS_SUCCEEDED
+    except JobInterrupted:
+        raise  # no outcome: the job stays with the queue
     except JobCancelledError:
         record.status = common_pb2.JOB_STATUS_CANCELLED
         message = "cancelled"
@@ -136,15 +196,6 @@ ENDED = (
     common_pb2.JOB_STATUS_SUCCEEDED,
     common_pb2.JOB_STATUS_FAILED,
     common_pb2.JOB_STATUS_CANCELLED,
-)
-
-# Store calls whose failure would lose an outcome ride out an outage of about half a minute
-# (a restarting MinIO, a Redis failover) before the job is left to be delivered again.
-durably = retry(
-    retry=retry_if_exception_type(DependencyError),
-    stop=stop_after_delay(30),
-    wait=wait_exponential(multiplier=0.5, max=5),
-    reraise=True,
 )
 
 
@@ -172,6 +223,13 @@ class JobWorker(BackgroundWorker):
         self.heartbeat_interval = max(visibility_timeout / 3, 0.1)
         self.max_attempts = max_attempts
         self.consumer = ""
+        self.lease: Lease | None = None  # of the job being handled
+        self._idle_since: float | None = time.monotonic()  # None while handling a job
+
+    def idle_seconds(self) -> float:
+        """How long this worker has had no job (0 while it has one)."""
+        since = self._idle_since
+        return 0.0 if since is None else time.monotonic() - since
 
     @abstractmethod
     def handle(self, job: Job) -> None:
@@ -211,7 +269,20 @@ class JobWorker(BackgroundWorker):
             finally:  # even a job whose record cannot be read must leave the queue
                 self.queue.dead_letter(job, self.consumer, reason)
             return
-        with kept_alive(self.queue, job, self.consumer, self.heartbeat_interval):
-            self.handle(job)
+        self._idle_since = None
+        try:
+            with kept_alive(self.queue, job, self.consumer, self.heartbeat_interval) as lease:
+                self.lease = lease
+                self.handle(job)
+        except ReleasedForShutdown:
+            released = self.queue.release(job, self.consumer)
+            log.info("job %s released for another worker (%s)", job.job_id, released)
+            return
+        except LeaseLost:
+            log.warning("job %s: stopped without writing; its new holder goes on", job.job_id)
+            return
+        finally:
+            self.lease = None
+            self._idle_since = time.monotonic()
         if not self.queue.ack(job, self.consumer):
             log.warning("job %s went to another worker meanwhile; left to it", job.job_id)

@@ -18,6 +18,15 @@ def adapter_prefix(run_id: str) -> str:
     return f"runs/{run_id}/adapter"
 
 
+def checkpoints_prefix(run_id: str) -> str:
+    return f"runs/{run_id}/checkpoints"
+
+
+def checkpoint_prefix(run_id: str, step: int) -> str:
+    """Zero-padded, so that listing order is step order."""
+    return f"{checkpoints_prefix(run_id)}/step-{step:08d}"
+
+
 def loss_curve_key(run_id: str) -> str:
     return f"runs/{run_id}/loss.png"
 

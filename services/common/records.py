@@ -6,6 +6,8 @@ as JSON or pass through Redis, so nothing is described twice.
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -13,11 +15,12 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from backpropagate.v1 import common_pb2
-from backpropagate_services.common.errors import NotFoundError
+from backpropagate_services.common.errors import DependencyError, NotFoundError
 from backpropagate_services.common.queue import JobQueue
 from backpropagate_services.common.store import ArtifactStore
 
 M = TypeVar("M", bound=Message)
+log = logging.getLogger(__name__)
 
 TERMINAL_STATUSES = {
     common_pb2.JOB_STATUS_SUCCEEDED,
@@ -53,14 +56,41 @@ def follow(
     channel: str,
     cls: type[M],
     is_active: Callable[[], bool],
+    is_final: Callable[[M], bool] = lambda _: True,
     poll_seconds: float = 1.0,
 ) -> Iterator[M]:
-    """Replay a job's events from the first, then follow until one has a terminal status."""
+    """Replay a job's events from the first, then follow until one has a terminal status and
+    `is_final(event)` agrees: a resumed run's history holds the terminal event of an earlier
+    attempt (stopped for safety, cancelled), which must not end the watch."""
     cursor = ""
     while is_active():
         for event in queue.read(channel, cursor, poll_seconds):
             cursor = event.event_id
             message = from_json(event.data, cls)
             yield message
-            if getattr(message, "status", None) in TERMINAL_STATUSES:
+            if getattr(message, "status", None) in TERMINAL_STATUSES and is_final(message):
                 return
+
+
+class BufferedPublisher:
+    """Publishes events, keeping them while the queue is away instead of failing the job.
+
+    A Redis restart must not kill a training run: events that cannot be published are kept (up
+    to `limit`, oldest dropped first) and sent, in order, with the next event that gets through.
+    """
+
+    def __init__(self, queue: JobQueue, limit: int = 10_000) -> None:
+        self.queue = queue
+        self.pending: deque[tuple[str, dict[str, object]]] = deque(maxlen=limit)
+
+    def publish(self, channel: str, event: Message) -> bool:
+        """True when everything up to this event is published."""
+        self.pending.append((channel, to_json(event)))
+        try:
+            while self.pending:
+                self.queue.publish(*self.pending[0])
+                self.pending.popleft()
+        except DependencyError as exc:
+            log.warning("event bus unavailable (%s); %d events kept", exc.code, len(self.pending))
+            return False
+        return True

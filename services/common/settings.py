@@ -18,7 +18,14 @@ from backpropagate_services.common.errors import ConfigError
 
 class QueueSettings(BaseModel):
     backend: Literal["embedded", "redis"] = Field(
-        "embedded", description="Job queue and event bus: in-process, or Redis Streams."
+        "embedded",
+        description="Job queue and event bus: a SQLite file shared by this machine's processes, "
+        "or Redis Streams.",
+    )
+    embedded_path: Path | None = Field(
+        None,
+        description="SQLite file of the embedded queue, on a local disk; default "
+        "<home>/queue.sqlite3.",
     )
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", description="Redis URL for the redis backend."
@@ -69,6 +76,25 @@ class TrainerSettings(BaseModel):
     )
     workers: int = Field(1, description="Train jobs one trainer process runs at a time.")
     threads: int = Field(0, description="torch CPU threads; 0: torch's default.")
+    checkpoint_interval_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Without --checkpoint-every, a checkpoint after the first step that ends "
+        "this long after the last one (and always at the end): at most ~5 minutes of training "
+        "is lost to a crash.",
+    )
+    keep_last_checkpoints: int = Field(
+        2, ge=1, description="Newest checkpoints kept per run (to resume from)."
+    )
+    keep_best_checkpoints: int = Field(
+        1, ge=0, description="Checkpoints with the lowest recent loss kept per run, besides."
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM a training worker checkpoints and releases its job; the process "
+        "waits this long for it (keep it under the container's stop grace period).",
+    )
 
 
 class ExportSettings(BaseModel):
@@ -139,6 +165,12 @@ class FaultSettings(BaseModel):
         None,
         description="Drill: the child process of this llama.cpp stage (quantize, verify, smoke, "
         "chat) crashes with a real SIGSEGV before it starts, as a native bug would.",
+    )
+    oom_at_step: int | None = Field(
+        None,
+        ge=1,
+        description="Drill: training raises a real out-of-memory error inside this step (once "
+        "per worker process), so the OOM recovery runs end to end.",
     )
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 from backpropagate.v1 import trainer_pb2
 from backpropagate_services.trainer.lora import TrainingConfig
 
-OVERRIDABLE = ("steps", "batch_size", "learning_rate", "lora_r", "lora_alpha", "max_length")
+OVERRIDABLE = (
+    "steps",
+    "batch_size",
+    "gradient_accumulation",
+    "learning_rate",
+    "lora_r",
+    "lora_alpha",
+    "max_length",
+)
 
 
 def training_config_from_proto(message: trainer_pb2.TrainConfig) -> TrainingConfig:

@@ -1,19 +1,22 @@
-"""The LoRA SFT loop: one function, read top to bottom (setup, the step, the report).
+"""The LoRA SFT loop: setup, the step, the report; resumable from a checkpointed state.
 
-The loss is computed in `train_lora`, in plain sight: cross-entropy of the logits at position t
-against the token at t + 1, over assistant tokens only (see `templating`). Logits are projected
-only at those positions (`logits_to_keep` with a boolean mask): the full-vocabulary fp32 logits
-of every prompt and padding position would otherwise dominate memory and a fifth of the compute.
+The loss is computed in `LoraTraining._step`, in plain sight: cross-entropy of the logits at
+position t against the token at t + 1, over assistant tokens only (see `templating`). Logits are
+projected only at those positions (`logits_to_keep` with a boolean mask): the full-vocabulary
+fp32 logits of every prompt and padding position would otherwise dominate memory and a fifth of
+the compute.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,7 @@ from backpropagate_services.common.errors import (
     GpuOutOfMemoryError,
     JobCancelledError,
 )
+from backpropagate_services.trainer.checkpoints import TrainingState
 from backpropagate_services.trainer.lora import TrainingConfig, apply_lora
 from backpropagate_services.trainer.templating import (
     IGNORE_INDEX,
@@ -50,6 +54,16 @@ class StepReport:
 
 
 @dataclass(frozen=True)
+class OomRecovery:
+    """The micro-batch was halved after an out-of-memory error; the effective batch is kept."""
+
+    step: int  # the step that is taken again
+    micro_batch_size: int
+    gradient_accumulation: int
+    recoveries: int  # how many times so far in this run
+
+
+@dataclass(frozen=True)
 class TrainingOutcome:
     loss_history: list[float]
     final_loss: float
@@ -60,6 +74,270 @@ class TrainingOutcome:
     examples_dropped: int  # conversations with no assistant token left within max_length
 
 
+MAX_OOM_RECOVERIES = 3
+
+
+class TrainingHooks:
+    """What the service around the loop does between steps; every default does nothing.
+
+    `before_step` may block (a safety pause) or raise to stop the run (cancelled, lease lost,
+    shutting down); both hooks may call `training.state()` to write a checkpoint.
+    """
+
+    def before_step(self, step: int, training: LoraTraining) -> None:
+        """Called before optimizer step `step` (1-based) is taken."""
+
+    def after_step(self, report: StepReport, training: LoraTraining) -> None:
+        """Called once the step is done and counted."""
+
+    def on_oom_recovery(self, recovery: OomRecovery) -> None:
+        """Called after the micro-batch was halved, before the step is taken again."""
+
+
+class CallbackHooks(TrainingHooks):
+    """A per-step callback and a cancellation check: all a plain caller needs."""
+
+    def __init__(
+        self,
+        on_step: Callable[[StepReport], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.on_step = on_step
+        self.should_stop = should_stop
+
+    def before_step(self, step: int, training: LoraTraining) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise JobCancelledError(f"Cancelled before step {step} of {training.config.steps}.")
+
+    def after_step(self, report: StepReport, training: LoraTraining) -> None:
+        if self.on_step is not None:
+            self.on_step(report)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OOM, and the host's: torch's CPU allocator raises a plain RuntimeError."""
+    return isinstance(error, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
+class LoraTraining:
+    """One LoRA SFT run, resumable: set up from scratch or from a checkpointed `TrainingState`.
+
+    Each optimizer step draws `batch_size` conversations and runs them as micro-batches of
+    `micro_batch_size` (gradient accumulation); the loss is the mean over all the step's trained
+    tokens, whatever the split. On an out-of-memory error the micro-batch is halved and the same
+    step taken again from the same state, so the effective batch and the data order stay.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        conversations: Sequence[Conversation],
+        config: TrainingConfig,
+        *,
+        resume: TrainingState | None = None,
+        oom_recovery: bool = True,
+        oom_drill_step: int | None = None,
+    ) -> None:
+        """`oom_drill_step`: a fault drill, raising a real out-of-memory error inside that step
+        (once) so the recovery path runs for real."""
+        self.config = config.validate()
+        self.dataset = tokenize_conversations(conversations, tokenizer, config.max_length)
+        if not self.dataset.examples:
+            raise DatasetEmptyError(
+                f"None of the {len(conversations)} conversations has an assistant token within "
+                f"max_length={config.max_length}.",
+                hint="Raise --max-length, or check that the rows have assistant turns.",
+            )
+        if self.dataset.dropped:
+            log.warning(
+                "dropped %d conversations cut off before any assistant token", self.dataset.dropped
+            )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.oom_recovery = oom_recovery
+        self.oom_drill_step = oom_drill_step
+
+        torch.manual_seed(config.seed)  # LoRA init and dropout; data order has its own Random
+        self.model = apply_lora(model, config)
+        self.device = next(self.model.parameters()).device
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: linear_warmup_decay(step, config.warmup_steps, config.steps),
+        )
+        self.batches = BatchSampler(len(self.dataset.examples), config.batch_size, config.seed)
+        self.step = 0
+        self.loss_history: list[float] = []
+        self.tokens_seen = 0
+        self.micro_batch_size = math.ceil(config.batch_size / config.gradient_accumulation)
+        self.oom_recoveries = 0
+        if resume is not None:
+            self.restore(resume)
+
+    @property
+    def gradient_accumulation(self) -> int:
+        return math.ceil(self.config.batch_size / self.micro_batch_size)
+
+    def state(self) -> TrainingState:
+        """Everything needed to go on from here, copied (training may go on meanwhile)."""
+        from peft import get_peft_model_state_dict
+
+        return TrainingState(
+            step=self.step,
+            loss_history=list(self.loss_history),
+            tokens_seen=self.tokens_seen,
+            micro_batch_size=self.micro_batch_size,
+            adapter={
+                name: tensor.detach().cpu().clone()
+                for name, tensor in get_peft_model_state_dict(self.model).items()
+            },
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            scheduler=self.scheduler.state_dict(),
+            data_order=self.batches.state(),
+            torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        )
+
+    def restore(self, state: TrainingState) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, state.adapter)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.batches.restore(state.data_order)
+        torch.set_rng_state(state.torch_rng)
+        if state.cuda_rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state.cuda_rng)
+        self.step = state.step
+        self.loss_history = list(state.loss_history)
+        self.tokens_seen = state.tokens_seen
+        self.micro_batch_size = state.micro_batch_size
+
+    def run(self, hooks: TrainingHooks | None = None) -> tuple[PeftModel, TrainingOutcome]:
+        """Train up to `config.steps` (from wherever a restored state left off)."""
+        hooks = hooks or TrainingHooks()
+        config = self.config
+        started = time.monotonic()
+        first_step = self.step + 1
+        self.model.train()
+        for step in range(first_step, config.steps + 1):
+            hooks.before_step(step, self)
+            step_started = time.monotonic()
+            indices = self.batches.next()
+            loss, trained_tokens, learning_rate = self._step_with_oom_recovery(step, indices, hooks)
+            self.step = step
+            self.tokens_seen += trained_tokens
+            self.loss_history.append(loss)
+            now = time.monotonic()
+            hooks.after_step(
+                StepReport(
+                    step=step,
+                    total_steps=config.steps,
+                    loss=loss,
+                    learning_rate=learning_rate,
+                    tokens_per_second=trained_tokens / max(now - step_started, 1e-9),
+                    eta_seconds=(now - started) / (step - first_step + 1) * (config.steps - step),
+                    samples_seen=step * config.batch_size,
+                ),
+                self,
+            )
+        self.model.eval()  # dropout off for whoever samples from or evaluates the result
+        return self.model, TrainingOutcome(
+            loss_history=list(self.loss_history),
+            final_loss=self.loss_history[-1],
+            samples_seen=config.steps * config.batch_size,
+            tokens_seen=self.tokens_seen,
+            duration_seconds=time.monotonic() - started,
+            examples_trained=len(self.dataset.examples),
+            examples_dropped=self.dataset.dropped,
+        )
+
+    def _step_with_oom_recovery(
+        self, step: int, indices: list[int], hooks: TrainingHooks
+    ) -> tuple[float, int, float]:
+        """Take the step; after an OOM, halve the micro-batch and take it again from the same
+        RNG state, up to MAX_OOM_RECOVERIES times."""
+        rng = torch.get_rng_state()
+        while True:
+            try:
+                return self._step(step, indices)
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.set_rng_state(rng)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if (
+                    not self.oom_recovery
+                    or self.oom_recoveries >= MAX_OOM_RECOVERIES
+                    or self.micro_batch_size == 1
+                ):
+                    raise GpuOutOfMemoryError(
+                        f"Out of memory at batch_size={self.config.batch_size} (micro-batches "
+                        f"of {self.micro_batch_size}), max_length={self.config.max_length}, "
+                        f"after {self.oom_recoveries} recoveries.",
+                        hint="Halve --batch-size or --max-length, or use a smaller model.",
+                    ) from error
+                self.micro_batch_size = math.ceil(self.micro_batch_size / 2)
+                self.oom_recoveries += 1
+                log.warning(
+                    "out of memory at step %d: micro-batch %d x %d accumulation, retrying",
+                    step,
+                    self.micro_batch_size,
+                    self.gradient_accumulation,
+                )
+                hooks.on_oom_recovery(
+                    OomRecovery(
+                        step, self.micro_batch_size, self.gradient_accumulation, self.oom_recoveries
+                    )
+                )
+
+    def _step(self, step: int, indices: list[int]) -> tuple[float, int, float]:
+        """One optimizer step over `indices`: (mean loss, trained tokens, learning rate)."""
+        examples = [self.dataset.examples[i] for i in indices]
+        micro_batches = [
+            collate(examples[i : i + self.micro_batch_size], self.pad_id, self.device)
+            for i in range(0, len(examples), self.micro_batch_size)
+        ]
+        # Position t predicts token t + 1; only positions whose next token is trained count.
+        trained_tokens = sum(
+            int((labels[:, 1:] != IGNORE_INDEX).sum()) for *_, labels in micro_batches
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for input_ids, attention_mask, labels in micro_batches:
+            targets = labels[:, 1:]
+            predicts = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
+            if not bool(predicts.any()):
+                continue
+            logits = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                logits_to_keep=predicts,
+                use_cache=False,  # a KV cache is for generation
+            ).logits
+            if step == self.oom_drill_step:
+                self.oom_drill_step = None  # once
+                raise torch.OutOfMemoryError(f"Fault drill: out of memory at step {step}.")
+            # Summed and divided by the step's token count: the same mean for any split.
+            loss = F.cross_entropy(
+                logits.float(), targets[targets != IGNORE_INDEX], reduction="sum"
+            ) / max(trained_tokens, 1)
+            loss.backward()
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        learning_rate = float(self.scheduler.get_last_lr()[0])
+        self.optimizer.step()
+        self.scheduler.step()
+        return step_loss, trained_tokens, learning_rate
+
+
 def train_lora(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -68,98 +346,13 @@ def train_lora(
     on_step: Callable[[StepReport], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[PeftModel, TrainingOutcome]:
-    """Fine-tune LoRA adapters on the assistant turns of `conversations`.
+    """Fine-tune LoRA adapters on the assistant turns of `conversations`, from scratch.
 
     `model` is wrapped in place (its linear layers get lora_A / lora_B); its base weights do not
     change. Save the result with `peft_model.save_pretrained(directory)`.
     """
-    config.validate()
-    dataset = tokenize_conversations(conversations, tokenizer, config.max_length)
-    if not dataset.examples:
-        raise DatasetEmptyError(
-            f"None of the {len(conversations)} conversations has an assistant token within "
-            f"max_length={config.max_length}.",
-            hint="Raise --max-length, or check that the rows have assistant turns.",
-        )
-    if dataset.dropped:
-        log.warning("dropped %d conversations cut off before any assistant token", dataset.dropped)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    torch.manual_seed(config.seed)  # LoRA init and dropout; data order has its own seeded Random
-    peft_model = apply_lora(model, config)
-    device = next(peft_model.parameters()).device
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable, lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: linear_warmup_decay(step, config.warmup_steps, config.steps)
-    )
-    batches = shuffled_batches(len(dataset.examples), config.batch_size, config.seed)
-    loss_history: list[float] = []
-    tokens_seen = 0
-    started = time.monotonic()
-
-    peft_model.train()
-    try:
-        for step in range(1, config.steps + 1):
-            if should_stop is not None and should_stop():
-                raise JobCancelledError(f"Cancelled before step {step} of {config.steps}.")
-            step_started = time.monotonic()
-            input_ids, attention_mask, labels = collate(
-                [dataset.examples[i] for i in next(batches)], pad_id, device
-            )
-            # Position t predicts token t + 1; only positions whose next token is trained count.
-            targets = labels[:, 1:]
-            predicts = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
-            logits = peft_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                logits_to_keep=predicts,
-                use_cache=False,  # a KV cache is for generation
-            ).logits
-            loss = F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX])
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            learning_rate = float(scheduler.get_last_lr()[0])
-            optimizer.step()
-            scheduler.step()
-
-            trained_tokens = int(predicts.sum())
-            tokens_seen += trained_tokens
-            loss_history.append(loss.item())
-            if on_step is not None:
-                now = time.monotonic()
-                on_step(
-                    StepReport(
-                        step=step,
-                        total_steps=config.steps,
-                        loss=loss_history[-1],
-                        learning_rate=learning_rate,
-                        tokens_per_second=trained_tokens / max(now - step_started, 1e-9),
-                        eta_seconds=(now - started) / step * (config.steps - step),
-                        samples_seen=step * config.batch_size,
-                    )
-                )
-    except torch.cuda.OutOfMemoryError as error:
-        raise GpuOutOfMemoryError(
-            f"The GPU ran out of memory at batch_size={config.batch_size}, "
-            f"max_length={config.max_length}.",
-            hint="Halve --batch-size or --max-length, or use a smaller model.",
-        ) from error
-    peft_model.eval()  # dropout off for whoever samples from or evaluates the result
-
-    return peft_model, TrainingOutcome(
-        loss_history=loss_history,
-        final_loss=loss_history[-1],
-        samples_seen=config.steps * config.batch_size,
-        tokens_seen=tokens_seen,
-        duration_seconds=time.monotonic() - started,
-        examples_trained=len(dataset.examples),
-        examples_dropped=dataset.dropped,
-    )
+    training = LoraTraining(model, tokenizer, conversations, config)
+    return training.run(CallbackHooks(on_step, should_stop))
 
 
 def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -174,20 +367,35 @@ def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float
     return (total_steps - step) / (total_steps - warmup_steps)
 
 
-def shuffled_batches(n_examples: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+class BatchSampler:
     """Endless batches of example indices: each epoch a fresh seeded shuffle, batches always full.
 
-    A batch may span two epochs, so a dataset smaller than a batch still fills one.
+    A batch may span two epochs, so a dataset smaller than a batch still fills one. Its state
+    (the RNG and the indices drawn but not yet used) is part of a checkpoint, so a resumed run
+    sees the very batches the uninterrupted one would have.
     """
-    order = random.Random(seed)
-    pending: list[int] = []
-    while True:
-        while len(pending) < batch_size:
-            epoch = list(range(n_examples))
-            order.shuffle(epoch)
-            pending.extend(epoch)
-        yield pending[:batch_size]
-        del pending[:batch_size]
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int) -> None:
+        self.n_examples = n_examples
+        self.batch_size = batch_size
+        self.order = random.Random(seed)
+        self.pending: list[int] = []
+
+    def next(self) -> list[int]:
+        while len(self.pending) < self.batch_size:
+            epoch = list(range(self.n_examples))
+            self.order.shuffle(epoch)
+            self.pending.extend(epoch)
+        batch = self.pending[: self.batch_size]
+        del self.pending[: self.batch_size]
+        return batch
+
+    def state(self) -> dict[str, Any]:
+        return {"rng": self.order.getstate(), "pending": list(self.pending)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.order.setstate(state["rng"])
+        self.pending = list(state["pending"])
 
 
 def collate(

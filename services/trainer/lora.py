@@ -25,6 +25,12 @@ class TrainingConfig:
 
     steps: int = field(default=100, metadata={"help": "Optimizer steps to run, cycling the data."})
     batch_size: int = field(default=4, metadata={"help": "Conversations per optimizer step."})
+    gradient_accumulation: int = field(
+        default=1,
+        metadata={
+            "help": "Micro-batches each step's batch is split into (less memory, same result)."
+        },
+    )
     learning_rate: float = field(
         default=2e-4, metadata={"help": "Peak AdamW learning rate, reached at the end of warmup."}
     )
@@ -70,6 +76,11 @@ class TrainingConfig:
         checks = {
             "steps": ("an integer >= 1", _int_at_least(self.steps, 1)),
             "batch_size": ("an integer >= 1", _int_at_least(self.batch_size, 1)),
+            "gradient_accumulation": (
+                "an integer in [1, batch_size]",
+                _int_at_least(self.gradient_accumulation, 1)
+                and self.gradient_accumulation <= max(self.batch_size, 1),
+            ),
             "learning_rate": ("> 0", _number_in(self.learning_rate, 0, math.inf, low_open=True)),
             "lora_r": ("an integer >= 1", _int_at_least(self.lora_r, 1)),
             "lora_alpha": ("an integer >= 1", _int_at_least(self.lora_alpha, 1)),

@@ -14,7 +14,7 @@ from backpropagate_services.common.datasets import load_record as load_dataset_r
 from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.ids import new_id
-from backpropagate_services.common.jobs import cancel_job
+from backpropagate_services.common.jobs import ENDED, cancel_job
 from backpropagate_services.common.layout import TRAIN_QUEUE
 from backpropagate_services.common.layout import run_events_channel as events_channel
 from backpropagate_services.common.layout import run_record_key as record_key
@@ -67,6 +67,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 run_id=run_id,
                 status=record.status,
                 total_steps=config.steps,
+                kind="queued",
                 message="queued",
                 timestamp=time.time(),
             ),
@@ -79,8 +80,18 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.WatchRunRequest, context: grpc.ServicerContext
     ) -> Iterator[trainer_pb2.RunEvent]:
         self._record(request.run_id)  # NOT_FOUND for a run that does not exist
+
+        def is_final(event: trainer_pb2.RunEvent) -> bool:
+            """The last event of the run, not that of an attempt the run was resumed after."""
+            record = self._record(request.run_id)
+            return record.status in ENDED and event.attempt == record.attempts
+
         yield from follow(
-            self.queue, events_channel(request.run_id), trainer_pb2.RunEvent, context.is_active
+            self.queue,
+            events_channel(request.run_id),
+            trainer_pb2.RunEvent,
+            context.is_active,
+            is_final,
         )
 
     @translate_errors
@@ -115,6 +126,45 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             )
             record = import_adapter(self.store, adapter_dir, first.header.base_model)
         save_record(self.store, record_key(record.run_id), record)
+        return record
+
+    @translate_errors
+    def ResumeRun(
+        self, request: trainer_pb2.ResumeRunRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.RunRecord:
+        record = self._record(request.run_id)
+        if record.status == common_pb2.JOB_STATUS_SUCCEEDED:
+            raise UserError(
+                f"Run {record.run_id} has already finished.",
+                hint="Export it, or train again with more --steps.",
+                run_id=record.run_id,
+            )
+        waiting = record.status == common_pb2.JOB_STATUS_QUEUED and not record.job_id
+        live = record.status in (common_pb2.JOB_STATUS_QUEUED, common_pb2.JOB_STATUS_RUNNING)
+        if waiting or (live and self.queue.is_pending(TRAIN_QUEUE, record.job_id)):
+            return record  # its job is still queued or held: a worker goes on with it
+        # The record says QUEUED before the job exists: a worker that claims it at once must not
+        # find the run ended and drop it.
+        record.status = common_pb2.JOB_STATUS_QUEUED
+        record.ClearField("error")
+        save_record(self.store, record_key(record.run_id), record)
+        publish(
+            self.queue,
+            events_channel(record.run_id),
+            trainer_pb2.RunEvent(
+                run_id=record.run_id,
+                status=record.status,
+                total_steps=record.steps,
+                step=record.last_checkpoint_step,
+                kind="queued",
+                attempt=record.attempts,
+                message=f"queued to resume from step {record.last_checkpoint_step}"
+                if record.last_checkpoint_step
+                else "queued to start again (no checkpoint yet)",
+                timestamp=time.time(),
+            ),
+        )
+        self.queue.enqueue(TRAIN_QUEUE, {"run_id": record.run_id})
         return record
 
     @translate_errors

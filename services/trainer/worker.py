@@ -1,14 +1,15 @@
 """Claims train jobs and runs them: dataset -> model -> LoRA training -> adapter in the store.
 
 This is the service layer around the plain training domain (templating, lora, loop): it knows
-about records, events, the store and cancellation; the domain knows only about tensors.
+about records, events, the store, checkpoints and the lease; the domain knows only about
+tensors. A run whose record lists a checkpoint continues from it: that is how a redelivered job
+(its worker died) or a resumed run goes on where it stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -18,25 +19,22 @@ from backpropagate_services.common.datasets import load_conversations
 from backpropagate_services.common.jobs import (
     ENDED,
     JobWorker,
-    cancel_requested,
+    Lease,
     durably,
     run_recorded,
 )
-from backpropagate_services.common.layout import (
-    TRAIN_QUEUE,
-    adapter_prefix,
-    loss_curve_key,
-)
-from backpropagate_services.common.layout import run_events_channel as events_channel
+from backpropagate_services.common.layout import TRAIN_QUEUE, adapter_prefix, loss_curve_key
 from backpropagate_services.common.layout import run_record_key as record_key
 from backpropagate_services.common.logs import run_context
 from backpropagate_services.common.models import load_model, resolve_model
 from backpropagate_services.common.queue import Job
-from backpropagate_services.common.records import load_record, publish, save_record
+from backpropagate_services.common.records import load_record, save_record
 from backpropagate_services.common.runtime import Runtime
+from backpropagate_services.trainer.checkpoints import CheckpointManager, CheckpointPolicy
 from backpropagate_services.trainer.config import training_config_from_proto
-from backpropagate_services.trainer.loop import StepReport, train_lora
+from backpropagate_services.trainer.loop import LoraTraining
 from backpropagate_services.trainer.plots import write_loss_curve
+from backpropagate_services.trainer.run_hooks import RunEvents, RunHooks
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
 
 log = logging.getLogger(__name__)
@@ -57,17 +55,13 @@ class TrainWorker(JobWorker):
         self.runtime = runtime
         self.store = runtime.store
         self.safety = safety
+        self.events = RunEvents(runtime.queue, safety)
+        trainer = runtime.settings.trainer
+        self.policy = CheckpointPolicy(trainer.keep_last_checkpoints, trainer.keep_best_checkpoints)
 
-    def emit(self, record: trainer_pb2.RunRecord, **fields: object) -> None:
-        event = trainer_pb2.RunEvent(
-            run_id=record.run_id,
-            status=record.status,
-            total_steps=record.steps,
-            safety_level=self.safety.level,  # type: ignore[arg-type]
-            timestamp=time.time(),
-            **fields,  # type: ignore[arg-type]
-        )
-        publish(self.queue, events_channel(record.run_id), event)
+    def stop(self, timeout: float = 5.0) -> None:
+        """Give a running step the time to finish, checkpoint and release the job."""
+        super().stop(max(timeout, self.runtime.settings.trainer.shutdown_grace_seconds))
 
     def job_record(self, job: Job) -> trainer_pb2.RunRecord:
         run_id = str(job.payload["run_id"])
@@ -75,7 +69,9 @@ class TrainWorker(JobWorker):
 
     def finish(self, record: trainer_pb2.RunRecord, message: str) -> None:
         durably(save_record)(self.store, record_key(record.run_id), record)
-        self.emit(record, message=message, error=record.error, step=len(record.loss_history))
+        self.events.emit(
+            record, kind="ended", message=message, error=record.error, step=len(record.loss_history)
+        )
 
     def handle(self, job: Job) -> None:
         record = self.job_record(job)
@@ -83,49 +79,77 @@ class TrainWorker(JobWorker):
             if record.status in ENDED:
                 log.info("run already %s: nothing to do", common_pb2.JobStatus.Name(record.status))
                 return
-            if job.deliveries > 1:
-                log.warning("starting again a run whose worker died (delivery %d)", job.deliveries)
-            self.finish(record, run_recorded(record, lambda: self.train(record)))
+            assert self.lease is not None
+            lease = self.lease
+            self.finish(record, run_recorded(record, lambda: self.train(record, job, lease)))
 
-    def train(self, record: trainer_pb2.RunRecord) -> str:
+    def train(self, record: trainer_pb2.RunRecord, job: Job, lease: Lease) -> str:
         run_id = record.run_id
+        checkpoints = CheckpointManager(self.store, run_id, self.policy)
+        resume_from = record.last_checkpoint_step
+        if job.deliveries > 1 or record.attempts:
+            log.warning(
+                "attempt %d at this run (delivery %d): %s",
+                record.attempts + 1,
+                job.deliveries,
+                f"resuming from step {resume_from}" if resume_from else "no checkpoint yet",
+            )
         record.status = common_pb2.JOB_STATUS_RUNNING
-        save_record(self.store, record_key(run_id), record)
-        self.emit(record, message=STARTED_MESSAGE)
+        record.attempts += 1
+        record.job_id = job.job_id
+        record.resumed_from_step = resume_from
+        record.ClearField("error")
+        lease.confirm()
+        durably(save_record)(self.store, record_key(run_id), record)
+        self.events.emit(record, kind="started", message=STARTED_MESSAGE)
+
         config = training_config_from_proto(record.config)
         conversations = load_conversations(self.store, record.dataset_id)
         source = resolve_model(record.base_model)
         if self.runtime.settings.trainer.threads > 0:
             torch.set_num_threads(self.runtime.settings.trainer.threads)
         model, tokenizer = load_model(source, self.runtime.settings.model_cache_dir)
-        self.emit(record, message=f"training {source.name} for {config.steps} steps")
-
-        def on_step(report: StepReport) -> None:
-            record.loss_history.append(report.loss)  # kept per step: a failed run keeps its curve
-            self.emit(
-                record,
-                step=report.step,
-                loss=report.loss,
-                learning_rate=report.learning_rate,
-                tokens_per_second=report.tokens_per_second,
-                eta_seconds=report.eta_seconds,
-            )
-
-        peft_model, outcome = train_lora(
+        state = durably(checkpoints.load)(resume_from) if resume_from else None
+        # Steps after the checkpoint are trained again: recorded once, from the checkpoint on.
+        record.loss_history[:] = state.loss_history if state else []
+        training = LoraTraining(
             model,
             tokenizer,
             conversations,
             config,
-            on_step=on_step,
-            should_stop=cancel_requested(self.queue, run_id),
+            resume=state,
+            oom_recovery=not record.config.disable_oom_recovery,
+            oom_drill_step=self.runtime.settings.fault.oom_at_step,
         )
-        self.emit(record, step=config.steps, message="saving adapter")
+        record.batch_size = training.micro_batch_size
+        record.gradient_accumulation = training.gradient_accumulation
+        self.events.emit(
+            record,
+            kind="started",
+            step=training.step,
+            message=f"training {source.name} for {config.steps} steps"
+            + (f", resumed from step {resume_from}" if resume_from else ""),
+        )
+        hooks = RunHooks(
+            record,
+            self.events,
+            checkpoints,
+            lease,
+            worker=self,
+            checkpoint_every=record.config.checkpoint_every,
+            checkpoint_interval=self.runtime.settings.trainer.checkpoint_interval_seconds,
+        )
+        peft_model, outcome = training.run(hooks)
+
+        self.events.emit(record, kind="step", step=config.steps, message="saving adapter")
+        lease.confirm()
         with tempfile.TemporaryDirectory(prefix="bp-adapter-") as tmp:
             peft_model.save_pretrained(tmp)
-            self.store.put_dir(adapter_prefix(run_id), Path(tmp))
+            durably(self.store.put_dir)(adapter_prefix(run_id), Path(tmp))
             curve = write_loss_curve(outcome.loss_history, Path(tmp) / "loss.png")
-            self.store.put_file(loss_curve_key(run_id), curve)
+            durably(self.store.put_file)(loss_curve_key(run_id), curve)
         record.final_loss = outcome.final_loss
         record.samples_seen = outcome.samples_seen
         record.output = adapter_prefix(run_id) + "/"
+        lease.confirm()  # the terminal record, saved next, is this worker's to write
         return f"done: final loss {record.final_loss:.4f}"

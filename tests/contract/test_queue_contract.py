@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from uuid import uuid4
 
 import pytest
@@ -24,20 +26,47 @@ VISIBILITY_TIMEOUT = 0.5
 GENEROUS = 5.0
 
 
+Opener = Callable[[], JobQueue]
+
+
+@contextmanager
+def fresh_queue(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens handles on one fresh, empty queue, as separate processes would, and closes them
+    after the test; Redis ones get their own namespace so tests cannot see each other."""
+    namespace = f"test-{uuid4().hex}"
+    opened: list[JobQueue] = []
+
+    def open_handle() -> JobQueue:
+        handle: JobQueue
+        if kind == "redis":
+            handle = RedisStreamsQueue(
+                request.getfixturevalue("redis_url"),
+                namespace=namespace,
+                visibility_timeout=VISIBILITY_TIMEOUT,
+            )
+        else:
+            in_memory = kind == "embedded-in-memory"
+            path = None if in_memory else tmp_path / "queue.sqlite3"
+            handle = EmbeddedQueue(visibility_timeout=VISIBILITY_TIMEOUT, path=path)
+        opened.append(handle)
+        return handle
+
+    yield open_handle
+    for handle in opened:
+        handle.close()
+
+
+@pytest.fixture(params=["embedded", "embedded-in-memory", "redis"])
+def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobQueue]:
+    with fresh_queue(request.param, request, tmp_path) as open_handle:
+        yield open_handle()
+
+
 @pytest.fixture(params=["embedded", "redis"])
-def queue(request: pytest.FixtureRequest) -> Iterator[JobQueue]:
-    """A fresh, empty queue; Redis ones get their own namespace so tests cannot see each other."""
-    implementation: JobQueue
-    if request.param == "redis":
-        implementation = RedisStreamsQueue(
-            request.getfixturevalue("redis_url"),
-            namespace=f"test-{uuid4().hex}",
-            visibility_timeout=VISIBILITY_TIMEOUT,
-        )
-    else:
-        implementation = EmbeddedQueue(visibility_timeout=VISIBILITY_TIMEOUT)
-    yield implementation
-    implementation.close()
+def open_queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """For queues that outlive their handles: an in-memory one is private to its object."""
+    with fresh_queue(request.param, request, tmp_path) as open_handle:
+        yield open_handle
 
 
 def after_a_moment(action: Callable[[], object]) -> threading.Thread:
@@ -108,7 +137,7 @@ def test_touched_job_is_not_redelivered(queue: JobQueue) -> None:
 
     for _ in range(4):  # 0.8 s in all, well past the visibility timeout
         assert queue.claim("train", "worker-2", timeout=0.2) is None
-        queue.touch(job, "worker-1")
+        assert queue.touch(job, "worker-1")
 
 
 def test_touch_by_a_worker_that_lost_its_job_does_not_keep_it_alive(queue: JobQueue) -> None:
@@ -127,6 +156,19 @@ def test_touch_by_a_worker_that_lost_its_job_does_not_keep_it_alive(queue: JobQu
 
     assert third is not None
     assert third.deliveries == 3
+
+
+def test_touch_tells_a_worker_whether_it_still_holds_its_job(queue: JobQueue) -> None:
+    queue.enqueue("train", {"run_id": "run-1"})
+    stalled = queue.claim("train", "worker-1", timeout=GENEROUS)
+    assert stalled is not None
+    holder = queue.claim("train", "worker-2", timeout=GENEROUS)  # redelivered after the timeout
+    assert holder is not None
+
+    assert not queue.touch(stalled, "worker-1")
+    assert queue.touch(holder, "worker-2")
+    assert queue.ack(holder, "worker-2")
+    assert not queue.touch(holder, "worker-2")
 
 
 def test_acked_job_is_never_redelivered(queue: JobQueue) -> None:
@@ -211,6 +253,86 @@ def test_pending_count_counts_claimed_jobs_until_they_are_acked(queue: JobQueue)
     assert queue.pending_count("train") == 1
 
 
+def test_a_job_is_pending_from_enqueue_until_it_is_acked_or_dead_lettered(
+    queue: JobQueue,
+) -> None:
+    done_id = queue.enqueue("train", {"n": 0})
+    failing_id = queue.enqueue("train", {"n": 1})
+    assert queue.is_pending("train", done_id) and queue.is_pending("train", failing_id)
+    assert not queue.is_pending("export", done_id)
+
+    done = queue.claim("train", "worker-1", timeout=GENEROUS)
+    failing = queue.claim("train", "worker-1", timeout=GENEROUS)
+    assert done is not None and failing is not None
+    assert queue.is_pending("train", done_id)  # held is still to be done
+    queue.ack(done, "worker-1")
+    queue.dead_letter(failing, "worker-1", "kills its workers")
+
+    assert not queue.is_pending("train", done_id)
+    assert not queue.is_pending("train", failing_id)
+
+
+# -- release ------------------------------------------------------------------------------------
+
+
+def test_a_released_job_goes_to_the_next_claim_at_once_ahead_of_newer_jobs(
+    queue: JobQueue,
+) -> None:
+    queue.enqueue("train", {"n": 0})
+    queue.enqueue("train", {"n": 1})
+    job = queue.claim("train", "worker-1", timeout=GENEROUS)
+    assert job is not None
+    started = time.monotonic()
+
+    assert queue.release(job, "worker-1")
+    again = queue.claim("train", "worker-2", timeout=GENEROUS)
+
+    assert time.monotonic() - started < VISIBILITY_TIMEOUT / 2
+    assert again is not None
+    assert (again.job_id, again.payload, again.deliveries) == (job.job_id, {"n": 0}, 1)
+    assert queue.is_pending("train", job.job_id)
+
+
+def test_a_release_is_not_counted_as_a_failed_delivery(queue: JobQueue) -> None:
+    queue.enqueue("train", {"run_id": "run-1"})
+    assert queue.claim("train", "worker-1", timeout=GENEROUS) is not None  # worker-1 dies
+    stopping = queue.claim("train", "worker-2", timeout=GENEROUS)
+    assert stopping is not None and stopping.deliveries == 2
+
+    assert queue.release(stopping, "worker-2")  # asked to shut down, its progress saved
+    resumed = queue.claim("train", "worker-3", timeout=GENEROUS)
+    assert resumed is not None and resumed.deliveries == 2
+    # worker-3 dies in turn: that crash counts.
+    after_crash = queue.claim("train", "worker-4", timeout=GENEROUS)
+    assert after_crash is not None and after_crash.deliveries == 3
+
+
+def test_release_by_a_worker_that_does_not_hold_the_job_changes_nothing(queue: JobQueue) -> None:
+    queue.enqueue("train", {"run_id": "run-1"})
+    job = queue.claim("train", "worker-1", timeout=GENEROUS)
+    assert job is not None
+
+    assert not queue.release(job, "worker-2")
+
+    assert queue.claim("train", "worker-2", timeout=0.2) is None
+    assert queue.pending_count("train") == 1
+    assert queue.touch(job, "worker-1")
+
+
+def test_a_worker_that_released_its_job_holds_it_no_more(queue: JobQueue) -> None:
+    queue.enqueue("train", {"run_id": "run-1"})
+    job = queue.claim("train", "worker-1", timeout=GENEROUS)
+    assert job is not None
+
+    assert queue.release(job, "worker-1")
+
+    assert not queue.touch(job, "worker-1")
+    assert not queue.ack(job, "worker-1")
+    assert not queue.release(job, "worker-1")
+    assert queue.pending_count("train") == 0  # waiting again, not claimed
+    assert queue.is_pending("train", job.job_id)
+
+
 # -- events -------------------------------------------------------------------------------------
 
 
@@ -260,6 +382,64 @@ def test_read_with_no_new_events_returns_empty_after_its_timeout(queue: JobQueue
     assert queue.read("run-1", "", timeout=0.3) == []
 
     assert 0.25 <= time.monotonic() - started < GENEROUS
+
+
+# -- handles on one queue (processes) ----------------------------------------------------------
+
+
+def test_handles_on_one_queue_share_its_jobs_and_events(open_queue: Opener) -> None:
+    first, second = open_queue(), open_queue()
+    job_id = first.enqueue("train", {"run_id": "run-1"})
+
+    job = second.claim("train", "worker-2", timeout=GENEROUS)
+    event_id = second.publish("run-1", {"state": "RUNNING"})
+
+    assert job is not None and job.job_id == job_id
+    assert first.claim("train", "worker-1", timeout=0.2) is None
+    assert first.pending_count("train") == 1
+    assert [event.event_id for event in first.read("run-1", "", timeout=0)] == [event_id]
+    assert first.ack(job, "worker-2")  # a holder is its consumer name, whichever handle
+    assert not second.is_pending("train", job_id)
+
+
+def test_waiting_claim_and_read_wake_for_writes_through_another_handle(
+    open_queue: Opener,
+) -> None:
+    writer, waiter = open_queue(), open_queue()
+    started = time.monotonic()
+
+    thread = after_a_moment(lambda: writer.enqueue("train", {"run_id": "run-1"}))
+    job = waiter.claim("train", "worker-1", timeout=GENEROUS)
+    thread.join()
+    thread = after_a_moment(lambda: writer.publish("run-1", {"state": "RUNNING"}))
+    events = waiter.read("run-1", "", timeout=GENEROUS)
+    thread.join()
+
+    assert job is not None and job.payload == {"run_id": "run-1"}
+    assert [event.data for event in events] == [{"state": "RUNNING"}]
+    assert time.monotonic() - started < GENEROUS / 2
+
+
+def test_jobs_claims_events_and_dead_letters_outlive_the_handle_that_wrote_them(
+    open_queue: Opener,
+) -> None:
+    writer = open_queue()
+    ids = [writer.enqueue("train", {"n": number}) for number in range(3)]
+    failing = writer.claim("train", "worker-1", timeout=GENEROUS)
+    held = writer.claim("train", "worker-1", timeout=GENEROUS)
+    assert failing is not None and held is not None
+    writer.dead_letter(failing, "worker-1", "kills its workers")
+    event_id = writer.publish("run-1", {"step": 1})
+    writer.close()
+
+    reader = open_queue()
+
+    assert [letter.job_id for letter in reader.dead_letters("train")] == [ids[0]]
+    assert [event.event_id for event in reader.read("run-1", "", timeout=0)] == [event_id]
+    assert reader.pending_count("train") == 1
+    assert reader.touch(held, "worker-1")  # the claim survived: still held, not redelivered
+    waiting = reader.claim("train", "worker-2", timeout=GENEROUS)
+    assert waiting is not None and waiting.job_id == ids[2]
 
 
 # -- Redis down ---------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from backpropagate_services.common.errors import (
 )
 from backpropagate_services.common.models import load_model, resolve_model
 from backpropagate_services.trainer.loop import (
+    BatchSampler,
     StepReport,
     collate,
-    shuffled_batches,
     train_lora,
 )
 from backpropagate_services.trainer.lora import TrainingConfig
@@ -125,16 +125,20 @@ def test_should_stop_cancels_before_the_next_step(smollm2_tokenizer):
     assert [r.step for r in reports] == [1, 2]
 
 
-def test_cuda_out_of_memory_becomes_a_gpu_oom_error_with_a_hint(smollm2_tokenizer):
+def test_out_of_memory_that_persists_becomes_a_gpu_oom_error_after_three_halvings(
+    smollm2_tokenizer,
+):
     model = tiny_llama(smollm2_tokenizer)
 
     def out_of_memory(*_: object) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     model.model.register_forward_hook(out_of_memory)
+    config = TrainingConfig(steps=3, batch_size=8, learning_rate=1e-2)
 
-    with pytest.raises(GpuOutOfMemoryError, match="batch_size=4, max_length=512") as caught:
-        train_lora(model, smollm2_tokenizer, MEMORISE, FAST)
+    with pytest.raises(GpuOutOfMemoryError, match="micro-batches of 1") as caught:
+        train_lora(model, smollm2_tokenizer, MEMORISE, config)
+    assert "after 3 recoveries" in caught.value.message
     assert "--batch-size" in caught.value.hint
 
 
@@ -170,13 +174,22 @@ def test_no_assistant_token_within_max_length_fails_as_an_empty_dataset(smollm2_
 
 
 def test_batches_are_full_and_each_epoch_is_a_fresh_seeded_shuffle():
-    batches = shuffled_batches(n_examples=5, batch_size=4, seed=7)
-    stream = [index for _ in range(5) for index in next(batches)]
+    batches = BatchSampler(n_examples=5, batch_size=4, seed=7)
+    stream = [index for _ in range(5) for index in batches.next()]
 
     epochs = [stream[i : i + 5] for i in range(0, 20, 5)]
     assert all(sorted(epoch) == [0, 1, 2, 3, 4] for epoch in epochs)
     assert len({tuple(epoch) for epoch in epochs}) > 1
-    assert next(shuffled_batches(5, 4, seed=7)) == stream[:4]
+    assert BatchSampler(5, 4, seed=7).next() == stream[:4]
+
+
+def test_a_restored_sampler_draws_the_batches_the_original_would_have():
+    original = BatchSampler(n_examples=5, batch_size=3, seed=7)
+    original.next()
+    restored = BatchSampler(n_examples=5, batch_size=3, seed=99)
+    restored.restore(original.state())
+
+    assert [restored.next() for _ in range(4)] == [original.next() for _ in range(4)]
 
 
 def test_collate_pads_to_the_longest_row_with_pad_id_masked_out():

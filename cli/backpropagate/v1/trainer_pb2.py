@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from backpropagate.v1 import common_pb2 as backpropagate_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61\x63kpropagate/v1/trainer.proto\x12\x10\x62\x61\x63kpropagate.v1\x1a\x1d\x62\x61\x63kpropagate/v1/common.proto\"9\n\x13ImportAdapterHeader\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\".\n\x10\x41\x64\x61pterFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8f\x01\n\x14ImportAdapterRequest\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.backpropagate.v1.ImportAdapterHeaderH\x00\x12\x33\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\".backpropagate.v1.AdapterFileChunkH\x00\x42\t\n\x07payload\"\xa1\x01\n\x0bTrainConfig\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x0e\n\x06lora_r\x18\x05 \x01(\x05\x12\x12\n\nlora_alpha\x18\x06 \x01(\x05\x12\x12\n\nmax_length\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x05\"W\n\x12SubmitTrainRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12-\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1d.backpropagate.v1.TrainConfig\"%\n\x13SubmitTrainResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"!\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\xc6\x02\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.backpropagate.v1.JobStatus\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x08 \x01(\x01\x12\x33\n\x0csafety_level\x18\t \x01(\x0e\x32\x1d.backpropagate.v1.SafetyLevel\x12\x0f\n\x07message\x18\n \x01(\t\x12,\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x1d.backpropagate.v1.ErrorDetail\x12\x11\n\ttimestamp\x18\x0c \x01(\x01\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\" \n\x0fListRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\xda\x02\n\tRunRecord\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.backpropagate.v1.JobStatus\x12\x12\n\ndataset_id\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x12\n\nfinal_loss\x18\x06 \x01(\x01\x12\x14\n\x0closs_history\x18\x07 \x03(\x01\x12\x0e\n\x06output\x18\x08 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\t \x01(\x01\x12\x14\n\x0csamples_seen\x18\n \x01(\x03\x12\x12\n\ncreated_at\x18\x0b \x01(\x01\x12,\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1d.backpropagate.v1.ErrorDetail\x12-\n\x06\x63onfig\x18\r \x01(\x0b\x32\x1d.backpropagate.v1.TrainConfig\"=\n\x10ListRunsResponse\x12)\n\x04runs\x18\x01 \x03(\x0b\x32\x1b.backpropagate.v1.RunRecord\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t2\xfa\x03\n\x0eTrainerService\x12Z\n\x0bSubmitTrain\x12$.backpropagate.v1.SubmitTrainRequest\x1a%.backpropagate.v1.SubmitTrainResponse\x12K\n\x08WatchRun\x12!.backpropagate.v1.WatchRunRequest\x1a\x1a.backpropagate.v1.RunEvent0\x01\x12\x46\n\x06GetRun\x12\x1f.backpropagate.v1.GetRunRequest\x1a\x1b.backpropagate.v1.RunRecord\x12Q\n\x08ListRuns\x12!.backpropagate.v1.ListRunsRequest\x1a\".backpropagate.v1.ListRunsResponse\x12L\n\tCancelRun\x12\".backpropagate.v1.CancelRunRequest\x1a\x1b.backpropagate.v1.RunRecord\x12V\n\rImportAdapter\x12&.backpropagate.v1.ImportAdapterRequest\x1a\x1b.backpropagate.v1.RunRecord(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62\x61\x63kpropagate/v1/trainer.proto\x12\x10\x62\x61\x63kpropagate.v1\x1a\x1d\x62\x61\x63kpropagate/v1/common.proto\"9\n\x13ImportAdapterHeader\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\".\n\x10\x41\x64\x61pterFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8f\x01\n\x14ImportAdapterRequest\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.backpropagate.v1.ImportAdapterHeaderH\x00\x12\x33\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\".backpropagate.v1.AdapterFileChunkH\x00\x42\t\n\x07payload\"\xf8\x01\n\x0bTrainConfig\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x01(\x05\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x0e\n\x06lora_r\x18\x05 \x01(\x05\x12\x12\n\nlora_alpha\x18\x06 \x01(\x05\x12\x12\n\nmax_length\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x05\x12\x18\n\x10\x63heckpoint_every\x18\t \x01(\x05\x12\x1c\n\x14\x64isable_oom_recovery\x18\n \x01(\x08\x12\x1d\n\x15gradient_accumulation\x18\x0b \x01(\x05\"W\n\x12SubmitTrainRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12-\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1d.backpropagate.v1.TrainConfig\"%\n\x13SubmitTrainResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"!\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x98\x03\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.backpropagate.v1.JobStatus\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x15\n\rlearning_rate\x18\x06 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x08 \x01(\x01\x12\x33\n\x0csafety_level\x18\t \x01(\x0e\x32\x1d.backpropagate.v1.SafetyLevel\x12\x0f\n\x07message\x18\n \x01(\t\x12,\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x1d.backpropagate.v1.ErrorDetail\x12\x11\n\ttimestamp\x18\x0c \x01(\x01\x12\x0c\n\x04kind\x18\r \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x0e \x01(\x05\x12\x12\n\nbatch_size\x18\x0f \x01(\x05\x12\x1d\n\x15gradient_accumulation\x18\x10 \x01(\x05\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\" \n\x0fListRunsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\xb7\x04\n\tRunRecord\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.backpropagate.v1.JobStatus\x12\x12\n\ndataset_id\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x12\n\nfinal_loss\x18\x06 \x01(\x01\x12\x14\n\x0closs_history\x18\x07 \x03(\x01\x12\x0e\n\x06output\x18\x08 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\t \x01(\x01\x12\x14\n\x0csamples_seen\x18\n \x01(\x03\x12\x12\n\ncreated_at\x18\x0b \x01(\x01\x12,\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1d.backpropagate.v1.ErrorDetail\x12-\n\x06\x63onfig\x18\r \x01(\x0b\x32\x1d.backpropagate.v1.TrainConfig\x12\x1c\n\x14last_checkpoint_step\x18\x0e \x01(\x05\x12\x19\n\x11resumed_from_step\x18\x0f \x01(\x05\x12\x10\n\x08\x61ttempts\x18\x10 \x01(\x05\x12\x35\n\x0b\x63heckpoints\x18\x11 \x03(\x0b\x32 .backpropagate.v1.CheckpointInfo\x12\x0e\n\x06job_id\x18\x12 \x01(\t\x12\x16\n\x0eoom_recoveries\x18\x13 \x01(\x05\x12\x12\n\nbatch_size\x18\x14 \x01(\x05\x12\x1d\n\x15gradient_accumulation\x18\x15 \x01(\x05\"r\n\x0e\x43heckpointInfo\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x12\n\ncreated_at\x18\x06 \x01(\x01\"=\n\x10ListRunsResponse\x12)\n\x04runs\x18\x01 \x03(\x0b\x32\x1b.backpropagate.v1.RunRecord\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\"\n\x10ResumeRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t2\xc8\x04\n\x0eTrainerService\x12Z\n\x0bSubmitTrain\x12$.backpropagate.v1.SubmitTrainRequest\x1a%.backpropagate.v1.SubmitTrainResponse\x12K\n\x08WatchRun\x12!.backpropagate.v1.WatchRunRequest\x1a\x1a.backpropagate.v1.RunEvent0\x01\x12\x46\n\x06GetRun\x12\x1f.backpropagate.v1.GetRunRequest\x1a\x1b.backpropagate.v1.RunRecord\x12Q\n\x08ListRuns\x12!.backpropagate.v1.ListRunsRequest\x1a\".backpropagate.v1.ListRunsResponse\x12L\n\tCancelRun\x12\".backpropagate.v1.CancelRunRequest\x1a\x1b.backpropagate.v1.RunRecord\x12L\n\tResumeRun\x12\".backpropagate.v1.ResumeRunRequest\x1a\x1b.backpropagate.v1.RunRecord\x12V\n\rImportAdapter\x12&.backpropagate.v1.ImportAdapterRequest\x1a\x1b.backpropagate.v1.RunRecord(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,25 +39,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMPORTADAPTERREQUEST']._serialized_start=191
   _globals['_IMPORTADAPTERREQUEST']._serialized_end=334
   _globals['_TRAINCONFIG']._serialized_start=337
-  _globals['_TRAINCONFIG']._serialized_end=498
-  _globals['_SUBMITTRAINREQUEST']._serialized_start=500
-  _globals['_SUBMITTRAINREQUEST']._serialized_end=587
-  _globals['_SUBMITTRAINRESPONSE']._serialized_start=589
-  _globals['_SUBMITTRAINRESPONSE']._serialized_end=626
-  _globals['_WATCHRUNREQUEST']._serialized_start=628
-  _globals['_WATCHRUNREQUEST']._serialized_end=661
-  _globals['_RUNEVENT']._serialized_start=664
-  _globals['_RUNEVENT']._serialized_end=990
-  _globals['_GETRUNREQUEST']._serialized_start=992
-  _globals['_GETRUNREQUEST']._serialized_end=1023
-  _globals['_LISTRUNSREQUEST']._serialized_start=1025
-  _globals['_LISTRUNSREQUEST']._serialized_end=1057
-  _globals['_RUNRECORD']._serialized_start=1060
-  _globals['_RUNRECORD']._serialized_end=1406
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1408
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1469
-  _globals['_CANCELRUNREQUEST']._serialized_start=1471
-  _globals['_CANCELRUNREQUEST']._serialized_end=1505
-  _globals['_TRAINERSERVICE']._serialized_start=1508
-  _globals['_TRAINERSERVICE']._serialized_end=2014
+  _globals['_TRAINCONFIG']._serialized_end=585
+  _globals['_SUBMITTRAINREQUEST']._serialized_start=587
+  _globals['_SUBMITTRAINREQUEST']._serialized_end=674
+  _globals['_SUBMITTRAINRESPONSE']._serialized_start=676
+  _globals['_SUBMITTRAINRESPONSE']._serialized_end=713
+  _globals['_WATCHRUNREQUEST']._serialized_start=715
+  _globals['_WATCHRUNREQUEST']._serialized_end=748
+  _globals['_RUNEVENT']._serialized_start=751
+  _globals['_RUNEVENT']._serialized_end=1159
+  _globals['_GETRUNREQUEST']._serialized_start=1161
+  _globals['_GETRUNREQUEST']._serialized_end=1192
+  _globals['_LISTRUNSREQUEST']._serialized_start=1194
+  _globals['_LISTRUNSREQUEST']._serialized_end=1226
+  _globals['_RUNRECORD']._serialized_start=1229
+  _globals['_RUNRECORD']._serialized_end=1796
+  _globals['_CHECKPOINTINFO']._serialized_start=1798
+  _globals['_CHECKPOINTINFO']._serialized_end=1912
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1914
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1975
+  _globals['_CANCELRUNREQUEST']._serialized_start=1977
+  _globals['_CANCELRUNREQUEST']._serialized_end=2011
+  _globals['_RESUMERUNREQUEST']._serialized_start=2013
+  _globals['_RESUMERUNREQUEST']._serialized_end=2047
+  _globals['_TRAINERSERVICE']._serialized_start=2050
+  _globals['_TRAINERSERVICE']._serialized_end=2634
 # @@protoc_insertion_point(module_scope)

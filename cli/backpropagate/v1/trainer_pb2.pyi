@@ -105,6 +105,9 @@ class TrainConfig(_message.Message):
     LORA_ALPHA_FIELD_NUMBER: _builtins.int
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_EVERY_FIELD_NUMBER: _builtins.int
+    DISABLE_OOM_RECOVERY_FIELD_NUMBER: _builtins.int
+    GRADIENT_ACCUMULATION_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """HF id, local HF dir, .gguf file, or "" for the machine's default"""
     steps: _builtins.int
@@ -119,6 +122,12 @@ class TrainConfig(_message.Message):
     max_length: _builtins.int
     """0: default"""
     seed: _builtins.int
+    checkpoint_every: _builtins.int
+    """steps between checkpoints; 0: time-based (settings), and always at the end"""
+    disable_oom_recovery: _builtins.bool
+    """fail on out-of-memory instead of halving the micro-batch"""
+    gradient_accumulation: _builtins.int
+    """micro-batches per optimizer step; 0: 1"""
     def __init__(
         self,
         *,
@@ -130,10 +139,13 @@ class TrainConfig(_message.Message):
         lora_alpha: _builtins.int = ...,
         max_length: _builtins.int = ...,
         seed: _builtins.int = ...,
+        checkpoint_every: _builtins.int = ...,
+        disable_oom_recovery: _builtins.bool = ...,
+        gradient_accumulation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "batch_size", b"batch_size", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_r", b"lora_r", "max_length", b"max_length", "seed", b"seed", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "disable_oom_recovery", b"disable_oom_recovery", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_r", b"lora_r", "max_length", b"max_length", "seed", b"seed", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -216,6 +228,10 @@ class RunEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     TIMESTAMP_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    GRADIENT_ACCUMULATION_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     step: _builtins.int
@@ -229,6 +245,15 @@ class RunEvent(_message.Message):
     """e.g. "loading model", "saving adapter" """
     timestamp: _builtins.float
     """unix seconds"""
+    kind: _builtins.str
+    """What happened, for scripts: "queued", "started", "step", "checkpoint", "paused", "resumed",
+    "oom_recovered", "safety_degraded", "released", "lease_lost", "ended"; "" on older events.
+    """
+    attempt: _builtins.int
+    """the delivery of the run's job this event comes from (1 = first)"""
+    batch_size: _builtins.int
+    """micro-batch size now (it shrinks after an OOM recovery)"""
+    gradient_accumulation: _builtins.int
     @_builtins.property
     def error(self) -> _common_pb2.ErrorDetail:
         """set when status is FAILED"""
@@ -248,10 +273,14 @@ class RunEvent(_message.Message):
         message: _builtins.str = ...,
         error: _common_pb2.ErrorDetail | None = ...,
         timestamp: _builtins.float = ...,
+        kind: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+        gradient_accumulation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "eta_seconds", b"eta_seconds", "learning_rate", b"learning_rate", "loss", b"loss", "message", b"message", "run_id", b"run_id", "safety_level", b"safety_level", "status", b"status", "step", b"step", "timestamp", b"timestamp", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch_size", b"batch_size", "error", b"error", "eta_seconds", b"eta_seconds", "gradient_accumulation", b"gradient_accumulation", "kind", b"kind", "learning_rate", b"learning_rate", "loss", b"loss", "message", b"message", "run_id", b"run_id", "safety_level", b"safety_level", "status", b"status", "step", b"step", "timestamp", b"timestamp", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -313,6 +342,14 @@ class RunRecord(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    LAST_CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
+    RESUMED_FROM_STEP_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    OOM_RECOVERIES_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    GRADIENT_ACCUMULATION_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     dataset_id: _builtins.str
@@ -324,12 +361,30 @@ class RunRecord(_message.Message):
     duration_seconds: _builtins.float
     samples_seen: _builtins.int
     created_at: _builtins.float
+    last_checkpoint_step: _builtins.int
+    """0: none yet"""
+    resumed_from_step: _builtins.int
+    """0: this attempt started from scratch"""
+    attempts: _builtins.int
+    """times a worker started the run"""
+    job_id: _builtins.str
+    """the queue job that runs it now"""
+    oom_recoveries: _builtins.int
+    """micro-batch halvings after out-of-memory errors"""
+    batch_size: _builtins.int
+    """micro-batch size in use (after OOM recoveries)"""
+    gradient_accumulation: _builtins.int
+    """micro-batches per optimizer step in use"""
     @_builtins.property
     def loss_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
     def error(self) -> _common_pb2.ErrorDetail: ...
     @_builtins.property
     def config(self) -> Global___TrainConfig: ...
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckpointInfo]:
+        """the ones kept by the checkpoint policy, oldest first"""
+
     def __init__(
         self,
         *,
@@ -346,14 +401,60 @@ class RunRecord(_message.Message):
         created_at: _builtins.float = ...,
         error: _common_pb2.ErrorDetail | None = ...,
         config: Global___TrainConfig | None = ...,
+        last_checkpoint_step: _builtins.int = ...,
+        resumed_from_step: _builtins.int = ...,
+        attempts: _builtins.int = ...,
+        checkpoints: _abc.Iterable[Global___CheckpointInfo] | None = ...,
+        job_id: _builtins.str = ...,
+        oom_recoveries: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+        gradient_accumulation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "duration_seconds", b"duration_seconds", "error", b"error", "final_loss", b"final_loss", "loss_history", b"loss_history", "output", b"output", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "checkpoints", b"checkpoints", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "duration_seconds", b"duration_seconds", "error", b"error", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "oom_recoveries", b"oom_recoveries", "output", b"output", "resumed_from_step", b"resumed_from_step", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunRecord: _TypeAlias = RunRecord  # noqa: Y015
+
+@_typing.final
+class CheckpointInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    loss: _builtins.float
+    """mean loss of the last steps before it, used to keep the best"""
+    key: _builtins.str
+    """store prefix of the checkpoint directory"""
+    size_bytes: _builtins.int
+    seconds: _builtins.float
+    """time it took to write"""
+    created_at: _builtins.float
+    """unix seconds"""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        loss: _builtins.float = ...,
+        key: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        seconds: _builtins.float = ...,
+        created_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "key", b"key", "loss", b"loss", "seconds", b"seconds", "size_bytes", b"size_bytes", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointInfo: _TypeAlias = CheckpointInfo  # noqa: Y015
 
 @_typing.final
 class ListRunsResponse(_message.Message):
@@ -393,3 +494,22 @@ class CancelRunRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelRunRequest: _TypeAlias = CancelRunRequest  # noqa: Y015
+
+@_typing.final
+class ResumeRunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRunRequest: _TypeAlias = ResumeRunRequest  # noqa: Y015

@@ -60,6 +60,11 @@ class TrainerServiceStub:
                 request_serializer=backpropagate_dot_v1_dot_trainer__pb2.CancelRunRequest.SerializeToString,
                 response_deserializer=backpropagate_dot_v1_dot_trainer__pb2.RunRecord.FromString,
                 _registered_method=True)
+        self.ResumeRun = channel.unary_unary(
+                '/backpropagate.v1.TrainerService/ResumeRun',
+                request_serializer=backpropagate_dot_v1_dot_trainer__pb2.ResumeRunRequest.SerializeToString,
+                response_deserializer=backpropagate_dot_v1_dot_trainer__pb2.RunRecord.FromString,
+                _registered_method=True)
         self.ImportAdapter = channel.stream_unary(
                 '/backpropagate.v1.TrainerService/ImportAdapter',
                 request_serializer=backpropagate_dot_v1_dot_trainer__pb2.ImportAdapterRequest.SerializeToString,
@@ -102,6 +107,14 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeRun(self, request, context):
+        """Continues a run that did not finish (its worker died, it was stopped for safety, or it was
+        cancelled) from its last checkpoint. A run whose job is still queued or held is left to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ImportAdapter(self, request_iterator, context):
         """Registers an adapter trained elsewhere (a peft directory) as a finished run, so that it
         exports, chats and pushes like any run. Client streaming: a header, then file chunks.
@@ -136,6 +149,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
             'CancelRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelRun,
                     request_deserializer=backpropagate_dot_v1_dot_trainer__pb2.CancelRunRequest.FromString,
+                    response_serializer=backpropagate_dot_v1_dot_trainer__pb2.RunRecord.SerializeToString,
+            ),
+            'ResumeRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRun,
+                    request_deserializer=backpropagate_dot_v1_dot_trainer__pb2.ResumeRunRequest.FromString,
                     response_serializer=backpropagate_dot_v1_dot_trainer__pb2.RunRecord.SerializeToString,
             ),
             'ImportAdapter': grpc.stream_unary_rpc_method_handler(
@@ -279,6 +297,33 @@ class TrainerService:
             target,
             '/backpropagate.v1.TrainerService/CancelRun',
             backpropagate_dot_v1_dot_trainer__pb2.CancelRunRequest.SerializeToString,
+            backpropagate_dot_v1_dot_trainer__pb2.RunRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backpropagate.v1.TrainerService/ResumeRun',
+            backpropagate_dot_v1_dot_trainer__pb2.ResumeRunRequest.SerializeToString,
             backpropagate_dot_v1_dot_trainer__pb2.RunRecord.FromString,
             options,
             channel_credentials,

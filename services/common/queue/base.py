@@ -3,7 +3,8 @@
 Jobs: `enqueue` puts a payload on a named queue; a worker `claim`s it (at most one worker holds a
 job at a time), `touch`es it while working on it, and `ack`s it when done. A job whose worker died
 (no ack and no touch for the visibility timeout) is handed to the next `claim`, with its
-`deliveries` count raised, so no job is lost with its worker.
+`deliveries` count raised, so no job is lost with its worker. A worker asked to stop `release`s
+its job instead: the next `claim` gets it at once, and a shutdown is not counted as a failure.
 
 Events: `publish` appends an event to a named channel; `read` returns the events after a cursor
 and waits for new ones, so a late subscriber replays a run's whole history, then follows it.
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
     from backpropagate_services.common.settings import Settings
 
 JsonDict = dict[str, Any]
+# Both implementations keep only this many of a channel's newest events: a late reader replays a
+# run's history, but a long-lived channel must not grow without bound.
+EVENTS_KEPT_PER_CHANNEL = 10_000
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,21 @@ class JobQueue(ABC):
         """
 
     @abstractmethod
-    def touch(self, job: Job, consumer: str) -> None:
-        """Tell the queue the job is still being worked on (resets its visibility timeout)."""
+    def touch(self, job: Job, consumer: str) -> bool:
+        """Tell the queue the job is still being worked on (resets its visibility timeout).
+
+        False when `consumer` no longer holds it (acked, dead-lettered, released, or redelivered
+        to another worker after the timeout): the worker should stop, its work is someone else's.
+        """
+
+    @abstractmethod
+    def release(self, job: Job, consumer: str) -> bool:
+        """Give the job back unfinished, for a worker asked to stop (its progress saved).
+
+        The next `claim` by any consumer gets it at once, with the same `deliveries`: a graceful
+        stop is not a crash, so it does not bring the job closer to `max_attempts`. Owner-checked
+        like `ack`.
+        """
 
     @abstractmethod
     def ack(self, job: Job, consumer: str) -> bool:
@@ -80,7 +97,11 @@ class JobQueue(ABC):
 
     @abstractmethod
     def pending_count(self, queue: str) -> int:
-        """Jobs claimed but not acked yet."""
+        """Jobs claimed but not acked yet (a released job waits again: it is not counted)."""
+
+    @abstractmethod
+    def is_pending(self, queue: str, job_id: str) -> bool:
+        """Whether the job is still to be done: enqueued, and neither acked nor dead-lettered."""
 
     @abstractmethod
     def publish(self, channel: str, data: JsonDict) -> str:
@@ -109,4 +130,7 @@ def make_queue(settings: Settings) -> JobQueue:
         )
     from backpropagate_services.common.queue.embedded import EmbeddedQueue
 
-    return EmbeddedQueue(visibility_timeout=settings.queue.visibility_timeout_seconds)
+    return EmbeddedQueue(
+        visibility_timeout=settings.queue.visibility_timeout_seconds,
+        path=settings.queue.embedded_path or settings.home / "queue.sqlite3",
+    )

@@ -1,140 +1,227 @@
-"""The job queue and event bus in one process's memory, for the CLI and a single-machine stack.
+"""The job queue and event bus in a SQLite file, for the CLI and a single-machine stack.
 
 It keeps the Redis Streams queue's semantics exactly (the contract tests run against both), so a
-service behaves the same whichever one it was given. Nothing survives the process: that is the
-point of the embedded default, which needs no server.
+service behaves the same whichever one it was given, and it needs no server. Every process of the
+machine that opens the file (by default <home>/queue.sqlite3) shares one queue: a `backprop
+train`, a detached worker, a `backprop runs watch` in another terminal. Jobs, claims, events and
+dead letters outlive those processes. Without a path the database is in memory, private to the
+object (tests).
 
-Event history is not trimmed: it lives only as long as the process that wrote it.
+A claim records its holder's process: once that process has exited, the claim expires at once
+rather than after the visibility timeout, so a run whose CLI was killed can be resumed right away.
+Waiters are woken at once by writes from their own process, and poll for the others'.
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
+import json
+import os
+import sqlite3
 import threading
 import time
-from collections import defaultdict, deque
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
 
-from backpropagate_services.common.queue.base import DeadLetter, Event, Job, JobQueue, JsonDict
+from backpropagate_services.common.queue.base import (
+    EVENTS_KEPT_PER_CHANNEL,
+    DeadLetter,
+    Event,
+    Job,
+    JobQueue,
+    JsonDict,
+)
+from backpropagate_services.common.queue.sqlite_file import MACHINE, available, connect
+
+# How soon a waiting claim or read sees a write from another process, or a claim expire.
+POLL_SECONDS = 0.1
+# The job's row, only while `consumer` holds it: what every owner-checked change updates.
+_HELD = "WHERE queue = ? AND id = ? AND consumer = ?"
+
+_T = TypeVar("_T")
 
 
-@dataclass
-class _Claim:
-    """A delivered, not yet acked job: who holds it and when they last showed signs of life."""
+def _identifier(number: int) -> str:
+    # Zero-padded so that string order is creation order, as cursors compare as strings.
+    return f"{number:020d}"
 
-    job: Job
-    consumer: str
-    last_seen: float  # time.monotonic()
+
+def _number(identifier: str) -> int:
+    return int(identifier) if identifier else 0
+
+
+def _held(job: Job, consumer: str) -> tuple[str, int, str]:
+    return job.queue, _number(job.job_id), consumer
 
 
 class EmbeddedQueue(JobQueue):
-    def __init__(self, visibility_timeout: float) -> None:
+    def __init__(self, visibility_timeout: float, path: Path | None = None) -> None:
         self._visibility_timeout = visibility_timeout
-        # One condition for jobs and events: waiters re-check their own state when woken, and a
-        # single lock keeps claim's "expired first, else new" decision atomic.
+        self._where = str(path) if path is not None else ":memory:"
+        # One lock guards the connection and wakes this process's waiters; `_writes` counts the
+        # commits that changed something, so a waiter tells a real change from a timeout.
         self._changed = threading.Condition()
-        self._new: defaultdict[str, deque[Job]] = defaultdict(deque)
-        self._claimed: defaultdict[str, dict[str, _Claim]] = defaultdict(dict)
-        self._events: defaultdict[str, list[Event]] = defaultdict(list)
-        self._dead: defaultdict[str, list[DeadLetter]] = defaultdict(list)
-        self._ids = itertools.count(1)
+        self._writes = 0
+        with available(self._where):
+            self._db = connect(path)
 
-    def _next_id(self) -> str:
-        # Zero-padded so that string order is creation order, as cursors compare as strings.
-        return f"{next(self._ids):020d}"
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write across processes; this process's waiters are woken if it changed
+        anything (a claim that found nothing must not wake the other claimers in a loop)."""
+        with self._changed, available(self._where):
+            changes_before = self._db.total_changes
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            if self._db.total_changes != changes_before:
+                self._writes += 1
+                self._changed.notify_all()
+
+    def _query(self, sql: str, *parameters: object) -> list[Any]:
+        with self._changed, available(self._where):
+            return self._db.execute(sql, parameters).fetchall()
+
+    def _wait(self, timeout: float, attempt: Callable[[], _T]) -> _T:
+        """`attempt()` until it returns something truthy or `timeout` seconds have passed:
+        again at once after a write from this process, and every POLL_SECONDS for the others'."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._changed:
+                writes_seen = self._writes
+            result = attempt()
+            remaining = deadline - time.monotonic()
+            if result or remaining <= 0:
+                return result
+            with self._changed:
+                if self._writes == writes_seen:  # else a write came in during the attempt
+                    self._changed.wait(min(remaining, POLL_SECONDS))
 
     def enqueue(self, queue: str, payload: JsonDict) -> str:
-        with self._changed:
-            job = Job(job_id=self._next_id(), queue=queue, payload=payload)
-            self._new[queue].append(job)
-            self._changed.notify_all()
-            return job.job_id
+        with self._transaction() as db:
+            [(number,)] = db.execute(
+                "INSERT INTO jobs (queue, payload) VALUES (?, ?) RETURNING id",
+                (queue, json.dumps(payload)),
+            ).fetchall()
+        return _identifier(number)
 
     def claim(self, queue: str, consumer: str, timeout: float) -> Job | None:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                now = time.monotonic()
-                job = self._take_expired(queue, now) or self._take_new(queue)
-                if job is not None:
-                    self._claimed[queue][job.job_id] = _Claim(job, consumer, now)
-                    return job
-                if now >= deadline:
-                    return None
-                # Nobody notifies when a claim expires, so wake up for the earliest expiry too.
-                self._changed.wait(min(deadline, self._next_expiry(queue)) - now)
+        return self._wait(timeout, lambda: self._claim_now(queue, consumer))
 
-    def _take_expired(self, queue: str, now: float) -> Job | None:
-        for claim in self._claimed[queue].values():
-            if now - claim.last_seen >= self._visibility_timeout:
-                job = claim.job
-                return Job(job.job_id, job.queue, job.payload, deliveries=job.deliveries + 1)
-        return None
+    def _claim_now(self, queue: str, consumer: str) -> Job | None:
+        """Take the oldest job nobody holds: one never delivered, released, or whose holder
+        timed out or exited. Every job ever delivered is older than every new one, so this is
+        the expired one first, as with Redis."""
+        now = time.time()
+        with self._transaction() as db:
+            rows = db.execute(
+                """
+                UPDATE jobs
+                SET consumer = ?, machine = ?, pid = ?, last_seen = ?, deliveries = deliveries + 1
+                WHERE id = (
+                    SELECT id FROM jobs
+                    WHERE queue = ?
+                      AND (consumer IS NULL OR last_seen <= ? OR holder_gone(machine, pid))
+                    ORDER BY id LIMIT 1
+                )
+                RETURNING id, payload, deliveries
+                """,
+                (consumer, MACHINE, os.getpid(), now, queue, now - self._visibility_timeout),
+            ).fetchall()
+        if not rows:
+            return None
+        [(number, payload, deliveries)] = rows
+        return Job(_identifier(number), queue, json.loads(payload), deliveries)
 
-    def _take_new(self, queue: str) -> Job | None:
-        pending = self._new[queue]
-        return pending.popleft() if pending else None
+    def touch(self, job: Job, consumer: str) -> bool:
+        with self._transaction() as db:
+            cursor = db.execute(
+                f"UPDATE jobs SET last_seen = ? {_HELD}", (time.time(), *_held(job, consumer))
+            )
+        return cursor.rowcount == 1
 
-    def _next_expiry(self, queue: str) -> float:
-        return min(
-            (claim.last_seen + self._visibility_timeout for claim in self._claimed[queue].values()),
-            default=float("inf"),
-        )
-
-    def touch(self, job: Job, consumer: str) -> None:
-        """Reset the job's visibility timeout, if `consumer` still holds it.
-
-        A worker whose job was redelivered to another one (it stalled past the timeout) must not
-        take it back, so its touch does nothing.
-        """
-        with self._changed:
-            claim = self._claimed[job.queue].get(job.job_id)
-            if claim is not None and claim.consumer == consumer:
-                claim.last_seen = time.monotonic()
-
-    def _release(self, job: Job, consumer: str) -> bool:
-        """Drop the job if `consumer` holds it; the caller holds the lock."""
-        claim = self._claimed[job.queue].get(job.job_id)
-        if claim is None or claim.consumer != consumer:
-            return False
-        del self._claimed[job.queue][job.job_id]
-        return True
+    def release(self, job: Job, consumer: str) -> bool:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET consumer = NULL, machine = NULL, pid = NULL, last_seen = NULL, "
+                f"deliveries = deliveries - 1 {_HELD}",
+                _held(job, consumer),
+            )
+        return cursor.rowcount == 1
 
     def ack(self, job: Job, consumer: str) -> bool:
-        with self._changed:
-            return self._release(job, consumer)
+        with self._transaction() as db:
+            cursor = db.execute(f"DELETE FROM jobs {_HELD}", _held(job, consumer))
+        return cursor.rowcount == 1
 
     def dead_letter(self, job: Job, consumer: str, reason: str) -> bool:
-        with self._changed:
-            if not self._release(job, consumer):
+        with self._transaction() as db:
+            rows = db.execute(
+                f"DELETE FROM jobs {_HELD} RETURNING payload, deliveries", _held(job, consumer)
+            ).fetchall()
+            if not rows:
                 return False
-            letter = DeadLetter(job.job_id, job.payload, job.deliveries, reason)
-            self._dead[job.queue].append(letter)
-            return True
+            [(payload, deliveries)] = rows
+            db.execute(
+                "INSERT INTO dead_letters (queue, job_id, payload, deliveries, reason) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (job.queue, job.job_id, payload, deliveries, reason),
+            )
+        return True
 
     def dead_letters(self, queue: str) -> list[DeadLetter]:
-        with self._changed:
-            return list(self._dead[queue])
+        rows = self._query(
+            "SELECT job_id, payload, deliveries, reason FROM dead_letters WHERE queue = ? "
+            "ORDER BY id",
+            queue,
+        )
+        return [
+            DeadLetter(job_id, json.loads(payload), deliveries, reason)
+            for job_id, payload, deliveries, reason in rows
+        ]
 
     def pending_count(self, queue: str) -> int:
-        with self._changed:
-            return len(self._claimed[queue])
+        [(count,)] = self._query(
+            "SELECT COUNT(*) FROM jobs WHERE queue = ? AND consumer IS NOT NULL", queue
+        )
+        return int(count)
+
+    def is_pending(self, queue: str, job_id: str) -> bool:
+        return bool(
+            self._query("SELECT 1 FROM jobs WHERE queue = ? AND id = ?", queue, _number(job_id))
+        )
 
     def publish(self, channel: str, data: JsonDict) -> str:
-        with self._changed:
-            event = Event(event_id=self._next_id(), data=data)
-            self._events[channel].append(event)
-            self._changed.notify_all()
-            return event.event_id
+        with self._transaction() as db:
+            [(number,)] = db.execute(
+                "INSERT INTO events (channel, data) VALUES (?, ?) RETURNING id",
+                (channel, json.dumps(data)),
+            ).fetchall()
+            # Everything older than the channel's newest EVENTS_KEPT_PER_CHANNEL goes.
+            db.execute(
+                "DELETE FROM events WHERE channel = ? AND id <= (SELECT id FROM events "
+                "WHERE channel = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (channel, channel, EVENTS_KEPT_PER_CHANNEL),
+            )
+        return _identifier(number)
 
     def read(self, channel: str, after: str, timeout: float) -> list[Event]:
-        deadline = time.monotonic() + timeout
+        return self._wait(timeout, lambda: self._events_after(channel, after))
+
+    def _events_after(self, channel: str, after: str) -> list[Event]:
+        rows = self._query(
+            "SELECT id, data FROM events WHERE channel = ? AND id > ? ORDER BY id",
+            channel,
+            _number(after),
+        )
+        return [Event(_identifier(number), json.loads(data)) for number, data in rows]
+
+    def close(self) -> None:
         with self._changed:
-            while True:
-                events = self._events[channel]
-                start = bisect.bisect_right(events, after, key=lambda event: event.event_id)
-                remaining = deadline - time.monotonic()
-                if start < len(events) or remaining <= 0:
-                    return events[start:]
-                self._changed.wait(remaining)
+            self._db.close()

@@ -3,7 +3,9 @@
 Jobs: one stream per queue (`<ns>:jobs:<queue>`) read through one consumer group, so Redis
 itself records which consumer holds which job and for how long it has been idle. `claim` first
 takes over a job idle past the visibility timeout (XAUTOCLAIM: its worker died), then reads a new
-one (XREADGROUP). `touch` resets the idle time, `ack` removes the job.
+one (XREADGROUP). `touch` resets the idle time, `ack` removes the job. `release` parks the job
+under a placeholder consumer, already idle for the whole timeout and with its delivery count one
+lower, so the next XAUTOCLAIM takes it and counts it back to what it was.
 
 Events: one stream per channel (`<ns>:events:<channel>`); the stream id is the cursor, so a late
 reader replays everything still kept (the newest ~10,000 events per channel) and then blocks.
@@ -23,11 +25,19 @@ from redis.retry import Retry
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from backpropagate_services.common.errors import QueueUnavailableError
-from backpropagate_services.common.queue.base import DeadLetter, Event, Job, JobQueue, JsonDict
+from backpropagate_services.common.queue.base import (
+    EVENTS_KEPT_PER_CHANNEL,
+    DeadLetter,
+    Event,
+    Job,
+    JobQueue,
+    JsonDict,
+)
 
 GROUP = "workers"
 FIELD = "json"
-EVENTS_KEPT_PER_CHANNEL = 10_000
+# Holds released jobs: no worker has this name, so none can touch or ack a job it gave back.
+RELEASED = "(released)"
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 # XCLAIM alone would hand the job to whoever touches it; a worker that stalled past the timeout
@@ -41,10 +51,23 @@ end
 return #held
 """
 
+# The same check, then the job moves to the placeholder consumer ARGV[4], idle for ARGV[5] ms
+# (the visibility timeout: XAUTOCLAIM takes it next) with one delivery fewer (XAUTOCLAIM adds it
+# back), so a graceful stop costs no attempt.
+_RELEASE_IF_OWNER = """
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[3])
+if #held == 0 then
+    return 0
+end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[4], 0, ARGV[2],
+           'IDLE', ARGV[5], 'RETRYCOUNT', held[1][4] - 1, 'JUSTID')
+return 1
+"""
+
 
 # Ack only for the holder (the same check as touch), atomically with the deletion; with a
 # second key, the job is first copied to the dead-letter stream (ARGV[4]: the reason).
-_RELEASE_IF_OWNER = """
+_ACK_IF_OWNER = """
 local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[3])
 if #held == 0 then
     return 0
@@ -98,6 +121,7 @@ class RedisStreamsQueue(JobQueue):
     def __init__(self, redis_url: str, *, namespace: str, visibility_timeout: float) -> None:
         self._namespace = namespace
         self._visibility_timeout = visibility_timeout
+        self._min_idle_ms = int(visibility_timeout * 1000)  # idle longer: the worker is gone
         self._client = redis.Redis.from_url(
             redis_url,
             decode_responses=True,
@@ -112,6 +136,7 @@ class RedisStreamsQueue(JobQueue):
         # Named from the parsed URL, never the URL itself: it may carry a password.
         self._where = pool_kwargs.get("path") or f"{pool_kwargs['host']}:{pool_kwargs['port']}"
         self._touch_if_owner = self._client.register_script(_TOUCH_IF_OWNER)
+        self._ack_if_owner = self._client.register_script(_ACK_IF_OWNER)
         self._release_if_owner = self._client.register_script(_RELEASE_IF_OWNER)
         with self._reachable():
             _ping(self._client)
@@ -175,13 +200,12 @@ class RedisStreamsQueue(JobQueue):
                     return None
 
     def _claim_expired(self, key: str, queue: str, consumer: str) -> Job | None:
-        min_idle_ms = int(self._visibility_timeout * 1000)
         cursor = "0-0"
         while True:
             # XAUTOCLAIM scans the pending list in pages: an empty page with a cursor left means
             # "keep going", only cursor 0-0 means the whole list was seen.
             cursor, claimed, *_ = self._client.xautoclaim(
-                key, GROUP, consumer, min_idle_ms, start_id=cursor, count=1
+                key, GROUP, consumer, self._min_idle_ms, start_id=cursor, count=1
             )
             if claimed:
                 [(job_id, fields)] = claimed
@@ -191,27 +215,36 @@ class RedisStreamsQueue(JobQueue):
             if cursor == "0-0":
                 return None
 
-    def touch(self, job: Job, consumer: str) -> None:
+    def touch(self, job: Job, consumer: str) -> bool:
         with self._reachable():
-            self._touch_if_owner(
+            held = self._touch_if_owner(
                 keys=[self._jobs_key(job.queue)], args=[GROUP, job.job_id, consumer]
             )
+        return bool(held)
+
+    def release(self, job: Job, consumer: str) -> bool:
+        with self._reachable():
+            released = self._release_if_owner(
+                keys=[self._jobs_key(job.queue)],
+                args=[GROUP, job.job_id, consumer, RELEASED, self._min_idle_ms],
+            )
+        return bool(released)
 
     def ack(self, job: Job, consumer: str) -> bool:
         # XDEL too: a done job has no reason to stay in memory.
         with self._reachable():
-            released = self._release_if_owner(
+            acked = self._ack_if_owner(
                 keys=[self._jobs_key(job.queue)], args=[GROUP, job.job_id, consumer]
             )
-        return bool(released)
+        return bool(acked)
 
     def dead_letter(self, job: Job, consumer: str, reason: str) -> bool:
         with self._reachable():
-            released = self._release_if_owner(
+            acked = self._ack_if_owner(
                 keys=[self._jobs_key(job.queue), self._dead_key(job.queue)],
                 args=[GROUP, job.job_id, consumer, reason],
             )
-        return bool(released)
+        return bool(acked)
 
     def dead_letters(self, queue: str) -> list[DeadLetter]:
         with self._reachable():
@@ -226,7 +259,15 @@ class RedisStreamsQueue(JobQueue):
     def pending_count(self, queue: str) -> int:
         with self._reachable():
             summary: dict[str, Any] = self._client.xpending(self._ensure_group(queue), GROUP)
-            return int(summary["pending"])
+        released = sum(
+            holder["pending"] for holder in summary["consumers"] if holder["name"] == RELEASED
+        )
+        return int(summary["pending"]) - released
+
+    def is_pending(self, queue: str, job_id: str) -> bool:
+        # ack and dead_letter delete the entry, so it exists exactly while the job is to be done.
+        with self._reachable():
+            return bool(self._client.xrange(self._jobs_key(queue), job_id, job_id))
 
     def publish(self, channel: str, data: JsonDict) -> str:
         with self._reachable():

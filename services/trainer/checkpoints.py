@@ -1,0 +1,140 @@
+"""Checkpoints of a training run: what one holds, how it is written, which ones are kept.
+
+A checkpoint holds everything needed to go on as if the run had never stopped: the adapter
+weights, optimizer and scheduler state, the RNG states (dropout), the data-order position, the
+loss history, the step and the micro-batch size in use (an OOM recovery may have shrunk it).
+Resuming from it and training on gives, step for step, the adapter an uninterrupted run gives.
+
+It is written with the store's `put_dir`, which writes the manifest last: a checkpoint without
+a manifest (the worker died while writing it) is never listed, so a reader sees a whole
+checkpoint or none. `CheckpointPolicy` says which ones to keep: the last K, for resuming, and
+the best N by loss, for keeping the best adapter when a run overfits late.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backpropagate.v1 import trainer_pb2
+from backpropagate_services.common.errors import CheckpointInvalidError, DependencyError
+from backpropagate_services.common.layout import checkpoint_prefix, checkpoints_prefix
+from backpropagate_services.common.store.base import MANIFEST, ArtifactStore
+
+STATE_FILE = "state.pt"
+INFO_FILE = "checkpoint.json"
+LOSS_WINDOW = 10  # a checkpoint's loss: the mean of this many last steps, one step is noisy
+
+
+@dataclass
+class TrainingState:
+    """A run between two optimizer steps, as plain tensors and numbers (torch.load-able with
+    weights_only=True: no pickled code)."""
+
+    step: int  # optimizer steps done
+    loss_history: list[float]
+    tokens_seen: int
+    micro_batch_size: int
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    data_order: dict[str, Any]  # the batch sampler's RNG state and its pending indices
+    torch_rng: torch.Tensor
+    cuda_rng: list[torch.Tensor]
+
+    @property
+    def recent_loss(self) -> float:
+        window = self.loss_history[-LOSS_WINDOW:]
+        return sum(window) / len(window) if window else float("inf")
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Keep the `keep_last` newest checkpoints and the `keep_best` ones with the lowest loss."""
+
+    keep_last: int = 2
+    keep_best: int = 1
+
+    def kept(
+        self, checkpoints: list[trainer_pb2.CheckpointInfo]
+    ) -> list[trainer_pb2.CheckpointInfo]:
+        """The checkpoints to keep, in step order."""
+        by_step = sorted(checkpoints, key=lambda info: info.step)
+        newest = by_step[-self.keep_last :] if self.keep_last else []
+        best = sorted(by_step, key=lambda info: (info.loss, -info.step))[: self.keep_best]
+        keep = {info.step for info in [*newest, *best]}
+        return [info for info in by_step if info.step in keep]
+
+
+class CheckpointManager:
+    """Writes, lists, loads and prunes one run's checkpoints in the artifact store."""
+
+    def __init__(self, store: ArtifactStore, run_id: str, policy: CheckpointPolicy) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.policy = policy
+
+    def save(self, state: TrainingState) -> trainer_pb2.CheckpointInfo:
+        """Write `state` as the checkpoint of its step (manifest last)."""
+        started = time.monotonic()
+        prefix = checkpoint_prefix(self.run_id, state.step)
+        with tempfile.TemporaryDirectory(prefix="bp-checkpoint-") as tmp:
+            directory = Path(tmp)
+            torch.save(vars(state), directory / STATE_FILE)
+            size = (directory / STATE_FILE).stat().st_size
+            info = trainer_pb2.CheckpointInfo(
+                step=state.step, loss=state.recent_loss, key=prefix, size_bytes=size
+            )
+            # Written inside the directory too, so listing needs no run record.
+            (directory / INFO_FILE).write_text(json.dumps({"step": state.step, "loss": info.loss}))
+            self.store.put_dir(prefix, directory)
+        info.seconds = time.monotonic() - started
+        info.created_at = time.time()
+        return info
+
+    def complete(self) -> list[int]:
+        """Steps of the checkpoints whose manifest is written, oldest first."""
+        root = checkpoints_prefix(self.run_id) + "/"
+        steps = []
+        for key in self.store.list(root):
+            name, _, rest = key.removeprefix(root).partition("/")
+            if rest == MANIFEST and name.startswith("step-"):
+                steps.append(int(name.removeprefix("step-")))
+        return sorted(steps)
+
+    def prune(
+        self, checkpoints: list[trainer_pb2.CheckpointInfo]
+    ) -> list[trainer_pb2.CheckpointInfo]:
+        """Delete what the policy does not keep (and any half-written checkpoint of a dead
+        worker); returns the kept ones."""
+        kept = self.policy.kept(checkpoints)
+        kept_steps = {info.step for info in kept}
+        root = checkpoints_prefix(self.run_id) + "/"
+        on_store = {key.removeprefix(root).split("/", 1)[0] for key in self.store.list(root)}
+        for name in sorted(on_store):
+            step = int(name.removeprefix("step-")) if name.startswith("step-") else -1
+            if step not in kept_steps:
+                self.store.delete_prefix(f"{root}{name}/")
+        return kept
+
+    def load(self, step: int) -> TrainingState:
+        """The checkpoint of `step`; CheckpointInvalidError if it is incomplete or corrupt."""
+        prefix = checkpoint_prefix(self.run_id, step)
+        with tempfile.TemporaryDirectory(prefix="bp-checkpoint-") as tmp:
+            try:
+                self.store.get_dir(prefix, Path(tmp))
+                fields = torch.load(Path(tmp) / STATE_FILE, weights_only=True)
+                return TrainingState(**fields)
+            except DependencyError:
+                raise  # the store is away, the checkpoint may be fine: retried by the caller
+            except Exception as exc:
+                raise CheckpointInvalidError(
+                    f"Checkpoint {prefix}/ of run {self.run_id} cannot be read: {exc}",
+                    key=prefix,
+                ) from exc

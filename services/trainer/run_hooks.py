@@ -1,0 +1,174 @@
+"""What a train worker does between two steps: events, checkpoints, and stopping when it must.
+
+Every step's event goes out through a buffered publisher (a Redis restart does not fail the
+run). Checkpoints are written every `checkpoint_every` steps, or every `checkpoint_interval`
+seconds when that is 0, and always after the last step; each is written only while this worker
+still holds the job's lease. Before each step the run stops if it was cancelled, if another
+worker took its job over (nothing written), or if the worker is shutting down (checkpoint,
+then release), and it pauses or stops as the safety sidecar says.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from backpropagate.v1 import common_pb2, trainer_pb2
+from backpropagate_services.common.errors import DependencyError, JobCancelledError
+from backpropagate_services.common.jobs import Lease, ReleasedForShutdown, durably
+from backpropagate_services.common.layout import cancel_channel
+from backpropagate_services.common.layout import run_events_channel as events_channel
+from backpropagate_services.common.layout import run_record_key as record_key
+from backpropagate_services.common.queue import JobQueue
+from backpropagate_services.common.records import BufferedPublisher, save_record
+from backpropagate_services.trainer.checkpoints import CheckpointManager
+from backpropagate_services.trainer.loop import LoraTraining, OomRecovery, StepReport, TrainingHooks
+from backpropagate_services.trainer.safety_monitor import SafetyMonitor
+
+if TYPE_CHECKING:
+    from backpropagate_services.trainer.safety_obedience import SafetyObedience
+
+log = logging.getLogger(__name__)
+
+
+class Stoppable(Protocol):
+    @property
+    def stopping(self) -> bool: ...
+
+
+class RunEvents:
+    """A run's events, stamped with the current safety level and the run's attempt."""
+
+    def __init__(self, queue: JobQueue, safety: SafetyMonitor) -> None:
+        self.queue = queue
+        self.safety = safety
+        self.publisher = BufferedPublisher(queue)
+
+    def emit(self, record: trainer_pb2.RunRecord, **fields: object) -> None:
+        event = trainer_pb2.RunEvent(
+            run_id=record.run_id,
+            status=record.status,
+            total_steps=record.steps,
+            safety_level=self.safety.level,  # type: ignore[arg-type]
+            timestamp=time.time(),
+            attempt=record.attempts,
+            batch_size=record.batch_size,
+            gradient_accumulation=record.gradient_accumulation,
+            **fields,  # type: ignore[arg-type]
+        )
+        self.publisher.publish(events_channel(record.run_id), event)
+
+    def cancel_requested(self, run_id: str) -> bool:
+        """Whether the run was cancelled; a queue outage reads as "not cancelled"."""
+        try:
+            return bool(self.queue.read(cancel_channel(run_id), "", 0))
+        except DependencyError:
+            return False
+
+
+class RunHooks(TrainingHooks):
+    def __init__(
+        self,
+        record: trainer_pb2.RunRecord,
+        events: RunEvents,
+        checkpoints: CheckpointManager,
+        lease: Lease,
+        *,
+        worker: Stoppable,
+        checkpoint_every: int,
+        checkpoint_interval: float,
+        safety: SafetyObedience | None = None,
+    ) -> None:
+        self.record = record
+        self.events = events
+        self.checkpoints = checkpoints
+        self.lease = lease
+        self.worker = worker
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval = checkpoint_interval
+        self.safety = safety
+        self.last_checkpoint_at = time.monotonic()
+
+    def before_step(self, step: int, training: LoraTraining) -> None:
+        self.lease.check()
+        if self.events.cancel_requested(self.record.run_id):
+            raise JobCancelledError(f"Cancelled before step {step} of {self.record.steps}.")
+        if self.worker.stopping:
+            self.checkpoint(training)
+            self.record.status = common_pb2.JOB_STATUS_QUEUED  # waiting for the next worker
+            self.lease.confirm()
+            durably(save_record)(
+                self.checkpoints.store, record_key(self.record.run_id), self.record
+            )
+            self.events.emit(
+                self.record,
+                kind="released",
+                step=training.step,
+                message=f"worker shutting down: checkpointed at step {training.step}, "
+                "released for another worker",
+            )
+            raise ReleasedForShutdown(f"Released before step {step}.")
+        if self.safety is not None:
+            self.safety.obey(step, training, self)
+
+    def after_step(self, report: StepReport, training: LoraTraining) -> None:
+        self.lease.check()
+        self.record.loss_history.append(report.loss)  # kept per step: a failed run keeps its curve
+        self.events.emit(
+            self.record,
+            kind="step",
+            step=report.step,
+            loss=report.loss,
+            learning_rate=report.learning_rate,
+            tokens_per_second=report.tokens_per_second,
+            eta_seconds=report.eta_seconds,
+        )
+        if self._checkpoint_due(report.step):
+            self.checkpoint(training)
+
+    def on_oom_recovery(self, recovery: OomRecovery) -> None:
+        self.record.oom_recoveries = recovery.recoveries
+        self.record.batch_size = recovery.micro_batch_size
+        self.record.gradient_accumulation = recovery.gradient_accumulation
+        self.events.emit(
+            self.record,
+            kind="oom_recovered",
+            step=recovery.step - 1,
+            message=f"out of memory at step {recovery.step}: micro-batch halved to "
+            f"{recovery.micro_batch_size} x {recovery.gradient_accumulation} accumulation "
+            f"(recovery {recovery.recoveries}), taking the step again",
+        )
+
+    def _checkpoint_due(self, step: int) -> bool:
+        if step == self.record.steps:
+            return True
+        if self.checkpoint_every:
+            return step % self.checkpoint_every == 0
+        return time.monotonic() - self.last_checkpoint_at >= self.checkpoint_interval
+
+    def checkpoint(self, training: LoraTraining) -> None:
+        """Write the state after the last step done (once per step), prune, save the record."""
+        if training.step == 0 or training.step == self.record.last_checkpoint_step:
+            return
+        self.lease.confirm()  # never overwrite the work of a worker that took the job over
+        info = durably(self.checkpoints.save)(training.state())
+        kept = durably(self.checkpoints.prune)([*self.record.checkpoints, info])
+        del self.record.checkpoints[:]
+        self.record.checkpoints.extend(kept)
+        self.record.last_checkpoint_step = info.step
+        durably(save_record)(self.checkpoints.store, record_key(self.record.run_id), self.record)
+        self.last_checkpoint_at = time.monotonic()
+        log.info(
+            "checkpoint at step %d: %.1f MB in %.2f s",
+            info.step,
+            info.size_bytes / 1e6,
+            info.seconds,
+        )
+        self.events.emit(
+            self.record,
+            kind="checkpoint",
+            step=info.step,
+            message=f"checkpoint at step {info.step} ({info.size_bytes / 1e6:.1f} MB, "
+            f"{info.seconds:.1f} s)",
+        )

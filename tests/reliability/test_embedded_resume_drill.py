@@ -1,0 +1,118 @@
+"""Drills of the embedded default (no servers): a `backprop train` killed with SIGKILL is
+finished by `backprop runs resume`; a detached run trains in a background process while
+`backprop runs watch`, a separate process, follows it.
+
+Every command is a real `backprop` process sharing one home directory: the queue file and the
+local store are what carries the run from one process to the next.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import servers
+
+pytestmark = [pytest.mark.model]
+
+BACKPROP = str(Path(sys.executable).parent / "backprop")
+STEPS = 10
+TRAIN_ARGS = ["--steps", str(STEPS), "--batch-size", "2", "--max-length", "128"]
+
+
+def backprop(env: dict[str, str], *args: str, timeout: float = 300) -> str:
+    """Run a `backprop` command to its end; its stdout (a failure shows its stderr)."""
+    done = subprocess.run(
+        [BACKPROP, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, f"backprop {' '.join(args)}: {done.stderr[-3000:]}"
+    return done.stdout
+
+
+def run_record(env: dict[str, str], run_id: str) -> dict:
+    return json.loads(backprop(env, "runs", "show", run_id, "--json"))
+
+
+@pytest.fixture
+def home_env(model_cache: Path, tmp_path: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "BACKPROPAGATE_HOME": str(tmp_path / "home"),
+        "BACKPROPAGATE_MODEL_CACHE": str(model_cache),
+        "COLUMNS": "200",
+    }
+
+
+def checkpoint_written(home: Path, step: int) -> list[Path]:
+    """The runs whose checkpoint of `step` is complete (its manifest written last)."""
+    pattern = f"runs/*/checkpoints/step-{step:08d}/MANIFEST.json"
+    return list((home / "artifacts").glob(pattern))
+
+
+def test_cli_killed_mid_run_is_finished_by_runs_resume(
+    home_env: dict[str, str], quickstart: Path
+) -> None:
+    home = Path(home_env["BACKPROPAGATE_HOME"])
+    train = subprocess.Popen(
+        [BACKPROP, "train", "--data", str(quickstart), *TRAIN_ARGS, "--checkpoint-every", "2"],
+        env=home_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        servers.wait_until(
+            lambda: bool(checkpoint_written(home, 4)), what="checkpoint at step 4", timeout=240
+        )
+    finally:
+        train.send_signal(signal.SIGKILL)  # no exit hook runs: as a power cut for the run
+        train.wait()
+    [manifest] = checkpoint_written(home, 4)
+    run_id = manifest.parts[-4]
+    killed = run_record(home_env, run_id)
+    assert killed["status"] == "JOB_STATUS_RUNNING"
+    checkpointed = killed["last_checkpoint_step"]
+    assert checkpointed >= 4
+
+    started = time.monotonic()
+    backprop(home_env, "runs", "resume", run_id)
+    resume_seconds = time.monotonic() - started
+
+    record = run_record(home_env, run_id)
+    assert record["status"] == "JOB_STATUS_SUCCEEDED"
+    assert record["attempts"] == 2
+    assert record["resumed_from_step"] == checkpointed
+    assert len(record["loss_history"]) == STEPS  # no step twice, none missing
+    assert record["loss_history"][:checkpointed] == killed["loss_history"][:checkpointed]
+    assert record["last_checkpoint_step"] == STEPS
+    assert (home / "artifacts" / "runs" / run_id / "adapter" / "MANIFEST.json").is_file()
+    # Resuming redoes at most the steps after the checkpoint: no model-sized restart cost beyond
+    # the model load (logged here for the drill's report).
+    print(f"resumed from step {checkpointed} in {resume_seconds:.1f} s")
+
+
+def test_detached_run_trains_in_the_background_and_runs_watch_follows_it(
+    home_env: dict[str, str], quickstart: Path
+) -> None:
+    started = time.monotonic()
+    run_id = backprop(home_env, "train", "--data", str(quickstart), *TRAIN_ARGS, "--detach")
+    run_id = run_id.strip()
+    detach_seconds = time.monotonic() - started
+    assert run_id.startswith("run-")
+
+    watched = backprop(home_env, "runs", "watch", run_id)
+
+    assert "succeeded" in watched
+    record = run_record(home_env, run_id)
+    assert record["status"] == "JOB_STATUS_SUCCEEDED"
+    assert len(record["loss_history"]) == STEPS
+    assert record["attempts"] == 1
+    assert record["last_checkpoint_step"] == STEPS  # always a checkpoint at the end
+    logs = list((Path(home_env["BACKPROPAGATE_HOME"]) / "logs").glob("worker-*.log"))
+    assert len(logs) == 1, "the run was not trained by one background worker"
+    print(f"--detach returned in {detach_seconds:.1f} s")
