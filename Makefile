@@ -44,6 +44,7 @@ test: setup
 bench: setup
 	$(PY) bench/llama_variants.py
 	$(PY) bench/export_quantizations.py
+	$(PY) bench/checkpoint_cost.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +11,14 @@ import pytest
 import servers
 
 from backpropagate_services.common.settings import Settings
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A home of its own for the session (queue file, artifacts, logs, for this process and
+    the ones it starts), so no job left by another session, or in the user's own
+    ~/.backpropagate, is taken by a test's worker; the model cache stays shared."""
+    os.environ.setdefault("BACKPROPAGATE_MODEL_CACHE", str(Settings().model_cache_dir))
+    os.environ["BACKPROPAGATE_HOME"] = tempfile.mkdtemp(prefix="bp-test-home-")
 
 
 @pytest.fixture(scope="session")

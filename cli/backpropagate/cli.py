@@ -1,6 +1,7 @@
 """`backprop`: the command-line client. Each command is a thin shell over the SDK workflows.
 
-Exit codes: 0 ok, 1 user error, 2 runtime error, 3 partial failure (e.g. trained, export failed).
+Exit codes: 0 ok, 1 user error, 2 runtime error, 3 partial failure (e.g. trained, export failed),
+130 interrupted (Ctrl-C; a run in progress is checkpointed).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from backpropagate.sdk import Trainer
 from backpropagate.v1 import export_pb2, safety_pb2, trainer_pb2
 from backpropagate.workflows import download_artifact
 from backpropagate_services.common.errors import (
+    EXIT_INTERRUPTED,
     EXIT_PARTIAL_FAILURE,
     BackpropagateError,
     ConfigError,
@@ -522,6 +524,13 @@ def main() -> None:
     except PartialFailure as exc:
         err_console.print(f"[bold yellow]partial failure[/]: {exc}")
         sys.exit(EXIT_PARTIAL_FAILURE)
+    except KeyboardInterrupt:
+        # A run this process was training is checkpointed and released on the way out.
+        err_console.print(
+            "[bold yellow]interrupted[/]: a run in progress is checkpointed; continue it with "
+            "`backprop runs resume RUN` (`backprop runs list` shows it)."
+        )
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ EXIT_OK = 0
 EXIT_USER_ERROR = 1
 EXIT_RUNTIME_ERROR = 2
 EXIT_PARTIAL_FAILURE = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 _SECRET_PATTERNS = [
     re.compile(
@@ -131,6 +132,25 @@ class GpuOutOfMemoryError(RuntimeFailure):
     code = "RUNTIME_GPU_OOM"
     default_hint = "Lower --batch-size or --max-length, or use a smaller model."
     retryable = True
+
+
+class GpuTemperatureCriticalError(RuntimeFailure):
+    code = "RUNTIME_GPU_TEMPERATURE_CRITICAL"
+    default_hint = (
+        "The safety sidecar saw the GPU reach its emergency temperature, so the run was "
+        "checkpointed and stopped. Check the cooling and what else runs on the GPU, then "
+        "`backprop runs resume RUN` once it is back in range (docs/safety.md)."
+    )
+
+
+class HostMemoryCriticalError(RuntimeFailure):
+    code = "RUNTIME_HOST_MEMORY_CRITICAL"
+    default_hint = (
+        "The safety sidecar saw host memory reach its emergency level, so the run was "
+        "checkpointed and stopped before the kernel's OOM killer could end it. Close what else "
+        "uses memory, then `backprop runs resume RUN` once memory is back in range "
+        "(docs/safety.md)."
+    )
 
 
 class JobCancelledError(RuntimeFailure):

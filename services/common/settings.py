@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backpropagate_services.common.errors import ConfigError
@@ -148,13 +148,92 @@ class ExportSettings(BaseModel):
 
 
 class SafetySettings(BaseModel):
-    source: Literal["auto", "nvml", "host", "simulation"] = Field(
-        "auto", description="auto: NVML when a GPU answers, else host memory."
+    """The safety sidecar's readings and thresholds, and how a trainer obeys them.
+
+    Each reading has four rising thresholds; at or above one the level is warm, warning,
+    critical (a trainer checkpoints and pauses) or emergency (it checkpoints and stops).
+    docs/safety.md explains the defaults.
+    """
+
+    source: Literal["auto", "nvml", "host", "replay"] = Field(
+        "auto",
+        description="auto: NVML when a GPU answers, else host memory; replay: the readings of "
+        "replay_file, for drills.",
     )
-    simulation_file: Path | None = Field(
-        None, description="JSON list of readings replayed by the simulation source (drills)."
+    replay_file: Path | None = Field(
+        None,
+        description="JSONL file of readings, one a line, that the replay source plays one per "
+        "reading and then holds on its last line (drills).",
     )
-    interval_seconds: float = Field(2.0, description="Default period of Watch streams.")
+    interval_seconds: float = Field(2.0, gt=0, description="Default period of Watch streams.")
+    gpu_temperature_warm_c: float = Field(70.0, description="GPU temperature (C): warm from here.")
+    gpu_temperature_warning_c: float = Field(
+        80.0, description="GPU temperature (C): warning from here; most cards start throttling."
+    )
+    gpu_temperature_critical_c: float = Field(
+        90.0, description="GPU temperature (C): critical from here; a trainer pauses."
+    )
+    gpu_temperature_emergency_c: float = Field(
+        95.0, description="GPU temperature (C): emergency from here; a trainer stops."
+    )
+    vram_warm_percent: float = Field(80.0, description="GPU memory used (%): warm from here.")
+    vram_warning_percent: float = Field(90.0, description="GPU memory used (%): warning.")
+    vram_critical_percent: float = Field(
+        95.0, description="GPU memory used (%): critical; a trainer pauses."
+    )
+    vram_emergency_percent: float = Field(
+        99.0, description="GPU memory used (%): emergency; a trainer stops."
+    )
+    host_memory_warm_percent: float = Field(80.0, description="Host memory used (%): warm.")
+    host_memory_warning_percent: float = Field(90.0, description="Host memory used (%): warning.")
+    host_memory_critical_percent: float = Field(
+        95.0, description="Host memory used (%): critical; a trainer pauses."
+    )
+    host_memory_emergency_percent: float = Field(
+        98.0,
+        description="Host memory used (%): emergency; a trainer stops before the kernel's OOM "
+        "killer ends it without a checkpoint.",
+    )
+    resume_after_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="A paused trainer resumes once the level has stayed at warning or below "
+        "this long, so a reading hovering at a threshold does not pause it every few steps.",
+    )
+
+    def thresholds(self) -> dict[str, tuple[float, float, float, float]]:
+        """Warm, warning, critical and emergency thresholds, by the reading they apply to."""
+        return {
+            "gpu_temperature": (
+                self.gpu_temperature_warm_c,
+                self.gpu_temperature_warning_c,
+                self.gpu_temperature_critical_c,
+                self.gpu_temperature_emergency_c,
+            ),
+            "vram": (
+                self.vram_warm_percent,
+                self.vram_warning_percent,
+                self.vram_critical_percent,
+                self.vram_emergency_percent,
+            ),
+            "host_memory": (
+                self.host_memory_warm_percent,
+                self.host_memory_warning_percent,
+                self.host_memory_critical_percent,
+                self.host_memory_emergency_percent,
+            ),
+        }
+
+    @model_validator(mode="after")
+    def _thresholds_rise(self) -> SafetySettings:
+        for reading, bounds in self.thresholds().items():
+            if list(bounds) != sorted(set(bounds)):  # not strictly rising
+                raise ValueError(
+                    f"BACKPROPAGATE_SAFETY__{reading.upper()}_* thresholds must rise "
+                    f"(warm < warning < critical < emergency), got "
+                    f"{', '.join(f'{bound:g}' for bound in bounds)}"
+                )
+        return self
 
 
 class FaultSettings(BaseModel):

@@ -1,17 +1,23 @@
 """Readings -> one safety level, with the reasons a person would want to see.
 
-Thresholds follow what consumer GPUs tolerate: throttling starts in the low 80s C, and a card
-whose VRAM is nearly full is one batch away from an OOM. On a CPU-only host, memory pressure is
-the risk that matters: past ~92% the kernel starts swapping or OOM-killing the trainer.
+The thresholds come from `SafetySettings` (docs/safety.md has the defaults and why). Each
+reading's level is the highest threshold it has reached; the machine's level is the worst of
+them. Reasons list every reading above safe, worst first, so the first one explains the level:
+the trainer names the error of a safety stop after it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import NamedTuple
+
+from backpropagate_services.common.settings import SafetySettings
 
 
 class Level(IntEnum):
+    """Mirrors common_pb2.SafetyLevel."""
+
     SAFE = 1
     WARM = 2
     WARNING = 3
@@ -19,10 +25,30 @@ class Level(IntEnum):
     EMERGENCY = 5
 
 
-# upper bounds (exclusive) of safe, warm, warning, critical; at or above the last: emergency
-GPU_TEMPERATURE_C = (70.0, 78.0, 85.0, 90.0)
-GPU_MEMORY_PERCENT = (80.0, 90.0, 95.0, 98.0)
-HOST_MEMORY_PERCENT = (75.0, 85.0, 92.0, 97.0)
+class Bands(NamedTuple):
+    """Where one reading becomes warm, warning, critical and emergency (settings keep them
+    rising)."""
+
+    warm: float
+    warning: float
+    critical: float
+    emergency: float
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    gpu_temperature_c: Bands
+    vram_percent: Bands
+    host_memory_percent: Bands
+
+    @classmethod
+    def from_settings(cls, settings: SafetySettings) -> Thresholds:
+        bands = settings.thresholds()
+        return cls(
+            gpu_temperature_c=Bands(*bands["gpu_temperature"]),
+            vram_percent=Bands(*bands["vram"]),
+            host_memory_percent=Bands(*bands["host_memory"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -51,7 +77,7 @@ class HostReading:
 
 @dataclass(frozen=True)
 class Readings:
-    source: str  # nvml | host | simulation
+    source: str  # nvml | host | replay
     host: HostReading
     gpus: list[GpuReading] = field(default_factory=list)
 
@@ -62,33 +88,36 @@ class Assessment:
     reasons: list[str]
 
 
-def level_for(value: float, bounds: tuple[float, float, float, float]) -> Level:
-    for level, bound in zip(Level, bounds, strict=False):
+def level_for(value: float, bands: Bands) -> Level:
+    """SAFE below `bands.warm`, else the level of the highest threshold reached."""
+    for level, bound in zip(Level, bands, strict=False):
         if value < bound:
             return level
     return Level.EMERGENCY
 
 
-def assess(readings: Readings) -> Assessment:
-    checks: list[tuple[Level, str]] = [
-        (
-            level_for(readings.host.memory_percent, HOST_MEMORY_PERCENT),
-            f"host memory {readings.host.memory_percent:.0f}%",
-        )
+def _check(what: str, value: float, unit: str, bands: Bands) -> tuple[Level, str]:
+    """The reading's level, and its reason, e.g. "GPU 0 at 91 C (critical at 90 C)"."""
+    level = level_for(value, bands)
+    if level == Level.SAFE:
+        return level, ""
+    bound = bands[level - Level.WARM]
+    return level, f"{what} {value:.0f}{unit} ({level.name.lower()} at {bound:g}{unit})"
+
+
+def assess(readings: Readings, thresholds: Thresholds) -> Assessment:
+    checks = [
+        _check("host memory", readings.host.memory_percent, "%", thresholds.host_memory_percent)
     ]
     for gpu in readings.gpus:
         checks.append(
-            (
-                level_for(gpu.temperature_c, GPU_TEMPERATURE_C),
-                f"GPU {gpu.index} at {gpu.temperature_c:.0f} C",
-            )
+            _check(f"GPU {gpu.index} at", gpu.temperature_c, " C", thresholds.gpu_temperature_c)
         )
         checks.append(
-            (
-                level_for(gpu.memory_percent, GPU_MEMORY_PERCENT),
-                f"GPU {gpu.index} VRAM {gpu.memory_percent:.0f}%",
-            )
+            _check(f"GPU {gpu.index} VRAM", gpu.memory_percent, "%", thresholds.vram_percent)
         )
-    level = max(check_level for check_level, _ in checks)
-    reasons = [reason for check_level, reason in checks if check_level > Level.SAFE]
-    return Assessment(level=level, reasons=reasons)
+    worst_first = sorted(checks, key=lambda checked: checked[0], reverse=True)
+    return Assessment(
+        level=worst_first[0][0],
+        reasons=[reason for level, reason in worst_first if level > Level.SAFE],
+    )

@@ -1,18 +1,18 @@
-"""Where readings come from: NVML on a GPU machine, host memory otherwise, or a replayed file.
+"""Where readings come from: NVML on a GPU machine, host memory otherwise, or a replay file.
 
-The simulation source exists for drills (what does the trainer do at CRITICAL?) and is named as
-such everywhere it appears: in settings, in every snapshot's `source`, in the logs.
+The replay source exists for drills (what does the trainer do at CRITICAL?) and is named as such
+everywhere it appears: in settings, in every snapshot's `source`, in the logs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import psutil
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from backpropagate_services.common.errors import ConfigError, MissingDependencyError
 from backpropagate_services.safety.levels import GpuReading, HostReading, Readings
@@ -83,51 +83,82 @@ class NvmlSource(ReadingSource):
         return Readings(source=self.name, host=read_host(), gpus=gpus)
 
 
-class SimulationSource(ReadingSource):
-    """Replays readings from a JSON file, one per call, holding the last one: for drills.
+class ReplayLine(BaseModel):
+    """One line of a replay file: {"host": {...HostReading}, "gpus": [{...GpuReading}]}."""
 
-    File: a list of {"host": {...HostReading fields}, "gpus": [{...GpuReading fields}]}.
+    model_config = ConfigDict(extra="forbid")  # a misspelt "gpu" must not read as no GPUs
+
+    host: HostReading
+    gpus: list[GpuReading] = []
+
+
+class ReplaySource(ReadingSource):
+    """Replays a recorded or scripted run of readings (say a temperature ramp), for drills.
+
+    One reading per line of a JSONL file; each read advances one line, and the last line holds,
+    so a drill can end in the state it tests. Blank lines are skipped. The whole file is checked
+    when the sidecar starts: a bad line fails it then, naming the file and the line.
     """
 
-    name = "simulation"
+    name = "replay"
 
     def __init__(self, path: Path) -> None:
         try:
-            frames = json.loads(path.read_text())
-            self._frames = [
-                Readings(
-                    source=self.name,
-                    host=HostReading(**frame["host"]),
-                    gpus=[GpuReading(**gpu) for gpu in frame.get("gpus", [])],
-                )
-                for frame in frames
-            ]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
             raise ConfigError(
-                f"Cannot read the safety simulation file {path}: {exc}",
-                hint="It must be a JSON list of {'host': {...}, 'gpus': [...]} frames.",
-                path=str(path),
+                f"Cannot read the safety replay file {path}: {exc}", path=str(path)
             ) from exc
-        if not self._frames:
-            raise ConfigError(f"The safety simulation file {path} has no frames.")
+        self._readings = [
+            self._parse(path, number, line)
+            for number, line in enumerate(lines, start=1)
+            if line.strip()
+        ]
+        if not self._readings:
+            raise ConfigError(f"The safety replay file {path} has no readings.", path=str(path))
         self._position = 0
         self._lock = threading.Lock()
 
+    def _parse(self, path: Path, number: int, line: str) -> Readings:
+        try:
+            parsed = ReplayLine.model_validate_json(line)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
+                if error["loc"]
+                else error["msg"]
+                for error in exc.errors()
+            )
+            raise ConfigError(
+                f"{path}, line {number}: {problems}",
+                hint='Each line of a replay file is one reading: {"host": {"memory_used_mb": '
+                '..., "memory_total_mb": ..., "memory_percent": ...}, "gpus": [{"index": 0, '
+                '"name": ..., "temperature_c": ..., "memory_used_mb": ..., '
+                '"memory_total_mb": ...}]} (docs/safety.md).',
+                path=str(path),
+                line=number,
+            ) from None
+        return Readings(source=self.name, host=parsed.host, gpus=parsed.gpus)
+
     def read(self) -> Readings:
         with self._lock:
-            frame = self._frames[min(self._position, len(self._frames) - 1)]
+            readings = self._readings[min(self._position, len(self._readings) - 1)]
             self._position += 1
-            return frame
+            return readings
 
 
-def make_source(kind: str, simulation_file: Path | None = None) -> ReadingSource:
-    if kind == "simulation":
-        if simulation_file is None:
+def make_source(kind: str, replay_file: Path | None = None) -> ReadingSource:
+    if kind == "replay":
+        if replay_file is None:
             raise ConfigError(
-                "The simulation source needs BACKPROPAGATE_SAFETY__SIMULATION_FILE.",
+                "The replay source needs BACKPROPAGATE_SAFETY__REPLAY_FILE.",
+                hint="Point it at a JSONL file of readings, one a line (docs/safety.md).",
             )
-        log.warning("safety readings come from the SIMULATION file %s", simulation_file)
-        return SimulationSource(simulation_file)
+        log.warning(
+            "safety readings are REPLAYED from %s (a drill), not read from this machine",
+            replay_file,
+        )
+        return ReplaySource(replay_file)
     if kind == "host":
         return HostSource()
     try:

@@ -5,14 +5,16 @@ run). Checkpoints are written every `checkpoint_every` steps, or every `checkpoi
 seconds when that is 0, and always after the last step; each is written only while this worker
 still holds the job's lease. Before each step the run stops if it was cancelled, if another
 worker took its job over (nothing written), or if the worker is shutting down (checkpoint,
-then release), and it pauses or stops as the safety sidecar says.
+then release), and it obeys the safety sidecar (`safety_gate` decides): at critical it
+checkpoints and pauses until the level has been back at warning or below for a while, at
+emergency it checkpoints and stops with the reason's error code, resumable later.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.errors import DependencyError, JobCancelledError
@@ -24,12 +26,13 @@ from backpropagate_services.common.queue import JobQueue
 from backpropagate_services.common.records import BufferedPublisher, save_record
 from backpropagate_services.trainer.checkpoints import CheckpointManager
 from backpropagate_services.trainer.loop import LoraTraining, OomRecovery, StepReport, TrainingHooks
+from backpropagate_services.trainer.safety_gate import Action, Decision, SafetyGate
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
 
-if TYPE_CHECKING:
-    from backpropagate_services.trainer.safety_obedience import SafetyObedience
-
 log = logging.getLogger(__name__)
+
+# A paused run re-reads the level at least this often, and checks for cancel and shutdown.
+PAUSE_POLL_SECONDS = 1.0
 
 
 class Stoppable(Protocol):
@@ -59,10 +62,16 @@ class RunEvents:
         )
         self.publisher.publish(events_channel(record.run_id), event)
 
-    def cancel_requested(self, run_id: str) -> bool:
-        """Whether the run was cancelled; a queue outage reads as "not cancelled"."""
+    def cancel_cursor(self, run_id: str) -> str:
+        """Where this attempt's cancel requests start: a resumed run was maybe cancelled
+        before, and that request is spent."""
+        earlier = durably(self.queue.read)(cancel_channel(run_id), "", 0)
+        return earlier[-1].event_id if earlier else ""
+
+    def cancel_requested(self, run_id: str, after: str) -> bool:
+        """Whether the run was cancelled since `after`; a queue outage reads as "not yet"."""
         try:
-            return bool(self.queue.read(cancel_channel(run_id), "", 0))
+            return bool(self.queue.read(cancel_channel(run_id), after, 0))
         except DependencyError:
             return False
 
@@ -76,23 +85,31 @@ class RunHooks(TrainingHooks):
         lease: Lease,
         *,
         worker: Stoppable,
+        cancel_cursor: str,
         checkpoint_every: int,
         checkpoint_interval: float,
-        safety: SafetyObedience | None = None,
+        safety_gate: SafetyGate,
     ) -> None:
         self.record = record
         self.events = events
         self.checkpoints = checkpoints
         self.lease = lease
         self.worker = worker
+        self.cancel_cursor = cancel_cursor
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
-        self.safety = safety
+        self.gate = safety_gate
+        self.safety = events.safety
         self.last_checkpoint_at = time.monotonic()
 
     def before_step(self, step: int, training: LoraTraining) -> None:
+        self._stop_if_asked(step, training)
+        self._obey_safety(step, training)
+
+    def _stop_if_asked(self, step: int, training: LoraTraining) -> None:
+        """Cancelled, the job taken over, the worker shutting down: no further step."""
         self.lease.check()
-        if self.events.cancel_requested(self.record.run_id):
+        if self.events.cancel_requested(self.record.run_id, self.cancel_cursor):
             raise JobCancelledError(f"Cancelled before step {step} of {self.record.steps}.")
         if self.worker.stopping:
             self.checkpoint(training)
@@ -109,8 +126,28 @@ class RunHooks(TrainingHooks):
                 "released for another worker",
             )
             raise ReleasedForShutdown(f"Released before step {step}.")
-        if self.safety is not None:
-            self.safety.obey(step, training, self)
+
+    def _obey_safety(self, step: int, training: LoraTraining) -> None:
+        decision = self.gate.decide(self.safety.level, self.safety.reasons)
+        while decision.action in (Action.PAUSE, Action.WAIT):
+            if decision.action is Action.PAUSE:
+                self.checkpoint(training)
+                self._safety_event("paused", decision, training)
+            self.safety.wait_for_update(PAUSE_POLL_SECONDS)
+            self._stop_if_asked(step, training)
+            decision = self.gate.decide(self.safety.level, self.safety.reasons)
+        if decision.action is Action.STOP:
+            self.checkpoint(training)
+            assert decision.error is not None
+            raise decision.error
+        if decision.action is Action.RESUME:
+            self._safety_event("resumed", decision, training)
+        elif decision.action is Action.DEGRADED:
+            self._safety_event("safety_degraded", decision, training)
+
+    def _safety_event(self, kind: str, decision: Decision, training: LoraTraining) -> None:
+        log.warning("%s", decision.message)
+        self.events.emit(self.record, kind=kind, step=training.step, message=decision.message)
 
     def after_step(self, report: StepReport, training: LoraTraining) -> None:
         self.lease.check()

@@ -35,6 +35,7 @@ from backpropagate_services.trainer.config import training_config_from_proto
 from backpropagate_services.trainer.loop import LoraTraining
 from backpropagate_services.trainer.plots import write_loss_curve
 from backpropagate_services.trainer.run_hooks import RunEvents, RunHooks
+from backpropagate_services.trainer.safety_gate import SafetyGate
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class TrainWorker(JobWorker):
     def train(self, record: trainer_pb2.RunRecord, job: Job, lease: Lease) -> str:
         run_id = record.run_id
         checkpoints = CheckpointManager(self.store, run_id, self.policy)
+        cancel_cursor = self.events.cancel_cursor(run_id)
         resume_from = record.last_checkpoint_step
         if job.deliveries > 1 or record.attempts:
             log.warning(
@@ -136,8 +138,13 @@ class TrainWorker(JobWorker):
             checkpoints,
             lease,
             worker=self,
+            cancel_cursor=cancel_cursor,
             checkpoint_every=record.config.checkpoint_every,
             checkpoint_interval=self.runtime.settings.trainer.checkpoint_interval_seconds,
+            safety_gate=SafetyGate(
+                self.runtime.settings.safety.resume_after_seconds,
+                configured=self.safety.configured,
+            ),
         )
         peft_model, outcome = training.run(hooks)
 

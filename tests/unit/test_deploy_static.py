@@ -168,6 +168,17 @@ def test_compose_config_rejects_a_broken_copy_of_the_compose_file(
     assert complaint in result.stderr
 
 
+def test_trainer_gets_the_time_to_checkpoint_and_release_its_job_on_stop(
+    resolved: dict[str, Any],
+) -> None:
+    grace = resolved["services"]["trainer"].get("stop_grace_period", "10s")  # Compose's default
+    seconds = sum(
+        int(amount) * {"h": 3600, "m": 60, "s": 1}[unit]
+        for amount, unit in re.findall(r"(\d+)([hms])", grace)
+    )
+    assert seconds > Settings().trainer.shutdown_grace_seconds
+
+
 def test_every_service_has_a_health_check(resolved: dict[str, Any]) -> None:
     for name, service in resolved["services"].items():
         check = service.get("healthcheck") or {}

@@ -1,42 +1,40 @@
-"""The safety sidecar: readings -> a level with reasons, where readings come from, and the Watch
-stream a trainer follows.
+"""The safety sidecar: readings -> a level with reasons, the thresholds it uses, where readings
+come from, and the Watch stream a trainer follows.
 
-Levels are checked exactly at each threshold, because "at or above 92% host memory is critical"
-is the rule a reader of `levels.py` should be able to rely on. The Watch stream runs the real
-safety servicer in a real gRPC server, fed by the simulation source (the drill mode).
+Levels are checked exactly at each threshold, because "at or above 90 C the GPU is critical" is
+the rule a reader of the settings should be able to rely on. The Watch stream runs the real
+safety servicer in a real gRPC server, fed by the replay source (the drill mode).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydantic
 import pynvml
 import pytest
 
 from backpropagate.connection import Connection
 from backpropagate.v1 import common_pb2, safety_pb2
 from backpropagate_services.common.errors import ConfigError, MissingDependencyError
-from backpropagate_services.common.settings import SafetySettings, Settings
+from backpropagate_services.common.settings import SafetySettings, Settings, get_settings
 from backpropagate_services.safety.levels import (
-    GPU_MEMORY_PERCENT,
-    GPU_TEMPERATURE_C,
-    HOST_MEMORY_PERCENT,
+    Bands,
     GpuReading,
     HostReading,
     Level,
     Readings,
+    Thresholds,
     assess,
 )
-from backpropagate_services.safety.sources import (
-    HostSource,
-    NvmlSource,
-    SimulationSource,
-    make_source,
-)
+from backpropagate_services.safety.sources import HostSource, NvmlSource, ReplaySource, make_source
 from backpropagate_services.stack import RunningStack, start_stack
 
+DEFAULTS = Thresholds.from_settings(SafetySettings())
 CALM_HOST = {"memory_used_mb": 1000.0, "memory_total_mb": 16000.0, "memory_percent": 10.0}
 
 
@@ -54,76 +52,142 @@ def gpu(temperature_c: float = 40.0, vram_percent: float = 10.0, index: int = 0)
     )
 
 
-def frame(
-    memory_percent: float = 10.0, gpus: list[dict[str, object]] | None = None
-) -> dict[str, object]:
-    return {"host": {**CALM_HOST, "memory_percent": memory_percent}, "gpus": gpus or []}
+def line(memory_percent: float = 10.0, temperature_c: float | None = None) -> dict[str, object]:
+    """One replay line: host memory, and one GPU at `temperature_c` if given."""
+    gpus = [] if temperature_c is None else [
+        {"index": 0, "name": "Drill GPU", "temperature_c": temperature_c,
+         "memory_used_mb": 100.0, "memory_total_mb": 1000.0}
+    ]  # fmt: skip
+    return {"host": {**CALM_HOST, "memory_percent": memory_percent}, "gpus": gpus}
 
 
-def write_frames(path: Path, frames: object) -> Path:
-    path.write_text(json.dumps(frames))
+def write_replay(path: Path, lines: list[dict[str, object] | str]) -> Path:
+    """A JSONL replay file; strings are written as they are (blank or broken lines)."""
+    path.write_text(
+        "".join((item if isinstance(item, str) else json.dumps(item)) + "\n" for item in lines)
+    )
     return path
+
+
+# --- thresholds --------------------------------------------------------------------------------
+
+
+def test_the_documented_default_thresholds() -> None:
+    assert DEFAULTS.gpu_temperature_c == Bands(warm=70, warning=80, critical=90, emergency=95)
+    assert DEFAULTS.vram_percent == Bands(warm=80, warning=90, critical=95, emergency=99)
+    assert DEFAULTS.host_memory_percent == Bands(warm=80, warning=90, critical=95, emergency=98)
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No BACKPROPAGATE_* variable and no .env file, and no cached settings either side."""
+    for name in os.environ:
+        if name.startswith("BACKPROPAGATE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.mark.usefixtures("clean_environment")
+def test_thresholds_are_set_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKPROPAGATE_SAFETY__GPU_TEMPERATURE_CRITICAL_C", "86")
+    monkeypatch.setenv("BACKPROPAGATE_SAFETY__HOST_MEMORY_EMERGENCY_PERCENT", "97.5")
+
+    thresholds = Thresholds.from_settings(get_settings().safety)
+
+    assert thresholds.gpu_temperature_c == Bands(70, 80, 86, 95)
+    assert thresholds.host_memory_percent == Bands(80, 90, 95, 97.5)
+    readings = Readings(source="nvml", host=host(10.0), gpus=[gpu(temperature_c=87.0)])
+    assert assess(readings, thresholds).reasons == ["GPU 0 at 87 C (critical at 86 C)"]
+
+
+@pytest.mark.usefixtures("clean_environment")
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("GPU_TEMPERATURE_WARNING_C", "92", "GPU_TEMPERATURE_*"),  # above critical (90)
+        ("VRAM_EMERGENCY_PERCENT", "95", "VRAM_*"),  # equal to critical
+        ("HOST_MEMORY_WARM_PERCENT", "91", "HOST_MEMORY_*"),  # above warning (90)
+    ],
+)
+def test_thresholds_that_do_not_rise_are_a_config_error_naming_the_variables(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, named: str
+) -> None:
+    monkeypatch.setenv(f"BACKPROPAGATE_SAFETY__{variable}", value)
+
+    with pytest.raises(ConfigError) as caught:
+        get_settings()
+
+    assert f"BACKPROPAGATE_SAFETY__{named} thresholds must rise" in caught.value.message
+    assert "warm < warning < critical < emergency" in caught.value.message
+
+
+def test_settings_built_in_code_check_the_order_too() -> None:
+    with pytest.raises(pydantic.ValidationError, match="thresholds must rise"):
+        SafetySettings(gpu_temperature_emergency_c=90.0)
 
 
 # --- levels ------------------------------------------------------------------------------------
 
 
-def levels_at_and_below(bounds: tuple[float, ...]) -> list[tuple[float, Level]]:
-    """(value, expected level) just below the first bound, then at and just above each bound."""
+def levels_at_and_below(bands: Bands) -> list[tuple[float, Level]]:
+    """(value, expected level) just below the first threshold, then at and above each one."""
     above_safe = [Level.WARM, Level.WARNING, Level.CRITICAL, Level.EMERGENCY]
-    cases = [(bounds[0] - 0.1, Level.SAFE)]
-    for bound, level in zip(bounds, above_safe, strict=True):
+    cases = [(bands.warm - 0.1, Level.SAFE)]
+    for bound, level in zip(bands, above_safe, strict=True):
         cases += [(bound, level), (bound + 0.1, level)]
     return cases
 
 
-@pytest.mark.parametrize(("percent", "expected"), levels_at_and_below(HOST_MEMORY_PERCENT))
+@pytest.mark.parametrize(("percent", "expected"), levels_at_and_below(DEFAULTS.host_memory_percent))
 def test_host_memory_level_changes_exactly_at_each_threshold(
     percent: float, expected: Level
 ) -> None:
-    assert assess(Readings(source="host", host=host(percent))).level == expected
+    assert assess(Readings(source="host", host=host(percent)), DEFAULTS).level == expected
 
 
-@pytest.mark.parametrize(("temperature", "expected"), levels_at_and_below(GPU_TEMPERATURE_C))
+@pytest.mark.parametrize(
+    ("temperature", "expected"), levels_at_and_below(DEFAULTS.gpu_temperature_c)
+)
 def test_gpu_temperature_level_changes_exactly_at_each_threshold(
     temperature: float, expected: Level
 ) -> None:
     readings = Readings(source="nvml", host=host(10.0), gpus=[gpu(temperature_c=temperature)])
 
-    assert assess(readings).level == expected
+    assert assess(readings, DEFAULTS).level == expected
 
 
-@pytest.mark.parametrize(("percent", "expected"), levels_at_and_below(GPU_MEMORY_PERCENT))
+@pytest.mark.parametrize(("percent", "expected"), levels_at_and_below(DEFAULTS.vram_percent))
 def test_vram_level_changes_exactly_at_each_threshold(percent: float, expected: Level) -> None:
     readings = Readings(source="nvml", host=host(10.0), gpus=[gpu(vram_percent=percent)])
 
-    assert assess(readings).level == expected
-
-
-def test_the_documented_thresholds() -> None:
-    assert HOST_MEMORY_PERCENT == (75.0, 85.0, 92.0, 97.0)
-    assert GPU_TEMPERATURE_C == (70.0, 78.0, 85.0, 90.0)
-    assert GPU_MEMORY_PERCENT == (80.0, 90.0, 95.0, 98.0)
+    assert assess(readings, DEFAULTS).level == expected
 
 
 def test_calm_machine_is_safe_with_no_reasons() -> None:
-    assessment = assess(Readings(source="nvml", host=host(10.0), gpus=[gpu()]))
+    assessment = assess(Readings(source="nvml", host=host(10.0), gpus=[gpu()]), DEFAULTS)
 
     assert assessment.level == Level.SAFE
     assert assessment.reasons == []
 
 
-def test_worst_reading_sets_the_level_and_every_reading_above_safe_is_a_reason() -> None:
+def test_worst_reading_sets_the_level_and_reasons_come_worst_first_with_their_threshold() -> None:
     readings = Readings(
         source="nvml",
-        host=host(80.0),  # warm
-        gpus=[gpu(temperature_c=86.0, index=0), gpu(vram_percent=96.0, index=1)],
+        host=host(85.0),  # warm
+        gpus=[gpu(temperature_c=91.0, index=0), gpu(vram_percent=96.0, index=1)],  # critical
     )
 
-    assessment = assess(readings)
+    assessment = assess(readings, DEFAULTS)
 
-    assert assessment.level == Level.CRITICAL  # 86 C
-    assert assessment.reasons == ["host memory 80%", "GPU 0 at 86 C", "GPU 1 VRAM 96%"]
+    assert assessment.level == Level.CRITICAL
+    assert assessment.reasons == [
+        "GPU 0 at 91 C (critical at 90 C)",
+        "GPU 1 VRAM 96% (critical at 95%)",
+        "host memory 85% (warm at 80%)",
+    ]
 
 
 def test_gpu_with_unknown_total_memory_counts_as_empty_vram() -> None:
@@ -132,66 +196,88 @@ def test_gpu_with_unknown_total_memory_counts_as_empty_vram() -> None:
     )
 
     assert unknown.memory_percent == 0.0
-    assert assess(Readings(source="nvml", host=host(10.0), gpus=[unknown])).level == Level.SAFE
+    readings = Readings(source="nvml", host=host(10.0), gpus=[unknown])
+    assert assess(readings, DEFAULTS).level == Level.SAFE
 
 
 # --- sources -----------------------------------------------------------------------------------
 
 
-def test_simulation_replays_frames_in_order_and_then_holds_the_last(tmp_path: Path) -> None:
-    hot_gpu = {"index": 0, "name": "Sim", "temperature_c": 91.0}
-    path = write_frames(
-        tmp_path / "drill.json",
-        [
-            frame(10.0),
-            frame(88.0),
-            frame(10.0, [{**hot_gpu, "memory_used_mb": 1.0, "memory_total_mb": 2.0}]),
-        ],
+def test_replay_plays_one_line_per_read_skipping_blank_lines_and_then_holds_the_last(
+    tmp_path: Path,
+) -> None:
+    path = write_replay(
+        tmp_path / "drill.jsonl", [line(10.0), "", line(91.0), "   ", line(10.0, 96.0)]
     )
-    source = SimulationSource(path)
+    source = ReplaySource(path)
 
     readings = [source.read() for _ in range(5)]
 
-    assert [r.host.memory_percent for r in readings] == [10.0, 88.0, 10.0, 10.0, 10.0]
+    assert [r.host.memory_percent for r in readings] == [10.0, 91.0, 10.0, 10.0, 10.0]
     assert [len(r.gpus) for r in readings] == [0, 0, 1, 1, 1]
-    assert readings[2].gpus[0].temperature_c == 91.0
-    assert {r.source for r in readings} == {"simulation"}
+    assert readings[2].gpus[0] == GpuReading(
+        index=0, name="Drill GPU", temperature_c=96.0, memory_used_mb=100.0, memory_total_mb=1000.0
+    )
+    assert {r.source for r in readings} == {"replay"}
 
 
 @pytest.mark.parametrize(
-    "content",
+    ("bad_line", "problem"),
     [
-        "not json",
-        json.dumps([{"gpus": []}]),
-        json.dumps([{"host": {**CALM_HOST, "swap_percent": 3.0}}]),
-        json.dumps([{"host": CALM_HOST, "gpus": [{"index": 0}]}]),
-        json.dumps({"host": CALM_HOST}),
-        json.dumps([]),
+        ("not json", "Invalid JSON"),
+        (json.dumps({"gpus": []}), "host: Field required"),
+        (json.dumps({"host": {**CALM_HOST, "swap_percent": 3.0}}), "host.swap_percent"),
+        (json.dumps({"host": CALM_HOST, "gpus": [{"index": 0}]}), "gpus.0.temperature_c"),
+        (json.dumps({"host": CALM_HOST, "gpu": []}), "gpu: Extra inputs"),
+        (json.dumps({"host": {**CALM_HOST, "memory_percent": "high"}}), "host.memory_percent"),
+        (json.dumps([CALM_HOST]), "Input should be"),
     ],
-    ids=["not-json", "no-host", "unknown-field", "incomplete-gpu", "not-a-list", "no-frames"],
-)
-def test_bad_simulation_file_is_a_config_error(tmp_path: Path, content: str) -> None:
-    path = tmp_path / "drill.json"
-    path.write_text(content)
+    ids=["not-json", "no-host", "unknown-field", "incomplete-gpu", "misspelt-gpus",
+         "not-a-number", "not-an-object"],
+)  # fmt: skip
+def test_bad_replay_line_is_a_config_error_naming_the_file_and_the_line(
+    tmp_path: Path, bad_line: str, problem: str
+) -> None:
+    path = write_replay(tmp_path / "drill.jsonl", [line(), "", bad_line, line()])
 
     with pytest.raises(ConfigError) as caught:
-        SimulationSource(path)
+        ReplaySource(path)
 
-    assert str(path) in caught.value.message
+    assert caught.value.message.startswith(f"{path}, line 3: ")
+    assert problem in caught.value.message
+    assert caught.value.context == {"path": str(path), "line": "3"}
 
 
-def test_missing_simulation_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
+def test_replay_file_without_readings_is_a_config_error(tmp_path: Path) -> None:
+    path = write_replay(tmp_path / "drill.jsonl", ["", "  "])
+
+    with pytest.raises(ConfigError, match="has no readings"):
+        ReplaySource(path)
+
+
+def test_missing_replay_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
-        make_source("simulation", tmp_path / "absent.json")
+        make_source("replay", tmp_path / "absent.jsonl")
 
-    assert caught.value.context == {"path": str(tmp_path / "absent.json")}
+    assert caught.value.context == {"path": str(tmp_path / "absent.jsonl")}
 
 
-def test_simulation_source_without_a_file_is_a_config_error() -> None:
+def test_replay_source_without_a_file_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as caught:
-        make_source("simulation")
+        make_source("replay")
 
-    assert "BACKPROPAGATE_SAFETY__SIMULATION_FILE" in caught.value.message
+    assert "BACKPROPAGATE_SAFETY__REPLAY_FILE" in caught.value.message
+
+
+def test_replay_source_says_in_the_log_that_its_readings_are_a_replay(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_replay(tmp_path / "drill.jsonl", [line()])
+
+    with caplog.at_level(logging.WARNING, logger="backpropagate_services.safety.sources"):
+        make_source("replay", path)
+
+    assert f"safety readings are REPLAYED from {path} (a drill)" in caplog.text
 
 
 def test_host_source_reports_this_machines_memory() -> None:
@@ -232,21 +318,17 @@ def test_nvml_source_fails_where_no_driver_answers_instead_of_falling_back() -> 
 # --- the Watch stream over gRPC ----------------------------------------------------------------
 
 
+def replay_stack(
+    tmp_path: Path, lines: list[dict[str, object] | str], **thresholds: float
+) -> RunningStack:
+    drill = write_replay(tmp_path / "drill.jsonl", lines)
+    safety = SafetySettings(source="replay", replay_file=drill, **thresholds)
+    return start_stack(Settings(home=tmp_path / "home", safety=safety), ["safety"], "127.0.0.1:0")
+
+
 @pytest.fixture
 def drill_stack(tmp_path: Path) -> Iterator[RunningStack]:
-    drill = write_frames(
-        tmp_path / "drill.json",
-        [
-            frame(10.0),
-            frame(86.0),
-            frame(10.0, [{"index": 0, "name": "Sim", "temperature_c": 95.0,
-                          "memory_used_mb": 100.0, "memory_total_mb": 1000.0}]),
-        ],
-    )  # fmt: skip
-    settings = Settings(
-        home=tmp_path / "home", safety=SafetySettings(source="simulation", simulation_file=drill)
-    )
-    stack = start_stack(settings, ["safety"], "127.0.0.1:0")
+    stack = replay_stack(tmp_path, [line(10.0), line(91.0), line(10.0, 96.0)])
     try:
         yield stack
     finally:
@@ -270,13 +352,17 @@ def test_watch_streams_the_drills_levels_in_order_then_holds_the_last(
         "SAFETY_LEVEL_EMERGENCY",
         "SAFETY_LEVEL_EMERGENCY",
     ]
-    assert {s.source for s in snapshots} == {"simulation"}
-    assert [list(s.reasons) for s in snapshots[:3]] == [[], ["host memory 86%"], ["GPU 0 at 95 C"]]
-    assert snapshots[2].gpus[0].name == "Sim"
-    assert snapshots[1].host.memory_percent == 86.0
+    assert {s.source for s in snapshots} == {"replay"}
+    assert [list(s.reasons) for s in snapshots[:3]] == [
+        [],
+        ["host memory 91% (warning at 90%)"],
+        ["GPU 0 at 96 C (emergency at 95 C)"],
+    ]
+    assert snapshots[2].gpus[0].name == "Drill GPU"
+    assert snapshots[1].host.memory_percent == 91.0
 
 
-def test_snapshot_reads_the_next_frame_through_the_client(drill_stack: RunningStack) -> None:
+def test_snapshot_reads_the_next_line_through_the_client(drill_stack: RunningStack) -> None:
     connection = Connection(addresses={"safety": drill_stack.address}, embedded=False)
     try:
         first, second = [
@@ -291,3 +377,18 @@ def test_snapshot_reads_the_next_frame_through_the_client(drill_stack: RunningSt
         common_pb2.SAFETY_LEVEL_WARNING,
     )
     assert first.timestamp > 0
+
+
+def test_the_sidecar_assesses_with_the_configured_thresholds(tmp_path: Path) -> None:
+    stack = replay_stack(tmp_path, [line(10.0, 96.0)], gpu_temperature_emergency_c=98.0)
+    connection = Connection(addresses={"safety": stack.address}, embedded=False)
+    try:
+        snapshot = connection.call(
+            "safety", connection.safety.Snapshot, safety_pb2.SnapshotRequest()
+        )
+    finally:
+        connection.close()
+        stack.stop(grace=0)
+
+    assert snapshot.level == common_pb2.SAFETY_LEVEL_CRITICAL
+    assert list(snapshot.reasons) == ["GPU 0 at 96 C (critical at 90 C)"]
