@@ -48,8 +48,14 @@ def embedded_address(settings: Settings, workers: bool = True) -> str:
             from backpropagate_services.stack import SERVICES, start_stack
 
             configure_logging(settings.log_level, settings.home / "logs" / "embedded.log")
+            # A run this process trains is left interrupted on exit, not handed to whatever
+            # `backprop` command runs next: `backprop runs resume` goes on with it.
+            interrupt = settings.trainer.model_copy(update={"release_on_shutdown": False})
             _embedded_stack = start_stack(
-                settings, list(SERVICES), "127.0.0.1:0", start_workers=False
+                settings.model_copy(update={"trainer": interrupt}),
+                list(SERVICES),
+                "127.0.0.1:0",
+                start_workers=False,
             )
             # At exit, concurrent.futures joins the gRPC server's threads before atexit
             # handlers run, and the trainer's own safety Watch stream keeps one of them busy

@@ -17,6 +17,7 @@ from backpropagate_services.common.errors import (
     ExportVerificationError,
     JobCancelledError,
     NotFoundError,
+    RunInterruptedError,
 )
 from backpropagate_services.common.grpc_errors import detail_to_error
 from backpropagate_services.common.store.base import sha256_file
@@ -83,6 +84,8 @@ def _raise_if_failed(status: int, error: common_pb2.ErrorDetail, what: str) -> N
         raise detail_to_error(error)
     if status == common_pb2.JOB_STATUS_CANCELLED:
         raise JobCancelledError(f"{what} was cancelled.")
+    if status == common_pb2.JOB_STATUS_INTERRUPTED:
+        raise RunInterruptedError(f"{what} was interrupted after a checkpoint.")
 
 
 def submit_train(connection: Connection, dataset_id: str, config: trainer_pb2.TrainConfig) -> str:

@@ -159,6 +159,14 @@ class JobCancelledError(RuntimeFailure):
     grpc_status = "CANCELLED"
 
 
+class RunInterruptedError(RuntimeFailure):
+    code = "RUNTIME_RUN_INTERRUPTED"
+    default_hint = (
+        "The run was stopped on purpose after a checkpoint (Ctrl-C): continue it with "
+        "`backprop runs resume RUN`."
+    )
+
+
 class JobAttemptsExhaustedError(RuntimeFailure):
     code = "RUNTIME_JOB_ATTEMPTS_EXHAUSTED"
     default_hint = (

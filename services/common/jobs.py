@@ -32,7 +32,7 @@ from backpropagate_services.common.errors import (
 from backpropagate_services.common.grpc_errors import as_backpropagate_error, error_to_detail
 from backpropagate_services.common.layout import cancel_channel
 from backpropagate_services.common.queue import Job, JobQueue
-from backpropagate_services.common.records import publish, save_record
+from backpropagate_services.common.records import TERMINAL_STATUSES, publish, save_record
 from backpropagate_services.common.service import BackgroundWorker
 from backpropagate_services.common.store.base import ArtifactStore
 
@@ -65,6 +65,11 @@ class LeaseLost(JobInterrupted):
 
 class ReleasedForShutdown(JobInterrupted):
     """The worker is shutting down: the job was checkpointed and goes back to the queue."""
+
+
+class StoppedForLater(Exception):
+    """The job stopped on purpose after a checkpoint and waits to be resumed: its outcome is
+    INTERRUPTED (recorded, acked, taken by no worker until resumed)."""
 
 
 class Lease:
@@ -179,6 +184,9 @@ def run_recorded(record: JobRecord, work: Callable[[], str]) -> str:
         record.status = common_pb2.JOB_STATUS_SUCCEEDED
     except JobInterrupted:
         raise  # no outcome: the job stays with the queue
+    except StoppedForLater as stopped:
+        record.status = common_pb2.JOB_STATUS_INTERRUPTED
+        message = f"interrupted: {stopped}"
     except JobCancelledError:
         record.status = common_pb2.JOB_STATUS_CANCELLED
         message = "cancelled"
@@ -192,11 +200,7 @@ def run_recorded(record: JobRecord, work: Callable[[], str]) -> str:
     return message
 
 
-ENDED = (
-    common_pb2.JOB_STATUS_SUCCEEDED,
-    common_pb2.JOB_STATUS_FAILED,
-    common_pb2.JOB_STATUS_CANCELLED,
-)
+ENDED = TERMINAL_STATUSES
 
 
 def fail_record(record: JobRecord, error: BackpropagateError) -> None:

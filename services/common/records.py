@@ -22,11 +22,12 @@ from backpropagate_services.common.store import ArtifactStore
 M = TypeVar("M", bound=Message)
 log = logging.getLogger(__name__)
 
-TERMINAL_STATUSES = {
+TERMINAL_STATUSES = (
     common_pb2.JOB_STATUS_SUCCEEDED,
     common_pb2.JOB_STATUS_FAILED,
     common_pb2.JOB_STATUS_CANCELLED,
-}
+    common_pb2.JOB_STATUS_INTERRUPTED,
+)
 
 
 def to_json(message: Message) -> dict[str, object]:

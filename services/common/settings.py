@@ -89,6 +89,13 @@ class TrainerSettings(BaseModel):
     keep_best_checkpoints: int = Field(
         1, ge=0, description="Checkpoints with the lowest recent loss kept per run, besides."
     )
+    release_on_shutdown: bool = Field(
+        True,
+        description="On shutdown a worker checkpoints its run and gives the job back to the "
+        "queue for another worker (a stack); False: the run is left INTERRUPTED until `backprop "
+        "runs resume` (the embedded default, where the next worker would be whatever `backprop` "
+        "command runs next).",
+    )
     shutdown_grace_seconds: float = Field(
         30.0,
         gt=0,

@@ -18,7 +18,12 @@ from typing import Protocol
 
 from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.errors import DependencyError, JobCancelledError
-from backpropagate_services.common.jobs import Lease, ReleasedForShutdown, durably
+from backpropagate_services.common.jobs import (
+    Lease,
+    ReleasedForShutdown,
+    StoppedForLater,
+    durably,
+)
 from backpropagate_services.common.layout import cancel_channel
 from backpropagate_services.common.layout import run_events_channel as events_channel
 from backpropagate_services.common.layout import run_record_key as record_key
@@ -86,6 +91,7 @@ class RunHooks(TrainingHooks):
         *,
         worker: Stoppable,
         cancel_cursor: str,
+        release_on_shutdown: bool,
         checkpoint_every: int,
         checkpoint_interval: float,
         safety_gate: SafetyGate,
@@ -96,6 +102,7 @@ class RunHooks(TrainingHooks):
         self.lease = lease
         self.worker = worker
         self.cancel_cursor = cancel_cursor
+        self.release_on_shutdown = release_on_shutdown
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
         self.gate = safety_gate
@@ -113,6 +120,11 @@ class RunHooks(TrainingHooks):
             raise JobCancelledError(f"Cancelled before step {step} of {self.record.steps}.")
         if self.worker.stopping:
             self.checkpoint(training)
+            if not self.release_on_shutdown:
+                raise StoppedForLater(
+                    f"checkpointed at step {training.step}; `backprop runs resume "
+                    f"{self.record.run_id}` goes on"
+                )
             self.record.status = common_pb2.JOB_STATUS_QUEUED  # waiting for the next worker
             self.lease.confirm()
             durably(save_record)(

@@ -106,7 +106,7 @@ class TrainWorker(JobWorker):
         self.events.emit(record, kind="started", message=STARTED_MESSAGE)
 
         config = training_config_from_proto(record.config)
-        conversations = load_conversations(self.store, record.dataset_id)
+        conversations = durably(load_conversations)(self.store, record.dataset_id)
         source = resolve_model(record.base_model)
         if self.runtime.settings.trainer.threads > 0:
             torch.set_num_threads(self.runtime.settings.trainer.threads)
@@ -139,6 +139,7 @@ class TrainWorker(JobWorker):
             lease,
             worker=self,
             cancel_cursor=cancel_cursor,
+            release_on_shutdown=self.runtime.settings.trainer.release_on_shutdown,
             checkpoint_every=record.config.checkpoint_every,
             checkpoint_interval=self.runtime.settings.trainer.checkpoint_interval_seconds,
             safety_gate=SafetyGate(

@@ -22,7 +22,7 @@ import servers
 pytestmark = [pytest.mark.model]
 
 BACKPROP = str(Path(sys.executable).parent / "backprop")
-STEPS = 10
+STEPS = 14
 TRAIN_ARGS = ["--steps", str(STEPS), "--batch-size", "2", "--max-length", "128"]
 
 
@@ -55,29 +55,45 @@ def checkpoint_written(home: Path, step: int) -> list[Path]:
     return list((home / "artifacts").glob(pattern))
 
 
-def test_cli_killed_mid_run_is_finished_by_runs_resume(
+def stop_once_checkpointed(
+    process: subprocess.Popen[bytes], home: Path, step: int, how: signal.Signals
+) -> int:
+    """Send `how` to `process` once some run's checkpoint of `step` is complete; its exit code."""
+    try:
+        servers.wait_until(
+            lambda: bool(checkpoint_written(home, step)),
+            what=f"checkpoint at step {step}",
+            timeout=240,
+        )
+        process.send_signal(how)
+        return process.wait(timeout=60)
+    finally:
+        process.kill()
+
+
+def test_cli_killed_then_interrupted_is_finished_by_runs_resume(
     home_env: dict[str, str], quickstart: Path
 ) -> None:
     home = Path(home_env["BACKPROPAGATE_HOME"])
-    train = subprocess.Popen(
-        [BACKPROP, "train", "--data", str(quickstart), *TRAIN_ARGS, "--checkpoint-every", "2"],
-        env=home_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        servers.wait_until(
-            lambda: bool(checkpoint_written(home, 4)), what="checkpoint at step 4", timeout=240
-        )
-    finally:
-        train.send_signal(signal.SIGKILL)  # no exit hook runs: as a power cut for the run
-        train.wait()
+    quiet = {"env": home_env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    train = [BACKPROP, "train", "--data", str(quickstart), *TRAIN_ARGS, "--checkpoint-every", "2"]
+
+    # SIGKILL: no exit hook runs, as a power cut for the run.
+    stop_once_checkpointed(subprocess.Popen(train, **quiet), home, 4, signal.SIGKILL)
     [manifest] = checkpoint_written(home, 4)
     run_id = manifest.parts[-4]
     killed = run_record(home_env, run_id)
     assert killed["status"] == "JOB_STATUS_RUNNING"
-    checkpointed = killed["last_checkpoint_step"]
-    assert checkpointed >= 4
+    assert killed["last_checkpoint_step"] >= 4
+
+    # Ctrl-C of the resuming process: it checkpoints where it is and leaves the run interrupted.
+    resume = subprocess.Popen([BACKPROP, "runs", "resume", run_id], **quiet)
+    exit_code = stop_once_checkpointed(resume, home, 8, signal.SIGINT)
+    assert exit_code == 130
+    interrupted = run_record(home_env, run_id)
+    assert interrupted["status"] == "JOB_STATUS_INTERRUPTED"
+    assert interrupted["resumed_from_step"] == killed["last_checkpoint_step"]
+    assert interrupted["last_checkpoint_step"] == len(interrupted["loss_history"]) >= 8
 
     started = time.monotonic()
     backprop(home_env, "runs", "resume", run_id)
@@ -85,15 +101,17 @@ def test_cli_killed_mid_run_is_finished_by_runs_resume(
 
     record = run_record(home_env, run_id)
     assert record["status"] == "JOB_STATUS_SUCCEEDED"
-    assert record["attempts"] == 2
-    assert record["resumed_from_step"] == checkpointed
+    assert record["attempts"] == 3
+    assert record["resumed_from_step"] == interrupted["last_checkpoint_step"]
     assert len(record["loss_history"]) == STEPS  # no step twice, none missing
-    assert record["loss_history"][:checkpointed] == killed["loss_history"][:checkpointed]
+    assert record["loss_history"][:4] == killed["loss_history"][:4]
     assert record["last_checkpoint_step"] == STEPS
     assert (home / "artifacts" / "runs" / run_id / "adapter" / "MANIFEST.json").is_file()
-    # Resuming redoes at most the steps after the checkpoint: no model-sized restart cost beyond
-    # the model load (logged here for the drill's report).
-    print(f"resumed from step {checkpointed} in {resume_seconds:.1f} s")
+    print(
+        f"killed at step {len(killed['loss_history'])} (checkpoint "
+        f"{killed['last_checkpoint_step']}), interrupted at step "
+        f"{interrupted['last_checkpoint_step']}, finished in {resume_seconds:.1f} s"
+    )
 
 
 def test_detached_run_trains_in_the_background_and_runs_watch_follows_it(

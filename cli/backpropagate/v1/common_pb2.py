@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61\x63kpropagate/v1/common.proto\x12\x10\x62\x61\x63kpropagate.v1\"\xba\x01\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04hint\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12;\n\x07\x63ontext\x18\x05 \x03(\x0b\x32*.backpropagate.v1.ErrorDetail.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xaa\x01\n\x0bSafetyLevel\x12\x1c\n\x18SAFETY_LEVEL_UNSPECIFIED\x10\x00\x12\x15\n\x11SAFETY_LEVEL_SAFE\x10\x01\x12\x15\n\x11SAFETY_LEVEL_WARM\x10\x02\x12\x18\n\x14SAFETY_LEVEL_WARNING\x10\x03\x12\x19\n\x15SAFETY_LEVEL_CRITICAL\x10\x04\x12\x1a\n\x16SAFETY_LEVEL_EMERGENCY\x10\x05*\xa1\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_SUCCEEDED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61\x63kpropagate/v1/common.proto\x12\x10\x62\x61\x63kpropagate.v1\"\xba\x01\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04hint\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12;\n\x07\x63ontext\x18\x05 \x03(\x0b\x32*.backpropagate.v1.ErrorDetail.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xaa\x01\n\x0bSafetyLevel\x12\x1c\n\x18SAFETY_LEVEL_UNSPECIFIED\x10\x00\x12\x15\n\x11SAFETY_LEVEL_SAFE\x10\x01\x12\x15\n\x11SAFETY_LEVEL_WARM\x10\x02\x12\x18\n\x14SAFETY_LEVEL_WARNING\x10\x03\x12\x19\n\x15SAFETY_LEVEL_CRITICAL\x10\x04\x12\x1a\n\x16SAFETY_LEVEL_EMERGENCY\x10\x05*\xbd\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATUS_QUEUED\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_SUCCEEDED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05\x12\x1a\n\x16JOB_STATUS_INTERRUPTED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAFETYLEVEL']._serialized_start=241
   _globals['_SAFETYLEVEL']._serialized_end=411
   _globals['_JOBSTATUS']._serialized_start=414
-  _globals['_JOBSTATUS']._serialized_end=575
+  _globals['_JOBSTATUS']._serialized_end=603
   _globals['_ERRORDETAIL']._serialized_start=52
   _globals['_ERRORDETAIL']._serialized_end=238
   _globals['_ERRORDETAIL_CONTEXTENTRY']._serialized_start=192

@@ -54,6 +54,10 @@ class _JobStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobStatus.V
     JOB_STATUS_SUCCEEDED: _JobStatus.ValueType  # 3
     JOB_STATUS_FAILED: _JobStatus.ValueType  # 4
     JOB_STATUS_CANCELLED: _JobStatus.ValueType  # 5
+    JOB_STATUS_INTERRUPTED: _JobStatus.ValueType  # 6
+    """Stopped on purpose after a checkpoint (Ctrl-C of a `backprop` that was training it): no
+    worker takes it up until `ResumeRun`.
+    """
 
 class JobStatus(_JobStatus, metaclass=_JobStatusEnumTypeWrapper): ...
 
@@ -63,6 +67,10 @@ JOB_STATUS_RUNNING: JobStatus.ValueType  # 2
 JOB_STATUS_SUCCEEDED: JobStatus.ValueType  # 3
 JOB_STATUS_FAILED: JobStatus.ValueType  # 4
 JOB_STATUS_CANCELLED: JobStatus.ValueType  # 5
+JOB_STATUS_INTERRUPTED: JobStatus.ValueType  # 6
+"""Stopped on purpose after a checkpoint (Ctrl-C of a `backprop` that was training it): no
+worker takes it up until `ResumeRun`.
+"""
 Global___JobStatus: _TypeAlias = JobStatus  # noqa: Y015
 
 @_typing.final
