@@ -1,17 +1,38 @@
-"""Start our services as separate `backprop serve` processes against a real Redis and S3."""
+"""Start our services as separate `backprop serve` processes against a real Redis and S3.
+
+Drills that kill, stop and restart trainer processes keep the API side of the stack in the test
+process (`control_plane`): it stays up throughout, and reads the very queue and store the
+workers write.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 import uuid
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from subprocess import Popen
+from typing import TypeVar
+from unittest import mock
 
 import grpc
 import servers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from backpropagate.connection import Connection
+from backpropagate.v1 import trainer_pb2
+from backpropagate.workflows import submit_train, upload_dataset
+from backpropagate_services.common.errors import DependencyError
+from backpropagate_services.common.jobs import ENDED
+from backpropagate_services.common.layout import run_events_channel
+from backpropagate_services.common.records import from_json
+from backpropagate_services.common.runtime import Runtime
+from backpropagate_services.common.settings import Settings
+from backpropagate_services.stack import SERVICES, start_stack
+
+T = TypeVar("T")
 
 
 def serving(address: str) -> bool:
@@ -44,8 +65,11 @@ def stack_env(
     }
 
 
-def serve(service: str, address: str, env: dict[str, str]) -> AbstractContextManager[Popen[bytes]]:
-    """`backprop serve <service>` on `address`, ready once its health check says SERVING."""
+def serve(
+    service: str, address: str, env: dict[str, str], log_path: Path | None = None
+) -> AbstractContextManager[Popen[bytes]]:
+    """`backprop serve <service>` on `address`, ready once its health check says SERVING; its
+    log is kept at `log_path` if given."""
     backprop = str(Path(sys.executable).parent / "backprop")
     return servers.running(
         [backprop, "serve", service, "--listen", address],
@@ -53,4 +77,100 @@ def serve(service: str, address: str, env: dict[str, str]) -> AbstractContextMan
         what=f"backprop serve {service}",
         timeout=120,
         env=env,
+        log_path=log_path,
     )
+
+
+def settings_of(env: Mapping[str, str]) -> Settings:
+    """The settings a service started with `env` reads."""
+    with mock.patch.dict(os.environ, env, clear=True):
+        return Settings()
+
+
+class ControlPlane:
+    """The stack's API (dataprep and the trainer service, no workers) and its queue and store,
+    as a test uses them: submit a run, wait for its events and record, read what it left."""
+
+    def __init__(self, address: str, runtime: Runtime) -> None:
+        # Every service named: a connection missing one would start an embedded stack here.
+        self.connection = Connection(dict.fromkeys(SERVICES, address), embedded=False)
+        self.queue = runtime.queue
+        self.store = runtime.store
+
+    def submit(self, dataset: Path, config: trainer_pb2.TrainConfig) -> str:
+        """Upload `dataset` and queue a run on it; its run id."""
+        dataset_id = upload_dataset(self.connection, dataset).dataset_id
+        return submit_train(self.connection, dataset_id, config)
+
+    def record(self, run_id: str) -> trainer_pb2.RunRecord:
+        request = trainer_pb2.GetRunRequest(run_id=run_id)
+        return self.connection.call("trainer", self.connection.trainer.GetRun, request)
+
+    def events(self, run_id: str) -> list[trainer_pb2.RunEvent]:
+        """Every event the run's channel holds now, even those after its terminal one (which
+        WatchRun would not show)."""
+        channel = run_events_channel(run_id)
+        return [
+            from_json(event.data, trainer_pb2.RunEvent) for event in self.queue.read(channel, "", 0)
+        ]
+
+    def wait_for_event(
+        self,
+        run_id: str,
+        matches: Callable[[trainer_pb2.RunEvent], bool],
+        what: str,
+        *,
+        timeout: float = 180.0,
+        process: Popen[bytes] | None = None,
+    ) -> trainer_pb2.RunEvent:
+        """The first event of the run that `matches`, once published; fails early if the
+        `process` expected to publish it exits. Rides out a Redis outage."""
+
+        def first_match() -> trainer_pb2.RunEvent | None:
+            return next(filter(matches, self.events(run_id)), None)
+
+        return wait_for(first_match, what, timeout, process)
+
+    def wait_for_end(
+        self, run_id: str, *, timeout: float = 240.0, process: Popen[bytes] | None = None
+    ) -> trainer_pb2.RunRecord:
+        """The run's record once it has ended (succeeded, failed or cancelled)."""
+
+        def ended() -> trainer_pb2.RunRecord | None:
+            record = self.record(run_id)
+            return record if record.status in ENDED else None
+
+        return wait_for(ended, f"the end of run {run_id}", timeout, process)
+
+
+def wait_for(
+    found: Callable[[], T | None], what: str, timeout: float, process: Popen[bytes] | None
+) -> T:
+    """What `found` returns once it is not None, polled (a second's fraction apart: each look
+    is a Redis or S3 request) through outages of Redis or S3."""
+    result: list[T] = []
+
+    def ready() -> bool:
+        try:
+            value = found()
+        except DependencyError:  # Redis or S3 away for a moment (a drill): look again
+            return False
+        result[:] = [] if value is None else [value]
+        return bool(result)
+
+    servers.wait_until(ready, what=what, timeout=timeout, process=process, interval=0.3)
+    return result[0]
+
+
+@contextmanager
+def control_plane(env: Mapping[str, str]) -> Iterator[ControlPlane]:
+    """Dataprep and the trainer's API served from this process, with no workers: they stay up
+    while a drill kills, stops and restarts the trainer processes that do the work."""
+    settings = settings_of(env)
+    stack = start_stack(settings, ["dataprep", "trainer"], "127.0.0.1:0", start_workers=False)
+    plane = ControlPlane(stack.address, stack.runtime)
+    try:
+        yield plane
+    finally:
+        plane.connection.close()
+        stack.stop()

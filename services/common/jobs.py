@@ -27,6 +27,8 @@ from backpropagate_services.common.errors import (
     DependencyError,
     JobAttemptsExhaustedError,
     JobCancelledError,
+    QueueUnavailableError,
+    StoreUnavailableError,
     UserError,
 )
 from backpropagate_services.common.grpc_errors import as_backpropagate_error, error_to_detail
@@ -67,6 +69,12 @@ class ReleasedForShutdown(JobInterrupted):
     """The worker is shutting down: the job was checkpointed and goes back to the queue."""
 
 
+class InfrastructureAway(JobInterrupted):
+    """The queue or the store stayed away past the retry window. No outcome is recorded (it
+    could not be saved anyway): the job is delivered again once they are back, and a run goes
+    on from its last checkpoint, instead of failing for an outage."""
+
+
 class StoppedForLater(Exception):
     """The job stopped on purpose after a checkpoint and waits to be resumed: its outcome is
     INTERRUPTED (recorded, acked, taken by no worker until resumed)."""
@@ -91,7 +99,10 @@ class Lease:
             return False
         held = self.queue.touch(self.job, self.consumer)
         if not held:
-            log.warning("lost the lease on job %s to another worker", self.job.job_id)
+            # Logged from the heartbeat thread, outside the run's log context: name the run.
+            log.warning(
+                "lost the lease on job %s (%s) to another worker", self.job.job_id, self.job.payload
+            )
             self.lost.set()
         return held
 
@@ -184,6 +195,8 @@ def run_recorded(record: JobRecord, work: Callable[[], str]) -> str:
         record.status = common_pb2.JOB_STATUS_SUCCEEDED
     except JobInterrupted:
         raise  # no outcome: the job stays with the queue
+    except (QueueUnavailableError, StoreUnavailableError) as exc:
+        raise InfrastructureAway(str(exc)) from exc
     except StoppedForLater as stopped:
         record.status = common_pb2.JOB_STATUS_INTERRUPTED
         message = f"interrupted: {stopped}"
@@ -284,6 +297,9 @@ class JobWorker(BackgroundWorker):
             return
         except LeaseLost:
             log.warning("job %s: stopped without writing; its new holder goes on", job.job_id)
+            return
+        except InfrastructureAway as away:
+            log.warning("job %s left to be delivered again: %s", job.job_id, away)
             return
         finally:
             self.lease = None

@@ -22,9 +22,10 @@ def checkpoints_prefix(run_id: str) -> str:
     return f"runs/{run_id}/checkpoints"
 
 
-def checkpoint_prefix(run_id: str, step: int) -> str:
-    """Zero-padded, so that listing order is step order."""
-    return f"{checkpoints_prefix(run_id)}/step-{step:08d}"
+def checkpoint_prefix(run_id: str, step: int, attempt: int) -> str:
+    """Zero-padded, so that listing order is step order. Named by attempt too: a stalled worker
+    that lost the run to another must never write into a checkpoint the new holder owns."""
+    return f"{checkpoints_prefix(run_id)}/step-{step:08d}-attempt-{attempt:03d}"
 
 
 def loss_curve_key(run_id: str) -> str:

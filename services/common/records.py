@@ -88,10 +88,14 @@ class BufferedPublisher:
         """True when everything up to this event is published."""
         self.pending.append((channel, to_json(event)))
         try:
-            while self.pending:
-                self.queue.publish(*self.pending[0])
-                self.pending.popleft()
+            self.flush()
         except DependencyError as exc:
             log.warning("event bus unavailable (%s); %d events kept", exc.code, len(self.pending))
             return False
         return True
+
+    def flush(self) -> None:
+        """Send the kept events, oldest first; DependencyError while the queue is away."""
+        while self.pending:
+            self.queue.publish(*self.pending[0])
+            self.pending.popleft()

@@ -80,10 +80,10 @@ class CheckpointManager:
         self.run_id = run_id
         self.policy = policy
 
-    def save(self, state: TrainingState) -> trainer_pb2.CheckpointInfo:
-        """Write `state` as the checkpoint of its step (manifest last)."""
+    def save(self, state: TrainingState, attempt: int) -> trainer_pb2.CheckpointInfo:
+        """Write `state` as attempt `attempt`'s checkpoint of its step (manifest last)."""
         started = time.monotonic()
-        prefix = checkpoint_prefix(self.run_id, state.step)
+        prefix = checkpoint_prefix(self.run_id, state.step, attempt)
         with tempfile.TemporaryDirectory(prefix="bp-checkpoint-") as tmp:
             directory = Path(tmp)
             torch.save(vars(state), directory / STATE_FILE)
@@ -98,34 +98,36 @@ class CheckpointManager:
         info.created_at = time.time()
         return info
 
-    def complete(self) -> list[int]:
-        """Steps of the checkpoints whose manifest is written, oldest first."""
+    def complete(self) -> list[str]:
+        """Keys of the checkpoints whose manifest is written, in step order."""
         root = checkpoints_prefix(self.run_id) + "/"
-        steps = []
-        for key in self.store.list(root):
-            name, _, rest = key.removeprefix(root).partition("/")
-            if rest == MANIFEST and name.startswith("step-"):
-                steps.append(int(name.removeprefix("step-")))
-        return sorted(steps)
+        return sorted(
+            root + name
+            for name, _, rest in (
+                key.removeprefix(root).partition("/") for key in self.store.list(root)
+            )
+            if rest == MANIFEST
+        )
 
     def prune(
         self, checkpoints: list[trainer_pb2.CheckpointInfo]
     ) -> list[trainer_pb2.CheckpointInfo]:
-        """Delete what the policy does not keep (and any half-written checkpoint of a dead
-        worker); returns the kept ones."""
+        """Delete what the policy does not keep (and anything else under the run's checkpoints:
+        a half-written one, or one a stalled worker wrote); returns the kept ones."""
         kept = self.policy.kept(checkpoints)
-        kept_steps = {info.step for info in kept}
+        kept_keys = {info.key for info in kept}
         root = checkpoints_prefix(self.run_id) + "/"
-        on_store = {key.removeprefix(root).split("/", 1)[0] for key in self.store.list(root)}
-        for name in sorted(on_store):
-            step = int(name.removeprefix("step-")) if name.startswith("step-") else -1
-            if step not in kept_steps:
-                self.store.delete_prefix(f"{root}{name}/")
+        on_store = {root + key.removeprefix(root).split("/", 1)[0] for key in self.store.list(root)}
+        for key in sorted(on_store - kept_keys):
+            self.store.delete_prefix(key + "/")
         return kept
 
-    def load(self, step: int) -> TrainingState:
-        """The checkpoint of `step`; CheckpointInvalidError if it is incomplete or corrupt."""
-        prefix = checkpoint_prefix(self.run_id, step)
+    def discard(self, info: trainer_pb2.CheckpointInfo) -> None:
+        """Delete one checkpoint (this attempt's own, written after it lost the run)."""
+        self.store.delete_prefix(info.key + "/")
+
+    def load(self, prefix: str) -> TrainingState:
+        """The checkpoint at `prefix`; CheckpointInvalidError if it is incomplete or corrupt."""
         with tempfile.TemporaryDirectory(prefix="bp-checkpoint-") as tmp:
             try:
                 self.store.get_dir(prefix, Path(tmp))

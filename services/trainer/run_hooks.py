@@ -16,10 +16,13 @@ import logging
 import time
 from typing import Protocol
 
+import torch
+
 from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.errors import DependencyError, JobCancelledError
 from backpropagate_services.common.jobs import (
     Lease,
+    LeaseLost,
     ReleasedForShutdown,
     StoppedForLater,
     durably,
@@ -144,6 +147,8 @@ class RunHooks(TrainingHooks):
         while decision.action in (Action.PAUSE, Action.WAIT):
             if decision.action is Action.PAUSE:
                 self.checkpoint(training)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # NVML counts torch's cache as used VRAM
                 self._safety_event("paused", decision, training)
             self.safety.wait_for_update(PAUSE_POLL_SECONDS)
             self._stop_if_asked(step, training)
@@ -200,12 +205,20 @@ class RunHooks(TrainingHooks):
         """Write the state after the last step done (once per step), prune, save the record."""
         if training.step == 0 or training.step == self.record.last_checkpoint_step:
             return
-        self.lease.confirm()  # never overwrite the work of a worker that took the job over
-        info = durably(self.checkpoints.save)(training.state())
+        # Never touch what a worker that took the job over wrote: confirmed before every write,
+        # and a checkpoint finished after the lease was lost (frozen mid-write) is deleted.
+        self.lease.confirm()
+        info = durably(self.checkpoints.save)(training.state(), self.record.attempts)
+        try:
+            self.lease.confirm()
+        except LeaseLost:
+            durably(self.checkpoints.discard)(info)
+            raise
         kept = durably(self.checkpoints.prune)([*self.record.checkpoints, info])
         del self.record.checkpoints[:]
         self.record.checkpoints.extend(kept)
         self.record.last_checkpoint_step = info.step
+        self.lease.confirm()
         durably(save_record)(self.checkpoints.store, record_key(self.record.run_id), self.record)
         self.last_checkpoint_at = time.monotonic()
         log.info(

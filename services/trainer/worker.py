@@ -16,6 +16,7 @@ import torch
 
 from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.datasets import load_conversations
+from backpropagate_services.common.errors import CheckpointInvalidError
 from backpropagate_services.common.jobs import (
     ENDED,
     JobWorker,
@@ -44,6 +45,17 @@ log = logging.getLogger(__name__)
 STARTED_MESSAGE = "loading dataset and model"
 
 
+def last_checkpoint(record: trainer_pb2.RunRecord) -> trainer_pb2.CheckpointInfo:
+    """The checkpoint a run goes on from: the one of its last_checkpoint_step."""
+    for info in record.checkpoints:
+        if info.step == record.last_checkpoint_step:
+            return info
+    raise CheckpointInvalidError(
+        f"Run {record.run_id} lists no checkpoint of step {record.last_checkpoint_step}.",
+        run_id=record.run_id,
+    )
+
+
 class TrainWorker(JobWorker):
     name = "train-worker"
     queue_name = TRAIN_QUEUE
@@ -70,15 +82,23 @@ class TrainWorker(JobWorker):
 
     def finish(self, record: trainer_pb2.RunRecord, message: str) -> None:
         durably(save_record)(self.store, record_key(record.run_id), record)
+        self.emit_ended(record, message)
+
+    def emit_ended(self, record: trainer_pb2.RunRecord, message: str) -> None:
+        """The run's last event, sent through a queue outage: watchers wait for it."""
         self.events.emit(
             record, kind="ended", message=message, error=record.error, step=len(record.loss_history)
         )
+        durably(self.events.publisher.flush)()
 
     def handle(self, job: Job) -> None:
         record = self.job_record(job)
         with run_context(record.run_id):
             if record.status in ENDED:
-                log.info("run already %s: nothing to do", common_pb2.JobStatus.Name(record.status))
+                status = common_pb2.JobStatus.Name(record.status)
+                log.info("run already %s: nothing to do", status)
+                # Its last event may not have got out (the queue went away as it ended): again.
+                self.emit_ended(record, f"already {status}")
                 return
             assert self.lease is not None
             lease = self.lease
@@ -111,7 +131,7 @@ class TrainWorker(JobWorker):
         if self.runtime.settings.trainer.threads > 0:
             torch.set_num_threads(self.runtime.settings.trainer.threads)
         model, tokenizer = load_model(source, self.runtime.settings.model_cache_dir)
-        state = durably(checkpoints.load)(resume_from) if resume_from else None
+        state = durably(checkpoints.load)(last_checkpoint(record).key) if resume_from else None
         # Steps after the checkpoint are trained again: recorded once, from the checkpoint on.
         record.loss_history[:] = state.loss_history if state else []
         training = LoraTraining(
@@ -149,7 +169,7 @@ class TrainWorker(JobWorker):
         )
         peft_model, outcome = training.run(hooks)
 
-        self.events.emit(record, kind="step", step=config.steps, message="saving adapter")
+        self.events.emit(record, kind="saving", step=config.steps, message="saving adapter")
         lease.confirm()
         with tempfile.TemporaryDirectory(prefix="bp-adapter-") as tmp:
             peft_model.save_pretrained(tmp)

@@ -94,7 +94,7 @@ def test_critical_pauses_warning_resumes_emergency_stops_and_resume_finishes(
     def replay_env(replay: Path) -> dict[str, str]:
         return {"BACKPROPAGATE_SAFETY__REPLAY_FILE": str(replay)}
 
-    connection = Connection.open(Settings(endpoints=EndpointSettings(**addresses)))
+    connection = Connection.open(Settings(endpoints=EndpointSettings(**addresses)), workers=False)
     config = trainer_pb2.TrainConfig(
         steps=STEPS, batch_size=2, max_length=128, checkpoint_every=100
     )

@@ -79,9 +79,9 @@ def test_resumed_run_continues_exactly_where_the_checkpoint_left_off(smollm2_tok
         first.run(interrupted)
     manager = CheckpointManager(LocalDirStore(tmp_path), "run-1", CheckpointPolicy())
     assert interrupted.kept is not None
-    manager.save(interrupted.kept)
+    saved = manager.save(interrupted.kept, attempt=1)
 
-    resumed = new_training(smollm2_tokenizer, resume=manager.load(3))
+    resumed = new_training(smollm2_tokenizer, resume=manager.load(saved.key))
     after = Recorder()
     _, outcome = resumed.run(after)
 
@@ -155,26 +155,26 @@ def test_manager_lists_only_complete_checkpoints_and_prunes_the_rest(smollm2_tok
         state = training.state()
         state.step += len(saved) + 1
         state.loss_history = [3.0 - len(saved)]
-        saved.append(manager.save(state))
+        saved.append(manager.save(state, attempt=1))
     # A worker that died while writing step 4 left files but no manifest.
-    store.put_bytes("runs/run-1/checkpoints/step-00000004/state.pt", b"half")
+    store.put_bytes("runs/run-1/checkpoints/step-00000004-attempt-002/state.pt", b"half")
 
-    assert manager.complete() == [1, 2, 3]
+    assert manager.complete() == [checkpoint.key for checkpoint in saved]
     kept = manager.prune(saved)
 
     assert [checkpoint.step for checkpoint in kept] == [3]
-    assert manager.complete() == [3]
-    assert not store.list("runs/run-1/checkpoints/step-00000004/")
-    assert saved[0].size_bytes > 0 and saved[0].key.endswith("step-00000001")
+    assert manager.complete() == [saved[2].key]
+    assert not store.list("runs/run-1/checkpoints/step-00000004-attempt-002/")
+    assert saved[0].size_bytes > 0 and saved[0].key.endswith("step-00000001-attempt-001")
     with pytest.raises(CheckpointInvalidError):
-        manager.load(1)
+        manager.load(saved[0].key)
 
 
 def test_a_corrupt_checkpoint_is_a_stable_error(smollm2_tokenizer, tmp_path: Path):
     store = LocalDirStore(tmp_path)
     manager = CheckpointManager(store, "run-1", CheckpointPolicy())
-    manager.save(new_training(smollm2_tokenizer).state())
-    (tmp_path / "runs/run-1/checkpoints/step-00000000/state.pt").write_bytes(b"not a checkpoint")
+    saved = manager.save(new_training(smollm2_tokenizer).state(), attempt=1)
+    (tmp_path / saved.key / "state.pt").write_bytes(b"not a checkpoint")
 
     with pytest.raises(CheckpointInvalidError, match="cannot be read"):
-        manager.load(0)
+        manager.load(saved.key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def write_replay(path: Path, lines: list[dict[str, object] | str]) -> Path:
 # --- thresholds --------------------------------------------------------------------------------
 
 
-def test_the_documented_default_thresholds() -> None:
+def test_the_default_thresholds() -> None:
     assert DEFAULTS.gpu_temperature_c == Bands(warm=70, warning=80, critical=90, emergency=95)
     assert DEFAULTS.vram_percent == Bands(warm=80, warning=90, critical=95, emergency=99)
     assert DEFAULTS.host_memory_percent == Bands(warm=80, warning=90, critical=95, emergency=98)
@@ -392,3 +393,28 @@ def test_the_sidecar_assesses_with_the_configured_thresholds(tmp_path: Path) -> 
 
     assert snapshot.level == common_pb2.SAFETY_LEVEL_CRITICAL
     assert list(snapshot.reasons) == ["GPU 0 at 96 C (critical at 90 C)"]
+
+
+# --- docs/safety.md ----------------------------------------------------------------------------
+
+SAFETY_DOC = Path(__file__).resolve().parents[2] / "docs" / "safety.md"
+
+
+def test_the_documented_thresholds_are_the_settings_defaults() -> None:
+    documented = {
+        name.lower(): float(value)
+        for name, value in re.findall(r"`([A-Z_]+)` ([\d.]+)", SAFETY_DOC.read_text())
+    }
+    settings = SafetySettings()
+
+    assert documented == {name: getattr(settings, name) for name in documented}
+    assert len(documented) == sum(len(bands) for bands in settings.thresholds().values())
+
+
+def test_the_documented_drill_replays_warm_then_critical_then_emergency(tmp_path: Path) -> None:
+    (drill,) = re.findall(r"```jsonl\n(.*?)```", SAFETY_DOC.read_text(), flags=re.DOTALL)
+    source = ReplaySource(write_replay(tmp_path / "ramp.jsonl", [drill]))
+
+    levels = [assess(source.read(), DEFAULTS).level for _ in range(4)]
+
+    assert levels == [Level.WARM, Level.CRITICAL, Level.EMERGENCY, Level.EMERGENCY]

@@ -134,7 +134,7 @@ class SafetySnapshot(_message.Message):
     TIMESTAMP_FIELD_NUMBER: _builtins.int
     level: _common_pb2.SafetyLevel.ValueType
     source: _builtins.str
-    """"nvml", "host" or "simulation" """
+    """"nvml", "host" or "replay" (a drill)"""
     timestamp: _builtins.float
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuReading]: ...
