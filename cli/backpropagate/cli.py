@@ -74,6 +74,11 @@ def print_run(run: RunResult) -> None:
         ("steps", str(run.steps)),
         ("final loss", f"{run.final_loss:.4f}"),
         ("samples seen", str(run.samples_seen)),
+        (
+            "conversations",
+            f"{run.examples_trained} trained ({run.examples_truncated} truncated), "
+            f"{run.examples_dropped} dropped at max_length",
+        ),
         ("duration", f"{run.duration_seconds:.1f}s"),
         ("adapter", run.output),
         ("attempts", str(run.attempts)),

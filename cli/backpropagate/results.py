@@ -30,6 +30,9 @@ class RunResult:
     resumed_from_step: int = 0
     last_checkpoint_step: int = 0
     checkpoint_steps: list[int] = field(default_factory=list)
+    examples_trained: int = 0
+    examples_truncated: int = 0  # kept but cut at max_length
+    examples_dropped: int = 0  # nothing left to train within max_length
 
     @classmethod
     def from_proto(cls, record: trainer_pb2.RunRecord) -> RunResult:
@@ -48,6 +51,9 @@ class RunResult:
             resumed_from_step=record.resumed_from_step,
             last_checkpoint_step=record.last_checkpoint_step,
             checkpoint_steps=[checkpoint.step for checkpoint in record.checkpoints],
+            examples_trained=record.examples_trained,
+            examples_truncated=record.examples_truncated,
+            examples_dropped=record.examples_dropped,
         )
 
 

@@ -72,6 +72,7 @@ class TrainingOutcome:
     duration_seconds: float
     examples_trained: int
     examples_dropped: int  # conversations with no assistant token left within max_length
+    examples_truncated: int  # kept, but cut at max_length
 
 
 MAX_OOM_RECOVERIES = 3
@@ -151,9 +152,13 @@ class LoraTraining:
                 f"max_length={config.max_length}.",
                 hint="Raise --max-length, or check that the rows have assistant turns.",
             )
-        if self.dataset.dropped:
+        if self.dataset.dropped or self.dataset.truncated:
             log.warning(
-                "dropped %d conversations cut off before any assistant token", self.dataset.dropped
+                "max_length %d: %d conversations dropped (cut off before any assistant token), "
+                "%d truncated (their ends not trained)",
+                config.max_length,
+                self.dataset.dropped,
+                self.dataset.truncated,
             )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.oom_recovery = oom_recovery
@@ -255,6 +260,7 @@ class LoraTraining:
             duration_seconds=time.monotonic() - started,
             examples_trained=len(self.dataset.examples),
             examples_dropped=self.dataset.dropped,
+            examples_truncated=self.dataset.truncated,
         )
 
     def _step_with_oom_recovery(

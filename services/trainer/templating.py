@@ -37,6 +37,7 @@ class TokenizedExample:
 
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False  # cut at max_length: the end of the conversation is not trained
 
     @property
     def trained_tokens(self) -> int:
@@ -48,6 +49,11 @@ class TokenizedExample:
 class TokenizedDataset:
     examples: list[TokenizedExample]
     dropped: int  # rows with no trainable token left (assistant turns cut off by max_length)
+
+    @property
+    def truncated(self) -> int:
+        """Rows kept but cut at max_length: part of what they teach is lost."""
+        return sum(example.truncated for example in self.examples)
 
 
 def tokenize_conversation(
@@ -75,11 +81,13 @@ def tokenize_conversation(
             if position == len(messages) - 1
             else _render(tokenizer, messages[: position + 1], add_generation_prompt=False)
         )
-        _require_prefix(header, turn, tokenizer, position)
+        start = _assistant_start(header, turn, tokenizer, position)
         _require_prefix(turn, input_ids, tokenizer, position)
-        start, stop = len(header), _trained_stop(turn, len(header), end_of_turn_ids)
+        stop = _trained_stop(turn, start, end_of_turn_ids)
         labels[start:stop] = input_ids[start:stop]
-    example = TokenizedExample(input_ids[:max_length], labels[:max_length])
+    example = TokenizedExample(
+        input_ids[:max_length], labels[:max_length], truncated=len(input_ids) > max_length
+    )
     return example if example.trained_tokens else None
 
 
@@ -128,6 +136,24 @@ def _render(
     except TemplateError as error:  # the template's own raise_exception(), e.g. role order
         raise DatasetSchemaError(f"The model's chat template rejects it: {error}") from error
     return list(ids)
+
+
+def _assistant_start(
+    header: list[int], turn: list[int], tokenizer: PreTrainedTokenizerBase, position: int
+) -> int:
+    """Where the assistant message's tokens begin in `turn`: right after its header.
+
+    A reply that starts with whitespace (code: "\\n    def f():") can merge with the header's
+    last token ("assistant\\n" + "\\n" is one "\\n\\n" token), so the header is then a prefix of
+    the turn but for its last token: the reply starts at that merged token, which is trained.
+    """
+    common = next(
+        (index for index, (a, b) in enumerate(zip(header, turn, strict=False)) if a != b),
+        min(len(header), len(turn)),
+    )
+    if common < len(header) - 1:
+        _require_prefix(header, turn, tokenizer, position)  # raises: not a merge at the boundary
+    return common
 
 
 def _require_prefix(

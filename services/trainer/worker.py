@@ -145,6 +145,17 @@ class TrainWorker(JobWorker):
         )
         record.batch_size = training.micro_batch_size
         record.gradient_accumulation = training.gradient_accumulation
+        record.examples_trained = len(training.dataset.examples)
+        record.examples_dropped = training.dataset.dropped
+        record.examples_truncated = training.dataset.truncated
+        if record.examples_dropped or record.examples_truncated:
+            self.events.emit(
+                record,
+                kind="started",
+                message=f"max_length {config.max_length}: {record.examples_truncated} of "
+                f"{record.examples_trained + record.examples_dropped} conversations truncated, "
+                f"{record.examples_dropped} dropped (raise --max-length to keep them whole)",
+            )
         self.events.emit(
             record,
             kind="started",

@@ -51,7 +51,7 @@ def home_env(model_cache: Path, tmp_path: Path) -> dict[str, str]:
 
 def checkpoint_written(home: Path, step: int) -> list[Path]:
     """The runs whose checkpoint of `step` is complete (its manifest written last)."""
-    pattern = f"runs/*/checkpoints/step-{step:08d}/MANIFEST.json"
+    pattern = f"runs/*/checkpoints/step-{step:08d}-attempt-*/MANIFEST.json"
     return list((home / "artifacts").glob(pattern))
 
 
@@ -64,6 +64,7 @@ def stop_once_checkpointed(
             lambda: bool(checkpoint_written(home, step)),
             what=f"checkpoint at step {step}",
             timeout=240,
+            process=process,  # one that ends first fails the drill at once
         )
         process.send_signal(how)
         return process.wait(timeout=60)

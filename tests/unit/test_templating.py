@@ -131,6 +131,21 @@ def test_truncation_keeps_labels_aligned_with_input_ids(smollm2_tokenizer):
     assert example.input_ids == full.input_ids[:cut_at]
     assert example.labels == full.labels[:cut_at]
     assert trained_spans(example, smollm2_tokenizer) == ["one two three four"]
+    assert example.truncated and not full.truncated
+
+
+def test_truncated_and_dropped_conversations_are_counted_apart(smollm2_tokenizer):
+    long_answer = assistant("word " * 80)
+    long_question = user("Please consider this question carefully. " * 30)
+    conversations = [
+        [user("Hi"), assistant("Hello!")],
+        [user("Talk."), long_answer],
+        [long_question, assistant("Done.")],
+    ]
+
+    dataset = tokenize_conversations(conversations, smollm2_tokenizer, max_length=64)
+
+    assert (len(dataset.examples), dataset.truncated, dataset.dropped) == (2, 1, 1)
 
 
 def test_conversation_cut_off_before_its_answer_is_dropped_and_counted(smollm2_tokenizer):
@@ -157,6 +172,21 @@ def test_unknown_role_is_rejected_with_its_conversation_and_message_number(smoll
 
     with pytest.raises(DatasetSchemaError, match=r"Conversation 1: Message 1 needs a role"):
         tokenize_conversations(conversations, smollm2_tokenizer, 512)
+
+
+@pytest.mark.parametrize("reply", ["\n    return 42", "\n\nSure.", "  indented"])
+def test_a_reply_starting_with_whitespace_trains_normally(smollm2_tokenizer, reply):
+    # Code data: the reply's first newline merges with the header's "assistant\n" token.
+    conversation = [user("Write the body."), assistant(reply), user("Thanks"), assistant("Ok.")]
+
+    example = tokenize_conversation(conversation, smollm2_tokenizer, max_length=512)
+
+    assert example is not None
+    first, second = trained_spans(example, smollm2_tokenizer)
+    assert first.endswith(reply.lstrip("\n") + EOS) and reply.strip() in first
+    assert second == "Ok." + EOS
+    rendered = smollm2_tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
+    assert example.input_ids == list(rendered)
 
 
 def test_conversation_opening_with_the_assistant_is_rejected(smollm2_tokenizer):

@@ -350,6 +350,9 @@ class RunRecord(_message.Message):
     OOM_RECOVERIES_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     GRADIENT_ACCUMULATION_FIELD_NUMBER: _builtins.int
+    EXAMPLES_TRAINED_FIELD_NUMBER: _builtins.int
+    EXAMPLES_DROPPED_FIELD_NUMBER: _builtins.int
+    EXAMPLES_TRUNCATED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     dataset_id: _builtins.str
@@ -375,6 +378,12 @@ class RunRecord(_message.Message):
     """micro-batch size in use (after OOM recoveries)"""
     gradient_accumulation: _builtins.int
     """micro-batches per optimizer step in use"""
+    examples_trained: _builtins.int
+    """conversations with something to train within max_length"""
+    examples_dropped: _builtins.int
+    """cut off by max_length before any assistant token"""
+    examples_truncated: _builtins.int
+    """kept, but cut at max_length (their ends are not trained)"""
     @_builtins.property
     def loss_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
@@ -409,10 +418,13 @@ class RunRecord(_message.Message):
         oom_recoveries: _builtins.int = ...,
         batch_size: _builtins.int = ...,
         gradient_accumulation: _builtins.int = ...,
+        examples_trained: _builtins.int = ...,
+        examples_dropped: _builtins.int = ...,
+        examples_truncated: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "checkpoints", b"checkpoints", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "duration_seconds", b"duration_seconds", "error", b"error", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "oom_recoveries", b"oom_recoveries", "output", b"output", "resumed_from_step", b"resumed_from_step", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "checkpoints", b"checkpoints", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "duration_seconds", b"duration_seconds", "error", b"error", "examples_dropped", b"examples_dropped", "examples_trained", b"examples_trained", "examples_truncated", b"examples_truncated", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "oom_recoveries", b"oom_recoveries", "output", b"output", "resumed_from_step", b"resumed_from_step", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
