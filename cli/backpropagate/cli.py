@@ -13,9 +13,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
-from rich.console import Console
 from rich.panel import Panel
 from rich.prompt import Prompt
 from rich.table import Table
@@ -23,17 +20,25 @@ from rich.table import Table
 from backpropagate import __version__
 from backpropagate.connection import Connection
 from backpropagate.progress import safety_label
-from backpropagate.results import ExportResult, RunResult, status_name
+from backpropagate.render import (
+    JsonOption,
+    console,
+    err_console,
+    print_export,
+    print_json,
+    print_run,
+)
+from backpropagate.results import status_name
+from backpropagate.runs_cli import add_run_aliases, runs_app, runs_resume
 from backpropagate.sdk import Trainer
-from backpropagate.v1 import export_pb2, safety_pb2, trainer_pb2
-from backpropagate.workflows import download_artifact
+from backpropagate.v1 import export_pb2, safety_pb2
 from backpropagate_services.common.errors import (
     EXIT_INTERRUPTED,
     EXIT_PARTIAL_FAILURE,
     BackpropagateError,
     ConfigError,
+    UserError,
 )
-from backpropagate_services.common.layout import loss_curve_key
 from backpropagate_services.common.settings import get_settings
 
 app = typer.Typer(
@@ -42,19 +47,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-runs_app = typer.Typer(
-    help="Inspect, follow, resume and cancel training runs.", no_args_is_help=True
-)
 app.add_typer(runs_app, name="runs")
+add_run_aliases(app)
 exports_app = typer.Typer(help="Inspect and cancel exports.", no_args_is_help=True)
 app.add_typer(exports_app, name="exports")
 
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print the record as JSON (proto field names).")
-]
-
-console = Console()
-err_console = Console(stderr=True)
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.jsonl"
 DEMO_PROMPT = "How do I fine-tune a small model on my own chat data?"
@@ -65,60 +62,11 @@ class PartialFailure(Exception):
     """Part of a multi-step command succeeded; the message says which part did not."""
 
 
-def print_run(run: RunResult) -> None:
-    table = Table(show_header=False, box=None)
-    for label, value in [
-        ("run", run.run_id),
-        ("status", run.status),
-        ("model", run.base_model),
-        ("steps", str(run.steps)),
-        ("final loss", f"{run.final_loss:.4f}"),
-        ("samples seen", str(run.samples_seen)),
-        (
-            "conversations",
-            f"{run.examples_trained} trained ({run.examples_truncated} truncated), "
-            f"{run.examples_dropped} dropped at max_length",
-        ),
-        ("duration", f"{run.duration_seconds:.1f}s"),
-        ("adapter", run.output),
-        ("attempts", str(run.attempts)),
-        ("resumed from step", str(run.resumed_from_step) if run.resumed_from_step else "-"),
-        ("checkpoints", ", ".join(map(str, run.checkpoint_steps)) or "-"),
-    ]:
-        table.add_row(f"[bold]{label}[/]", value)
-    console.print(table)
-
-
-def print_export(result: ExportResult) -> None:
-    rows = [
-        ("export", result.export_id),
-        ("format", result.format),
-        *(("file", str(path)) for path in result.files[:3]),
-        ("quantization", result.quantization),
-        ("size", f"{result.size_bytes / 2**20:.1f} MiB"),
-        ("merge check", f"max logit difference {result.merge_error:.1e} of the largest"),
-    ]
-    if result.format != "hf":  # an hf export is the torch model itself: nothing to compare
-        rows += [
-            ("sha256", result.sha256),
-            ("agreement with torch", f"{result.top1_agreement:.1%} top-1, KL {result.mean_kl:.4f}"),
-            (
-                "perplexity",
-                f"{result.perplexity_gguf:.2f} (torch {result.perplexity_reference:.2f})",
-            ),
-        ]
-    rows.append(("duration", f"{result.duration_seconds:.1f}s"))
-    table = Table(show_header=False, box=None)
-    for label, value in rows:
-        table.add_row(f"[bold]{label}[/]", value)
-    console.print(table)
-    if result.verification_warning:
-        err_console.print(f"[bold yellow]warning[/]: {result.verification_warning}")
-
-
 @app.command("train")
 def train_command(
-    data: Annotated[Path, typer.Option("--data", "-d", help="JSONL dataset to train on.")],
+    data: Annotated[
+        Path | None, typer.Option("--data", "-d", help="JSONL dataset to train on.")
+    ] = None,
     model: Annotated[
         str, typer.Option(help="HF id, local HF dir or .gguf file; default: this machine's.")
     ] = "",
@@ -146,8 +94,16 @@ def train_command(
         bool,
         typer.Option(help="Submit, print the run id and exit; follow with `backprop runs watch`."),
     ] = False,
+    resume: Annotated[
+        str, typer.Option(help="Continue this unfinished run instead (as `backprop runs resume`).")
+    ] = "",
 ) -> None:
     """Fine-tune a LoRA adapter on a JSONL chat dataset."""
+    if resume:
+        runs_resume(resume)
+        return
+    if data is None:
+        raise UserError("Nothing to train on.", hint="Pass --data my_data.jsonl (or --resume RUN).")
     run = Trainer(model).train(
         data,
         steps=steps,
@@ -261,83 +217,6 @@ def push_command(
     """Push a run's adapter (or merged model) to the Hugging Face Hub with a model card."""
     url = Trainer(model).push(repo, run_id=run_id, merged=merged, private=private)
     console.print(f"pushed: {url}")
-
-
-@runs_app.command("list")
-def runs_list(
-    limit: Annotated[int, typer.Option(help="Most recent N (0: all).")] = 20,
-    as_json: JsonOption = False,
-) -> None:
-    """List training runs, newest first."""
-    connection = Connection.open(workers=False)
-    response = connection.call(
-        "trainer", connection.trainer.ListRuns, trainer_pb2.ListRunsRequest(limit=limit)
-    )
-    if as_json:
-        print_json(response)
-        return
-    table = Table("run", "status", "model", "steps", "final loss", "created")
-    for record in response.runs:
-        table.add_row(
-            record.run_id,
-            status_name(record.status),
-            record.base_model,
-            str(record.steps),
-            f"{record.final_loss:.4f}" if record.final_loss else "-",
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created_at)),
-        )
-    console.print(table)
-
-
-@runs_app.command("show")
-def runs_show(
-    run_id: Annotated[str, typer.Argument(help="Run id.")],
-    plot: Annotated[
-        Path | None, typer.Option(help="Also download the run's loss curve to this PNG file.")
-    ] = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Show one run's record."""
-    connection = Connection.open(workers=False)
-    record = connection.call(
-        "trainer", connection.trainer.GetRun, trainer_pb2.GetRunRequest(run_id=run_id)
-    )
-    if as_json:
-        print_json(record)
-        return
-    print_run(RunResult.from_proto(record))
-    if record.HasField("error") and record.error.code:
-        console.print(f"[red]{record.error.code}[/]: {record.error.message}")
-    if plot is not None:
-        download_artifact(connection, loss_curve_key(run_id), plot)
-        console.print(f"loss curve: {plot}")
-
-
-@runs_app.command("watch")
-def runs_watch(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
-    """Follow a run to its end with the progress bar (its history first)."""
-    print_run(Trainer().watch(run_id))
-
-
-@runs_app.command("resume")
-def runs_resume(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
-    """Continue a run that did not finish from its last checkpoint, and follow it."""
-    print_run(Trainer().resume(run_id))
-
-
-@runs_app.command("cancel")
-def runs_cancel(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
-    """Cancel a queued or running run; a running one stops before its next step."""
-    connection = Connection.open(workers=False)
-    record = connection.call(
-        "trainer", connection.trainer.CancelRun, trainer_pb2.CancelRunRequest(run_id=run_id)
-    )
-    console.print(f"{record.run_id}: cancel requested ({status_name(record.status)})")
-
-
-def print_json(message: Message) -> None:
-    """A record as scripts read it: JSON with the proto's field names."""
-    console.print_json(data=MessageToDict(message, preserving_proto_field_name=True))
 
 
 @exports_app.command("show")

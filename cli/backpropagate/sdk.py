@@ -110,18 +110,30 @@ class Trainer:
             return self.last_run
         return self.watch(run_id)
 
+    @property
+    def reader(self) -> Connection:
+        """A connection to read and submit with: in the embedded default, opening it takes no
+        jobs in this process (that waits for train, resume or replay)."""
+        return self._open(workers=False) if self._connection is None else self._connection
+
     def run(self, run_id: str) -> RunResult:
         """The run's record as it is now."""
-        connection = self._open(workers=False)
+        connection = self.reader
         request = trainer_pb2.GetRunRequest(run_id=run_id)
         return RunResult.from_proto(connection.call("trainer", connection.trainer.GetRun, request))
 
     def watch(self, run_id: str) -> RunResult:
         """Follow a run (from its first event) until it ends; its result, or its error."""
-        connection = self._open(workers=False) if self._connection is None else self._connection
         with TrainProgress(self.console) if self.console else nullcontext() as bar:
-            self.last_run = follow_run(connection, run_id, bar)
+            self.last_run = follow_run(self.reader, run_id, bar)
         return self.last_run
+
+    def replay(self, run_id: str) -> RunResult:
+        """Train a new run with `run_id`'s config and dataset, and follow it to its end."""
+        connection = self.connection
+        request = trainer_pb2.GetRunRequest(run_id=run_id)
+        record = connection.call("trainer", connection.trainer.GetRun, request)
+        return self.watch(submit_train(connection, record.dataset_id, record.config))
 
     def resume(self, run_id: str) -> RunResult:
         """Continue a run that did not finish (its process died, it was stopped for safety

@@ -106,6 +106,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> trainer_pb2.ListRunsResponse:
         keys = [key for key in self.store.list("runs/") if key.endswith("/run.json")]
         records = [load_record(self.store, key, trainer_pb2.RunRecord, "run") for key in keys]
+        if request.status:
+            records = [record for record in records if record.status == request.status]
         records.sort(key=lambda record: record.created_at, reverse=True)
         if request.limit > 0:
             records = records[: request.limit]

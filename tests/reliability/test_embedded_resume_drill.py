@@ -135,3 +135,15 @@ def test_detached_run_trains_in_the_background_and_runs_watch_follows_it(
     logs = list((Path(home_env["BACKPROPAGATE_HOME"]) / "logs").glob("worker-*.log"))
     assert len(logs) == 1, "the run was not trained by one background worker"
     print(f"--detach returned in {detach_seconds:.1f} s")
+
+    # `replay`, named by a part of the id: a new run with the same config and dataset.
+    backprop(home_env, "replay", run_id[-6:])
+    [replayed] = [
+        run
+        for run in json.loads(backprop(home_env, "runs", "list", "--json"))["runs"]
+        if run["run_id"] != run_id
+    ]
+    assert replayed["status"] == "JOB_STATUS_SUCCEEDED"
+    assert (replayed["config"], replayed["dataset_id"]) == (record["config"], record["dataset_id"])
+    # Same seed, same data, same config: the same losses.
+    assert replayed["loss_history"] == pytest.approx(record["loss_history"], rel=1e-4)

@@ -1,0 +1,76 @@
+"""How the CLI shows records: tables for people, JSON with the proto's field names for scripts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+
+from backpropagate.results import ExportResult, RunResult
+
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print the record as JSON (proto field names).")
+]
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_run(run: RunResult) -> None:
+    table = Table(show_header=False, box=None)
+    for label, value in [
+        ("run", run.run_id),
+        ("status", run.status),
+        ("model", run.base_model),
+        ("steps", str(run.steps)),
+        ("final loss", f"{run.final_loss:.4f}"),
+        ("samples seen", str(run.samples_seen)),
+        (
+            "conversations",
+            f"{run.examples_trained} trained ({run.examples_truncated} truncated), "
+            f"{run.examples_dropped} dropped at max_length",
+        ),
+        ("duration", f"{run.duration_seconds:.1f}s"),
+        ("adapter", run.output),
+        ("attempts", str(run.attempts)),
+        ("resumed from step", str(run.resumed_from_step) if run.resumed_from_step else "-"),
+        ("checkpoints", ", ".join(map(str, run.checkpoint_steps)) or "-"),
+    ]:
+        table.add_row(f"[bold]{label}[/]", value)
+    console.print(table)
+
+
+def print_export(result: ExportResult) -> None:
+    rows = [
+        ("export", result.export_id),
+        ("format", result.format),
+        *(("file", str(path)) for path in result.files[:3]),
+        ("quantization", result.quantization),
+        ("size", f"{result.size_bytes / 2**20:.1f} MiB"),
+        ("merge check", f"max logit difference {result.merge_error:.1e} of the largest"),
+    ]
+    if result.format != "hf":  # an hf export is the torch model itself: nothing to compare
+        rows += [
+            ("sha256", result.sha256),
+            ("agreement with torch", f"{result.top1_agreement:.1%} top-1, KL {result.mean_kl:.4f}"),
+            (
+                "perplexity",
+                f"{result.perplexity_gguf:.2f} (torch {result.perplexity_reference:.2f})",
+            ),
+        ]
+    rows.append(("duration", f"{result.duration_seconds:.1f}s"))
+    table = Table(show_header=False, box=None)
+    for label, value in rows:
+        table.add_row(f"[bold]{label}[/]", value)
+    console.print(table)
+    if result.verification_warning:
+        err_console.print(f"[bold yellow]warning[/]: {result.verification_warning}")
+
+
+def print_json(message: Message) -> None:
+    """A record as scripts read it: JSON with the proto's field names."""
+    console.print_json(data=MessageToDict(message, preserving_proto_field_name=True))
