@@ -154,6 +154,20 @@ def runs_replay(run_id: RunArgument) -> None:
     print_run(trainer.replay(resolve_run_id(trainer.reader, run_id)))
 
 
+@runs_app.command("save")
+def runs_save(
+    run_id: RunArgument,
+    directory: Annotated[Path, typer.Argument(help="A new directory to write it into.")],
+    merged: Annotated[
+        bool, typer.Option(help="The merged model (safetensors) instead of the adapter.")
+    ] = False,
+) -> None:
+    """Write a run's adapter (or the merged model) to a local directory, loadable with peft."""
+    trainer = Trainer()
+    saved = trainer.save(directory, run_id=resolve_run_id(trainer.reader, run_id), merged=merged)
+    console.print(f"saved: {saved}")
+
+
 @runs_app.command("cancel")
 def runs_cancel(run_id: RunArgument) -> None:
     """Cancel a queued or running run; a running one stops before its next step."""

@@ -8,6 +8,8 @@ exported = trainer.export("gguf", quantization="q8_0")
 
 from __future__ import annotations
 
+import os
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -178,6 +180,25 @@ class Trainer:
                 prompt=prompt,
                 on_event=bar,
             )
+
+    def save(self, directory: str | Path, *, run_id: str = "", merged: bool = False) -> Path:
+        """Write the run's adapter (`merged`: the merged model, safetensors) into `directory`,
+        loadable with peft (or transformers). The directory appears complete or not at all; an
+        existing non-empty one is refused, never overwritten."""
+        target = Path(directory)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise UserError(
+                f"{target} already exists and is not an empty directory.",
+                hint="Pick a new directory name, or remove that one first.",
+                path=str(target),
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".bp-save-") as tmp:
+            result = self.export("hf" if merged else "adapter", run_id=run_id, output_dir=tmp)
+            if target.exists():
+                target.rmdir()  # empty, checked above: os.replace cannot replace a directory
+            os.replace(result.path, target)
+        return target
 
     def push(
         self, repo: str, *, run_id: str = "", merged: bool = False, private: bool = False

@@ -173,6 +173,20 @@ def test_hf_and_adapter_gguf_exports_download_every_file_under_names_of_their_ow
     assert adapter.top1_agreement >= 0.99
     assert sorted(tmp_path.iterdir()) == sorted([merged.path, *adapter.files])
 
+    # trainer.save: the adapter, or the merged model, as a directory peft / transformers load.
+    from peft import PeftConfig
+    from transformers import AutoConfig
+
+    saved = embedded_trainer.save(tmp_path / "saved" / "my-model", run_id=run.run_id)
+    merged_dir = embedded_trainer.save(tmp_path / "merged", run_id=run.run_id, merged=True)
+    assert PeftConfig.from_pretrained(saved).r == 16
+    assert (saved / "adapter_model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(merged_dir).model_type == "llama"
+    assert (merged_dir / "model.safetensors").is_file()
+    assert not [p for p in (tmp_path / "saved").iterdir() if p.name != "my-model"]
+    with pytest.raises(UserError, match="already exists"):
+        embedded_trainer.save(saved, run_id=run.run_id)
+
 
 def test_cancel_stops_a_running_export_mid_stage_and_a_queued_one_never_starts(
     embedded_trainer: Trainer, quickstart: Path

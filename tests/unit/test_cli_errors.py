@@ -113,4 +113,4 @@ def test_showing_an_unknown_run_is_not_found(tmp_path: Path) -> None:
     outcome = backprop(tmp_path, "runs", "show", "run-does-not-exist")
 
     assert_user_error(outcome, "INPUT_NOT_FOUND")
-    assert "runs/run-does-not-exist/run.json" in outcome.stderr
+    assert "No run id contains 'run-does-not-exist'" in outcome.stderr
