@@ -97,6 +97,19 @@ def train_command(
     resume: Annotated[
         str, typer.Option(help="Continue this unfinished run instead (as `backprop runs resume`).")
     ] = "",
+    lora_dropout: Annotated[
+        float | None, typer.Option(help="Dropout on the LoRA input (0: none; default 0.05).")
+    ] = None,
+    warmup_ratio: Annotated[
+        float | None, typer.Option(help="Fraction of steps warming the learning rate up.")
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
+    max_grad_norm: Annotated[
+        float | None, typer.Option(help="Clip gradients to this global L2 norm.")
+    ] = None,
+    target_modules: Annotated[
+        str, typer.Option(help="Comma-separated module names for LoRA (default: all linear).")
+    ] = "",
 ) -> None:
     """Fine-tune a LoRA adapter on a JSONL chat dataset."""
     if resume:
@@ -117,6 +130,11 @@ def train_command(
         gradient_accumulation=gradient_accumulation,
         checkpoint_every=checkpoint_every,
         oom_recovery=oom_recovery,
+        lora_dropout=lora_dropout,
+        warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        target_modules=[name.strip() for name in target_modules.split(",") if name.strip()],
         wait=not detach,
     )
     if detach:

@@ -74,6 +74,11 @@ class Trainer:
         gradient_accumulation: int = 0,
         checkpoint_every: int = 0,
         oom_recovery: bool = True,
+        lora_dropout: float | None = None,
+        warmup_ratio: float | None = None,
+        weight_decay: float | None = None,
+        max_grad_norm: float | None = None,
+        target_modules: list[str] | None = None,
         wait: bool = True,
     ) -> RunResult:
         """Fine-tune a LoRA adapter on a JSONL dataset; 0 means the trainer's default.
@@ -82,6 +87,8 @@ class Trainer:
         `oom_recovery=False`: fail on out-of-memory instead of halving the micro-batch.
         `wait=False`: submit and return the queued run at once (`watch` or `resume` it later);
         with the embedded default a background worker process trains it.
+        `lora_dropout`, `warmup_ratio`, `weight_decay`, `max_grad_norm`, `target_modules`: None
+        keeps the trainer's default (0 is a value: no dropout, no warmup, no decay).
         """
         require_dataset_file(Path(data))  # before anything slow: a typo should fail at once
         connection = self._open(workers=wait)
@@ -103,6 +110,11 @@ class Trainer:
             gradient_accumulation=gradient_accumulation,
             checkpoint_every=checkpoint_every,
             disable_oom_recovery=not oom_recovery,
+            lora_dropout=lora_dropout,
+            warmup_ratio=warmup_ratio,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            target_modules=target_modules or [],
         )
         run_id = submit_train(connection, dataset.dataset_id, config)
         if not wait:

@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+# Far above any sensible run, far below what would exhaust a worker before its first step.
+MAX_STEPS = 10_000_000
+MAX_BATCH_SIZE = 1024
+MAX_RANK = 1024
+MAX_ALPHA = 65536
+MAX_LENGTH = 131_072
+
+
 @dataclass
 class TrainingConfig:
     """One LoRA SFT run; every field's `help` is the reference the CLI and docs show."""
@@ -74,16 +82,24 @@ class TrainingConfig:
         """Raise one ConfigError naming every bad field, before any model is loaded."""
         targets = self.target_modules
         checks = {
-            "steps": ("an integer >= 1", _int_at_least(self.steps, 1)),
-            "batch_size": ("an integer >= 1", _int_at_least(self.batch_size, 1)),
+            # Upper bounds too: an absurd value is refused here, not found out by a worker
+            # running out of memory an hour later.
+            "steps": (f"an integer in [1, {MAX_STEPS}]", _int_in(self.steps, 1, MAX_STEPS)),
+            "batch_size": (
+                f"an integer in [1, {MAX_BATCH_SIZE}]",
+                _int_in(self.batch_size, 1, MAX_BATCH_SIZE),
+            ),
             "gradient_accumulation": (
                 "an integer in [1, batch_size]",
                 _int_at_least(self.gradient_accumulation, 1)
                 and self.gradient_accumulation <= max(self.batch_size, 1),
             ),
-            "learning_rate": ("> 0", _number_in(self.learning_rate, 0, math.inf, low_open=True)),
-            "lora_r": ("an integer >= 1", _int_at_least(self.lora_r, 1)),
-            "lora_alpha": ("an integer >= 1", _int_at_least(self.lora_alpha, 1)),
+            "learning_rate": ("in (0, 1)", _number_in(self.learning_rate, 0, 1, low_open=True)),
+            "lora_r": (f"an integer in [1, {MAX_RANK}]", _int_in(self.lora_r, 1, MAX_RANK)),
+            "lora_alpha": (
+                f"an integer in [1, {MAX_ALPHA}]",
+                _int_in(self.lora_alpha, 1, MAX_ALPHA),
+            ),
             "lora_dropout": ("in [0, 1)", _number_in(self.lora_dropout, 0, 1)),
             "target_modules": (
                 "'all-linear' or a non-empty list of module names",
@@ -91,10 +107,13 @@ class TrainingConfig:
                 or (isinstance(targets, list) and bool(targets) and all(map(_name, targets))),
             ),
             # One prompt token and one answer token are the least a row can train on.
-            "max_length": ("an integer >= 2", _int_at_least(self.max_length, 2)),
+            "max_length": (
+                f"an integer in [2, {MAX_LENGTH}]",
+                _int_in(self.max_length, 2, MAX_LENGTH),
+            ),
             "seed": ("an integer >= 0", _int_at_least(self.seed, 0)),
             "warmup_ratio": ("in [0, 1)", _number_in(self.warmup_ratio, 0, 1)),
-            "weight_decay": (">= 0", _number_in(self.weight_decay, 0, math.inf)),
+            "weight_decay": ("in [0, 1)", _number_in(self.weight_decay, 0, 1)),
             "max_grad_norm": ("> 0", _number_in(self.max_grad_norm, 0, math.inf, low_open=True)),
         }
         bad = {name: rule for name, (rule, ok) in checks.items() if not ok}
@@ -113,6 +132,10 @@ class TrainingConfig:
 
 def _int_at_least(value: object, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _int_in(value: object, low: int, high: int) -> bool:
+    return _int_at_least(value, low) and value <= high  # type: ignore[operator]
 
 
 def _number_in(value: object, low: float, high: float, low_open: bool = False) -> bool:

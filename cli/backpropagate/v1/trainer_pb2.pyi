@@ -108,6 +108,11 @@ class TrainConfig(_message.Message):
     CHECKPOINT_EVERY_FIELD_NUMBER: _builtins.int
     DISABLE_OOM_RECOVERY_FIELD_NUMBER: _builtins.int
     GRADIENT_ACCUMULATION_FIELD_NUMBER: _builtins.int
+    LORA_DROPOUT_FIELD_NUMBER: _builtins.int
+    WARMUP_RATIO_FIELD_NUMBER: _builtins.int
+    WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
+    MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
+    TARGET_MODULES_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """HF id, local HF dir, .gguf file, or "" for the machine's default"""
     steps: _builtins.int
@@ -128,6 +133,15 @@ class TrainConfig(_message.Message):
     """fail on out-of-memory instead of halving the micro-batch"""
     gradient_accumulation: _builtins.int
     """micro-batches per optimizer step; 0: 1"""
+    lora_dropout: _builtins.float
+    """Unset: the default. Set, even to 0 (no dropout, no warmup, no decay), it is used as given."""
+    warmup_ratio: _builtins.float
+    weight_decay: _builtins.float
+    max_grad_norm: _builtins.float
+    @_builtins.property
+    def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """empty: all linear layers but lm_head"""
+
     def __init__(
         self,
         *,
@@ -142,12 +156,32 @@ class TrainConfig(_message.Message):
         checkpoint_every: _builtins.int = ...,
         disable_oom_recovery: _builtins.bool = ...,
         gradient_accumulation: _builtins.int = ...,
+        lora_dropout: _builtins.float | None = ...,
+        warmup_ratio: _builtins.float | None = ...,
+        weight_decay: _builtins.float | None = ...,
+        max_grad_norm: _builtins.float | None = ...,
+        target_modules: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "lora_dropout", b"lora_dropout", "max_grad_norm", b"max_grad_norm", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "disable_oom_recovery", b"disable_oom_recovery", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_r", b"lora_r", "max_length", b"max_length", "seed", b"seed", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "base_model", b"base_model", "batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "disable_oom_recovery", b"disable_oom_recovery", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_r", b"lora_r", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "seed", b"seed", "steps", b"steps", "target_modules", b"target_modules", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__lora_dropout: _TypeAlias = _typing.Literal["lora_dropout"]  # noqa: Y015
+    _WhichOneofArgType__lora_dropout: _TypeAlias = _typing.Literal["_lora_dropout", b"_lora_dropout"]  # noqa: Y015
+    _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
+    _WhichOneofArgType__max_grad_norm: _TypeAlias = _typing.Literal["_max_grad_norm", b"_max_grad_norm"]  # noqa: Y015
+    _WhichOneofReturnType__warmup_ratio: _TypeAlias = _typing.Literal["warmup_ratio"]  # noqa: Y015
+    _WhichOneofArgType__warmup_ratio: _TypeAlias = _typing.Literal["_warmup_ratio", b"_warmup_ratio"]  # noqa: Y015
+    _WhichOneofReturnType__weight_decay: _TypeAlias = _typing.Literal["weight_decay"]  # noqa: Y015
+    _WhichOneofArgType__weight_decay: _TypeAlias = _typing.Literal["_weight_decay", b"_weight_decay"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lora_dropout) -> _WhichOneofReturnType__lora_dropout | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_grad_norm) -> _WhichOneofReturnType__max_grad_norm | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__warmup_ratio) -> _WhichOneofReturnType__warmup_ratio | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_decay) -> _WhichOneofReturnType__weight_decay | None: ...
 
 Global___TrainConfig: _TypeAlias = TrainConfig  # noqa: Y015
 
