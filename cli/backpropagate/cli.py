@@ -70,7 +70,10 @@ def train_command(
     model: Annotated[
         str, typer.Option(help="HF id, local HF dir or .gguf file; default: this machine's.")
     ] = "",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (0: from --epochs, else 100).")] = 0,
+    epochs: Annotated[
+        float, typer.Option(help="Passes over the data, instead of --steps (0: use steps).")
+    ] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Conversations per step (0: default).")] = 0,
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate (0: default).")] = 0.0,
     lora_r: Annotated[int, typer.Option(help="LoRA rank (0: default).")] = 0,
@@ -120,6 +123,7 @@ def train_command(
     run = Trainer(model).train(
         data,
         steps=steps,
+        epochs=epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
         lora_r=lora_r,

@@ -63,7 +63,8 @@ class Trainer:
         self,
         data: str | Path,
         *,
-        steps: int = 100,
+        steps: int = 0,
+        epochs: float = 0.0,
         batch_size: int = 0,
         learning_rate: float = 0.0,
         lora_r: int = 0,
@@ -83,6 +84,9 @@ class Trainer:
     ) -> RunResult:
         """Fine-tune a LoRA adapter on a JSONL dataset; 0 means the trainer's default.
 
+        The budget: `steps` optimizer steps, or `epochs` passes over the data (not both);
+        neither: the trainer's default of 100 steps.
+
         `checkpoint_every`: steps between checkpoints (0: every few minutes, and at the end).
         `oom_recovery=False`: fail on out-of-memory instead of halving the micro-batch.
         `wait=False`: submit and return the queued run at once (`watch` or `resume` it later);
@@ -101,6 +105,7 @@ class Trainer:
         config = trainer_pb2.TrainConfig(
             base_model=self.model,
             steps=steps,
+            epochs=epochs,
             batch_size=batch_size,
             learning_rate=learning_rate,
             lora_r=lora_r,

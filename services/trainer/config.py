@@ -7,9 +7,11 @@ for the default.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from backpropagate.v1 import trainer_pb2
+from backpropagate_services.common.errors import ConfigError
 from backpropagate_services.trainer.lora import TrainingConfig
 
 ZERO_IS_DEFAULT = (
@@ -22,6 +24,33 @@ ZERO_IS_DEFAULT = (
     "max_length",
 )
 UNSET_IS_DEFAULT = ("lora_dropout", "warmup_ratio", "weight_decay", "max_grad_norm")
+
+
+MAX_EPOCHS = 10_000
+
+
+def with_budget(message: trainer_pb2.TrainConfig, num_examples: int) -> trainer_pb2.TrainConfig:
+    """The config with `steps` worked out from `epochs` (passes over `num_examples`
+    conversations, a batch a step), as the run record keeps it; unchanged without epochs."""
+    if not message.epochs:
+        return message
+    if not 0 < message.epochs <= MAX_EPOCHS:
+        raise ConfigError(
+            f"epochs must be in (0, {MAX_EPOCHS}], got {message.epochs:g}.", fields="epochs"
+        )
+    batch_size = message.batch_size or TrainingConfig().batch_size
+    steps = max(1, math.ceil(message.epochs * num_examples / batch_size))
+    # A run record's config has both, agreeing: replaying it is no conflict.
+    if message.steps and message.steps != steps:
+        raise ConfigError(
+            f"Both steps={message.steps} and epochs={message.epochs:g} were given.",
+            hint="Give --steps or --epochs, not both.",
+            fields="steps,epochs",
+        )
+    budgeted = trainer_pb2.TrainConfig()
+    budgeted.CopyFrom(message)
+    budgeted.steps = steps
+    return budgeted
 
 
 def training_config_from_proto(message: trainer_pb2.TrainConfig) -> TrainingConfig:

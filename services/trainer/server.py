@@ -22,7 +22,7 @@ from backpropagate_services.common.models import resolve_model
 from backpropagate_services.common.records import follow, load_record, publish, save_record
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
-from backpropagate_services.trainer.config import training_config_from_proto
+from backpropagate_services.trainer.config import training_config_from_proto, with_budget
 from backpropagate_services.trainer.imports import import_adapter, receive_adapter_files
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
 from backpropagate_services.trainer.worker import TrainWorker
@@ -44,8 +44,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.SubmitTrainRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.SubmitTrainResponse:
         # Every check a user can fail happens here, synchronously, before anything is queued.
-        config = training_config_from_proto(request.config)
-        load_dataset_record(self.store, request.dataset_id)
+        dataset = load_dataset_record(self.store, request.dataset_id)
+        budgeted = with_budget(request.config, dataset.num_examples)
+        config = training_config_from_proto(budgeted)
         source = resolve_model(
             request.config.base_model, self.runtime.settings.trainer.default_model
         )
@@ -57,7 +58,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             base_model=source.spec,
             steps=config.steps,
             created_at=time.time(),
-            config=request.config,
+            config=budgeted,
         )
         save_record(self.store, record_key(run_id), record)
         publish(

@@ -119,7 +119,9 @@ def test_detached_run_trains_in_the_background_and_runs_watch_follows_it(
     home_env: dict[str, str], quickstart: Path
 ) -> None:
     started = time.monotonic()
-    run_id = backprop(home_env, "train", "--data", str(quickstart), *TRAIN_ARGS, "--detach")
+    # The budget as epochs this time: 2 passes over the 10 quickstart conversations, 2 a step.
+    epochs = ["--epochs", "2", "--batch-size", "2", "--max-length", "128"]
+    run_id = backprop(home_env, "train", "--data", str(quickstart), *epochs, "--detach")
     run_id = run_id.strip()
     detach_seconds = time.monotonic() - started
     assert run_id.startswith("run-")
@@ -129,9 +131,10 @@ def test_detached_run_trains_in_the_background_and_runs_watch_follows_it(
     assert "succeeded" in watched
     record = run_record(home_env, run_id)
     assert record["status"] == "JOB_STATUS_SUCCEEDED"
-    assert len(record["loss_history"]) == STEPS
+    assert len(record["loss_history"]) == record["steps"] == 10
+    assert record["config"]["epochs"] == 2
     assert record["attempts"] == 1
-    assert record["last_checkpoint_step"] == STEPS  # always a checkpoint at the end
+    assert record["last_checkpoint_step"] == 10  # always a checkpoint at the end
     logs = list((Path(home_env["BACKPROPAGATE_HOME"]) / "logs").glob("worker-*.log"))
     assert len(logs) == 1, "the run was not trained by one background worker"
     print(f"--detach returned in {detach_seconds:.1f} s")

@@ -3,11 +3,13 @@ bounds too, so an absurd request is refused when it is submitted, not when a wor
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from backpropagate.v1 import trainer_pb2
 from backpropagate_services.common.errors import ConfigError
-from backpropagate_services.trainer.config import training_config_from_proto
+from backpropagate_services.trainer.config import training_config_from_proto, with_budget
 from backpropagate_services.trainer.lora import TrainingConfig
 
 
@@ -45,3 +47,29 @@ def test_absurd_values_are_refused_naming_each_field_and_its_bounds() -> None:
     assert caught.value.context["fields"] == "steps,batch_size,learning_rate,lora_r,max_length"
     assert "batch_size must be an integer in [1, 1024], got 100000" in caught.value.message
     assert "learning_rate must be in (0, 1), got 5.0" in caught.value.message
+
+
+def test_epochs_become_steps_over_the_dataset_at_submit_time() -> None:
+    message = trainer_pb2.TrainConfig(epochs=2.5, batch_size=4)
+
+    budgeted = with_budget(message, num_examples=10)
+
+    assert budgeted.steps == 7  # ceil(2.5 * 10 / 4): the last batch of an epoch is full anyway
+    assert budgeted.epochs == 2.5 and message.steps == 0  # the request itself is left alone
+    assert with_budget(trainer_pb2.TrainConfig(epochs=1), num_examples=2).steps == 1
+    assert with_budget(trainer_pb2.TrainConfig(steps=9), num_examples=10).steps == 9
+    assert with_budget(budgeted, num_examples=10) == budgeted  # a record's config replays
+
+
+@pytest.mark.parametrize(
+    ("message", "complaint"),
+    [
+        (trainer_pb2.TrainConfig(steps=5, epochs=1), "Give --steps or --epochs, not both"),
+        (trainer_pb2.TrainConfig(epochs=-1), r"epochs must be in \(0, 10000\]"),
+        (trainer_pb2.TrainConfig(epochs=1e9), r"epochs must be in \(0, 10000\]"),
+    ],
+)
+def test_a_budget_that_cannot_be_is_refused(message, complaint) -> None:
+    with pytest.raises(ConfigError) as caught:
+        with_budget(message, num_examples=10)
+    assert re.search(complaint, f"{caught.value.message} {caught.value.hint}")

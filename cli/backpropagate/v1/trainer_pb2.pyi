@@ -113,6 +113,7 @@ class TrainConfig(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
     MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
     TARGET_MODULES_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """HF id, local HF dir, .gguf file, or "" for the machine's default"""
     steps: _builtins.int
@@ -138,6 +139,8 @@ class TrainConfig(_message.Message):
     warmup_ratio: _builtins.float
     weight_decay: _builtins.float
     max_grad_norm: _builtins.float
+    epochs: _builtins.float
+    """passes over the dataset, instead of steps (0: use steps)"""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty: all linear layers but lm_head"""
@@ -161,10 +164,11 @@ class TrainConfig(_message.Message):
         weight_decay: _builtins.float | None = ...,
         max_grad_norm: _builtins.float | None = ...,
         target_modules: _abc.Iterable[_builtins.str] | None = ...,
+        epochs: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "lora_dropout", b"lora_dropout", "max_grad_norm", b"max_grad_norm", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "base_model", b"base_model", "batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "disable_oom_recovery", b"disable_oom_recovery", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_r", b"lora_r", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "seed", b"seed", "steps", b"steps", "target_modules", b"target_modules", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "base_model", b"base_model", "batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "disable_oom_recovery", b"disable_oom_recovery", "epochs", b"epochs", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_r", b"lora_r", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "seed", b"seed", "steps", b"steps", "target_modules", b"target_modules", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__lora_dropout: _TypeAlias = _typing.Literal["lora_dropout"]  # noqa: Y015
     _WhichOneofArgType__lora_dropout: _TypeAlias = _typing.Literal["_lora_dropout", b"_lora_dropout"]  # noqa: Y015
