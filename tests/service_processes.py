@@ -25,9 +25,8 @@ from backpropagate.connection import Connection
 from backpropagate.v1 import trainer_pb2
 from backpropagate.workflows import submit_train, upload_dataset
 from backpropagate_services.common.errors import DependencyError
-from backpropagate_services.common.jobs import ENDED
 from backpropagate_services.common.layout import run_events_channel
-from backpropagate_services.common.records import from_json
+from backpropagate_services.common.records import TERMINAL_STATUSES, from_json
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.settings import Settings
 from backpropagate_services.stack import SERVICES, start_stack
@@ -138,7 +137,7 @@ class ControlPlane:
 
         def ended() -> trainer_pb2.RunRecord | None:
             record = self.record(run_id)
-            return record if record.status in ENDED else None
+            return record if record.status in TERMINAL_STATUSES else None
 
         return wait_for(ended, f"the end of run {run_id}", timeout, process)
 

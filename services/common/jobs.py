@@ -213,9 +213,6 @@ def run_recorded(record: JobRecord, work: Callable[[], str]) -> str:
     return message
 
 
-ENDED = TERMINAL_STATUSES
-
-
 def fail_record(record: JobRecord, error: BackpropagateError) -> None:
     """Mark the record failed with `error`, as `run_recorded` would have."""
     record.status = common_pb2.JOB_STATUS_FAILED
@@ -263,7 +260,7 @@ class JobWorker(BackgroundWorker):
     def give_up(self, job: Job, error: JobAttemptsExhaustedError) -> None:
         """Save the job's record as failed with `error`, unless it has ended already."""
         record = self.job_record(job)
-        if record.status not in ENDED:
+        if record.status not in TERMINAL_STATUSES:
             fail_record(record, error)
             self.finish(record, f"failed: {error.message}")
 

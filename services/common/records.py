@@ -84,15 +84,13 @@ class BufferedPublisher:
         self.queue = queue
         self.pending: deque[tuple[str, dict[str, object]]] = deque(maxlen=limit)
 
-    def publish(self, channel: str, event: Message) -> bool:
-        """True when everything up to this event is published."""
+    def publish(self, channel: str, event: Message) -> None:
+        """Publish `event` after the kept ones; keep it too while the queue is away."""
         self.pending.append((channel, to_json(event)))
         try:
             self.flush()
         except DependencyError as exc:
             log.warning("event bus unavailable (%s); %d events kept", exc.code, len(self.pending))
-            return False
-        return True
 
     def flush(self) -> None:
         """Send the kept events, oldest first; DependencyError while the queue is away."""

@@ -11,7 +11,6 @@ from backpropagate_services.common.datasets import load_record as load_dataset_r
 from backpropagate_services.common.errors import JobCancelledError
 from backpropagate_services.common.isolation import cancellable
 from backpropagate_services.common.jobs import (
-    ENDED,
     JobWorker,
     cancel_requested,
     durably,
@@ -28,7 +27,12 @@ from backpropagate_services.common.layout import export_record_key as record_key
 from backpropagate_services.common.logs import run_context
 from backpropagate_services.common.models import resolve_model
 from backpropagate_services.common.queue import Job
-from backpropagate_services.common.records import load_record, publish, save_record
+from backpropagate_services.common.records import (
+    TERMINAL_STATUSES,
+    load_record,
+    publish,
+    save_record,
+)
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.store.base import sha256_file
 from backpropagate_services.export.hub import (
@@ -74,7 +78,7 @@ class ExportWorker(JobWorker):
 
     def handle(self, job: Job) -> None:
         result = self.job_record(job)
-        if result.status in ENDED:
+        if result.status in TERMINAL_STATUSES:
             return  # cancelled while queued, or redelivered after its outcome was saved
         with run_context(result.run_id):
             self.finish(result, run_recorded(result, lambda: self.export(result)))

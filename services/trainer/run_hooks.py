@@ -32,6 +32,7 @@ from backpropagate_services.common.layout import run_events_channel as events_ch
 from backpropagate_services.common.layout import run_record_key as record_key
 from backpropagate_services.common.queue import JobQueue
 from backpropagate_services.common.records import BufferedPublisher, save_record
+from backpropagate_services.common.store.base import ArtifactStore
 from backpropagate_services.trainer.checkpoints import CheckpointManager
 from backpropagate_services.trainer.loop import LoraTraining, OomRecovery, StepReport, TrainingHooks
 from backpropagate_services.trainer.safety_gate import Action, Decision, SafetyGate
@@ -41,6 +42,13 @@ log = logging.getLogger(__name__)
 
 # A paused run re-reads the level at least this often, and checks for cancel and shutdown.
 PAUSE_POLL_SECONDS = 1.0
+
+
+def save_while_held(lease: Lease, store: ArtifactStore, record: trainer_pb2.RunRecord) -> None:
+    """Save the run record, unless another worker holds the run now (LeaseLost): never
+    overwrite what the new holder wrote."""
+    lease.confirm()
+    durably(save_record)(store, record_key(record.run_id), record)
 
 
 class Stoppable(Protocol):
@@ -129,10 +137,7 @@ class RunHooks(TrainingHooks):
                     f"{self.record.run_id}` goes on"
                 )
             self.record.status = common_pb2.JOB_STATUS_QUEUED  # waiting for the next worker
-            self.lease.confirm()
-            durably(save_record)(
-                self.checkpoints.store, record_key(self.record.run_id), self.record
-            )
+            save_while_held(self.lease, self.checkpoints.store, self.record)
             self.events.emit(
                 self.record,
                 kind="released",
@@ -218,8 +223,7 @@ class RunHooks(TrainingHooks):
         del self.record.checkpoints[:]
         self.record.checkpoints.extend(kept)
         self.record.last_checkpoint_step = info.step
-        self.lease.confirm()
-        durably(save_record)(self.checkpoints.store, record_key(self.record.run_id), self.record)
+        save_while_held(self.lease, self.checkpoints.store, self.record)
         self.last_checkpoint_at = time.monotonic()
         log.info(
             "checkpoint at step %d: %.1f MB in %.2f s",

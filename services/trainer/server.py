@@ -14,12 +14,18 @@ from backpropagate_services.common.datasets import load_record as load_dataset_r
 from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.ids import new_id
-from backpropagate_services.common.jobs import ENDED, cancel_job
+from backpropagate_services.common.jobs import cancel_job
 from backpropagate_services.common.layout import TRAIN_QUEUE
 from backpropagate_services.common.layout import run_events_channel as events_channel
 from backpropagate_services.common.layout import run_record_key as record_key
 from backpropagate_services.common.models import resolve_model
-from backpropagate_services.common.records import follow, load_record, publish, save_record
+from backpropagate_services.common.records import (
+    TERMINAL_STATUSES,
+    follow,
+    load_record,
+    publish,
+    save_record,
+)
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
 from backpropagate_services.trainer.config import training_config_from_proto, with_budget
@@ -85,7 +91,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         def is_final(event: trainer_pb2.RunEvent) -> bool:
             """The last event of the run, not that of an attempt the run was resumed after."""
             record = self._record(request.run_id)
-            return record.status in ENDED and event.attempt == record.attempts
+            return record.status in TERMINAL_STATUSES and event.attempt == record.attempts
 
         yield from follow(
             self.queue,

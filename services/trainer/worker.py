@@ -18,7 +18,6 @@ from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.datasets import load_conversations
 from backpropagate_services.common.errors import CheckpointInvalidError
 from backpropagate_services.common.jobs import (
-    ENDED,
     JobWorker,
     Lease,
     durably,
@@ -29,13 +28,13 @@ from backpropagate_services.common.layout import run_record_key as record_key
 from backpropagate_services.common.logs import run_context
 from backpropagate_services.common.models import load_model, resolve_model
 from backpropagate_services.common.queue import Job
-from backpropagate_services.common.records import load_record, save_record
+from backpropagate_services.common.records import TERMINAL_STATUSES, load_record, save_record
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.trainer.checkpoints import CheckpointManager, CheckpointPolicy
 from backpropagate_services.trainer.config import training_config_from_proto
 from backpropagate_services.trainer.loop import LoraTraining
 from backpropagate_services.trainer.plots import write_loss_curve
-from backpropagate_services.trainer.run_hooks import RunEvents, RunHooks
+from backpropagate_services.trainer.run_hooks import RunEvents, RunHooks, save_while_held
 from backpropagate_services.trainer.safety_gate import SafetyGate
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
 
@@ -94,7 +93,7 @@ class TrainWorker(JobWorker):
     def handle(self, job: Job) -> None:
         record = self.job_record(job)
         with run_context(record.run_id):
-            if record.status in ENDED:
+            if record.status in TERMINAL_STATUSES:
                 status = common_pb2.JobStatus.Name(record.status)
                 log.info("run already %s: nothing to do", status)
                 # Its last event may not have got out (the queue went away as it ended): again.
@@ -121,8 +120,7 @@ class TrainWorker(JobWorker):
         record.job_id = job.job_id
         record.resumed_from_step = resume_from
         record.ClearField("error")
-        lease.confirm()
-        durably(save_record)(self.store, record_key(run_id), record)
+        save_while_held(lease, self.store, record)
         self.events.emit(record, kind="started", message=STARTED_MESSAGE)
 
         config = training_config_from_proto(record.config)
