@@ -49,19 +49,28 @@ def home_env(model_cache: Path, tmp_path: Path) -> dict[str, str]:
     }
 
 
-def checkpoint_written(home: Path, step: int) -> list[Path]:
-    """The runs whose checkpoint of `step` is complete (its manifest written last)."""
-    pattern = f"runs/*/checkpoints/step-{step:08d}-attempt-*/MANIFEST.json"
-    return list((home / "artifacts").glob(pattern))
+def checkpointed_runs(home: Path, step: int) -> list[str]:
+    """The runs whose record lists a checkpoint at `step` or later: the record, not the
+    checkpoint's files, since a kill between the two leaves the run at the earlier one."""
+    runs = []
+    for record_file in (home / "artifacts").glob("runs/*/run.json"):
+        try:
+            record = json.loads(record_file.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced right now
+        if record.get("last_checkpoint_step", 0) >= step:
+            runs.append(record["run_id"])
+    return runs
 
 
 def stop_once_checkpointed(
     process: subprocess.Popen[bytes], home: Path, step: int, how: signal.Signals
 ) -> int:
-    """Send `how` to `process` once some run's checkpoint of `step` is complete; its exit code."""
+    """Send `how` to `process` once some run's record lists a checkpoint of `step` or later; its
+    exit code."""
     try:
         servers.wait_until(
-            lambda: bool(checkpoint_written(home, step)),
+            lambda: bool(checkpointed_runs(home, step)),
             what=f"checkpoint at step {step}",
             timeout=240,
             process=process,  # one that ends first fails the drill at once
@@ -81,8 +90,7 @@ def test_cli_killed_then_interrupted_is_finished_by_runs_resume(
 
     # SIGKILL: no exit hook runs, as a power cut for the run.
     stop_once_checkpointed(subprocess.Popen(train, **quiet), home, 4, signal.SIGKILL)
-    [manifest] = checkpoint_written(home, 4)
-    run_id = manifest.parts[-4]
+    [run_id] = checkpointed_runs(home, 4)
     killed = run_record(home_env, run_id)
     assert killed["status"] == "JOB_STATUS_RUNNING"
     assert killed["last_checkpoint_step"] >= 4
