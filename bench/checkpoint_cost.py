@@ -40,10 +40,10 @@ def main() -> None:
     )
     from backpropagate_services.common.settings import get_settings
     from backpropagate_services.common.store.local import LocalDirStore
+    from backpropagate_services.common.training import TrainingConfig
     from backpropagate_services.dataprep.formats import parse_jsonl
     from backpropagate_services.trainer.checkpoints import CheckpointManager, CheckpointPolicy
     from backpropagate_services.trainer.loop import LoraTraining, StepReport, TrainingHooks
-    from backpropagate_services.trainer.lora import TrainingConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)

@@ -6,9 +6,12 @@ set, the services run inside this process the first time they are needed.
 
 from typing import Any
 
+from backpropagate.callbacks import TrainingCallback
 from backpropagate.results import ExportResult, RunResult
 from backpropagate.sdk import Trainer
 from backpropagate_services.common.errors import BackpropagateError
+
+TrainingRun = RunResult  # what train() returns, by the name the product's documentation uses
 
 # Imported on first use: they need the export service's packages, which a service image that
 # carries the client (dataprep, trainer, safety) does not install.
@@ -31,6 +34,8 @@ __all__ = [
     "ExportResult",
     "RunResult",
     "Trainer",
+    "TrainingCallback",
+    "TrainingRun",
     "register_with_ollama",
     "write_ollama_modelfile",
 ]

@@ -19,6 +19,8 @@ from rich.table import Table
 
 from backpropagate import __version__
 from backpropagate.connection import Connection
+from backpropagate.effective_config import config_command
+from backpropagate.estimate_cli import estimate_vram_command
 from backpropagate.progress import safety_label
 from backpropagate.render import (
     JsonOption,
@@ -30,7 +32,7 @@ from backpropagate.render import (
 )
 from backpropagate.results import status_name
 from backpropagate.runs_cli import add_run_aliases, runs_app, runs_resume
-from backpropagate.sdk import Trainer
+from backpropagate.sdk import Trainer, adapter_of_mode
 from backpropagate.v1 import export_pb2, safety_pb2
 from backpropagate_services.common.errors import (
     EXIT_INTERRUPTED,
@@ -48,6 +50,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(runs_app, name="runs")
+app.command("config")(config_command)
+app.command("estimate-vram")(estimate_vram_command)
 add_run_aliases(app)
 exports_app = typer.Typer(help="Inspect and cancel exports.", no_args_is_help=True)
 app.add_typer(exports_app, name="exports")
@@ -70,7 +74,9 @@ def train_command(
     model: Annotated[
         str, typer.Option(help="HF id, local HF dir or .gguf file; default: this machine's.")
     ] = "",
-    steps: Annotated[int, typer.Option(help="Optimizer steps (0: from --epochs, else 100).")] = 0,
+    steps: Annotated[
+        int, typer.Option(help="Optimizer steps (0: from --epochs, else from the data's size).")
+    ] = 0,
     epochs: Annotated[
         float, typer.Option(help="Passes over the data, instead of --steps (0: use steps).")
     ] = 0.0,
@@ -79,7 +85,9 @@ def train_command(
     lora_r: Annotated[int, typer.Option(help="LoRA rank (0: default).")] = 0,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (0: default).")] = 0,
     max_length: Annotated[int, typer.Option(help="Tokens per example (0: default).")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed for init, data order and dropout.")] = 42,
+    seed: Annotated[
+        int, typer.Option(help="Seed for init, data order and dropout (0: the default, 42).")
+    ] = 0,
     data_format: Annotated[
         str, typer.Option("--format", help="auto, sharegpt, alpaca or openai.")
     ] = "auto",
@@ -113,6 +121,39 @@ def train_command(
     target_modules: Annotated[
         str, typer.Option(help="Comma-separated module names for LoRA (default: all linear).")
     ] = "",
+    method: Annotated[
+        str, typer.Option(help="sft (default), or dpo, orpo, simpo, kto on preference data.")
+    ] = "",
+    adapter: Annotated[
+        str, typer.Option(help="lora (default), dora, rslora, qlora (CUDA GPU) or full.")
+    ] = "",
+    fp8: Annotated[bool, typer.Option(help="FP8 compute (Hopper/Blackwell GPUs).")] = False,
+    preset: Annotated[
+        str, typer.Option(help="Training preset: fast, balanced or quality (fills the rest).")
+    ] = "",
+    lora_preset: Annotated[
+        str, typer.Option(help="LoRA preset: fast (r=16, q/v), balanced, quality (r=256).")
+    ] = "",
+    lr_scheduler: Annotated[
+        str, typer.Option(help="After warmup: linear (default), cosine or constant.")
+    ] = "",
+    eval_split: Annotated[
+        float, typer.Option(help="Fraction of the data held out for eval loss (0: none).")
+    ] = 0.0,
+    eval_data: Annotated[
+        Path | None, typer.Option(help="A separate dataset to compute eval loss on.")
+    ] = None,
+    eval_every: Annotated[int, typer.Option(help="Steps between evals (0: ~10 a run).")] = 0,
+    early_stopping_patience: Annotated[
+        int, typer.Option(help="Stop after this many evals without improvement (0: off).")
+    ] = 0,
+    beta: Annotated[
+        float | None, typer.Option(help="Preference strength (DPO/KTO/SimPO beta, ORPO weight).")
+    ] = None,
+    report_to: Annotated[
+        str, typer.Option(help="Trackers: auto (default), none, or tensorboard,wandb,mlflow.")
+    ] = "",
+    mode: Annotated[str, typer.Option(help="lora or full: the same as --adapter.")] = "",
 ) -> None:
     """Fine-tune a LoRA adapter on a JSONL chat dataset."""
     if resume:
@@ -139,6 +180,18 @@ def train_command(
         weight_decay=weight_decay,
         max_grad_norm=max_grad_norm,
         target_modules=[name.strip() for name in target_modules.split(",") if name.strip()],
+        method=method,
+        adapter=adapter or adapter_of_mode(mode),
+        fp8=fp8,
+        preset=preset,
+        lora_preset=lora_preset,
+        lr_scheduler=lr_scheduler,
+        eval_split=eval_split,
+        eval_data=eval_data,
+        eval_every=eval_every,
+        early_stopping_patience=early_stopping_patience,
+        beta=beta,
+        report_to=[name.strip() for name in report_to.split(",") if name.strip()],
         wait=not detach,
     )
     if detach:
@@ -301,7 +354,7 @@ def info() -> None:
         *((f"{name} endpoint", address) for name, address in connection.addresses.items()),
         ("queue", settings.queue.backend),
         ("store", settings.store.backend),
-        ("default model", settings.trainer.default_model),
+        ("default model", settings.model.name),
         ("safety", f"{safety_label(snapshot.level)} ({snapshot.source})"),
         (
             "host memory",

@@ -26,8 +26,10 @@ def print_run(run: RunResult) -> None:
         ("run", run.run_id),
         ("status", run.status),
         ("model", run.base_model),
-        ("steps", str(run.steps)),
+        ("method", f"{run.method} with {run.adapter}"),
+        ("steps", str(run.steps) + (f" ({run.budget_reason})" if run.budget_reason else "")),
         ("final loss", f"{run.final_loss:.4f}"),
+        *_eval_rows(run),
         ("samples seen", str(run.samples_seen)),
         (
             "conversations",
@@ -35,6 +37,7 @@ def print_run(run: RunResult) -> None:
             f"{run.examples_dropped} dropped at max_length",
         ),
         ("duration", f"{run.duration_seconds:.1f}s"),
+        *_hardware_rows(run),
         ("adapter", run.output),
         ("attempts", str(run.attempts)),
         ("resumed from step", str(run.resumed_from_step) if run.resumed_from_step else "-"),
@@ -42,6 +45,31 @@ def print_run(run: RunResult) -> None:
     ]:
         table.add_row(f"[bold]{label}[/]", value)
     console.print(table)
+
+
+def _eval_rows(run: RunResult) -> list[tuple[str, str]]:
+    if not run.evals:
+        return []
+    base_step, base_loss = run.evals[0]
+    return [
+        (
+            "eval loss",
+            f"{run.best_eval_loss:.4f} at step {run.best_step} (saved)"
+            + (", stopped early" if run.stopped_early else ""),
+        ),
+        ("base eval loss", f"{base_loss:.4f}" if base_step == 0 else "-"),
+    ]
+
+
+def _hardware_rows(run: RunResult) -> list[tuple[str, str]]:
+    if not run.device:
+        return []
+    return [
+        ("device", f"{run.device} ({run.compute_dtype})"),
+        ("trainable", f"{run.trainable_parameters / 1e6:.2f} M parameters"),
+        ("speed", f"{run.tokens_per_second:.0f} trained tokens/s"),
+        ("peak memory", f"{run.peak_memory_bytes / 2**30:.2f} GiB"),
+    ]
 
 
 def print_export(result: ExportResult) -> None:

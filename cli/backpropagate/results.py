@@ -33,6 +33,23 @@ class RunResult:
     examples_trained: int = 0
     examples_truncated: int = 0  # kept but cut at max_length
     examples_dropped: int = 0  # nothing left to train within max_length
+    method: str = "sft"
+    adapter: str = "lora"
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss); step 0: base
+    best_eval_loss: float = 0.0  # the weights saved are this step's (0.0: no eval set)
+    best_step: int = 0
+    stopped_early: bool = False
+    budget_reason: str = ""  # why this many steps, when the trainer chose
+    device: str = ""
+    compute_dtype: str = ""
+    trainable_parameters: int = 0
+    peak_memory_bytes: int = 0
+    tokens_per_second: float = 0.0
+
+    @property
+    def output_path(self) -> str:
+        """Where the adapter was saved (the product's TrainingRun name for `output`)."""
+        return self.output
 
     @classmethod
     def from_proto(cls, record: trainer_pb2.RunRecord) -> RunResult:
@@ -54,6 +71,18 @@ class RunResult:
             examples_trained=record.examples_trained,
             examples_truncated=record.examples_truncated,
             examples_dropped=record.examples_dropped,
+            method=record.config.method or "sft",
+            adapter=record.config.adapter or "lora",
+            evals=[(point.step, point.loss) for point in record.evals],
+            best_eval_loss=record.best_eval_loss,
+            best_step=record.best_step,
+            stopped_early=record.stopped_early,
+            budget_reason=record.budget_reason,
+            device=record.device,
+            compute_dtype=record.compute_dtype,
+            trainable_parameters=record.trainable_parameters,
+            peak_memory_bytes=record.peak_memory_bytes,
+            tokens_per_second=record.tokens_per_second,
         )
 
 
@@ -103,4 +132,42 @@ class ExportResult:
             verification_warning=result.verification.warning,
             record=MessageToDict(result, preserving_proto_field_name=True),
             files=files or [path],
+        )
+
+
+@dataclass(frozen=True)
+class MemoryEstimateResult:
+    """A run's predicted peak memory on the machine that would train it, in bytes."""
+
+    device: str  # "cuda:0" or "cpu"
+    total_bytes: int  # the predicted peak
+    weights_bytes: int  # the base model
+    trainable_bytes: int  # adapter (or full) weights, gradients and AdamW state
+    activations_bytes: int  # the largest micro-batch's forward and backward
+    overhead_bytes: int  # the CUDA context, or the Python process
+    available_bytes: int  # free VRAM (CUDA) or host memory now
+    fits: bool
+    parameters: int  # of the base model
+    trainable_parameters: int
+    # The estimate as JSON has it, proto field names, every field (False and 0 too).
+    record: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def from_proto(cls, estimate: trainer_pb2.MemoryEstimate) -> MemoryEstimateResult:
+        return cls(
+            device=estimate.device,
+            total_bytes=estimate.total_bytes,
+            weights_bytes=estimate.weights_bytes,
+            trainable_bytes=estimate.trainable_bytes,
+            activations_bytes=estimate.activations_bytes,
+            overhead_bytes=estimate.overhead_bytes,
+            available_bytes=estimate.available_bytes,
+            fits=estimate.fits,
+            parameters=estimate.parameters,
+            trainable_parameters=estimate.trainable_parameters,
+            record=MessageToDict(
+                estimate,
+                preserving_proto_field_name=True,
+                always_print_fields_with_no_presence=True,
+            ),
         )

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Literal
 
 from rich.console import Console
 
 from backpropagate.background import start_background_worker
+from backpropagate.callbacks import TrainingCallback, follow_calling
 from backpropagate.connection import Connection
 from backpropagate.progress import ExportProgress, TrainProgress
-from backpropagate.results import ExportResult, RunResult
+from backpropagate.results import ExportResult, MemoryEstimateResult, RunResult
 from backpropagate.v1 import trainer_pb2
 from backpropagate.workflows import (
+    estimate_memory,
     export,
     follow_run,
     import_adapter,
@@ -34,12 +38,77 @@ from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.settings import Settings, get_settings
 
 
+def _batch_size(value: int | Literal["auto"]) -> int:
+    return 0 if value == "auto" else value
+
+
+def _trackers(report_to: str | Sequence[str] | None) -> list[str]:
+    """report_to as TrainConfig takes it: "wandb" or ["wandb", "mlflow"]; None: not given."""
+    if report_to is None:
+        return []
+    return [report_to] if isinstance(report_to, str) else list(report_to)
+
+
+def adapter_of_mode(mode: str) -> str:
+    """`mode` ("lora", "full"), the documented spelling of `adapter` for full fine-tuning."""
+    if mode not in ("", "lora", "full"):
+        raise UserError(
+            f"Unknown mode {mode!r}: the modes are lora and full.",
+            hint="For DoRA, rsLoRA or QLoRA use adapter= (--adapter).",
+        )
+    return mode
+
+
 class Trainer:
     def __init__(
-        self, model: str = "", *, settings: Settings | None = None, progress: bool = True
+        self,
+        model: str = "",
+        *,
+        lora_r: int = 0,
+        lora_alpha: int = 0,
+        lora_dropout: float | None = None,
+        learning_rate: float = 0.0,
+        batch_size: int | Literal["auto"] = "auto",
+        gradient_accumulation: int = 0,
+        max_seq_length: int = 0,
+        warmup_ratio: float | None = None,
+        weight_decay: float | None = None,
+        max_grad_norm: float | None = None,
+        target_modules: list[str] | None = None,
+        seed: int = 0,
+        report_to: str | Sequence[str] | None = None,
+        adapter: str = "",
+        mode: str = "",
+        settings: Settings | None = None,
+        progress: bool = True,
     ) -> None:
-        """`model`: HF id, local HF directory, .gguf file, or "" for this machine's default."""
+        """`model`: HF id, local HF directory, .gguf file, or "" for this machine's default.
+
+        The hyperparameters are the defaults of this Trainer's train() calls; one given to
+        train() wins. As in train(), 0, None and batch_size "auto" leave the choice to the
+        trainer (settings, preset, built-in default); `max_seq_length` is train()'s
+        `max_length`. `mode` "full" or "lora" is the product's older name for `adapter`.
+        `report_to`: experiment trackers, "auto" (every one installed where the
+        trainer runs: tensorboard, wandb, mlflow), "none", or names, e.g. ["tensorboard"].
+        """
         self.model = model
+        # What train() starts from: its own arguments are merged over these.
+        self._defaults = trainer_pb2.TrainConfig(
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            learning_rate=learning_rate,
+            batch_size=_batch_size(batch_size),
+            gradient_accumulation=gradient_accumulation,
+            max_length=max_seq_length,
+            warmup_ratio=warmup_ratio,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            target_modules=target_modules or [],
+            seed=seed,
+            report_to=_trackers(report_to),
+            adapter=adapter or adapter_of_mode(mode),
+        )
         # Progress and the dataset summary go to stderr, so stdout stays for results.
         self.console = Console(stderr=True) if progress else None
         self.settings = settings
@@ -59,18 +128,29 @@ class Trainer:
             self._has_workers = workers
         return self._connection
 
+    def _with_defaults(self, given: trainer_pb2.TrainConfig) -> trainer_pb2.TrainConfig:
+        """`given` over the constructor's hyperparameters: the wire's own convention decides
+        what train() left unset (0, an unset optional, an empty list)."""
+        config = trainer_pb2.TrainConfig()
+        config.CopyFrom(self._defaults)
+        for name in ("target_modules", "report_to"):  # lists: replaced, not extended
+            if getattr(given, name):
+                config.ClearField(name)  # type: ignore[arg-type]
+        config.MergeFrom(given)
+        return config
+
     def train(
         self,
         data: str | Path,
         *,
         steps: int = 0,
         epochs: float = 0.0,
-        batch_size: int = 0,
+        batch_size: int | Literal["auto"] = 0,
         learning_rate: float = 0.0,
         lora_r: int = 0,
         lora_alpha: int = 0,
         max_length: int = 0,
-        seed: int = 42,
+        seed: int = 0,
         data_format: str = "auto",
         gradient_accumulation: int = 0,
         checkpoint_every: int = 0,
@@ -80,12 +160,25 @@ class Trainer:
         weight_decay: float | None = None,
         max_grad_norm: float | None = None,
         target_modules: list[str] | None = None,
+        method: str = "",
+        adapter: str = "",
+        fp8: bool = False,
+        preset: str = "",
+        lora_preset: str = "",
+        lr_scheduler: str = "",
+        eval_split: float = 0.0,
+        eval_data: str | Path | None = None,
+        eval_every: int = 0,
+        early_stopping_patience: int = 0,
+        beta: float | None = None,
+        report_to: str | Sequence[str] | None = None,
+        callback: TrainingCallback | None = None,
         wait: bool = True,
     ) -> RunResult:
         """Fine-tune a LoRA adapter on a JSONL dataset; 0 means the trainer's default.
 
         The budget: `steps` optimizer steps, or `epochs` passes over the data (not both);
-        neither: the trainer's default of 100 steps.
+        neither: a few epochs, worked out from the dataset's size (the run record says why).
 
         `checkpoint_every`: steps between checkpoints (0: every few minutes, and at the end).
         `oom_recovery=False`: fail on out-of-memory instead of halving the micro-batch.
@@ -93,10 +186,30 @@ class Trainer:
         with the embedded default a background worker process trains it.
         `lora_dropout`, `warmup_ratio`, `weight_decay`, `max_grad_norm`, `target_modules`: None
         keeps the trainer's default (0 is a value: no dropout, no warmup, no decay).
+        `method`: sft (default) or dpo, orpo, simpo, kto on a preference dataset; `adapter`:
+        lora (default), dora, rslora, qlora (CUDA) or full. `preset` (fast, balanced, quality)
+        and `lora_preset` fill what is not given. `eval_split` (a fraction) or `eval_data` (a
+        file) give an eval loss every `eval_every` steps; the run ends with the best weights by
+        it, and stops after `early_stopping_patience` evaluations without improvement.
+        `report_to`: experiment trackers, as in Trainer(). `callback`: a TrainingCallback
+        called as the run goes (it needs wait=True: `watch(run_id, callback=...)` follows a
+        run submitted with wait=False). Arguments left out take the Trainer's values.
         """
+        if callback is not None and not wait:
+            raise UserError(
+                "A callback is called while the run is followed, and wait=False follows nothing.",
+                hint="Pass the callback to watch(run_id, callback=...) instead.",
+            )
         require_dataset_file(Path(data))  # before anything slow: a typo should fail at once
+        if eval_data is not None:
+            require_dataset_file(Path(eval_data))
         connection = self._open(workers=wait)
         dataset = upload_dataset(connection, Path(data), data_format)
+        eval_dataset_id = (
+            upload_dataset(connection, Path(eval_data), data_format).dataset_id
+            if eval_data is not None
+            else ""
+        )
         if self.console is not None:
             self.console.print(
                 f"dataset [bold]{dataset.filename}[/]: {dataset.num_examples} {dataset.format} "
@@ -106,7 +219,7 @@ class Trainer:
             base_model=self.model,
             steps=steps,
             epochs=epochs,
-            batch_size=batch_size,
+            batch_size=_batch_size(batch_size),
             learning_rate=learning_rate,
             lora_r=lora_r,
             lora_alpha=lora_alpha,
@@ -120,14 +233,72 @@ class Trainer:
             weight_decay=weight_decay,
             max_grad_norm=max_grad_norm,
             target_modules=target_modules or [],
+            report_to=_trackers(report_to),
+            method=method,
+            adapter=adapter,
+            fp8=fp8,
+            preset=preset,
+            lora_preset=lora_preset,
+            lr_scheduler=lr_scheduler,
+            eval_split=eval_split,
+            eval_dataset_id=eval_dataset_id,
+            eval_every=eval_every,
+            early_stopping_patience=early_stopping_patience,
+            beta=beta,
         )
+        config = self._with_defaults(config)
         run_id = submit_train(connection, dataset.dataset_id, config)
         if not wait:
             if connection.embedded:
                 start_background_worker((self.settings or get_settings()).home)
             self.last_run = self.run(run_id)
             return self.last_run
-        return self.watch(run_id)
+        return self.watch(run_id, callback=callback)
+
+    def estimate_memory(
+        self,
+        data: str | Path | None = None,
+        *,
+        batch_size: int | Literal["auto"] = 0,
+        gradient_accumulation: int = 0,
+        max_length: int = 0,
+        lora_r: int = 0,
+        lora_dropout: float | None = None,
+        target_modules: list[str] | None = None,
+        adapter: str = "",
+        method: str = "",
+        preset: str = "",
+        lora_preset: str = "",
+        data_format: str = "auto",
+    ) -> MemoryEstimateResult:
+        """Predict the peak memory of train() with these arguments on the machine that would
+        train, in seconds: only the model's config is read, no weights.
+
+        `data`: the JSONL file to train on, whose longest conversations size the activations;
+        None assumes every conversation fills max_length. The other arguments are train()'s
+        (0 and None: the trainer's choice); arguments left out take the Trainer's values.
+        """
+        connection = self.reader
+        dataset_id = ""
+        if data is not None:
+            dataset_id = upload_dataset(connection, Path(data), data_format).dataset_id
+        config = trainer_pb2.TrainConfig(
+            base_model=self.model,
+            batch_size=_batch_size(batch_size),
+            gradient_accumulation=gradient_accumulation,
+            max_length=max_length,
+            lora_r=lora_r,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules or [],
+            adapter=adapter,
+            method=method,
+            preset=preset,
+            lora_preset=lora_preset,
+        )
+        estimate = estimate_memory(connection, self._with_defaults(config), dataset_id)
+        return MemoryEstimateResult.from_proto(estimate)
+
+    estimate_vram = estimate_memory  # the name the product's documentation uses
 
     @property
     def reader(self) -> Connection:
@@ -141,24 +312,31 @@ class Trainer:
         request = trainer_pb2.GetRunRequest(run_id=run_id)
         return RunResult.from_proto(connection.call("trainer", connection.trainer.GetRun, request))
 
-    def watch(self, run_id: str) -> RunResult:
-        """Follow a run (from its first event) until it ends; its result, or its error."""
+    def watch(self, run_id: str, *, callback: TrainingCallback | None = None) -> RunResult:
+        """Follow a run (from its first event) until it ends; its result, or its error.
+        `callback`: a TrainingCallback called as it goes."""
         with TrainProgress(self.console) if self.console else nullcontext() as bar:
-            self.last_run = follow_run(self.reader, run_id, bar)
+            self.last_run = follow_calling(
+                callback, bar, lambda on_event: follow_run(self.reader, run_id, on_event)
+            )
         return self.last_run
 
-    def replay(self, run_id: str) -> RunResult:
+    def replay(self, run_id: str, *, callback: TrainingCallback | None = None) -> RunResult:
         """Train a new run with `run_id`'s config and dataset, and follow it to its end."""
         connection = self.connection
         request = trainer_pb2.GetRunRequest(run_id=run_id)
         record = connection.call("trainer", connection.trainer.GetRun, request)
-        return self.watch(submit_train(connection, record.dataset_id, record.config))
+        return self.watch(
+            submit_train(connection, record.dataset_id, record.config), callback=callback
+        )
 
-    def resume(self, run_id: str) -> RunResult:
+    def resume(self, run_id: str, *, callback: TrainingCallback | None = None) -> RunResult:
         """Continue a run that did not finish (its process died, it was stopped for safety
         or cancelled) from its last checkpoint, and follow it to its end."""
         with TrainProgress(self.console) if self.console else nullcontext() as bar:
-            self.last_run = resume_run(self.connection, run_id, bar)
+            self.last_run = follow_calling(
+                callback, bar, lambda on_event: resume_run(self.connection, run_id, on_event)
+            )
         return self.last_run
 
     def _run_to_use(self, run_id: str, what: str) -> str:

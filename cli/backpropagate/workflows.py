@@ -94,6 +94,15 @@ def submit_train(connection: Connection, dataset_id: str, config: trainer_pb2.Tr
     return connection.call("trainer", connection.trainer.SubmitTrain, request).run_id
 
 
+def estimate_memory(
+    connection: Connection, config: trainer_pb2.TrainConfig, dataset_id: str = ""
+) -> trainer_pb2.MemoryEstimate:
+    """The trainer's prediction of a run's peak memory; no weights are loaded. `dataset_id`:
+    an uploaded dataset whose longest rows decide the activations ("": max_length rows)."""
+    request = trainer_pb2.EstimateMemoryRequest(config=config, dataset_id=dataset_id)
+    return connection.call("trainer", connection.trainer.EstimateMemory, request)
+
+
 def resume_run(
     connection: Connection, run_id: str, on_event: RunEventHandler | None = None
 ) -> RunResult:

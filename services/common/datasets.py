@@ -2,19 +2,31 @@
 
 Dataprep writes them and the trainer reads them: this module is that contract.
 
-Layout: datasets/<sha256>/data.jsonl (one {"messages": [...]} per line) and info.json, written
-last so a reader that finds info.json always finds the complete data.
+Layout: datasets/<sha256>/data.jsonl and info.json, written last so a reader that finds
+info.json always finds the complete data. A line of data.jsonl is, by the dataset's format:
+- chat (sharegpt, openai, alpaca): {"messages": [...]}, OpenAI-style messages;
+- preference: {"prompt": [...], "chosen": [...], "rejected": [...]}, the prompt's messages and
+  each answer as assistant messages (what trl calls conversational preference data);
+- kto: {"prompt": [...], "completion": [...], "label": true | false}, an answer marked good or bad.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from backpropagate_services.common.errors import NotFoundError
+from backpropagate_services.common.errors import ConfigError, NotFoundError
 from backpropagate_services.common.store import ArtifactStore
 
 Conversation = list[dict[str, str]]
+# {"prompt", "chosen", "rejected"} or {"prompt", "completion", "label"}: see the layout above.
+PreferenceRow = dict[str, Any]
+
+PAIRED_FORMAT = "preference"
+UNPAIRED_FORMAT = "kto"
+PREFERENCE_FORMATS = (PAIRED_FORMAT, UNPAIRED_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -25,7 +37,7 @@ class DatasetRecord:
     num_turns: int
     size_bytes: int
     filename: str
-    preview: Conversation
+    preview: Conversation | PreferenceRow  # the first row, as stored
 
 
 def _prefix(dataset_id: str) -> str:
@@ -49,10 +61,38 @@ def save_dataset(
         filename=filename,
         preview=conversations[0],
     )
-    lines = (json.dumps({"messages": c}, ensure_ascii=False) for c in conversations)
-    store.put_bytes(f"{_prefix(dataset_id)}/data.jsonl", ("\n".join(lines) + "\n").encode())
-    store.put_json(f"{_prefix(dataset_id)}/info.json", asdict(record))
+    _write(store, record, ({"messages": c} for c in conversations))
     return record
+
+
+def save_preference_dataset(
+    store: ArtifactStore,
+    dataset_id: str,
+    source_format: str,
+    rows: list[PreferenceRow],
+    filename: str,
+    size_bytes: int,
+) -> DatasetRecord:
+    """Store normalised preference rows (format "preference" or "kto") as they are."""
+    record = DatasetRecord(
+        dataset_id=dataset_id,
+        format=source_format,
+        num_examples=len(rows),
+        num_turns=sum(
+            len(value) for row in rows for value in row.values() if isinstance(value, list)
+        ),
+        size_bytes=size_bytes,
+        filename=filename,
+        preview=rows[0],
+    )
+    _write(store, record, rows)
+    return record
+
+
+def _write(store: ArtifactStore, record: DatasetRecord, rows: Iterable[dict[str, Any]]) -> None:
+    lines = (json.dumps(row, ensure_ascii=False) for row in rows)
+    store.put_bytes(f"{_prefix(record.dataset_id)}/data.jsonl", ("\n".join(lines) + "\n").encode())
+    store.put_json(f"{_prefix(record.dataset_id)}/info.json", asdict(record))
 
 
 def load_record(store: ArtifactStore, dataset_id: str) -> DatasetRecord:
@@ -66,7 +106,52 @@ def load_record(store: ArtifactStore, dataset_id: str) -> DatasetRecord:
     return DatasetRecord(**store.get_json(key))
 
 
+# What a format's rows hold, and the training methods that can use them. KTO takes pairs too: trl
+# splits each into a good and a bad answer.
+_CHAT = ("chat conversations", ("sft",))
+_PREFERENCE_KINDS = {
+    PAIRED_FORMAT: (
+        'prompts with a chosen and a rejected answer ({"prompt", "chosen", "rejected"})',
+        ("dpo", "orpo", "simpo", "kto"),
+    ),
+    UNPAIRED_FORMAT: (
+        'answers labelled good or bad ({"prompt", "completion", "label"})',
+        ("kto",),
+    ),
+}
+
+
+def check_method_fits(method: str, dataset_format: str, dataset_id: str = "") -> None:
+    """ConfigError unless `method` trains on this format's kind of rows: sft on chat data,
+    dpo / orpo / simpo on preference pairs, kto on pairs or labelled answers."""
+    holds, methods = _PREFERENCE_KINDS.get(dataset_format, _CHAT)
+    if method in methods:
+        return
+    needed = [rows for rows, fits in (*_PREFERENCE_KINDS.values(), _CHAT) if method in fits]
+    raise ConfigError(
+        f"{f'Dataset {dataset_id}' if dataset_id else 'The dataset'} ({dataset_format}) holds "
+        f"{holds}: method {method} cannot train on it.",
+        hint=f"Train it with --method {' or '.join(methods)}, or upload "
+        f"{' or '.join(needed)} for {method}.",
+        fields="method",
+        dataset_id=dataset_id,
+        format=dataset_format,
+    )
+
+
 def load_conversations(store: ArtifactStore, dataset_id: str) -> list[Conversation]:
-    load_record(store, dataset_id)  # only complete datasets are readable
+    """A chat dataset's conversations (ConfigError for preference data)."""
+    record = load_record(store, dataset_id)  # only complete datasets are readable
+    check_method_fits("sft", record.format, dataset_id)
+    return [row["messages"] for row in _rows(store, dataset_id)]
+
+
+def load_preference_rows(store: ArtifactStore, dataset_id: str, method: str) -> list[PreferenceRow]:
+    """A preference dataset's rows, as stored (ConfigError if `method` cannot use them)."""
+    check_method_fits(method, load_record(store, dataset_id).format, dataset_id)
+    return _rows(store, dataset_id)
+
+
+def _rows(store: ArtifactStore, dataset_id: str) -> list[dict[str, Any]]:
     text = store.get_bytes(f"{_prefix(dataset_id)}/data.jsonl").decode()
-    return [json.loads(line)["messages"] for line in text.splitlines() if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

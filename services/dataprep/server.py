@@ -11,7 +11,12 @@ from pathlib import Path
 import grpc
 
 from backpropagate.v1 import dataprep_pb2, dataprep_pb2_grpc
-from backpropagate_services.common.datasets import DatasetRecord, load_record, save_dataset
+from backpropagate_services.common.datasets import (
+    DatasetRecord,
+    load_record,
+    save_dataset,
+    save_preference_dataset,
+)
 from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.runtime import Runtime
@@ -60,14 +65,25 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
             parsed = parse_jsonl(
                 path.read_bytes().splitlines(), header.filename or "dataset", header.format
             )
-            record = save_dataset(
-                self.store,
-                dataset_id,
-                parsed.format,
-                parsed.conversations,
-                header.filename,
-                path.stat().st_size,
-            )
+            size = path.stat().st_size
+            if parsed.preference_rows:
+                record = save_preference_dataset(
+                    self.store,
+                    dataset_id,
+                    parsed.format,
+                    parsed.preference_rows,
+                    header.filename,
+                    size,
+                )
+            else:
+                record = save_dataset(
+                    self.store,
+                    dataset_id,
+                    parsed.format,
+                    parsed.conversations,
+                    header.filename,
+                    size,
+                )
         return to_proto(record)
 
     @translate_errors

@@ -53,6 +53,41 @@ def _relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float((reference - other).abs().max() / reference.abs().max().clamp(min=1e-6))
 
 
+def is_full_model(directory: Path) -> bool:
+    """A full fine-tune's output: a whole model (config.json), no adapter."""
+    return (directory / "config.json").is_file() and not (
+        directory / "adapter_config.json"
+    ).is_file()
+
+
+def _full_model(
+    base: ModelSource, model_dir: Path, cache_dir: Path, out_dir: Path | None
+) -> MergedModel:
+    """A full fine-tune has nothing to merge: its weights are the model (merge error 0). The
+    base's tokenizer is kept, as for a merge, for the chat template the model answers to."""
+    from transformers import AutoTokenizer
+
+    tuned = ModelSource(kind="hf_dir", location=str(model_dir), name=base.name)
+    model, _ = load_model(tuned, cache_dir, device="cpu", dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(str(local_directory(base, cache_dir)))
+    chats = scored_chats(tokenizer)
+    logits = reference_logits(model, chats)
+    if out_dir is not None:
+        with staged(out_dir) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+    return MergedModel(
+        directory=out_dir,
+        base_directory=local_directory(base, cache_dir),
+        chats=chats,
+        logits=logits,
+        vocab_size=int(model.config.vocab_size),
+        num_parameters=int(model.num_parameters()),
+        dtype=str(next(model.parameters()).dtype),
+        merge_error=0.0,
+    )
+
+
 def merge_adapter(
     base: ModelSource, adapter_dir: Path, cache_dir: Path, out_dir: Path | None
 ) -> MergedModel:
@@ -63,6 +98,8 @@ def merge_adapter(
     """
     from peft import PeftModel
 
+    if is_full_model(adapter_dir):
+        return _full_model(base, adapter_dir, cache_dir, out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise NotFoundError(
             f"{adapter_dir} holds no adapter_config.json, so it is no peft adapter.",

@@ -21,7 +21,7 @@ from backpropagate_services.common.models import ModelSource
 from backpropagate_services.common.settings import ExportSettings
 from backpropagate_services.export.adapter_gguf import convert_adapter_to_gguf
 from backpropagate_services.export.convert import convert_to_gguf
-from backpropagate_services.export.merge import merge_adapter
+from backpropagate_services.export.merge import is_full_model, merge_adapter
 from backpropagate_services.export.quantize import (
     UNQUANTIZED,
     check_quantization,
@@ -132,6 +132,12 @@ def export_model(
     # Fail on a typo now, not after minutes of merging and converting.
     chosen = check_quantization(quantization) if quantization else None
     stages = STAGES[export_format]
+    if export_format.startswith("adapter") and is_full_model(adapter_dir):
+        raise ConfigError(
+            f"This run fine-tuned every weight: it has no adapter to export as {export_format}.",
+            hint="Export it as gguf (or hf), the whole model.",
+            format=export_format,
+        )
 
     def stage(name: str, message: str) -> None:
         log.info("export stage %s: %s", name, message)

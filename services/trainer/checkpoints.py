@@ -1,9 +1,11 @@
 """Checkpoints of a training run: what one holds, how it is written, which ones are kept.
 
-A checkpoint holds everything needed to go on as if the run had never stopped: the adapter
-weights, optimizer and scheduler state, the RNG states (dropout), the data-order position, the
-loss history, the step and the micro-batch size in use (an OOM recovery may have shrunk it).
-Resuming from it and training on gives, step for step, the adapter an uninterrupted run gives.
+A checkpoint holds everything needed to go on as if the run had never stopped: the trained
+weights (the adapter, or every weight of a full fine-tune), optimizer and scheduler state, the
+RNG states (dropout), the data-order position, the loss history, the step and the micro-batch
+size in use (an OOM recovery may have shrunk it), and with an eval set the eval losses so far
+and the best weights. Resuming from it and training on gives, step for step, the weights an
+uninterrupted run gives.
 
 It is written with the store's `put_dir`, which writes the manifest last: a checkpoint without
 a manifest (the worker died while writing it) is never listed, so a reader sees a whole
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +43,16 @@ class TrainingState:
     loss_history: list[float]
     tokens_seen: int
     micro_batch_size: int
-    adapter: dict[str, torch.Tensor]
+    adapter: dict[str, torch.Tensor]  # the trainable weights, by parameter name
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     data_order: dict[str, Any]  # the batch sampler's RNG state and its pending indices
     torch_rng: torch.Tensor
     cuda_rng: list[torch.Tensor]
+    # With an eval set: (step, eval loss) so far, the best weights and evals since they were best.
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    best_weights: dict[str, torch.Tensor] | None = None
+    evals_since_best: int = 0
 
     @property
     def recent_loss(self) -> float:

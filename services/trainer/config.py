@@ -12,7 +12,7 @@ from typing import Any
 
 from backpropagate.v1 import trainer_pb2
 from backpropagate_services.common.errors import ConfigError
-from backpropagate_services.trainer.lora import TrainingConfig
+from backpropagate_services.common.training import TrainingConfig
 
 ZERO_IS_DEFAULT = (
     "steps",
@@ -22,8 +22,13 @@ ZERO_IS_DEFAULT = (
     "lora_r",
     "lora_alpha",
     "max_length",
+    "eval_split",
+    "eval_every",
+    "early_stopping_patience",
+    "seed",  # 0: TrainingConfig's seed, so that a run's seed can come from the settings
 )
-UNSET_IS_DEFAULT = ("lora_dropout", "warmup_ratio", "weight_decay", "max_grad_norm")
+EMPTY_IS_DEFAULT = ("method", "adapter", "lr_scheduler")
+UNSET_IS_DEFAULT = ("lora_dropout", "warmup_ratio", "weight_decay", "max_grad_norm", "beta")
 
 
 MAX_EPOCHS = 10_000
@@ -53,6 +58,13 @@ def with_budget(message: trainer_pb2.TrainConfig, num_examples: int) -> trainer_
     return budgeted
 
 
+def is_set(message: trainer_pb2.TrainConfig, name: str) -> bool:
+    """Whether the field holds a value of its own, not "use the default"."""
+    if name in UNSET_IS_DEFAULT:
+        return message.HasField(name)
+    return bool(getattr(message, name))
+
+
 def training_config_from_proto(message: trainer_pb2.TrainConfig) -> TrainingConfig:
     """Fields left at their default keep TrainingConfig's; any other value is validated as
     given (ConfigError naming every bad field)."""
@@ -60,8 +72,11 @@ def training_config_from_proto(message: trainer_pb2.TrainConfig) -> TrainingConf
         name: getattr(message, name) for name in ZERO_IS_DEFAULT if getattr(message, name) != 0
     }
     overrides |= {
+        name: getattr(message, name) for name in EMPTY_IS_DEFAULT if getattr(message, name)
+    }
+    overrides |= {
         name: getattr(message, name) for name in UNSET_IS_DEFAULT if message.HasField(name)
     }
     if message.target_modules:
         overrides["target_modules"] = list(message.target_modules)
-    return TrainingConfig(seed=message.seed, **overrides).validate()
+    return TrainingConfig(fp8=message.fp8, **overrides).validate()

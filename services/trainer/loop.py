@@ -26,8 +26,9 @@ from backpropagate_services.common.errors import (
     GpuOutOfMemoryError,
     JobCancelledError,
 )
+from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.checkpoints import TrainingState
-from backpropagate_services.trainer.lora import TrainingConfig, apply_lora
+from backpropagate_services.trainer.lora import apply_adapter
 from backpropagate_services.trainer.templating import (
     IGNORE_INDEX,
     Conversation,
@@ -51,6 +52,21 @@ class StepReport:
     tokens_per_second: float  # trained (assistant) tokens per second of this step
     eta_seconds: float
     samples_seen: int
+    # Preference methods (see `preference`): chosen minus rejected reward, and the share of rows
+    # whose chosen answer is rewarded more, as trl logs them for this step; None for SFT.
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """The mean token loss on the eval set after `step` optimizer steps (0: the base model)."""
+
+    step: int
+    loss: float
+    best_loss: float  # the lowest after a step so far (the base model's is no candidate)
+    best_step: int
+    improved: bool
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,10 @@ class TrainingOutcome:
     examples_trained: int
     examples_dropped: int  # conversations with no assistant token left within max_length
     examples_truncated: int  # kept, but cut at max_length
+    steps_done: int  # fewer than config.steps when early stopping ended the run
+    evals: list[tuple[int, float]]  # (step, eval loss); the first is the base model's (step 0)
+    best_step: int  # the step whose weights the model holds now: the best by eval loss, or last
+    stopped_early: bool
 
 
 MAX_OOM_RECOVERIES = 3
@@ -93,6 +113,9 @@ class TrainingHooks:
 
     def on_oom_recovery(self, recovery: OomRecovery) -> None:
         """Called after the micro-batch was halved, before the step is taken again."""
+
+    def after_eval(self, report: EvalReport, training: LoraTraining) -> None:
+        """Called after each evaluation on the eval set (the first one before step 1)."""
 
 
 class CallbackHooks(TrainingHooks):
@@ -141,11 +164,17 @@ class LoraTraining:
         resume: TrainingState | None = None,
         oom_recovery: bool = True,
         oom_drill_step: int | None = None,
+        eval_conversations: Sequence[Conversation] = (),
     ) -> None:
-        """`oom_drill_step`: a fault drill, raising a real out-of-memory error inside that step
-        (once) so the recovery path runs for real."""
+        """`eval_conversations`: held out; their mean token loss is measured every
+        `eval_every` steps, the best weights by it are the ones the run ends with, and early
+        stopping watches it. `oom_drill_step`: a fault drill, raising a real out-of-memory
+        error inside that step (once) so the recovery path runs for real."""
         self.config = config.validate()
         self.dataset = tokenize_conversations(conversations, tokenizer, config.max_length)
+        self.eval_examples = tokenize_conversations(
+            eval_conversations, tokenizer, config.max_length
+        ).examples
         if not self.dataset.examples:
             raise DatasetEmptyError(
                 f"None of the {len(conversations)} conversations has an assistant token within "
@@ -165,7 +194,7 @@ class LoraTraining:
         self.oom_drill_step = oom_drill_step
 
         torch.manual_seed(config.seed)  # LoRA init and dropout; data order has its own Random
-        self.model = apply_lora(model, config)
+        self.model = apply_adapter(model, config)
         self.device = next(self.model.parameters()).device
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -173,7 +202,9 @@ class LoraTraining:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda step: linear_warmup_decay(step, config.warmup_steps, config.steps),
+            lambda step: learning_rate_factor(
+                step, config.warmup_steps, config.steps, config.lr_scheduler
+            ),
         )
         self.batches = BatchSampler(len(self.dataset.examples), config.batch_size, config.seed)
         self.step = 0
@@ -181,8 +212,35 @@ class LoraTraining:
         self.tokens_seen = 0
         self.micro_batch_size = math.ceil(config.batch_size / config.gradient_accumulation)
         self.oom_recoveries = 0
+        self.evals: list[tuple[int, float]] = []
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.evals_since_best = 0
         if resume is not None:
             self.restore(resume)
+
+    @property
+    def eval_interval(self) -> int:
+        return self.config.eval_every or max(1, self.config.steps // 10)
+
+    @property
+    def best_eval(self) -> tuple[int, float] | None:
+        """(step, loss) of the best eval after a step; the base model's is no candidate."""
+        trained = [point for point in self.evals if point[0] > 0]
+        return min(trained, key=lambda point: (point[1], -point[0])) if trained else None
+
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """The weights that train (LoRA's, or all of them for a full fine-tune), copied."""
+        return {
+            name: parameter.detach().cpu().clone()
+            for name, parameter in self.model.named_parameters()
+            if parameter.requires_grad
+        }
+
+    def load_trained_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        parameters = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                parameters[name].copy_(tensor)
 
     @property
     def gradient_accumulation(self) -> int:
@@ -190,28 +248,24 @@ class LoraTraining:
 
     def state(self) -> TrainingState:
         """Everything needed to go on from here, copied (training may go on meanwhile)."""
-        from peft import get_peft_model_state_dict
-
         return TrainingState(
             step=self.step,
             loss_history=list(self.loss_history),
             tokens_seen=self.tokens_seen,
             micro_batch_size=self.micro_batch_size,
-            adapter={
-                name: tensor.detach().cpu().clone()
-                for name, tensor in get_peft_model_state_dict(self.model).items()
-            },
+            adapter=self.trained_weights(),
             optimizer=copy.deepcopy(self.optimizer.state_dict()),
             scheduler=self.scheduler.state_dict(),
             data_order=self.batches.state(),
             torch_rng=torch.get_rng_state(),
             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            evals=list(self.evals),
+            best_weights=self.best_weights,  # replaced, never changed in place: no copy needed
+            evals_since_best=self.evals_since_best,
         )
 
     def restore(self, state: TrainingState) -> None:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.model, state.adapter)
+        self.load_trained_weights(state.adapter)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.batches.restore(state.data_order)
@@ -222,13 +276,20 @@ class LoraTraining:
         self.loss_history = list(state.loss_history)
         self.tokens_seen = state.tokens_seen
         self.micro_batch_size = state.micro_batch_size
+        self.evals = list(state.evals)
+        self.best_weights = state.best_weights
+        self.evals_since_best = state.evals_since_best
 
     def run(self, hooks: TrainingHooks | None = None) -> tuple[PeftModel, TrainingOutcome]:
-        """Train up to `config.steps` (from wherever a restored state left off)."""
+        """Train up to `config.steps` (from wherever a restored state left off), or until early
+        stopping; with an eval set the model ends with the best weights by eval loss."""
         hooks = hooks or TrainingHooks()
         config = self.config
         started = time.monotonic()
         first_step = self.step + 1
+        stopped_early = False
+        if self.eval_examples and not self.evals:
+            self._evaluate(hooks)  # the base model's, for comparison
         self.model.train()
         for step in range(first_step, config.steps + 1):
             hooks.before_step(step, self)
@@ -239,6 +300,12 @@ class LoraTraining:
             self.tokens_seen += trained_tokens
             self.loss_history.append(loss)
             now = time.monotonic()
+            evaluate = self.eval_examples and (
+                step % self.eval_interval == 0 or step == config.steps
+            )
+            if evaluate:  # before after_step, so a checkpoint of this step holds its eval
+                self._evaluate(hooks)
+                self.model.train()
             hooks.after_step(
                 StepReport(
                     step=step,
@@ -251,17 +318,65 @@ class LoraTraining:
                 ),
                 self,
             )
+            if evaluate and 0 < config.early_stopping_patience <= self.evals_since_best:
+                stopped_early = step < config.steps
+                break
+        best = self.best_eval
+        if best is not None and self.best_weights is not None and best[0] != self.step:
+            self.load_trained_weights(self.best_weights)
         self.model.eval()  # dropout off for whoever samples from or evaluates the result
         return self.model, TrainingOutcome(
             loss_history=list(self.loss_history),
             final_loss=self.loss_history[-1],
-            samples_seen=config.steps * config.batch_size,
+            samples_seen=self.step * config.batch_size,
             tokens_seen=self.tokens_seen,
             duration_seconds=time.monotonic() - started,
             examples_trained=len(self.dataset.examples),
             examples_dropped=self.dataset.dropped,
             examples_truncated=self.dataset.truncated,
+            steps_done=self.step,
+            evals=list(self.evals),
+            best_step=best[0] if best is not None else self.step,
+            stopped_early=stopped_early,
         )
+
+    def _evaluate(self, hooks: TrainingHooks) -> None:
+        """Measure the eval loss now; keep the weights if they are the best after a step."""
+        loss = self.eval_loss()
+        self.evals.append((self.step, loss))
+        best = self.best_eval
+        improved = best is not None and best[0] == self.step
+        if improved:
+            self.best_weights = self.trained_weights()
+            self.evals_since_best = 0
+        elif self.step > 0:
+            self.evals_since_best += 1
+        best_step, best_loss = best if best is not None else (0, loss)
+        hooks.after_eval(EvalReport(self.step, loss, best_loss, best_step, improved), self)
+
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        """Mean cross-entropy over every trained token of the eval set (dropout off)."""
+        self.model.eval()
+        total, tokens = 0.0, 0
+        examples = self.eval_examples
+        for start in range(0, len(examples), self.micro_batch_size):
+            input_ids, attention_mask, labels = collate(
+                examples[start : start + self.micro_batch_size], self.pad_id, self.device
+            )
+            targets = labels[:, 1:]
+            predicts = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
+            logits = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                logits_to_keep=predicts,
+                use_cache=False,
+            ).logits
+            total += float(
+                F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
+            )
+            tokens += int(predicts.sum())
+        return total / max(tokens, 1)
 
     def _step_with_oom_recovery(
         self, step: int, indices: list[int], hooks: TrainingHooks
@@ -361,16 +476,24 @@ def train_lora(
     return training.run(CallbackHooks(on_step, should_stop))
 
 
-def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate factor for optimizer step `step` (0-based): up linearly, then down linearly.
+def learning_rate_factor(
+    step: int, warmup_steps: int, total_steps: int, schedule: str = "linear"
+) -> float:
+    """Learning-rate factor for optimizer step `step` (0-based): up linearly, then down
+    (linearly, along a cosine) or constant.
 
-    Unlike transformers' schedule, the first warmup step is not taken at rate 0 and the last step
-    not at 0 either, so no step of a short run is wasted: factors for 2 warmup steps of 6 are
-    1/2, 1, then 1, 3/4, 1/2, 1/4.
+    Unlike transformers' schedules, the first warmup step is not taken at rate 0 and the last step
+    not at 0 either, so no step of a short run is wasted: linear factors for 2 warmup steps of 6
+    are 1/2, 1, then 1, 3/4, 1/2, 1/4.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    return (total_steps - step) / (total_steps - warmup_steps)
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1 - progress
 
 
 class BatchSampler:
@@ -402,6 +525,23 @@ class BatchSampler:
     def restore(self, state: dict[str, Any]) -> None:
         self.order.setstate(state["rng"])
         self.pending = list(state["pending"])
+
+
+def split_for_eval(
+    conversations: Sequence[Conversation], fraction: float, seed: int
+) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, eval): a seeded random `fraction` held out, at least one conversation on each
+    side when there are two or more; no eval set for fraction 0."""
+    if fraction <= 0 or len(conversations) < 2:
+        return list(conversations), []
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    held_out = min(max(1, round(len(order) * fraction)), len(order) - 1)
+    eval_indices = set(order[:held_out])
+    return (
+        [c for i, c in enumerate(conversations) if i not in eval_indices],
+        [c for i, c in enumerate(conversations) if i in eval_indices],
+    )
 
 
 def collate(

@@ -1,4 +1,4 @@
-"""The LoRA training configuration and its application to a model with peft.
+"""What trains: LoRA and its variants applied with peft, or every weight (full fine-tuning).
 
 LoRA (Hu et al., 2021) freezes the base weight W and learns a low-rank update:
 h = W x + (lora_alpha / r) * lora_B(lora_A(dropout(x))), with lora_A (r x in) random and lora_B
@@ -8,156 +8,78 @@ about 5 M parameters for SmolLM2-135M at r=16 on every linear layer.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_services.common.errors import (
+    FullFineTuneTooLargeError,
+    GpuNotAvailableError,
+)
+from backpropagate_services.common.training import TrainingConfig
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel
 
 
-# Far above any sensible run, far below what would exhaust a worker before its first step.
-MAX_STEPS = 10_000_000
-MAX_BATCH_SIZE = 1024
-MAX_RANK = 1024
-MAX_ALPHA = 65536
-MAX_LENGTH = 131_072
+FULL_FT_MAX_PARAMETERS = 4_000_000_000
 
 
-@dataclass
-class TrainingConfig:
-    """One LoRA SFT run; every field's `help` is the reference the CLI and docs show."""
-
-    steps: int = field(default=100, metadata={"help": "Optimizer steps to run, cycling the data."})
-    batch_size: int = field(default=4, metadata={"help": "Conversations per optimizer step."})
-    gradient_accumulation: int = field(
-        default=1,
-        metadata={
-            "help": "Micro-batches each step's batch is split into (less memory, same result)."
-        },
-    )
-    learning_rate: float = field(
-        default=2e-4, metadata={"help": "Peak AdamW learning rate, reached at the end of warmup."}
-    )
-    lora_r: int = field(default=16, metadata={"help": "Rank r of lora_A / lora_B."})
-    lora_alpha: int = field(
-        default=32, metadata={"help": "LoRA scale numerator: updates are scaled by alpha / r."}
-    )
-    lora_dropout: float = field(
-        default=0.05, metadata={"help": "Dropout on the LoRA input; 0 disables it."}
-    )
-    target_modules: str | list[str] = field(
-        default="all-linear",
-        metadata={"help": "Modules that get LoRA: 'all-linear' (but lm_head) or module names."},
-    )
-    max_length: int = field(
-        default=512, metadata={"help": "Tokens per conversation; longer ones are truncated."}
-    )
-    seed: int = field(
-        default=42,
-        metadata={"help": "Seeds LoRA init, data order and dropout: same seed, same run."},
-    )
-    warmup_ratio: float = field(
-        default=0.03,
-        metadata={
-            "help": "Fraction of steps with a linear learning-rate warmup, then linear decay."
-        },
-    )
-    weight_decay: float = field(
-        default=0.0, metadata={"help": "AdamW weight decay on LoRA weights; 0 is the usual choice."}
-    )
-    max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Gradients are clipped to this global L2 norm."}
-    )
-
-    @property
-    def warmup_steps(self) -> int:
-        # The last step always decays, so a schedule never ends mid-warmup.
-        return min(round(self.steps * self.warmup_ratio), self.steps - 1)
-
-    def validate(self) -> TrainingConfig:
-        """Raise one ConfigError naming every bad field, before any model is loaded."""
-        targets = self.target_modules
-        checks = {
-            # Upper bounds too: an absurd value is refused here, not found out by a worker
-            # running out of memory an hour later.
-            "steps": (f"an integer in [1, {MAX_STEPS}]", _int_in(self.steps, 1, MAX_STEPS)),
-            "batch_size": (
-                f"an integer in [1, {MAX_BATCH_SIZE}]",
-                _int_in(self.batch_size, 1, MAX_BATCH_SIZE),
-            ),
-            "gradient_accumulation": (
-                "an integer in [1, batch_size]",
-                _int_at_least(self.gradient_accumulation, 1)
-                and self.gradient_accumulation <= max(self.batch_size, 1),
-            ),
-            "learning_rate": ("in (0, 1)", _number_in(self.learning_rate, 0, 1, low_open=True)),
-            "lora_r": (f"an integer in [1, {MAX_RANK}]", _int_in(self.lora_r, 1, MAX_RANK)),
-            "lora_alpha": (
-                f"an integer in [1, {MAX_ALPHA}]",
-                _int_in(self.lora_alpha, 1, MAX_ALPHA),
-            ),
-            "lora_dropout": ("in [0, 1)", _number_in(self.lora_dropout, 0, 1)),
-            "target_modules": (
-                "'all-linear' or a non-empty list of module names",
-                (isinstance(targets, str) and bool(targets))
-                or (isinstance(targets, list) and bool(targets) and all(map(_name, targets))),
-            ),
-            # One prompt token and one answer token are the least a row can train on.
-            "max_length": (
-                f"an integer in [2, {MAX_LENGTH}]",
-                _int_in(self.max_length, 2, MAX_LENGTH),
-            ),
-            "seed": ("an integer >= 0", _int_at_least(self.seed, 0)),
-            "warmup_ratio": ("in [0, 1)", _number_in(self.warmup_ratio, 0, 1)),
-            "weight_decay": ("in [0, 1)", _number_in(self.weight_decay, 0, 1)),
-            "max_grad_norm": ("> 0", _number_in(self.max_grad_norm, 0, math.inf, low_open=True)),
-        }
-        bad = {name: rule for name, (rule, ok) in checks.items() if not ok}
-        if bad:
-            raise ConfigError(
-                "Invalid training config: "
-                + "; ".join(
-                    f"{name} must be {rule}, got {getattr(self, name)!r}"
-                    for name, rule in bad.items()
-                )
-                + ".",
-                fields=",".join(bad),
-            )
-        return self
+def check_adapter_supported(config: TrainingConfig, *, cuda: bool, fp8_capable: bool) -> None:
+    """Refuse, before any weights are loaded, what this machine cannot train."""
+    if config.adapter == "qlora" and not cuda:
+        raise GpuNotAvailableError(
+            "QLoRA trains on a 4-bit NF4 base (bitsandbytes), which needs a CUDA GPU; "
+            "this machine has none.",
+            hint="Use --adapter lora (the same adapter on a full-precision base).",
+            adapter="qlora",
+        )
+    if config.fp8 and not fp8_capable:
+        raise GpuNotAvailableError(
+            "FP8 compute needs a Hopper or Blackwell GPU (compute capability 8.9 or newer); "
+            + ("this GPU is older." if cuda else "this machine has no CUDA GPU."),
+            hint="Leave out --fp8: training runs in bf16 or fp32 instead.",
+            fp8=True,
+        )
 
 
-def _int_at_least(value: object, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+def check_full_fine_tune_size(parameters: int) -> None:
+    """Full fine-tuning holds weights, gradients and two AdamW moments for every parameter:
+    above 4B that is more than a workstation GPU holds, whatever the batch."""
+    if parameters > FULL_FT_MAX_PARAMETERS:
+        raise FullFineTuneTooLargeError(
+            f"Full fine-tuning is limited to models of up to 4B parameters; this one has "
+            f"{parameters / 1e9:.1f}B.",
+            hint="Train a LoRA adapter instead (--adapter lora, or qlora on a CUDA GPU), or pick "
+            "a model of 4B parameters or fewer.",
+            parameters=parameters,
+        )
 
 
-def _int_in(value: object, low: int, high: int) -> bool:
-    return _int_at_least(value, low) and value <= high  # type: ignore[operator]
+def apply_adapter(model: PreTrainedModel, config: TrainingConfig) -> PreTrainedModel | PeftModel:
+    """Make `model` trainable the way `config.adapter` says, in place.
 
-
-def _number_in(value: object, low: float, high: float, low_open: bool = False) -> bool:
-    """low <= value < high (low < value when low_open), for finite ints and floats."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return False
-    return (value > low if low_open else value >= low) and value < high
-
-
-def _name(value: object) -> bool:
-    return isinstance(value, str) and bool(value)
-
-
-def apply_lora(model: PreTrainedModel, config: TrainingConfig) -> PeftModel:
-    """Wrap `model` with LoRA adapters in place; only lora_A / lora_B stay trainable."""
+    lora: lora_A / lora_B train. dora: the weight's magnitude too, its direction by LoRA
+    (Liu et al., 2024). rslora: updates scaled by alpha / sqrt(r) instead of alpha / r, so a high
+    rank keeps learning (Kalajdzievski, 2023). qlora: LoRA on a 4-bit base loaded by `load_model`.
+    full: every weight trains; no adapter.
+    """
+    if config.adapter == "full":
+        check_full_fine_tune_size(model.num_parameters())
+        model.requires_grad_(True)
+        return model
     from peft import LoraConfig, get_peft_model
 
+    if config.adapter == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora_config = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,
+        use_dora=config.adapter == "dora",
+        use_rslora=config.adapter == "rslora",
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Protocol
 
 import torch
@@ -33,10 +34,17 @@ from backpropagate_services.common.layout import run_record_key as record_key
 from backpropagate_services.common.queue import JobQueue
 from backpropagate_services.common.records import BufferedPublisher, save_record
 from backpropagate_services.common.store.base import ArtifactStore
-from backpropagate_services.trainer.checkpoints import CheckpointManager
-from backpropagate_services.trainer.loop import LoraTraining, OomRecovery, StepReport, TrainingHooks
+from backpropagate_services.trainer.checkpoints import LOSS_WINDOW, CheckpointManager
+from backpropagate_services.trainer.loop import (
+    EvalReport,
+    LoraTraining,
+    OomRecovery,
+    StepReport,
+    TrainingHooks,
+)
 from backpropagate_services.trainer.safety_gate import Action, Decision, SafetyGate
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
+from backpropagate_services.trainer.tracking import RunTracking
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,7 @@ class RunEvents:
         self.queue = queue
         self.safety = safety
         self.publisher = BufferedPublisher(queue)
+        self.tracking: RunTracking | None = None  # the experiment trackers of the run in hand
 
     def emit(self, record: trainer_pb2.RunRecord, **fields: object) -> None:
         event = trainer_pb2.RunEvent(
@@ -77,6 +86,8 @@ class RunEvents:
             **fields,  # type: ignore[arg-type]
         )
         self.publisher.publish(events_channel(record.run_id), event)
+        if self.tracking is not None:
+            self.tracking.observe(event)
 
     def cancel_cursor(self, run_id: str) -> str:
         """Where this attempt's cancel requests start: a resumed run was maybe cancelled
@@ -119,6 +130,7 @@ class RunHooks(TrainingHooks):
         self.gate = safety_gate
         self.safety = events.safety
         self.last_checkpoint_at = time.monotonic()
+        self.reward_windows: dict[str, deque[float]] = {}
 
     def before_step(self, step: int, training: LoraTraining) -> None:
         self._stop_if_asked(step, training)
@@ -182,9 +194,46 @@ class RunHooks(TrainingHooks):
             learning_rate=report.learning_rate,
             tokens_per_second=report.tokens_per_second,
             eta_seconds=report.eta_seconds,
+            **self._rewards(report),
         )
+        epochs = report.samples_seen // max(len(training.dataset.examples), 1)
+        if epochs > self.record.epochs_completed:
+            self.record.epochs_completed = epochs
+            self.events.emit(self.record, kind="epoch", step=report.step, epoch=epochs)
         if self._checkpoint_due(report.step):
             self.checkpoint(training)
+
+    def _rewards(self, report: StepReport) -> dict[str, float]:
+        """A preference step's reward margin and accuracy, for its event; the record keeps their
+        mean over the last steps, as a checkpoint's loss is (one step's is noisy)."""
+        rewards = {
+            name: value
+            for name in ("reward_margin", "reward_accuracy")
+            if (value := getattr(report, name)) is not None
+        }
+        for name, value in rewards.items():
+            window = self.reward_windows.setdefault(name, deque(maxlen=LOSS_WINDOW))
+            window.append(value)
+            setattr(self.record, name, sum(window) / len(window))
+        return rewards
+
+    def after_eval(self, report: EvalReport, training: LoraTraining) -> None:
+        self.record.evals.append(trainer_pb2.EvalPoint(step=report.step, loss=report.loss))
+        if report.step:
+            self.record.best_eval_loss = report.best_loss
+            self.record.best_step = report.best_step
+        self.events.emit(
+            self.record,
+            kind="eval",
+            step=report.step,
+            eval_loss=report.loss,
+            message=f"eval loss {report.loss:.4f}"
+            + (
+                " (base model)"
+                if not report.step
+                else f", best {report.best_loss:.4f} at step {report.best_step}"
+            ),
+        )
 
     def on_oom_recovery(self, recovery: OomRecovery) -> None:
         self.record.oom_recoveries = recovery.recoveries

@@ -10,9 +10,11 @@ from pathlib import Path
 import grpc
 
 from backpropagate.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
+from backpropagate_services.common.datasets import load_conversations, load_preference_rows
 from backpropagate_services.common.datasets import load_record as load_dataset_record
 from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.grpc_errors import translate_errors
+from backpropagate_services.common.hardware import detect
 from backpropagate_services.common.ids import new_id
 from backpropagate_services.common.jobs import cancel_job
 from backpropagate_services.common.layout import TRAIN_QUEUE
@@ -28,9 +30,18 @@ from backpropagate_services.common.records import (
 )
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
-from backpropagate_services.trainer.config import training_config_from_proto, with_budget
+from backpropagate_services.trainer.config import training_config_from_proto
+from backpropagate_services.trainer.defaults import settle
 from backpropagate_services.trainer.imports import import_adapter, receive_adapter_files
+from backpropagate_services.trainer.lora import check_adapter_supported
+from backpropagate_services.trainer.memory_estimate import (
+    estimate_run_memory,
+    micro_batch_rows,
+    preference_conversations,
+)
+from backpropagate_services.trainer.preference import check_method
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
+from backpropagate_services.trainer.tracking import resolve_report_to
 from backpropagate_services.trainer.worker import TrainWorker
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
@@ -51,11 +62,15 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> trainer_pb2.SubmitTrainResponse:
         # Every check a user can fail happens here, synchronously, before anything is queued.
         dataset = load_dataset_record(self.store, request.dataset_id)
-        budgeted = with_budget(request.config, dataset.num_examples)
-        config = training_config_from_proto(budgeted)
-        source = resolve_model(
-            request.config.base_model, self.runtime.settings.trainer.default_model
-        )
+        if request.config.eval_dataset_id:
+            load_dataset_record(self.store, request.config.eval_dataset_id)
+        settled, budget_reason = settle(request.config, self.runtime.settings, dataset.num_examples)
+        config = training_config_from_proto(settled)
+        check_method(config, dataset, settled.eval_dataset_id)  # chat data for sft, pairs for dpo
+        resolve_report_to(settled.report_to)  # a tracker named but not installed: refused now
+        hardware = detect(self.runtime.settings.trainer.cpu_dtype)
+        check_adapter_supported(config, cuda=hardware.is_cuda, fp8_capable=hardware.fp8)
+        source = resolve_model(request.config.base_model, self.runtime.settings.model.name)
         run_id = new_id("run")
         record = trainer_pb2.RunRecord(
             run_id=run_id,
@@ -64,7 +79,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             base_model=source.spec,
             steps=config.steps,
             created_at=time.time(),
-            config=budgeted,
+            config=settled,
+            budget_reason=budget_reason,
         )
         save_record(self.store, record_key(run_id), record)
         publish(
@@ -195,6 +211,46 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             ),
         )
         return record
+
+    @translate_errors
+    def EstimateMemory(
+        self, request: trainer_pb2.EstimateMemoryRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.MemoryEstimate:
+        # The config SubmitTrain would settle, checked the same way; the dataset only for its
+        # token lengths.
+        settings = self.runtime.settings
+        dataset = None
+        if request.dataset_id:
+            dataset = load_dataset_record(self.store, request.dataset_id)
+        settled, _ = settle(request.config, settings, dataset.num_examples if dataset else 1)
+        config = training_config_from_proto(settled)
+        hardware = detect(settings.trainer.cpu_dtype)
+        check_adapter_supported(config, cuda=hardware.is_cuda, fp8_capable=hardware.fp8)
+        source = resolve_model(request.config.base_model, settings.model.name)
+        conversations = None
+        if dataset is not None and config.method == "sft":
+            conversations = load_conversations(self.store, dataset.dataset_id)
+        elif dataset is not None:
+            rows = load_preference_rows(self.store, dataset.dataset_id, config.method)
+            conversations = preference_conversations(rows)
+        rows_per_pass = micro_batch_rows(
+            config, hardware, accumulation_given=bool(settled.gradient_accumulation)
+        )
+        parts = estimate_run_memory(
+            source, settings.model_cache_dir, config, hardware, rows_per_pass, conversations
+        )
+        return trainer_pb2.MemoryEstimate(
+            device=parts.device,
+            total_bytes=parts.total_bytes,
+            weights_bytes=parts.weights_bytes,
+            trainable_bytes=parts.trainable_bytes,
+            activations_bytes=parts.activations_bytes,
+            overhead_bytes=parts.overhead_bytes,
+            available_bytes=parts.available_bytes,
+            fits=parts.fits,
+            parameters=parts.parameters,
+            trainable_parameters=parts.trainable_parameters,
+        )
 
 
 def create(runtime: Runtime) -> ServiceHandle:

@@ -11,12 +11,18 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.datasets import load_conversations
+from backpropagate_services.common.datasets import (
+    Conversation,
+    load_conversations,
+    load_preference_rows,
+)
 from backpropagate_services.common.errors import CheckpointInvalidError
+from backpropagate_services.common.hardware import detect, peak_memory_bytes
 from backpropagate_services.common.jobs import (
     JobWorker,
     Lease,
@@ -30,13 +36,18 @@ from backpropagate_services.common.models import load_model, resolve_model
 from backpropagate_services.common.queue import Job
 from backpropagate_services.common.records import TERMINAL_STATUSES, load_record, save_record
 from backpropagate_services.common.runtime import Runtime
+from backpropagate_services.common.training import PREFERENCE_METHODS, TrainingConfig
 from backpropagate_services.trainer.checkpoints import CheckpointManager, CheckpointPolicy
 from backpropagate_services.trainer.config import training_config_from_proto
-from backpropagate_services.trainer.loop import LoraTraining
+from backpropagate_services.trainer.defaults import machine_accumulation
+from backpropagate_services.trainer.loop import LoraTraining, split_for_eval
+from backpropagate_services.trainer.lora import check_adapter_supported
 from backpropagate_services.trainer.plots import write_loss_curve
+from backpropagate_services.trainer.preference import PreferenceTraining
 from backpropagate_services.trainer.run_hooks import RunEvents, RunHooks, save_while_held
 from backpropagate_services.trainer.safety_gate import SafetyGate
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
+from backpropagate_services.trainer.tracking import tracked
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +112,8 @@ class TrainWorker(JobWorker):
                 return
             assert self.lease is not None
             lease = self.lease
-            self.finish(record, run_recorded(record, lambda: self.train(record, job, lease)))
+            with tracked(self.events, record, self.runtime.settings.tensorboard_dir):
+                self.finish(record, run_recorded(record, lambda: self.train(record, job, lease)))
 
     def train(self, record: trainer_pb2.RunRecord, job: Job, lease: Lease) -> str:
         run_id = record.run_id
@@ -124,23 +136,51 @@ class TrainWorker(JobWorker):
         self.events.emit(record, kind="started", message=STARTED_MESSAGE)
 
         config = training_config_from_proto(record.config)
-        conversations = durably(load_conversations)(self.store, record.dataset_id)
+        hardware = detect(self.runtime.settings.trainer.cpu_dtype)
+        check_adapter_supported(config, cuda=hardware.is_cuda, fp8_capable=hardware.fp8)
+        if config.method in PREFERENCE_METHODS:  # pairs or labelled answers, for trl's losses
+            rows = durably(load_preference_rows)(self.store, record.dataset_id, config.method)
+        else:
+            conversations, eval_conversations = self.training_data(record, config)
         source = resolve_model(record.base_model)
         if self.runtime.settings.trainer.threads > 0:
             torch.set_num_threads(self.runtime.settings.trainer.threads)
-        model, tokenizer = load_model(source, self.runtime.settings.model_cache_dir)
+        model, tokenizer = load_model(
+            source,
+            self.runtime.settings.model_cache_dir,
+            device=hardware.device,
+            dtype=hardware.compute_dtype,
+        )
+        record.device = hardware.device
+        record.compute_dtype = hardware.compute_dtype
+        if not record.config.gradient_accumulation and not resume_from:
+            config.gradient_accumulation = machine_accumulation(config, hardware)
         state = durably(checkpoints.load)(last_checkpoint(record).key) if resume_from else None
         # Steps after the checkpoint are trained again: recorded once, from the checkpoint on.
         record.loss_history[:] = state.loss_history if state else []
-        training = LoraTraining(
-            model,
-            tokenizer,
-            conversations,
-            config,
-            resume=state,
-            oom_recovery=not record.config.disable_oom_recovery,
-            oom_drill_step=self.runtime.settings.fault.oom_at_step,
+        del record.evals[:]
+        record.evals.extend(
+            trainer_pb2.EvalPoint(step=step, loss=loss)
+            for step, loss in (state.evals if state else [])
         )
+        options: dict[str, Any] = {
+            "resume": state,
+            "oom_recovery": not record.config.disable_oom_recovery,
+            "oom_drill_step": self.runtime.settings.fault.oom_at_step,
+        }
+        training = (
+            PreferenceTraining(model, tokenizer, rows, config, **options)
+            if config.method in PREFERENCE_METHODS
+            else LoraTraining(
+                model,
+                tokenizer,
+                conversations,
+                config,
+                eval_conversations=eval_conversations,
+                **options,
+            )
+        )
+        record.trainable_parameters = sum(parameter.numel() for parameter in training.trainable)
         record.batch_size = training.micro_batch_size
         record.gradient_accumulation = training.gradient_accumulation
         record.examples_trained = len(training.dataset.examples)
@@ -158,8 +198,11 @@ class TrainWorker(JobWorker):
             record,
             kind="started",
             step=training.step,
-            message=f"training {source.name} for {config.steps} steps"
-            + (f", resumed from step {resume_from}" if resume_from else ""),
+            message=f"training {source.name} ({config.adapter} {config.method}) for "
+            f"{config.steps} steps on {hardware.device} in {hardware.compute_dtype}"
+            + (f" ({record.budget_reason})" if record.budget_reason else "")
+            + (f", resumed from step {resume_from}" if resume_from else "")
+            + (f"; {hardware.note}" if hardware.note else ""),
         )
         hooks = RunHooks(
             record,
@@ -178,15 +221,44 @@ class TrainWorker(JobWorker):
         )
         peft_model, outcome = training.run(hooks)
 
-        self.events.emit(record, kind="saving", step=config.steps, message="saving adapter")
+        self.events.emit(
+            record,
+            kind="saving",
+            step=outcome.steps_done,
+            message="saving the model" if config.adapter == "full" else "saving adapter",
+        )
         lease.confirm()
         with tempfile.TemporaryDirectory(prefix="bp-adapter-") as tmp:
             peft_model.save_pretrained(tmp)
+            if config.adapter == "full":  # a whole model: loadable on its own
+                tokenizer.save_pretrained(tmp)
             durably(self.store.put_dir)(adapter_prefix(run_id), Path(tmp))
             curve = write_loss_curve(outcome.loss_history, Path(tmp) / "loss.png")
             durably(self.store.put_file)(loss_curve_key(run_id), curve)
         record.final_loss = outcome.final_loss
         record.samples_seen = outcome.samples_seen
+        record.stopped_early = outcome.stopped_early
+        record.best_step = outcome.best_step
+        record.tokens_per_second = outcome.tokens_seen / max(outcome.duration_seconds, 1e-9)
+        record.peak_memory_bytes = peak_memory_bytes(hardware)
         record.output = adapter_prefix(run_id) + "/"
         lease.confirm()  # the terminal record, saved next, is this worker's to write
+        if record.evals:
+            return (
+                f"done: eval loss {record.best_eval_loss:.4f} at step {record.best_step} "
+                f"(base model {record.evals[0].loss:.4f})"
+                + (", stopped early" if record.stopped_early else "")
+            )
         return f"done: final loss {record.final_loss:.4f}"
+
+    def training_data(
+        self, record: trainer_pb2.RunRecord, config: TrainingConfig
+    ) -> tuple[list[Conversation], list[Conversation]]:
+        """The conversations to train on and those to evaluate on: a separate eval dataset, or
+        a seeded split of `eval_split` of the data (at least one of each side)."""
+        conversations = durably(load_conversations)(self.store, record.dataset_id)
+        if record.config.eval_dataset_id:
+            return conversations, durably(load_conversations)(
+                self.store, record.config.eval_dataset_id
+            )
+        return split_for_eval(conversations, config.eval_split, config.seed)

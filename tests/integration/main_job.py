@@ -19,7 +19,11 @@ from backpropagate import Trainer
 from backpropagate.results import ExportResult
 from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate.workflows import download_artifact, follow_run
-from backpropagate_services.common.errors import DatasetSchemaError, ExportVerificationError
+from backpropagate_services.common.errors import (
+    DatasetSchemaError,
+    ExportVerificationError,
+    GpuNotAvailableError,
+)
 from backpropagate_services.common.layout import loss_curve_key
 from backpropagate_services.export.smoke import smoke_answer
 
@@ -91,6 +95,48 @@ def check_interrupted_download_resumes(
     with pytest.raises(ExportVerificationError):
         download_artifact(trainer.connection, exported.artifact_key, target, exported.sha256)
     assert not partial.exists() and not target.exists()
+
+
+CODE_WORDS = {"0": "apple", "1": "river", "2": "stone", "3": "cloud"}
+
+
+def check_fine_tune_learned(trainer: Trainer, tmp_path: Path) -> None:
+    """A memorisation set trained with an eval set: the eval loss ends far below the base
+    model's, and the record tells where and how it trained."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is code word {number}?"},
+                {"role": "assistant", "content": f"Code word {number} is {word}."},
+            ]
+        }
+        for number, word in CODE_WORDS.items()
+    ]
+    data = tmp_path / "codes.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+
+    run = trainer.train(
+        data,
+        steps=8,
+        learning_rate=2e-3,
+        max_length=64,
+        eval_data=data,
+        eval_every=4,
+        lora_dropout=0.0,
+        adapter="dora",
+    )
+
+    assert run.status == "succeeded" and run.adapter == "dora"
+    assert [step for step, _ in run.evals] == [0, 4, 8]
+    base_loss = run.evals[0][1]
+    assert run.best_eval_loss < base_loss / 3, run.evals
+    assert run.best_eval_loss == min(loss for step, loss in run.evals if step)
+    assert run.device == "cpu" and run.compute_dtype in ("bfloat16", "float32")
+    assert run.trainable_parameters > 0 and run.tokens_per_second > 0
+    assert run.peak_memory_bytes > 100 * 2**20
+    with pytest.raises(GpuNotAvailableError) as refused:
+        trainer.train(data, steps=1, adapter="qlora")
+    assert refused.value.code == "DEP_GPU_NOT_AVAILABLE" and "lora" in refused.value.hint
 
 
 def check_malformed_dataset_is_rejected(trainer: Trainer, tmp_path: Path) -> None:

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 import servers
-from main_job import check_main_job, check_malformed_dataset_is_rejected
+from main_job import (
+    check_fine_tune_learned,
+    check_main_job,
+    check_malformed_dataset_is_rejected,
+)
 from service_processes import serve, stack_env
 
 from backpropagate import Trainer
@@ -55,3 +59,9 @@ def test_malformed_dataset_error_crosses_grpc_with_code_and_line(
     remote_trainer: Trainer, tmp_path: Path
 ) -> None:
     check_malformed_dataset_is_rejected(remote_trainer, tmp_path)
+
+
+def test_a_fine_tune_learns_and_its_record_says_how(
+    remote_trainer: Trainer, tmp_path: Path
+) -> None:
+    check_fine_tune_learned(remote_trainer, tmp_path)

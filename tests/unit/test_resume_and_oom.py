@@ -12,6 +12,7 @@ from test_training_loop import MEMORISE, tiny_llama
 from backpropagate.v1 import trainer_pb2
 from backpropagate_services.common.errors import CheckpointInvalidError, GpuOutOfMemoryError
 from backpropagate_services.common.store.local import LocalDirStore
+from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.checkpoints import (
     CheckpointManager,
     CheckpointPolicy,
@@ -23,7 +24,6 @@ from backpropagate_services.trainer.loop import (
     StepReport,
     TrainingHooks,
 )
-from backpropagate_services.trainer.lora import TrainingConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

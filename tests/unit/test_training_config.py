@@ -9,8 +9,8 @@ import pytest
 
 from backpropagate.v1 import trainer_pb2
 from backpropagate_services.common.errors import ConfigError
+from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.config import training_config_from_proto, with_budget
-from backpropagate_services.trainer.lora import TrainingConfig
 
 
 def test_unset_fields_keep_the_defaults() -> None:

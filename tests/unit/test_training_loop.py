@@ -16,13 +16,13 @@ from backpropagate_services.common.errors import (
     JobCancelledError,
 )
 from backpropagate_services.common.models import load_model, resolve_model
+from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.loop import (
     BatchSampler,
     StepReport,
     collate,
     train_lora,
 )
-from backpropagate_services.trainer.lora import TrainingConfig
 from backpropagate_services.trainer.plots import write_loss_curve
 from backpropagate_services.trainer.templating import IGNORE_INDEX, TokenizedExample
 

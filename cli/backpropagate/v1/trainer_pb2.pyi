@@ -114,6 +114,18 @@ class TrainConfig(_message.Message):
     MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
     TARGET_MODULES_FIELD_NUMBER: _builtins.int
     EPOCHS_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    FP8_FIELD_NUMBER: _builtins.int
+    EVAL_SPLIT_FIELD_NUMBER: _builtins.int
+    EVAL_DATASET_ID_FIELD_NUMBER: _builtins.int
+    EVAL_EVERY_FIELD_NUMBER: _builtins.int
+    EARLY_STOPPING_PATIENCE_FIELD_NUMBER: _builtins.int
+    PRESET_FIELD_NUMBER: _builtins.int
+    REPORT_TO_FIELD_NUMBER: _builtins.int
+    LR_SCHEDULER_FIELD_NUMBER: _builtins.int
+    BETA_FIELD_NUMBER: _builtins.int
+    LORA_PRESET_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """HF id, local HF dir, .gguf file, or "" for the machine's default"""
     steps: _builtins.int
@@ -141,9 +153,37 @@ class TrainConfig(_message.Message):
     max_grad_norm: _builtins.float
     epochs: _builtins.float
     """passes over the dataset, instead of steps (0: use steps)"""
+    method: _builtins.str
+    """"" or "sft": supervised fine-tuning on assistant turns; "dpo", "orpo", "simpo", "kto":
+    preference tuning on a preference dataset.
+    """
+    adapter: _builtins.str
+    """"" or "lora", "dora", "rslora", "qlora" (CUDA), "full" """
+    fp8: _builtins.bool
+    """FP8 compute (Hopper/Blackwell GPUs only)"""
+    eval_split: _builtins.float
+    """fraction of the dataset held out for eval loss (0: none)"""
+    eval_dataset_id: _builtins.str
+    """a separate prepared dataset to evaluate on, instead of a split"""
+    eval_every: _builtins.int
+    """steps between evaluations; 0: about 10 per run"""
+    early_stopping_patience: _builtins.int
+    """evaluations without improvement before stopping; 0: off"""
+    preset: _builtins.str
+    """"" or "fast", "balanced", "quality": LoRA and budget defaults"""
+    lr_scheduler: _builtins.str
+    """"" or "linear" (warmup then linear decay), "cosine", "constant" """
+    beta: _builtins.float
+    """preference methods' strength (DPO/KTO beta, ORPO lambda, SimPO beta)"""
+    lora_preset: _builtins.str
+    """"" or "fast" (r=16 on q/v), "balanced", "quality" (r=256, all linear)"""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty: all linear layers but lm_head"""
+
+    @_builtins.property
+    def report_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """experiment trackers; empty: "auto" (what is importable); "none" """
 
     def __init__(
         self,
@@ -165,11 +205,25 @@ class TrainConfig(_message.Message):
         max_grad_norm: _builtins.float | None = ...,
         target_modules: _abc.Iterable[_builtins.str] | None = ...,
         epochs: _builtins.float = ...,
+        method: _builtins.str = ...,
+        adapter: _builtins.str = ...,
+        fp8: _builtins.bool = ...,
+        eval_split: _builtins.float = ...,
+        eval_dataset_id: _builtins.str = ...,
+        eval_every: _builtins.int = ...,
+        early_stopping_patience: _builtins.int = ...,
+        preset: _builtins.str = ...,
+        report_to: _abc.Iterable[_builtins.str] | None = ...,
+        lr_scheduler: _builtins.str = ...,
+        beta: _builtins.float | None = ...,
+        lora_preset: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "lora_dropout", b"lora_dropout", "max_grad_norm", b"max_grad_norm", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "beta", b"beta", "lora_dropout", b"lora_dropout", "max_grad_norm", b"max_grad_norm", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "base_model", b"base_model", "batch_size", b"batch_size", "checkpoint_every", b"checkpoint_every", "disable_oom_recovery", b"disable_oom_recovery", "epochs", b"epochs", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_r", b"lora_r", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "seed", b"seed", "steps", b"steps", "target_modules", b"target_modules", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "adapter", b"adapter", "base_model", b"base_model", "batch_size", b"batch_size", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "disable_oom_recovery", b"disable_oom_recovery", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "eval_dataset_id", b"eval_dataset_id", "eval_every", b"eval_every", "eval_split", b"eval_split", "fp8", b"fp8", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_preset", b"lora_preset", "lora_r", b"lora_r", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "method", b"method", "preset", b"preset", "report_to", b"report_to", "seed", b"seed", "steps", b"steps", "target_modules", b"target_modules", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__beta: _TypeAlias = _typing.Literal["beta"]  # noqa: Y015
+    _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015
     _WhichOneofReturnType__lora_dropout: _TypeAlias = _typing.Literal["lora_dropout"]  # noqa: Y015
     _WhichOneofArgType__lora_dropout: _TypeAlias = _typing.Literal["_lora_dropout", b"_lora_dropout"]  # noqa: Y015
     _WhichOneofReturnType__max_grad_norm: _TypeAlias = _typing.Literal["max_grad_norm"]  # noqa: Y015
@@ -178,6 +232,8 @@ class TrainConfig(_message.Message):
     _WhichOneofArgType__warmup_ratio: _TypeAlias = _typing.Literal["_warmup_ratio", b"_warmup_ratio"]  # noqa: Y015
     _WhichOneofReturnType__weight_decay: _TypeAlias = _typing.Literal["weight_decay"]  # noqa: Y015
     _WhichOneofArgType__weight_decay: _TypeAlias = _typing.Literal["_weight_decay", b"_weight_decay"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta) -> _WhichOneofReturnType__beta | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__lora_dropout) -> _WhichOneofReturnType__lora_dropout | None: ...
     @_typing.overload
@@ -270,6 +326,10 @@ class RunEvent(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     GRADIENT_ACCUMULATION_FIELD_NUMBER: _builtins.int
+    EVAL_LOSS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    REWARD_MARGIN_FIELD_NUMBER: _builtins.int
+    REWARD_ACCURACY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     step: _builtins.int
@@ -292,6 +352,14 @@ class RunEvent(_message.Message):
     batch_size: _builtins.int
     """micro-batch size now (it shrinks after an OOM recovery)"""
     gradient_accumulation: _builtins.int
+    eval_loss: _builtins.float
+    """set on "eval" events"""
+    epoch: _builtins.int
+    """passes over the training data completed (kind "epoch")"""
+    reward_margin: _builtins.float
+    """preference methods: chosen minus rejected reward, this step"""
+    reward_accuracy: _builtins.float
+    """preference methods: share of pairs with chosen ranked higher"""
     @_builtins.property
     def error(self) -> _common_pb2.ErrorDetail:
         """set when status is FAILED"""
@@ -315,10 +383,14 @@ class RunEvent(_message.Message):
         attempt: _builtins.int = ...,
         batch_size: _builtins.int = ...,
         gradient_accumulation: _builtins.int = ...,
+        eval_loss: _builtins.float = ...,
+        epoch: _builtins.int = ...,
+        reward_margin: _builtins.float = ...,
+        reward_accuracy: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch_size", b"batch_size", "error", b"error", "eta_seconds", b"eta_seconds", "gradient_accumulation", b"gradient_accumulation", "kind", b"kind", "learning_rate", b"learning_rate", "loss", b"loss", "message", b"message", "run_id", b"run_id", "safety_level", b"safety_level", "status", b"status", "step", b"step", "timestamp", b"timestamp", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch_size", b"batch_size", "epoch", b"epoch", "error", b"error", "eta_seconds", b"eta_seconds", "eval_loss", b"eval_loss", "gradient_accumulation", b"gradient_accumulation", "kind", b"kind", "learning_rate", b"learning_rate", "loss", b"loss", "message", b"message", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "safety_level", b"safety_level", "status", b"status", "step", b"step", "timestamp", b"timestamp", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -395,6 +467,19 @@ class RunRecord(_message.Message):
     EXAMPLES_TRAINED_FIELD_NUMBER: _builtins.int
     EXAMPLES_DROPPED_FIELD_NUMBER: _builtins.int
     EXAMPLES_TRUNCATED_FIELD_NUMBER: _builtins.int
+    EVALS_FIELD_NUMBER: _builtins.int
+    BEST_EVAL_LOSS_FIELD_NUMBER: _builtins.int
+    BEST_STEP_FIELD_NUMBER: _builtins.int
+    STOPPED_EARLY_FIELD_NUMBER: _builtins.int
+    BUDGET_REASON_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    COMPUTE_DTYPE_FIELD_NUMBER: _builtins.int
+    TRAINABLE_PARAMETERS_FIELD_NUMBER: _builtins.int
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    REWARD_MARGIN_FIELD_NUMBER: _builtins.int
+    REWARD_ACCURACY_FIELD_NUMBER: _builtins.int
+    EPOCHS_COMPLETED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     dataset_id: _builtins.str
@@ -426,6 +511,26 @@ class RunRecord(_message.Message):
     """cut off by max_length before any assistant token"""
     examples_truncated: _builtins.int
     """kept, but cut at max_length (their ends are not trained)"""
+    best_eval_loss: _builtins.float
+    """the lowest eval loss; the adapter saved is that step's"""
+    best_step: _builtins.int
+    stopped_early: _builtins.bool
+    """early stopping ended the run before its budget"""
+    budget_reason: _builtins.str
+    """why the run has this many steps, when the trainer chose"""
+    device: _builtins.str
+    """"cuda:0", "cpu" """
+    compute_dtype: _builtins.str
+    """"bfloat16", "float32", ...: what the model computed in"""
+    trainable_parameters: _builtins.int
+    peak_memory_bytes: _builtins.int
+    """GPU peak allocated on CUDA, the process's peak RSS on CPU"""
+    tokens_per_second: _builtins.float
+    """trained tokens per second over the run"""
+    reward_margin: _builtins.float
+    """preference methods, over the last steps"""
+    reward_accuracy: _builtins.float
+    epochs_completed: _builtins.int
     @_builtins.property
     def loss_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
@@ -435,6 +540,10 @@ class RunRecord(_message.Message):
     @_builtins.property
     def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckpointInfo]:
         """the ones kept by the checkpoint policy, oldest first"""
+
+    @_builtins.property
+    def evals(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvalPoint]:
+        """eval loss along the run; the first is the base model's (step 0)"""
 
     def __init__(
         self,
@@ -463,14 +572,129 @@ class RunRecord(_message.Message):
         examples_trained: _builtins.int = ...,
         examples_dropped: _builtins.int = ...,
         examples_truncated: _builtins.int = ...,
+        evals: _abc.Iterable[Global___EvalPoint] | None = ...,
+        best_eval_loss: _builtins.float = ...,
+        best_step: _builtins.int = ...,
+        stopped_early: _builtins.bool = ...,
+        budget_reason: _builtins.str = ...,
+        device: _builtins.str = ...,
+        compute_dtype: _builtins.str = ...,
+        trainable_parameters: _builtins.int = ...,
+        peak_memory_bytes: _builtins.int = ...,
+        tokens_per_second: _builtins.float = ...,
+        reward_margin: _builtins.float = ...,
+        reward_accuracy: _builtins.float = ...,
+        epochs_completed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "checkpoints", b"checkpoints", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "duration_seconds", b"duration_seconds", "error", b"error", "examples_dropped", b"examples_dropped", "examples_trained", b"examples_trained", "examples_truncated", b"examples_truncated", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "oom_recoveries", b"oom_recoveries", "output", b"output", "resumed_from_step", b"resumed_from_step", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "best_eval_loss", b"best_eval_loss", "best_step", b"best_step", "budget_reason", b"budget_reason", "checkpoints", b"checkpoints", "compute_dtype", b"compute_dtype", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "device", b"device", "duration_seconds", b"duration_seconds", "epochs_completed", b"epochs_completed", "error", b"error", "evals", b"evals", "examples_dropped", b"examples_dropped", "examples_trained", b"examples_trained", "examples_truncated", b"examples_truncated", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "oom_recoveries", b"oom_recoveries", "output", b"output", "peak_memory_bytes", b"peak_memory_bytes", "resumed_from_step", b"resumed_from_step", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps", "stopped_early", b"stopped_early", "tokens_per_second", b"tokens_per_second", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunRecord: _TypeAlias = RunRecord  # noqa: Y015
+
+@_typing.final
+class EvalPoint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    loss: _builtins.float
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        loss: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvalPoint: _TypeAlias = EvalPoint  # noqa: Y015
+
+@_typing.final
+class EstimateMemoryRequest(_message.Message):
+    """A prediction of a run's peak memory, before any model weights are loaded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    dataset_id: _builtins.str
+    """"": assume every example is max_length tokens long"""
+    @_builtins.property
+    def config(self) -> Global___TrainConfig: ...
+    def __init__(
+        self,
+        *,
+        config: Global___TrainConfig | None = ...,
+        dataset_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "dataset_id", b"dataset_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstimateMemoryRequest: _TypeAlias = EstimateMemoryRequest  # noqa: Y015
+
+@_typing.final
+class MemoryEstimate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    WEIGHTS_BYTES_FIELD_NUMBER: _builtins.int
+    TRAINABLE_BYTES_FIELD_NUMBER: _builtins.int
+    ACTIVATIONS_BYTES_FIELD_NUMBER: _builtins.int
+    OVERHEAD_BYTES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    FITS_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    TRAINABLE_PARAMETERS_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """where the run would train: "cuda:0" or "cpu" """
+    total_bytes: _builtins.int
+    """the predicted peak"""
+    weights_bytes: _builtins.int
+    """the base model"""
+    trainable_bytes: _builtins.int
+    """adapter (or full) weights, gradients and optimizer state"""
+    activations_bytes: _builtins.int
+    """the largest micro-batch's forward and backward"""
+    overhead_bytes: _builtins.int
+    """runtime, CUDA context or the Python process"""
+    available_bytes: _builtins.int
+    """free VRAM (CUDA) or host memory now"""
+    fits: _builtins.bool
+    parameters: _builtins.int
+    """of the base model"""
+    trainable_parameters: _builtins.int
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        total_bytes: _builtins.int = ...,
+        weights_bytes: _builtins.int = ...,
+        trainable_bytes: _builtins.int = ...,
+        activations_bytes: _builtins.int = ...,
+        overhead_bytes: _builtins.int = ...,
+        available_bytes: _builtins.int = ...,
+        fits: _builtins.bool = ...,
+        parameters: _builtins.int = ...,
+        trainable_parameters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations_bytes", b"activations_bytes", "available_bytes", b"available_bytes", "device", b"device", "fits", b"fits", "overhead_bytes", b"overhead_bytes", "parameters", b"parameters", "total_bytes", b"total_bytes", "trainable_bytes", b"trainable_bytes", "trainable_parameters", b"trainable_parameters", "weights_bytes", b"weights_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoryEstimate: _TypeAlias = MemoryEstimate  # noqa: Y015
 
 @_typing.final
 class CheckpointInfo(_message.Message):

@@ -70,6 +70,11 @@ class TrainerServiceStub:
                 request_serializer=backpropagate_dot_v1_dot_trainer__pb2.ImportAdapterRequest.SerializeToString,
                 response_deserializer=backpropagate_dot_v1_dot_trainer__pb2.RunRecord.FromString,
                 _registered_method=True)
+        self.EstimateMemory = channel.unary_unary(
+                '/backpropagate.v1.TrainerService/EstimateMemory',
+                request_serializer=backpropagate_dot_v1_dot_trainer__pb2.EstimateMemoryRequest.SerializeToString,
+                response_deserializer=backpropagate_dot_v1_dot_trainer__pb2.MemoryEstimate.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -123,6 +128,13 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EstimateMemory(self, request, context):
+        """Predicts the peak memory of a run with this config (no weights are loaded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +172,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ImportAdapter,
                     request_deserializer=backpropagate_dot_v1_dot_trainer__pb2.ImportAdapterRequest.FromString,
                     response_serializer=backpropagate_dot_v1_dot_trainer__pb2.RunRecord.SerializeToString,
+            ),
+            'EstimateMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.EstimateMemory,
+                    request_deserializer=backpropagate_dot_v1_dot_trainer__pb2.EstimateMemoryRequest.FromString,
+                    response_serializer=backpropagate_dot_v1_dot_trainer__pb2.MemoryEstimate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +369,33 @@ class TrainerService:
             '/backpropagate.v1.TrainerService/ImportAdapter',
             backpropagate_dot_v1_dot_trainer__pb2.ImportAdapterRequest.SerializeToString,
             backpropagate_dot_v1_dot_trainer__pb2.RunRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EstimateMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backpropagate.v1.TrainerService/EstimateMemory',
+            backpropagate_dot_v1_dot_trainer__pb2.EstimateMemoryRequest.SerializeToString,
+            backpropagate_dot_v1_dot_trainer__pb2.MemoryEstimate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,31 @@
+"""Training presets by name, as `from backpropagate.config import get_preset` hands them out.
+
+The tables live with the trainer (services/trainer/defaults.py), which applies them to runs
+that name a preset; this is their read-only view for scripts that pick values from one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from backpropagate_services.common.errors import ConfigError
+from backpropagate_services.common.training import TRAINING_PRESETS
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    lora_r: int
+    lora_alpha: int
+    batch_size: int  # the effective batch: conversations per optimizer step
+    learning_rate: float
+
+
+def get_preset(name: str) -> Preset:
+    """The training preset `name` (fast, balanced, quality); `--preset NAME` applies it whole."""
+    if name not in TRAINING_PRESETS:
+        raise ConfigError(
+            f"Unknown preset {name!r}: the presets are {', '.join(TRAINING_PRESETS)}.",
+            fields="preset",
+        )
+    return Preset(name=name, **TRAINING_PRESETS[name])

@@ -1,0 +1,116 @@
+"""The config a run trains with, settled when it is submitted and kept in its record.
+
+Each field comes from the first of: the value given with the run; its LoRA preset
+(`lora_preset`), then its training preset (`preset`); the BACKPROPAGATE_TRAINING__* and
+BACKPROPAGATE_LORA__* settings; the presets those settings name (TRAINING__PRESET,
+LORA__PRESET); the trainer's built-in defaults (`TrainingConfig`). With no `steps` and no
+`epochs` anywhere, the budget comes from the data (`data_budget`), with the reason kept in the
+record.
+
+Keeping the settled values in the record (not the bare request) makes `runs show` tell what
+trained, and `runs replay` repeat it even after the settings changed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from backpropagate.v1 import trainer_pb2
+from backpropagate_services.common.errors import ConfigError
+from backpropagate_services.common.hardware import Hardware, default_micro_batch
+from backpropagate_services.common.settings import Settings
+from backpropagate_services.common.training import LORA_PRESETS, TRAINING_PRESETS, TrainingConfig
+from backpropagate_services.trainer.config import is_set, with_budget
+
+# The data-driven budget: passes over the data by its size. Measured on 40 short rows of new
+# facts (docs/training.md): 20 epochs at the default rate taught them but cost general answers
+# the base model gave; EPOCHS_TINY kept them.
+EPOCHS_TINY = 8  # up to TINY_EXAMPLES
+TINY_EXAMPLES = 100
+EPOCHS_LARGE = 2  # from LARGE_EXAMPLES on
+LARGE_EXAMPLES = 10_000
+MIN_STEPS = 20  # a run shorter than this barely leaves warmup
+MAX_STEPS = 5_000  # a huge dataset is sampled, not swept: more is for --epochs / --steps
+
+
+def data_budget(num_examples: int, batch_size: int) -> tuple[int, str]:
+    """Optimizer steps for a run that named no budget, and why: a few epochs, more for tiny sets
+    (each example is seen often enough to be learnt), capped for huge ones."""
+    if num_examples <= TINY_EXAMPLES:
+        epochs = float(EPOCHS_TINY)
+    elif num_examples >= LARGE_EXAMPLES:
+        epochs = float(EPOCHS_LARGE)
+    else:  # from EPOCHS_TINY down to EPOCHS_LARGE, evenly in log(size)
+        position = math.log(num_examples / TINY_EXAMPLES) / math.log(LARGE_EXAMPLES / TINY_EXAMPLES)
+        epochs = EPOCHS_TINY + (EPOCHS_LARGE - EPOCHS_TINY) * position
+    steps = math.ceil(epochs * num_examples / batch_size)
+    reason = f"{epochs:.3g} epochs of {num_examples} examples at batch {batch_size}"
+    if steps < MIN_STEPS:
+        return MIN_STEPS, f"{reason} is {steps} steps; raised to the minimum of {MIN_STEPS}"
+    if steps > MAX_STEPS:
+        return MAX_STEPS, f"{reason} is {steps} steps; capped at {MAX_STEPS}"
+    return steps, f"{reason}: {steps} steps"
+
+
+def machine_accumulation(config: TrainingConfig, hardware: Hardware) -> int:
+    """Gradient accumulation for a run that named none: micro-batches as big as this machine
+    holds comfortably (`default_micro_batch`), the effective batch unchanged."""
+    micro_batch = min(default_micro_batch(hardware), config.batch_size)
+    return math.ceil(config.batch_size / micro_batch)
+
+
+def _settings_values(settings: Settings) -> dict[str, Any]:
+    training = settings.training.model_dump(exclude_none=True, exclude={"preset"})
+    lora = settings.lora.model_dump(exclude_none=True, exclude={"preset"})
+    return training | {
+        f"lora_{name}" if name != "target_modules" else name: value for name, value in lora.items()
+    }
+
+
+def _fill(config: trainer_pb2.TrainConfig, values: dict[str, Any]) -> None:
+    """Set each field of `values` that `config` leaves at its default."""
+    for name, value in values.items():
+        if is_set(config, name):
+            continue
+        if isinstance(value, list):
+            getattr(config, name).extend(value)
+        else:
+            setattr(config, name, value)
+
+
+def _fill_presets(config: trainer_pb2.TrainConfig, lora_preset: str, preset: str) -> None:
+    for name, table, kind in (
+        (lora_preset, LORA_PRESETS, "lora_preset"),  # the more specific one first
+        (preset, TRAINING_PRESETS, "preset"),
+    ):
+        if not name:
+            continue
+        if name not in table:
+            raise ConfigError(
+                f"Unknown {kind} {name!r}: the {kind}s are {', '.join(table)}.", fields=kind
+            )
+        _fill(config, table[name])
+
+
+def settle(
+    request: trainer_pb2.TrainConfig, settings: Settings, num_examples: int
+) -> tuple[trainer_pb2.TrainConfig, str]:
+    """The run's config with every default filled in, and the reason for its budget ("" when
+    the user set it)."""
+    config = trainer_pb2.TrainConfig()
+    config.CopyFrom(request)
+    # The run's own presets, then the settings' fields, then the settings' presets.
+    named = (request.lora_preset, request.preset)
+    from_settings = (settings.lora.preset or "", settings.training.preset or "")
+    _fill_presets(config, *named)
+    _fill(config, _settings_values(settings))
+    _fill_presets(config, *from_settings)
+    config.lora_preset = request.lora_preset or from_settings[0]
+    config.preset = request.preset or from_settings[1]
+    if config.steps or config.epochs:
+        return with_budget(config, num_examples), ""
+    batch_size = config.batch_size or TrainingConfig().batch_size
+    trained = num_examples - round(num_examples * config.eval_split)
+    config.steps, reason = data_budget(trained, batch_size)
+    return config, reason

@@ -1,0 +1,129 @@
+"""Where a run's config comes from: the request, presets, BACKPROPAGATE_* settings, the data."""
+
+from __future__ import annotations
+
+import pytest
+
+from backpropagate.v1 import trainer_pb2
+from backpropagate_services.common.errors import ConfigError
+from backpropagate_services.common.hardware import (
+    GIB,
+    Hardware,
+    cpu_compute_dtype,
+    cpu_flags,
+    default_micro_batch,
+)
+from backpropagate_services.common.settings import Settings
+from backpropagate_services.common.training import LORA_PRESETS, TRAINING_PRESETS
+from backpropagate_services.trainer.config import training_config_from_proto
+from backpropagate_services.trainer.defaults import MAX_STEPS, MIN_STEPS, data_budget, settle
+
+
+def settled(settings: Settings | None = None, examples: int = 40, **fields: object):
+    return settle(trainer_pb2.TrainConfig(**fields), settings or Settings(), examples)
+
+
+def test_a_value_given_with_the_run_beats_presets_and_settings(monkeypatch):
+    monkeypatch.setenv("BACKPROPAGATE_LORA__R", "32")
+    config, _ = settled(Settings(), lora_r=4, preset="quality", steps=5)
+    assert config.lora_r == 4
+    assert config.learning_rate == TRAINING_PRESETS["quality"]["learning_rate"]
+
+
+def test_the_runs_preset_beats_a_setting_and_a_setting_beats_the_settings_preset(monkeypatch):
+    monkeypatch.setenv("BACKPROPAGATE_LORA__R", "32")
+    monkeypatch.setenv("BACKPROPAGATE_TRAINING__PRESET", "fast")
+    settings = Settings()
+
+    from_run, _ = settled(settings, preset="balanced", steps=5)
+    from_settings, _ = settled(settings, steps=5)
+
+    assert from_run.lora_r == TRAINING_PRESETS["balanced"]["lora_r"]
+    assert (from_settings.lora_r, from_settings.preset) == (32, "fast")
+    assert from_settings.learning_rate == TRAINING_PRESETS["fast"]["learning_rate"]
+
+
+def test_documented_environment_keys_set_training_defaults(monkeypatch):
+    monkeypatch.setenv("BACKPROPAGATE_TRAINING__LEARNING_RATE", "1e-4")
+    monkeypatch.setenv("BACKPROPAGATE_LORA__TARGET_MODULES", '["q_proj", "v_proj"]')
+    monkeypatch.setenv("BACKPROPAGATE_MODEL__NAME", "smollm2-135m-instruct")
+    settings = Settings()
+
+    config, _ = settled(settings, steps=5)
+    training = training_config_from_proto(config)
+
+    assert training.learning_rate == 1e-4
+    assert training.target_modules == ["q_proj", "v_proj"]
+    assert settings.model.name == "smollm2-135m-instruct"
+
+
+def test_lora_quality_preset_is_rank_256_on_every_linear_layer_at_the_lora_rate():
+    config, _ = settled(lora_preset="quality", steps=5)
+    training = training_config_from_proto(config)
+    assert (training.lora_r, training.lora_alpha, training.target_modules) == (
+        256,
+        32,
+        "all-linear",
+    )
+    assert training.learning_rate == LORA_PRESETS["quality"]["learning_rate"]
+    fast = training_config_from_proto(settled(lora_preset="fast", steps=5)[0])
+    assert (fast.lora_r, fast.target_modules) == (16, ["q_proj", "v_proj"])
+
+
+def test_an_unknown_preset_is_a_config_error_naming_the_choices():
+    with pytest.raises(ConfigError, match="balanced"):
+        settled(preset="turbo")
+
+
+@pytest.mark.parametrize(
+    ("examples", "batch", "steps"),
+    [(40, 4, 80), (4, 4, MIN_STEPS), (10_000_000, 4, MAX_STEPS)],
+)
+def test_the_budget_comes_from_the_data_with_the_reason(examples, batch, steps):
+    got, reason = data_budget(examples, batch)
+    assert got == steps
+    assert f"{examples} examples" in reason
+
+
+def test_the_budget_shrinks_in_epochs_as_the_data_grows():
+    epochs = [data_budget(n, 4)[0] * 4 / n for n in (100, 1000, 5000)]
+    assert epochs == sorted(epochs, reverse=True)
+
+
+def test_a_run_without_steps_or_epochs_gets_the_data_budget_and_keeps_the_reason():
+    config, reason = settled(examples=40)
+    assert config.steps == data_budget(40, 4)[0]
+    assert "epochs of 40 examples" in reason
+    config, reason = settled(examples=40, eval_split=0.25)  # 30 left to train on
+    assert config.steps == data_budget(30, 4)[0] and "30 examples" in reason
+
+
+def test_explicit_steps_or_epochs_leave_no_budget_reason():
+    assert settled(steps=7) == (settled(steps=7)[0], "")
+    config, reason = settled(epochs=2, examples=40)
+    assert (config.steps, reason) == (20, "")
+
+
+def test_cpu_bf16_only_where_the_cpu_multiplies_it_natively():
+    native = {"amx_bf16", "avx512_bf16"} & cpu_flags()
+    assert cpu_compute_dtype() == ("bfloat16" if native else "float32")
+    assert cpu_compute_dtype("float32") == "float32"
+
+
+def hardware(device: str, free_gib: float, cores: int = 8) -> Hardware:
+    return Hardware(device, "x", "float32", int(64 * GIB), int(free_gib * GIB), cores, False)
+
+
+@pytest.mark.parametrize(
+    ("device", "free_gib", "micro_batch"),
+    [
+        ("cuda:0", 40, 4),
+        ("cuda:0", 20, 2),
+        ("cuda:0", 10, 1),
+        ("cpu", 20, 4),
+        ("cpu", 5, 2),
+        ("cpu", 2, 1),
+    ],
+)
+def test_default_micro_batch_follows_free_memory(device, free_gib, micro_batch):
+    assert default_micro_batch(hardware(device, free_gib)) == micro_batch
