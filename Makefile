@@ -45,6 +45,7 @@ bench: setup
 	$(PY) bench/llama_variants.py
 	$(PY) bench/export_quantizations.py
 	$(PY) bench/checkpoint_cost.py
+	$(PY) bench/trainer_methods.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -63,6 +63,7 @@ def main() -> None:
             self.step_seconds: list[float] = []
             self.save_seconds: list[float] = []
             self.sizes: list[int] = []
+            self.last_key = ""
 
         def before_step(self, step: int, training: LoraTraining) -> None:
             self.step_started = time.perf_counter()
@@ -70,9 +71,10 @@ def main() -> None:
         def after_step(self, report: StepReport, training: LoraTraining) -> None:
             self.step_seconds.append(time.perf_counter() - self.step_started)
             started = time.perf_counter()
-            info = self.manager.save(training.state())
+            info = self.manager.save(training.state(), attempt=1)
             self.save_seconds.append(time.perf_counter() - started)
             self.sizes.append(info.size_bytes)
+            self.last_key = info.key
 
     with tempfile.TemporaryDirectory() as tmp:
         manager = CheckpointManager(LocalDirStore(Path(tmp)), "bench", CheckpointPolicy())
@@ -80,7 +82,7 @@ def main() -> None:
         config = TrainingConfig(steps=args.steps)
         LoraTraining(model, tokenizer, conversations, config).run(hooks)
         started = time.perf_counter()
-        manager.load(args.steps)
+        manager.load(hooks.last_key)
         load_seconds = time.perf_counter() - started
 
     step = statistics.median(hooks.step_seconds[1:])  # the first step warms up allocators

@@ -148,10 +148,15 @@ def load_model(
     cache_dir: Path,
     device: str | None = None,
     dtype: str = "compute",
+    *,
+    quantize_4bit: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer. dtype "compute": fp32 on CPU, bf16 on CUDA; "auto": the
     checkpoint's own dtype (for merging, so no wider copy is made); or a torch dtype's name
-    ("bfloat16", "float32": what `hardware.detect` chose for training)."""
+    ("bfloat16", "float32": what `hardware.detect` chose for training).
+
+    `quantize_4bit` (QLoRA, CUDA only): the linear weights are stored as 4-bit NF4 with double
+    quantisation (Dettmers et al., 2023) and computed in `dtype`; the rest stays in `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,13 +166,40 @@ def load_model(
     torch_dtype: Any = {"auto": "auto", "compute": compute_dtype}.get(dtype) or getattr(
         torch, dtype
     )
+    placement: dict[str, Any] = {}
+    if quantize_4bit:
+        placement = {
+            "quantization_config": nf4_config(torch_dtype),
+            "device_map": {"": device},  # a quantised model is placed as it loads, never moved
+        }
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **placement)
     except OSError as exc:
         raise ModelNotFoundError(
             f"Could not load model {source.name!r} from {location}: {exc}",
             model=source.name,
         ) from exc
+    if quantize_4bit:
+        return model, tokenizer
     # transformers' stubs type `.to` on the class itself; it returns the model it is called on.
     return model.to(device), tokenizer  # type: ignore[arg-type]
+
+
+def nf4_config(compute_dtype: Any) -> Any:
+    """bitsandbytes' 4-bit NF4 with double quantisation: QLoRA's base."""
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401  # transformers needs it to quantise
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "QLoRA needs the bitsandbytes package where the trainer runs.",
+            hint="pip install bitsandbytes (on a CUDA machine), or train with --adapter lora.",
+        ) from exc
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )

@@ -150,6 +150,7 @@ class TrainWorker(JobWorker):
             self.runtime.settings.model_cache_dir,
             device=hardware.device,
             dtype=hardware.compute_dtype,
+            quantize_4bit=config.adapter == "qlora",
         )
         record.device = hardware.device
         record.compute_dtype = hardware.compute_dtype

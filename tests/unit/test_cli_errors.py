@@ -34,21 +34,26 @@ class Outcome:
     stderr: str
 
 
-def backprop(home: Path, *args: str, endpoint: str | None = None) -> Outcome:
-    """Run `backprop ARGS` in `home`; with no `endpoint` it runs the embedded stack."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("BACKPROPAGATE_")}
-    env |= {
+def backprop(
+    home: Path, *args: str, endpoint: str | None = None, env: dict[str, str] | None = None
+) -> Outcome:
+    """Run `backprop ARGS` in `home` (with `env` added to the environment); with no `endpoint`
+    it runs the embedded stack."""
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith("BACKPROPAGATE_")
+    }
+    environment |= {
         "BACKPROPAGATE_HOME": str(home / "state"),
         "BACKPROPAGATE_SAFETY__SOURCE": "host",
         "COLUMNS": "200",  # rich must not wrap a message in the middle of what we look for
         "NO_COLOR": "1",
     }
     if endpoint is not None:
-        env["BACKPROPAGATE_ENDPOINT"] = endpoint
+        environment["BACKPROPAGATE_ENDPOINT"] = endpoint
     done = subprocess.run(
         [str(BACKPROP), *args],
         cwd=home,
-        env=env,
+        env=environment | (env or {}),
         capture_output=True,
         text=True,
         timeout=TIMEOUT_SECONDS,

@@ -527,7 +527,8 @@ def installed_extras(stage: Stage) -> list[str]:
 @pytest.mark.parametrize("service", SERVICES)
 def test_dockerfile_installs_the_service_and_stack_extras(service: str) -> None:
     final = parse_dockerfile(DOCKERFILES[service])[-1]
-    assert sorted(installed_extras(final)) == sorted([service, "stack"])
+    gpu = ["gpu"] if service == "trainer" else []  # the trainer image runs on an NVIDIA GPU
+    assert sorted(installed_extras(final)) == sorted([service, "stack", *gpu])
 
 
 @pytest.mark.parametrize("service", SERVICES)

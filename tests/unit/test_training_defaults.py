@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+from test_cli_errors import backprop
+
+from backpropagate.config import get_preset
+from backpropagate.sdk import adapter_of_mode
 from backpropagate.v1 import trainer_pb2
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_services.common.errors import ConfigError, UserError
 from backpropagate_services.common.hardware import (
     GIB,
     Hardware,
@@ -127,3 +132,37 @@ def hardware(device: str, free_gib: float, cores: int = 8) -> Hardware:
 )
 def test_default_micro_batch_follows_free_memory(device, free_gib, micro_batch):
     assert default_micro_batch(hardware(device, free_gib)) == micro_batch
+
+
+def test_backprop_config_prints_each_setting_with_where_it_came_from(tmp_path):
+    (tmp_path / ".env").write_text("BACKPROPAGATE_TRAINING__PRESET=quality\n")
+    outcome = backprop(tmp_path, "config", "--json", env={"BACKPROPAGATE_LORA__R": "64"})
+
+    assert outcome.exit_code == 0, outcome.stderr
+    printed = json.loads(outcome.stdout)
+    settings, training = printed["settings"], printed["training defaults"]
+    assert settings["BACKPROPAGATE_LORA__R"] == {"value": 64, "source": "environment"}
+    assert settings["BACKPROPAGATE_TRAINING__PRESET"] == {"value": "quality", "source": ".env file"}
+    assert settings["BACKPROPAGATE_QUEUE__BACKEND"]["source"] == "default"
+    assert settings["BACKPROPAGATE_STORE__S3_SECRET_KEY"]["value"] == "********"
+    # What a run gets: the setting beats the settings' preset, which beats the built-in.
+    assert training["BACKPROPAGATE_LORA__R"] == {"value": 64, "source": "environment"}
+    assert training["BACKPROPAGATE_TRAINING__LEARNING_RATE"] == {
+        "value": TRAINING_PRESETS["quality"]["learning_rate"],
+        "source": "preset quality",
+    }
+    assert training["BACKPROPAGATE_LORA__DROPOUT"]["source"] == "built-in"
+    assert training["BACKPROPAGATE_TRAINING__STEPS"]["value"] == "from the data's size"
+
+
+def test_presets_by_name_as_the_product_documents_them():
+    preset = get_preset("balanced")
+    assert (preset.lora_r, preset.batch_size, preset.learning_rate) == (16, 16, 2e-4)
+    with pytest.raises(ConfigError, match="fast, balanced, quality"):
+        get_preset("best")
+
+
+def test_mode_full_is_the_documented_name_of_the_full_adapter():
+    assert adapter_of_mode("full") == "full"
+    with pytest.raises(UserError, match="lora and full"):
+        adapter_of_mode("qlora")
