@@ -26,6 +26,7 @@ from backpropagate_services.export.reference import ScoredChat, reference_logits
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,20 @@ def _full_model(
     tokenizer = AutoTokenizer.from_pretrained(str(local_directory(base, cache_dir)))
     chats = scored_chats(tokenizer)
     logits = reference_logits(model, chats)
+    return _kept(model, tokenizer, base, cache_dir, out_dir, chats, logits, 0.0)
+
+
+def _kept(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    base: ModelSource,
+    cache_dir: Path,
+    out_dir: Path | None,
+    chats: list[ScoredChat],
+    logits: list[torch.Tensor],
+    merge_error: float,
+) -> MergedModel:
+    """The model to export (written to `out_dir` unless None) with its logits on `chats`."""
     if out_dir is not None:
         with staged(out_dir) as staging:
             model.save_pretrained(staging)
@@ -84,7 +99,7 @@ def _full_model(
         vocab_size=int(model.config.vocab_size),
         num_parameters=int(model.num_parameters()),
         dtype=str(next(model.parameters()).dtype),
-        merge_error=0.0,
+        merge_error=merge_error,
     )
 
 
@@ -131,17 +146,4 @@ def merge_adapter(
             adapter=str(adapter_dir),
             model=base.name,
         )
-    if out_dir is not None:
-        with staged(out_dir) as staging:
-            merged.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-    return MergedModel(
-        directory=out_dir,
-        base_directory=local_directory(base, cache_dir),
-        chats=chats,
-        logits=logits,
-        vocab_size=int(merged.config.vocab_size),
-        num_parameters=int(merged.num_parameters()),
-        dtype=dtype,
-        merge_error=error,
-    )
+    return _kept(merged, tokenizer, base, cache_dir, out_dir, chats, logits, error)

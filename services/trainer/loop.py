@@ -196,6 +196,14 @@ class LoraTraining:
         torch.manual_seed(config.seed)  # LoRA init and dropout; data order has its own Random
         self.model = apply_adapter(model, config)
         self.device = next(self.model.parameters()).device
+        self.start_optimisation()
+        if resume is not None:
+            self.restore(resume)
+
+    def start_optimisation(self) -> None:
+        """Optimizer, schedule, data order and counters at step 0, for `self.model`'s
+        trainable weights over `self.dataset`'s examples."""
+        config = self.config
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
@@ -215,8 +223,6 @@ class LoraTraining:
         self.evals: list[tuple[int, float]] = []
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.evals_since_best = 0
-        if resume is not None:
-            self.restore(resume)
 
     @property
     def eval_interval(self) -> int:

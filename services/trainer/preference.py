@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import tempfile
 import warnings
 from dataclasses import dataclass, replace
@@ -45,13 +44,11 @@ from backpropagate_services.common.errors import ConfigError, DatasetEmptyError
 from backpropagate_services.common.training import PREFERENCE_METHODS, TrainingConfig
 from backpropagate_services.trainer.checkpoints import TrainingState
 from backpropagate_services.trainer.loop import (
-    BatchSampler,
     EvalReport,
     LoraTraining,
     OomRecovery,
     StepReport,
     TrainingHooks,
-    learning_rate_factor,
 )
 from backpropagate_services.trainer.lora import apply_adapter
 from backpropagate_services.trainer.templating import TokenizedExample
@@ -228,27 +225,9 @@ class PreferenceTraining(LoraTraining):
                 self.dataset.dropped,
                 self.dataset.truncated,
             )
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: learning_rate_factor(
-                step, config.warmup_steps, config.steps, config.lr_scheduler
-            ),
-        )
-        self.batches = BatchSampler(len(self.dataset.examples), config.batch_size, config.seed)
-        self.step = 0
-        self.loss_history: list[float] = []
-        self.tokens_seen = 0
-        self.micro_batch_size = math.ceil(config.batch_size / config.gradient_accumulation)
-        self.oom_recoveries = 0
+        self.start_optimisation()
         # Eval loss is SFT's token loss: a preference run has no eval set.
         self.eval_examples: list[TokenizedExample] = []
-        self.evals: list[tuple[int, float]] = []
-        self.best_weights: dict[str, torch.Tensor] | None = None
-        self.evals_since_best = 0
         # The last step's, from trl's metrics: chosen minus rejected reward, and the share of
         # rows whose chosen answer is rewarded more (None where trl logs none: KTO's accuracy).
         self.reward_margin: float | None = None
