@@ -11,11 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from main_job import (
-    check_fine_tune_learned,
-    check_main_job,
-    check_malformed_dataset_is_rejected,
-)
+from main_job import check_main_job, check_malformed_dataset_is_rejected
 from ollama_test_server import running_ollama_test_server
 
 from backpropagate import Trainer, register_with_ollama
@@ -295,9 +291,3 @@ def test_push_without_a_hub_token_fails_with_its_code_through_the_export_service
     assert "huggingface-cli login" in caught.value.hint
     with pytest.raises(ConfigError, match="INPUT_CONFIG_INVALID"):
         embedded_trainer.push("not a repo", run_id=run.run_id)
-
-
-def test_a_fine_tune_learns_and_its_record_says_how(
-    embedded_trainer: Trainer, tmp_path: Path
-) -> None:
-    check_fine_tune_learned(embedded_trainer, tmp_path)

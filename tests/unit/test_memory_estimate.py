@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -218,7 +219,8 @@ model, tokenizer = load_model(
     resolve_model(sys.argv[3]), settings.model_cache_dir, hardware.device, hardware.compute_dtype
 )
 LoraTraining(model, tokenizer, conversations, config).run()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"peak": peak, "dtype": hardware.compute_dtype, "weights": str(model.dtype)}))
 """
 
 
@@ -237,7 +239,7 @@ def long_conversations(count: int, words: int) -> list[list[dict[str, str]]]:
     ]
 
 
-def measured_peak_rss(config: dict[str, int], data: Path, model_dir: Path) -> int:
+def measured_peak_rss(config: dict[str, int], data: Path, model_dir: Path) -> dict[str, Any]:
     """Peak RSS of a run that loads the model from its HF directory: a GGUF to dequantise on
     the way (its cached copy missing or stale) would add a loading peak that is no training's."""
     done = subprocess.run(
@@ -249,14 +251,21 @@ def measured_peak_rss(config: dict[str, int], data: Path, model_dir: Path) -> in
             str(data),
             str(model_dir),
         ],
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        # Only what the run needs: nothing a test before this one left in the environment.
+        env={
+            "PATH": os.environ["PATH"],
+            "HOME": os.environ.get("HOME", "/root"),
+            "BACKPROPAGATE_HOME": os.environ["BACKPROPAGATE_HOME"],
+            "BACKPROPAGATE_MODEL_CACHE": str(Settings().model_cache_dir),
+            "CUDA_VISIBLE_DEVICES": "",
+        },
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return int(done.stdout.split()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.model
@@ -286,7 +295,8 @@ def test_estimate_is_within_a_quarter_of_a_real_runs_peak_rss_and_tracks_the_bat
             conversations=conversations,
         )
         measured = measured_peak_rss(config, data, smollm2_dir)
-        results[batch_size] = (estimate.total_bytes, measured)
+        assert measured["dtype"] == hardware.compute_dtype, measured  # estimated for that dtype
+        results[batch_size] = (estimate.total_bytes, measured["peak"])
 
     for batch_size, (estimated, measured) in results.items():
         assert abs(estimated / measured - 1) <= 0.25, (batch_size, estimated, measured)
