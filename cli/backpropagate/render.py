@@ -48,6 +48,11 @@ def print_run(run: RunResult) -> None:
 
 
 def _eval_rows(run: RunResult) -> list[tuple[str, str]]:
+    if run.method != "sft":
+        return [
+            ("reward margin", f"{run.reward_margin:.4f} (chosen minus rejected, last steps)"),
+            ("reward accuracy", f"{run.reward_accuracy:.0%}"),
+        ]
     if not run.evals:
         return []
     base_step, base_loss = run.evals[0]

@@ -45,6 +45,8 @@ class RunResult:
     trainable_parameters: int = 0
     peak_memory_bytes: int = 0
     tokens_per_second: float = 0.0
+    reward_margin: float = 0.0  # preference methods: chosen minus rejected reward, last steps
+    reward_accuracy: float = 0.0
 
     @property
     def output_path(self) -> str:
@@ -83,6 +85,8 @@ class RunResult:
             trainable_parameters=record.trainable_parameters,
             peak_memory_bytes=record.peak_memory_bytes,
             tokens_per_second=record.tokens_per_second,
+            reward_margin=record.reward_margin,
+            reward_accuracy=record.reward_accuracy,
         )
 
 

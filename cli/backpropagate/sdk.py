@@ -124,6 +124,8 @@ class Trainer:
 
     def _open(self, workers: bool) -> Connection:
         if self._connection is None or (workers and not self._has_workers):
+            if self._connection is not None:
+                self._connection.close()  # a reading one, replaced by one whose stack works
             self._connection = Connection.open(self.settings, workers=workers)
             self._has_workers = workers
         return self._connection
