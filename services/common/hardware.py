@@ -125,3 +125,20 @@ def peak_memory_bytes(hardware: Hardware) -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if platform.system() == "Darwin" else peak * 1024)  # bytes there, KiB here
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives threads malloc arenas of their own and keeps what was freed in each; a
+    trainer whose loading and compute threads allocate gigabytes then holds an extra that
+    depends on thread timing. A couple of arenas keep its memory near what `memory_estimate`
+    predicts. Does nothing where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.mallopt(M_ARENA_MAX, arenas)

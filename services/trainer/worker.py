@@ -22,7 +22,7 @@ from backpropagate_services.common.datasets import (
     load_preference_rows,
 )
 from backpropagate_services.common.errors import CheckpointInvalidError
-from backpropagate_services.common.hardware import detect, peak_memory_bytes
+from backpropagate_services.common.hardware import detect, limit_malloc_arenas, peak_memory_bytes
 from backpropagate_services.common.jobs import (
     JobWorker,
     Lease,
@@ -75,6 +75,7 @@ class TrainWorker(JobWorker):
         super().__init__(
             runtime.queue, queue_settings.visibility_timeout_seconds, queue_settings.max_attempts
         )
+        limit_malloc_arenas()  # before this worker's threads allocate: see memory_estimate
         self.runtime = runtime
         self.store = runtime.store
         self.safety = safety

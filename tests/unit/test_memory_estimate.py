@@ -204,12 +204,13 @@ def test_the_table_shows_every_part_the_device_and_whether_it_fits(monkeypatch):
 TRAIN_AND_REPORT_PEAK = """
 import json, resource, sys
 import torch
-from backpropagate_services.common.hardware import detect
+from backpropagate_services.common.hardware import detect, limit_malloc_arenas
 from backpropagate_services.common.models import load_model, resolve_model
 from backpropagate_services.common.settings import Settings
 from backpropagate_services.trainer.loop import LoraTraining
 from backpropagate_services.common.training import TrainingConfig
 
+limit_malloc_arenas()  # as a train worker does
 config, data = TrainingConfig(**json.loads(sys.argv[1])), sys.argv[2]
 conversations = [json.loads(line)["messages"] for line in open(data)]
 settings = Settings()
