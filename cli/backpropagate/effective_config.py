@@ -16,12 +16,10 @@ from pydantic import BaseModel, SecretStr
 from rich.table import Table
 
 from backpropagate.render import JsonOption, console
-from backpropagate_services.common.settings import Settings, get_settings
+from backpropagate_services.common.settings import LORA_FIELD_NAMES, Settings, get_settings
 from backpropagate_services.common.training import LORA_PRESETS, TRAINING_PRESETS, TrainingConfig
 
 PREFIX = "BACKPROPAGATE_"
-# Settings whose TrainConfig field has another name.
-LORA_FIELDS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 # Built-in defaults worked out per run.
 HARDWARE_OR_DATA = {
     "steps": "from the data's size",
@@ -65,17 +63,14 @@ def training_entries(settings: Settings) -> list[Entry]:
             TRAINING_PRESETS.get(settings.training.preset or "", {}),
         ),
     ]
-    configured = settings.training.model_dump(exclude_none=True, exclude={"preset"}) | {
-        LORA_FIELDS.get(name, name): value
-        for name, value in settings.lora.model_dump(exclude_none=True, exclude={"preset"}).items()
-    }
+    configured = settings.training_defaults()
     built_in = TrainingConfig()
     entries: list[Entry] = []
     for field in fields(TrainingConfig):
         name = field.name
         group, setting = (
-            ("LORA", next(k for k, v in LORA_FIELDS.items() if v == name))
-            if name in LORA_FIELDS.values()
+            ("LORA", next(k for k, v in LORA_FIELD_NAMES.items() if v == name))
+            if name in LORA_FIELD_NAMES.values()
             else ("LORA", name)
             if name == "target_modules"
             else ("TRAINING", name)

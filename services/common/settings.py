@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -106,6 +106,10 @@ class TrainingSettings(BaseModel):
     report_to: list[str] | None = Field(
         None, description="Experiment trackers (tensorboard, wandb, mlflow), auto or none."
     )
+
+
+# LoraSettings fields whose training-config field has another name (TrainConfig.lora_r, ...).
+LORA_FIELD_NAMES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
 
 class LoraSettings(BaseModel):
@@ -349,6 +353,14 @@ class Settings(BaseSettings):
     export: ExportSettings = Field(default_factory=ExportSettings)  # type: ignore[arg-type]
     safety: SafetySettings = Field(default_factory=SafetySettings)  # type: ignore[arg-type]
     fault: FaultSettings = Field(default_factory=FaultSettings)  # type: ignore[arg-type]
+
+    def training_defaults(self) -> dict[str, Any]:
+        """The training fields the TRAINING__* and LORA__* settings set (presets aside), by
+        their names in the training config."""
+        lora = self.lora.model_dump(exclude_none=True, exclude={"preset"})
+        return self.training.model_dump(exclude_none=True, exclude={"preset"}) | {
+            LORA_FIELD_NAMES.get(name, name): value for name, value in lora.items()
+        }
 
     @property
     def local_store_root(self) -> Path:

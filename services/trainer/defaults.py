@@ -60,14 +60,6 @@ def machine_accumulation(config: TrainingConfig, hardware: Hardware) -> int:
     return math.ceil(config.batch_size / micro_batch)
 
 
-def _settings_values(settings: Settings) -> dict[str, Any]:
-    training = settings.training.model_dump(exclude_none=True, exclude={"preset"})
-    lora = settings.lora.model_dump(exclude_none=True, exclude={"preset"})
-    return training | {
-        f"lora_{name}" if name != "target_modules" else name: value for name, value in lora.items()
-    }
-
-
 def _fill(config: trainer_pb2.TrainConfig, values: dict[str, Any]) -> None:
     """Set each field of `values` that `config` leaves at its default."""
     for name, value in values.items():
@@ -104,7 +96,7 @@ def settle(
     named = (request.lora_preset, request.preset)
     from_settings = (settings.lora.preset or "", settings.training.preset or "")
     _fill_presets(config, *named)
-    _fill(config, _settings_values(settings))
+    _fill(config, settings.training_defaults())
     _fill_presets(config, *from_settings)
     config.lora_preset = request.lora_preset or from_settings[0]
     config.preset = request.preset or from_settings[1]

@@ -1,10 +1,10 @@
 """The LoRA SFT loop: setup, the step, the report; resumable from a checkpointed state.
 
-The loss is computed in `LoraTraining._step`, in plain sight: cross-entropy of the logits at
-position t against the token at t + 1, over assistant tokens only (see `templating`). Logits are
-projected only at those positions (`logits_to_keep` with a boolean mask): the full-vocabulary
-fp32 logits of every prompt and padding position would otherwise dominate memory and a fifth of
-the compute.
+The loss is computed in `LoraTraining.summed_token_loss`, in plain sight: cross-entropy of the
+logits at position t against the token at t + 1, over assistant tokens only (see `templating`).
+Logits are projected only at those positions (`logits_to_keep` with a boolean mask): the
+full-vocabulary fp32 logits of every prompt and padding position would otherwise dominate memory
+and a fifth of the compute.
 """
 
 from __future__ import annotations
@@ -370,18 +370,8 @@ class LoraTraining:
             input_ids, attention_mask, labels = collate(
                 examples[start : start + self.micro_batch_size], self.pad_id, self.device
             )
-            targets = labels[:, 1:]
-            predicts = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
-            logits = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                logits_to_keep=predicts,
-                use_cache=False,
-            ).logits
-            total += float(
-                F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
-            )
-            tokens += int(predicts.sum())
+            total += float(self.summed_token_loss(input_ids, attention_mask, labels))
+            tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
         return total / max(tokens, 1)
 
     def _step_with_oom_recovery(
@@ -425,6 +415,21 @@ class LoraTraining:
                     )
                 )
 
+    def summed_token_loss(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss, in plain sight: cross-entropy of the logits at position t against the
+        token at t + 1, summed over the trained (assistant) tokens of one micro-batch."""
+        targets = labels[:, 1:]
+        predicts = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            logits_to_keep=predicts,
+            use_cache=False,  # a KV cache is for generation
+        ).logits
+        return F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
+
     def _step(self, step: int, indices: list[int]) -> tuple[float, int, float]:
         """One optimizer step over `indices`: (mean loss, trained tokens, learning rate)."""
         examples = [self.dataset.examples[i] for i in indices]
@@ -439,23 +444,14 @@ class LoraTraining:
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for input_ids, attention_mask, labels in micro_batches:
-            targets = labels[:, 1:]
-            predicts = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
-            if not bool(predicts.any()):
+            if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
                 continue
-            logits = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                logits_to_keep=predicts,
-                use_cache=False,  # a KV cache is for generation
-            ).logits
+            summed = self.summed_token_loss(input_ids, attention_mask, labels)
             if step == self.oom_drill_step:
                 self.oom_drill_step = None  # once
                 raise torch.OutOfMemoryError(f"Fault drill: out of memory at step {step}.")
             # Summed and divided by the step's token count: the same mean for any split.
-            loss = F.cross_entropy(
-                logits.float(), targets[targets != IGNORE_INDEX], reduction="sum"
-            ) / max(trained_tokens, 1)
+            loss = summed / max(trained_tokens, 1)
             loss.backward()
             step_loss += loss.item()
         torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
