@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -23,16 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "checkpoint_cost.json"
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     import torch
 
+    from backpropagate_services.common.hardware import cpu_name
     from backpropagate_services.common.models import (
         OFFLINE_DEFAULT_ALIAS,
         load_model,
@@ -88,7 +81,7 @@ def main() -> None:
     step = statistics.median(hooks.step_seconds[1:])  # the first step warms up allocators
     save = statistics.median(hooks.save_seconds)
     result = {
-        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads()},
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads()},
         "config": {"steps": args.steps, "batch_size": config.batch_size, "lora_r": config.lora_r},
         "checkpoint_mb": hooks.sizes[-1] / 1e6,
         "save_seconds_median": save,

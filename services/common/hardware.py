@@ -35,24 +35,25 @@ class Hardware:
 
 
 @lru_cache(maxsize=1)
+def cpuinfo() -> dict[str, str]:
+    """The first CPU's fields as Linux reports them (/proc/cpuinfo); none elsewhere."""
+    path = Path("/proc/cpuinfo")
+    if not path.is_file():
+        return {}
+    fields: dict[str, str] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    return fields
+
+
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them; none elsewhere (fp32 is the safe choice)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return frozenset()
-    for line in cpuinfo.read_text(errors="replace").splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
+    """The CPU's feature flags; none where unknown (fp32 is then the safe choice)."""
+    return frozenset(cpuinfo().get("flags", "").split())
 
 
 def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
+    return cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def cpu_compute_dtype(setting: str = "auto") -> str:
