@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from backpropagate_services.common.errors import (
+    ConfigError,
     FullFineTuneTooLargeError,
     GpuNotAvailableError,
+    MissingDependencyError,
 )
 from backpropagate_services.common.training import TrainingConfig
 
@@ -32,6 +34,13 @@ def check_adapter_supported(config: TrainingConfig, *, cuda: bool, fp8_capable: 
             "this machine has none.",
             hint="Use --adapter lora (the same adapter on a full-precision base).",
             adapter="qlora",
+        )
+    if config.fp8 and config.adapter == "qlora":
+        raise ConfigError(
+            "FP8 compute and QLoRA's 4-bit base are two ways of storing the same weights; a "
+            "run takes one.",
+            hint="Use --adapter lora with --fp8, or --adapter qlora without it.",
+            fields="fp8,adapter",
         )
     if config.fp8 and not fp8_capable:
         raise GpuNotAvailableError(
@@ -63,6 +72,8 @@ def apply_adapter(model: PreTrainedModel, config: TrainingConfig) -> PreTrainedM
     rank keeps learning (Kalajdzievski, 2023). qlora: LoRA on a 4-bit base loaded by `load_model`.
     full: every weight trains; no adapter.
     """
+    if config.fp8:
+        use_fp8_compute(model)
     if config.adapter == "full":
         check_full_fine_tune_size(model.num_parameters())
         model.requires_grad_(True)
@@ -84,3 +95,27 @@ def apply_adapter(model: PreTrainedModel, config: TrainingConfig) -> PreTrainedM
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora_config)  # type: ignore[return-value]
+
+
+FP8_ALIGNMENT = 16  # FP8 matmuls take dimensions in multiples of 16
+
+
+def use_fp8_compute(model: PreTrainedModel) -> None:
+    """Compute every linear layer but the output head in FP8, in place (torchao's float8
+    training: inputs, weights and gradients cast with dynamic per-tensor scales, the weights
+    themselves kept in their own dtype, so a LoRA adapter or a full fine-tune saves as usual).
+    The head stays: its logits feed the loss, where FP8's 3 mantissa bits cost accuracy."""
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "FP8 training needs the torchao package where the trainer runs.",
+            hint="pip install torchao (in the trainer image's gpu extra), or leave out --fp8.",
+        ) from exc
+    convert_to_float8_training(model, module_filter_fn=_fp8_convertible)
+
+
+def _fp8_convertible(module: object, name: str) -> bool:
+    sizes = (getattr(module, "in_features", 0), getattr(module, "out_features", 0))
+    aligned = all(size > 0 and size % FP8_ALIGNMENT == 0 for size in sizes)
+    return aligned and not name.endswith("lm_head")

@@ -36,20 +36,28 @@ def smollm2(smollm2_dir: Path):
 
 @pytest.mark.model
 @pytest.mark.parametrize(
-    ("adapter", "learning_rate", "trains"),
+    ("adapter", "fp8", "learning_rate", "trains"),
     [
-        ("lora", 1e-3, ".lora_"),
-        ("dora", 1e-3, ".lora_magnitude_vector"),
-        ("rslora", 1e-3, ".lora_"),
-        ("full", 1e-4, "model.layers.0.mlp.down_proj.weight"),
+        ("lora", False, 1e-3, ".lora_"),
+        ("dora", False, 1e-3, ".lora_magnitude_vector"),
+        ("rslora", False, 1e-3, ".lora_"),
+        ("full", False, 1e-4, "model.layers.0.mlp.down_proj.weight"),
+        # FP8 matmuls: what --fp8 runs on a Hopper GPU, here on torch's CPU FP8 kernels.
+        ("lora", True, 1e-3, ".lora_"),
     ],
+    ids=["lora", "dora", "rslora", "full", "lora-fp8"],
 )
 def test_each_adapter_learns_a_memorisation_set_on_smollm2(
-    smollm2_dir, adapter, learning_rate, trains
+    smollm2_dir, adapter, fp8, learning_rate, trains
 ):
     model, tokenizer = smollm2(smollm2_dir)
     config = TrainingConfig(
-        steps=6, adapter=adapter, learning_rate=learning_rate, lora_dropout=0.0, max_length=64
+        steps=6,
+        adapter=adapter,
+        fp8=fp8,
+        learning_rate=learning_rate,
+        lora_dropout=0.0,
+        max_length=64,
     )
     training = LoraTraining(model, tokenizer, MEMORISE, config, eval_conversations=MEMORISE)
     before = training.eval_loss()
@@ -65,6 +73,10 @@ def test_each_adapter_learns_a_memorisation_set_on_smollm2(
         assert layer.scaling["default"] == pytest.approx(config.lora_alpha / config.lora_r**0.5)
     if adapter == "full":
         assert all(parameter.requires_grad for parameter in trained_model.parameters())
+    layers = {type(module).__name__ for module in trained_model.modules()}
+    assert ("Float8Linear" in layers) == fp8
+    if fp8:  # the output head stays out: its logits feed the loss
+        assert type(trained_model.base_model.model.lm_head).__name__ == "Linear"
 
 
 @pytest.mark.model
@@ -103,6 +115,11 @@ def test_qlora_and_fp8_without_a_capable_gpu_say_so_and_name_the_alternative():
     with pytest.raises(GpuNotAvailableError, match="Hopper or Blackwell"):
         check_adapter_supported(TrainingConfig(fp8=True), cuda=True, fp8_capable=False)
     check_adapter_supported(TrainingConfig(adapter="qlora"), cuda=True, fp8_capable=False)
+    with pytest.raises(ConfigError, match="one") as both:
+        check_adapter_supported(
+            TrainingConfig(adapter="qlora", fp8=True), cuda=True, fp8_capable=True
+        )
+    assert both.value.context["fields"] == "fp8,adapter"
 
 
 def test_full_fine_tuning_is_refused_above_4b_parameters():
