@@ -154,4 +154,4 @@ def load_preference_rows(store: ArtifactStore, dataset_id: str, method: str) -> 
 
 def _rows(store: ArtifactStore, dataset_id: str) -> list[dict[str, Any]]:
     text = store.get_bytes(f"{_prefix(dataset_id)}/data.jsonl").decode()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [json.loads(line) for line in text.split("\n") if line.strip()]

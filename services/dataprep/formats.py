@@ -219,16 +219,8 @@ PREFERENCE_HINTS = {
 }
 
 
-def _rows(lines: Iterable[bytes], filename: str) -> Iterable[_Row]:
-    for number, raw in enumerate(lines, start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DatasetParseError(
-                f"{filename} line {number}: not valid UTF-8 ({exc.reason} at byte {exc.start})",
-                filename=filename,
-                line=number,
-            ) from exc
+def _rows(lines: Iterable[str], filename: str) -> Iterable[_Row]:
+    for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
         try:
@@ -236,6 +228,12 @@ def _rows(lines: Iterable[bytes], filename: str) -> Iterable[_Row]:
         except json.JSONDecodeError as exc:
             raise DatasetParseError(
                 f"{filename} line {number}: invalid JSON ({exc.msg} at column {exc.colno})",
+                filename=filename,
+                line=number,
+            ) from exc
+        except RecursionError as exc:  # no chat row nests anywhere near this deep
+            raise DatasetParseError(
+                f"{filename} line {number}: JSON nested too deeply to be a dataset row",
                 filename=filename,
                 line=number,
             ) from exc
@@ -249,8 +247,9 @@ def _rows(lines: Iterable[bytes], filename: str) -> Iterable[_Row]:
         yield _Row(filename, number, value)
 
 
-def parse_jsonl(lines: Iterable[bytes], filename: str, format_hint: str = "auto") -> ParsedDataset:
-    """Parse and validate a whole file; the first bad row raises with its line number."""
+def parse_jsonl(lines: Iterable[str], filename: str, format_hint: str = "auto") -> ParsedDataset:
+    """Parse and validate a whole file's decoded lines (encoding.text_lines); the first bad row
+    raises with its line number."""
     expected = None if format_hint in ("", "auto") else format_hint
     if expected is not None and expected not in FORMATS:
         raise DatasetFormatUnknownError(

@@ -21,6 +21,7 @@ from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
+from backpropagate_services.dataprep.encoding import text_lines
 from backpropagate_services.dataprep.formats import parse_jsonl
 
 SERVICE_NAME = dataprep_pb2.DESCRIPTOR.services_by_name["DataprepService"].full_name
@@ -62,9 +63,8 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
                     digest.update(message.chunk)
                     handle.write(message.chunk)
             dataset_id = digest.hexdigest()
-            parsed = parse_jsonl(
-                path.read_bytes().splitlines(), header.filename or "dataset", header.format
-            )
+            filename = header.filename or "dataset"
+            parsed = parse_jsonl(text_lines(path, filename), filename, header.format)
             size = path.stat().st_size
             if parsed.preference_rows:
                 record = save_preference_dataset(

@@ -38,13 +38,13 @@ OPENAI_ROW = {
 ALPACA_ROW = {"instruction": "Translate to French", "input": "cat", "output": "chat"}
 
 
-def jsonl(*rows: object) -> list[bytes]:
+def jsonl(*rows: object) -> list[str]:
     """Lines of a JSONL file as `parse_jsonl` receives them; str rows are taken verbatim."""
-    return [(row if isinstance(row, str) else json.dumps(row)).encode() for row in rows]
+    return [row if isinstance(row, str) else json.dumps(row) for row in rows]
 
 
 def rejection(
-    error_class: type[BackpropagateError], lines: list[bytes], format_hint: str = "auto"
+    error_class: type[BackpropagateError], lines: list[str], format_hint: str = "auto"
 ) -> BackpropagateError:
     with pytest.raises(error_class) as caught:
         parse_jsonl(lines, FILENAME, format_hint)
@@ -121,13 +121,13 @@ def test_explicit_format_hint_that_matches_the_file_is_accepted() -> None:
 
 
 def test_blank_lines_are_skipped_without_becoming_examples() -> None:
-    parsed = parse_jsonl([b"", *jsonl(OPENAI_ROW), b"   ", b"\t", *jsonl(OPENAI_ROW)], FILENAME)
+    parsed = parse_jsonl(["", *jsonl(OPENAI_ROW), "   ", "\t", *jsonl(OPENAI_ROW)], FILENAME)
 
     assert len(parsed.conversations) == 2
 
 
 def test_line_numbers_stay_the_files_own_after_blank_lines() -> None:
-    lines = [*jsonl(OPENAI_ROW), b"", b"  ", b"{broken"]
+    lines = [*jsonl(OPENAI_ROW), "", "  ", "{broken"]
 
     error = rejection(DatasetParseError, lines)
 
@@ -155,12 +155,11 @@ def test_row_that_is_not_an_object_is_rejected_with_its_type(row: str) -> None:
     assert type(json.loads(row)).__name__ in error.message
 
 
-def test_invalid_utf8_is_rejected_with_line_number_and_byte_offset() -> None:
-    error = rejection(DatasetParseError, [*jsonl(OPENAI_ROW), b'{"messages": "caf\xe9"}'])
+def test_json_nested_past_any_row_is_a_parse_error_not_a_crash() -> None:
+    error = rejection(DatasetParseError, jsonl(OPENAI_ROW, "[" * 100_000 + "]" * 100_000))
 
     assert_points_at(error, line=2)
-    assert "not valid UTF-8" in error.message
-    assert "at byte 17" in error.message
+    assert "nested too deeply" in error.message
 
 
 # --- rows of the right format with a bad field -------------------------------------------------
@@ -330,9 +329,9 @@ def test_alpaca_needs_both_instruction_and_output_to_be_recognised() -> None:
 
 
 @pytest.mark.parametrize(
-    "lines", [[], [b""], [b"", b"   ", b"\t\r"]], ids=["no-lines", "one-blank", "only-blanks"]
+    "lines", [[], [""], ["", "   ", "\t\r"]], ids=["no-lines", "one-blank", "only-blanks"]
 )
-def test_file_without_rows_is_rejected_as_empty(lines: list[bytes]) -> None:
+def test_file_without_rows_is_rejected_as_empty(lines: list[str]) -> None:
     error = rejection(DatasetEmptyError, lines)
 
     assert error.context == {"filename": FILENAME}
@@ -347,7 +346,7 @@ def test_explicit_format_hint_rejects_a_file_of_another_format_at_its_first_row(
 
 
 def test_unknown_format_hint_is_rejected_before_reading_any_row() -> None:
-    error = rejection(DatasetFormatUnknownError, [b"{not json"], format_hint="csv")
+    error = rejection(DatasetFormatUnknownError, ["{not json"], format_hint="csv")
 
     assert error.context == {"format": "csv"}
     assert "'csv'" in error.message

@@ -25,6 +25,7 @@ from backpropagate_services.common.errors import (
     DatasetSchemaError,
 )
 from backpropagate_services.common.store.local import LocalDirStore
+from backpropagate_services.dataprep.encoding import text_lines
 from backpropagate_services.dataprep.formats import parse_jsonl
 
 FILENAME = "prefs.jsonl"
@@ -34,8 +35,8 @@ PAIR = {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "London.
 LABELLED = {"prompt": "Capital of France?", "completion": "Paris.", "label": True}
 
 
-def jsonl(*rows: object) -> list[bytes]:
-    return [json.dumps(row).encode() for row in rows]
+def jsonl(*rows: object) -> list[str]:
+    return [json.dumps(row) for row in rows]
 
 
 def user(text: str) -> dict[str, str]:
@@ -114,7 +115,7 @@ def test_labelled_answers_are_the_kto_format_and_keep_their_boolean_label() -> N
 def test_the_shipped_examples_parse_as_their_format(name: str, format_name: str) -> None:
     path = EXAMPLES / f"{name}.jsonl"
 
-    parsed = parse_jsonl(path.read_bytes().splitlines(), path.name)
+    parsed = parse_jsonl(text_lines(path, path.name), path.name)
 
     assert parsed.format == format_name
     assert len(parsed.preference_rows) >= 10

@@ -1,0 +1,73 @@
+"""A dataset file's lines as text, however the editor that wrote it saved it.
+
+Windows tools write UTF-8 with a byte-order mark, Notepad and Excel's "Unicode text" write
+UTF-16 with one, and most write CRLF line ends: all of that is decoded here, line by line (a big
+file is never held whole), so the parsers only see text. A file in any other encoding fails on the
+first line that is not UTF-8, with that line's number.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from pathlib import Path
+
+from backpropagate_services.common.errors import DatasetParseError
+
+# Longest first: UTF-32 LE's mark begins with UTF-16 LE's.
+BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def file_encoding(path: Path) -> str:
+    """The encoding its byte-order mark names; UTF-8 without one."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    return next((name for mark, name in BYTE_ORDER_MARKS if head.startswith(mark)), "utf-8")
+
+
+def text_lines(path: Path, filename: str) -> Iterator[str]:
+    """Each line of the file, decoded, without its line end (LF or CRLF)."""
+    encoding = file_encoding(path)
+    if encoding == "utf-16" or encoding == "utf-32":
+        yield from _wide_lines(path, filename, encoding)
+        return
+    with path.open("rb") as handle:
+        # Split on LF only, as JSON Lines does: U+2028 and the like may sit inside a string.
+        for number, raw in enumerate(handle, start=1):
+            line = raw.removesuffix(b"\n").removesuffix(b"\r")
+            if number == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)
+            try:
+                yield line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_decodable(
+                    filename, number, "UTF-8", f"{exc.reason} at byte {exc.start}"
+                ) from exc
+
+
+def _wide_lines(path: Path, filename: str, encoding: str) -> Iterator[str]:
+    """UTF-16 / UTF-32 lines. Decoded a block at a time, so a bad byte is placed near, not at,
+    its line."""
+    read = 0
+    with path.open(encoding=encoding, newline="") as handle:
+        try:
+            for line in handle:
+                read += 1
+                yield line.removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError as exc:
+            raise _not_decodable(filename, read + 1, encoding.upper(), "near here") from exc
+
+
+def _not_decodable(filename: str, line: int, encoding: str, where: str) -> DatasetParseError:
+    return DatasetParseError(
+        f"{filename} line {line}: not valid {encoding} ({where})",
+        hint="Save the file as UTF-8 (in most editors: Save As, Encoding: UTF-8).",
+        filename=filename,
+        line=line,
+    )

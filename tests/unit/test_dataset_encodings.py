@@ -1,0 +1,103 @@
+"""Dataset files as editors and tools save them: a byte-order mark, UTF-16, CRLF line ends,
+trailing blank lines, characters JSON allows inside a string that Python counts as line breaks.
+Each is read as the same rows; a file in another encoding is refused at its line, with a hint."""
+
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+
+import pytest
+
+from backpropagate.connection import Connection
+from backpropagate.workflows import upload_dataset
+from backpropagate_services.common.datasets import load_conversations, save_dataset
+from backpropagate_services.common.errors import DatasetParseError
+from backpropagate_services.common.settings import Settings
+from backpropagate_services.common.store.local import LocalDirStore
+from backpropagate_services.dataprep.encoding import text_lines
+from backpropagate_services.dataprep.formats import parse_jsonl
+from backpropagate_services.stack import start_stack
+
+ROWS = [
+    {"messages": [{"role": "user", "content": "Héllo"}, {"role": "assistant", "content": "Hi ✓"}]},
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+]
+TEXT = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in ROWS)
+
+
+def parsed_conversations(path: Path) -> list[list[dict[str, str]]]:
+    return parse_jsonl(text_lines(path, path.name), path.name).conversations
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        TEXT.encode("utf-8"),
+        codecs.BOM_UTF8 + TEXT.encode("utf-8"),
+        TEXT.replace("\n", "\r\n").encode("utf-8"),
+        (TEXT + "\n\r\n  \n").encode("utf-8"),
+        TEXT.replace("\n", "\r\n").encode("utf-16"),  # with its BOM, as Windows writes it
+        codecs.BOM_UTF16_BE + TEXT.encode("utf-16-be"),
+        TEXT.encode("utf-32"),
+    ],
+    ids=["utf-8", "utf-8 bom", "crlf", "trailing blanks", "utf-16 le crlf", "utf-16 be", "utf-32"],
+)
+def test_every_way_an_editor_saves_the_file_reads_as_the_same_rows(tmp_path, saved):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(saved)
+
+    assert parsed_conversations(path) == [row["messages"] for row in ROWS]
+
+
+def test_a_line_in_another_encoding_is_refused_at_that_line_with_a_hint(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(TEXT.encode("utf-8") + '{"messages": "café"}\n'.encode("latin-1"))
+
+    with pytest.raises(DatasetParseError) as caught:
+        parsed_conversations(path)
+
+    assert caught.value.code == "INPUT_DATASET_PARSE"
+    assert caught.value.context == {"filename": "latin1.jsonl", "line": "3"}
+    assert "not valid UTF-8 (invalid continuation byte at byte 17)" in caught.value.message
+    assert "UTF-8" in caught.value.hint
+
+
+def test_a_broken_utf16_file_is_refused_with_a_parse_error(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_bytes(TEXT.encode("utf-16") + b"\x00\xd8")  # a lone high surrogate
+
+    with pytest.raises(DatasetParseError, match="not valid UTF-16"):
+        parsed_conversations(path)
+
+
+def test_line_separators_inside_a_string_stay_in_the_row_through_the_store(tmp_path):
+    """U+2028 and U+0085 are valid inside a JSON string; str.splitlines() would cut the row."""
+    row = {"messages": [{"role": "user", "content": "a\u2028b\x85c"}, ROWS[0]["messages"][1]]}
+    path = tmp_path / "separators.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    store = LocalDirStore(tmp_path / "store")
+
+    conversations = parsed_conversations(path)
+    save_dataset(store, "d1", "openai", conversations, path.name, path.stat().st_size)
+
+    assert load_conversations(store, "d1") == [row["messages"]]
+
+
+def test_a_utf16_file_with_crlf_uploads_through_the_dataprep_service(tmp_path):
+    path = tmp_path / "excel export.jsonl"
+    path.write_bytes(TEXT.replace("\n", "\r\n").encode("utf-16"))
+    stack = start_stack(Settings(home=tmp_path / "home"), ["dataprep"], "127.0.0.1:0")
+    connection = Connection({"dataprep": stack.address}, False)
+    try:
+        dataset = upload_dataset(connection, path)
+        stored = load_conversations(
+            LocalDirStore(tmp_path / "home" / "artifacts"), dataset.dataset_id
+        )
+    finally:
+        connection.close()
+        stack.stop()
+
+    assert (dataset.format, dataset.num_examples) == ("openai", 2)
+    assert stored == [row["messages"] for row in ROWS]
