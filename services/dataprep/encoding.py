@@ -14,6 +14,9 @@ from pathlib import Path
 
 from backpropagate_services.common.errors import DatasetParseError
 
+# One row's limit: about two million tokens of text, past any context a model trains on.
+MAX_LINE_BYTES = 8 * 2**20
+
 # Longest first: UTF-32 LE's mark begins with UTF-16 LE's.
 BYTE_ORDER_MARKS = (
     (codecs.BOM_UTF32_LE, "utf-32"),
@@ -32,14 +35,18 @@ def file_encoding(path: Path) -> str:
 
 
 def text_lines(path: Path, filename: str) -> Iterator[str]:
-    """Each line of the file, decoded, without its line end (LF or CRLF)."""
+    """Each line of the file, decoded, without its line end (LF or CRLF). A line longer than
+    MAX_LINE_BYTES is refused without being read whole."""
     encoding = file_encoding(path)
     if encoding == "utf-16" or encoding == "utf-32":
         yield from _wide_lines(path, filename, encoding)
         return
     with path.open("rb") as handle:
+        number = 0
         # Split on LF only, as JSON Lines does: U+2028 and the like may sit inside a string.
-        for number, raw in enumerate(handle, start=1):
+        while raw := handle.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            _check_length(len(raw), raw.endswith(b"\n"), filename, number)
             line = raw.removesuffix(b"\n").removesuffix(b"\r")
             if number == 1:
                 line = line.removeprefix(codecs.BOM_UTF8)
@@ -57,11 +64,24 @@ def _wide_lines(path: Path, filename: str, encoding: str) -> Iterator[str]:
     read = 0
     with path.open(encoding=encoding, newline="") as handle:
         try:
-            for line in handle:
+            while line := handle.readline(MAX_LINE_BYTES + 1):  # characters: the bound is looser
                 read += 1
+                _check_length(len(line), line.endswith(("\n", "\r")), filename, read)
                 yield line.removesuffix("\n").removesuffix("\r")
         except UnicodeDecodeError as exc:
             raise _not_decodable(filename, read + 1, encoding.upper(), "near here") from exc
+
+
+def _check_length(length: int, ended: bool, filename: str, line: int) -> None:
+    """A read of MAX_LINE_BYTES + 1 that did not reach the line's end: the line is longer."""
+    if length - ended > MAX_LINE_BYTES:
+        raise DatasetParseError(
+            f"{filename} line {line}: longer than {MAX_LINE_BYTES // 2**20} MiB, far more than "
+            "any model trains on in one row",
+            hint="Split the document into rows, or leave it out.",
+            filename=filename,
+            line=line,
+        )
 
 
 def _not_decodable(filename: str, line: int, encoding: str, where: str) -> DatasetParseError:

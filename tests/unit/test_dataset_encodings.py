@@ -16,6 +16,7 @@ from backpropagate_services.common.datasets import load_conversations, save_data
 from backpropagate_services.common.errors import DatasetParseError
 from backpropagate_services.common.settings import Settings
 from backpropagate_services.common.store.local import LocalDirStore
+from backpropagate_services.dataprep import encoding
 from backpropagate_services.dataprep.encoding import text_lines
 from backpropagate_services.dataprep.formats import parse_jsonl
 from backpropagate_services.stack import start_stack
@@ -101,3 +102,46 @@ def test_a_utf16_file_with_crlf_uploads_through_the_dataprep_service(tmp_path):
 
     assert (dataset.format, dataset.num_examples) == ("openai", 2)
     assert stored == [row["messages"] for row in ROWS]
+
+
+# --- pathological files: a stable INPUT_ code with the file and line, never INTERNAL ------------
+
+
+def refusal(tmp_path: Path, saved: bytes) -> DatasetParseError:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(saved)
+    with pytest.raises(DatasetParseError) as caught:
+        parsed_conversations(path)
+    assert caught.value.code == "INPUT_DATASET_PARSE"
+    return caught.value
+
+
+def test_a_line_past_the_limit_is_refused_at_its_line_without_reading_it_whole(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(encoding, "MAX_LINE_BYTES", 1024)
+    row = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "y"}]}
+    row["messages"][0]["content"] = "x" * (1024 - len(json.dumps(row)))
+    at_limit = json.dumps(row).encode()
+    assert len(at_limit) == 1024  # a row of exactly the limit is read; one byte more is not
+
+    error = refusal(tmp_path, TEXT.encode() + at_limit + b"\n" + b"x" * 5000 + b"\n")
+
+    assert error.context == {"filename": "bad.jsonl", "line": "4"}
+    assert "longer than" in error.message
+
+
+@pytest.mark.parametrize(
+    ("saved", "line"),
+    [
+        (TEXT.encode() + b'{"messages": "a\x00b"}\n', 3),  # a raw NUL inside a string
+        (b"\x00\x00\x00\x00", 1),  # NULs alone (no byte-order mark)
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", 1),  # an image
+        (b"PK\x03\x04\x14\x00\x00\x00\x08\x00", 1),  # a zip archive
+    ],
+    ids=["nul in a string", "nul bytes", "png", "zip"],
+)
+def test_nul_bytes_and_binary_files_are_refused_at_their_line(tmp_path, saved, line):
+    error = refusal(tmp_path, saved)
+
+    assert error.context["line"] == str(line)
