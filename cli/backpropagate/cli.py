@@ -154,6 +154,10 @@ def train_command(
         str, typer.Option(help="Trackers: auto (default), none, or tensorboard,wandb,mlflow.")
     ] = "",
     mode: Annotated[str, typer.Option(help="lora or full: the same as --adapter.")] = "",
+    strict: Annotated[
+        bool,
+        typer.Option(help="Fail on the first bad row (default: leave bad rows out, up to 10%)."),
+    ] = False,
 ) -> None:
     """Fine-tune a LoRA adapter on a JSONL chat dataset."""
     if resume:
@@ -193,6 +197,7 @@ def train_command(
         beta=beta,
         report_to=[name.strip() for name in report_to.split(",") if name.strip()],
         wait=not detach,
+        strict=strict,
     )
     if detach:
         console.print(run.run_id)

@@ -22,7 +22,7 @@ from backpropagate.callbacks import TrainingCallback, follow_calling
 from backpropagate.connection import Connection
 from backpropagate.progress import ExportProgress, TrainProgress
 from backpropagate.results import ExportResult, MemoryEstimateResult, RunResult
-from backpropagate.v1 import trainer_pb2
+from backpropagate.v1 import dataprep_pb2, trainer_pb2
 from backpropagate.workflows import (
     estimate_memory,
     export,
@@ -34,6 +34,7 @@ from backpropagate.workflows import (
     submit_train,
     upload_dataset,
 )
+from backpropagate_services.common.datasets import SHOWN_REJECTIONS
 from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.settings import Settings, get_settings
 
@@ -176,6 +177,7 @@ class Trainer:
         report_to: str | Sequence[str] | None = None,
         callback: TrainingCallback | None = None,
         wait: bool = True,
+        strict: bool = False,
     ) -> RunResult:
         """Fine-tune a LoRA adapter on a JSONL dataset; 0 means the trainer's default.
 
@@ -195,7 +197,9 @@ class Trainer:
         it, and stops after `early_stopping_patience` evaluations without improvement.
         `report_to`: experiment trackers, as in Trainer(). `callback`: a TrainingCallback
         called as the run goes (it needs wait=True: `watch(run_id, callback=...)` follows a
-        run submitted with wait=False). Arguments left out take the Trainer's values.
+        run submitted with wait=False). `strict`: a bad row in the data fails the upload;
+        otherwise bad rows are left out and listed, up to 10% of the rows. Arguments left out
+        take the Trainer's values.
         """
         if callback is not None and not wait:
             raise UserError(
@@ -206,17 +210,12 @@ class Trainer:
         if eval_data is not None:
             require_dataset_file(Path(eval_data))
         connection = self._open(workers=wait)
-        dataset = upload_dataset(connection, Path(data), data_format)
-        eval_dataset_id = (
-            upload_dataset(connection, Path(eval_data), data_format).dataset_id
-            if eval_data is not None
-            else ""
-        )
-        if self.console is not None:
-            self.console.print(
-                f"dataset [bold]{dataset.filename}[/]: {dataset.num_examples} {dataset.format} "
-                f"examples ([dim]{dataset.dataset_id[:12]}[/])"
-            )
+        dataset = upload_dataset(connection, Path(data), data_format, strict)
+        self._show_dataset(dataset)
+        if eval_data is not None:
+            eval_dataset = upload_dataset(connection, Path(eval_data), data_format, strict)
+            self._show_dataset(eval_dataset)
+        eval_dataset_id = eval_dataset.dataset_id if eval_data is not None else ""
         config = trainer_pb2.TrainConfig(
             base_model=self.model,
             steps=steps,
@@ -256,6 +255,25 @@ class Trainer:
             self.last_run = self.run(run_id)
             return self.last_run
         return self.watch(run_id, callback=callback)
+
+    def _show_dataset(self, dataset: dataprep_pb2.DatasetInfo) -> None:
+        """The uploaded dataset in a line, and the rows left out of it (the first 20)."""
+        if self.console is None:
+            return
+        self.console.print(
+            f"dataset [bold]{dataset.filename}[/]: {dataset.num_examples} {dataset.format} "
+            f"examples ([dim]{dataset.dataset_id[:12]}[/])"
+        )
+        if not dataset.rejections:
+            return
+        self.console.print(
+            f"[yellow]{len(dataset.rejections)} of {dataset.rows_read} rows left out[/] "
+            "(--strict fails on the first instead):"
+        )
+        for rejection in dataset.rejections[:SHOWN_REJECTIONS]:
+            self.console.print(f"  line {rejection.line}: {rejection.reason}", markup=False)
+        if len(dataset.rejections) > SHOWN_REJECTIONS:
+            self.console.print(f"  ... and {len(dataset.rejections) - SHOWN_REJECTIONS} more")
 
     def estimate_memory(
         self,

@@ -34,8 +34,10 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
         yield from iter(lambda: handle.read(UPLOAD_CHUNK_BYTES), b"")
 
 
-def _upload_requests(path: Path, format_hint: str) -> Iterator[dataprep_pb2.UploadDatasetRequest]:
-    header = dataprep_pb2.UploadDatasetHeader(filename=path.name, format=format_hint)
+def _upload_requests(
+    path: Path, format_hint: str, strict: bool
+) -> Iterator[dataprep_pb2.UploadDatasetRequest]:
+    header = dataprep_pb2.UploadDatasetHeader(filename=path.name, format=format_hint, strict=strict)
     yield dataprep_pb2.UploadDatasetRequest(header=header)
     for chunk in _file_chunks(path):
         yield dataprep_pb2.UploadDatasetRequest(chunk=chunk)
@@ -72,11 +74,14 @@ def require_dataset_file(path: Path) -> None:
 
 
 def upload_dataset(
-    connection: Connection, path: Path, format_hint: str = "auto"
+    connection: Connection, path: Path, format_hint: str = "auto", strict: bool = False
 ) -> dataprep_pb2.DatasetInfo:
+    """Upload and validate a dataset file. Bad rows are left out and listed in the answer's
+    `rejections` (up to 10% of the rows); `strict`: the first bad row fails the upload."""
     require_dataset_file(path)
     stub = connection.dataprep
-    return connection.call("dataprep", stub.UploadDataset, _upload_requests(path, format_hint))
+    requests = _upload_requests(path, format_hint, strict)
+    return connection.call("dataprep", stub.UploadDataset, requests)
 
 
 def _raise_if_failed(status: int, error: common_pb2.ErrorDetail, what: str) -> None:

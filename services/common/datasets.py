@@ -27,6 +27,18 @@ PreferenceRow = dict[str, Any]
 PAIRED_FORMAT = "preference"
 UNPAIRED_FORMAT = "kto"
 PREFERENCE_FORMATS = (PAIRED_FORMAT, UNPAIRED_FORMAT)
+# Rows left out of an upload that a message lists; the dataset's record (DatasetInfo) has all.
+SHOWN_REJECTIONS = 20
+
+
+@dataclass(frozen=True)
+class RowRejection:
+    """A row left out of a dataset, and why: what a user needs to fix it."""
+
+    line: int  # the file's own, 1-based
+    code: str  # the error code it would have failed with (INPUT_DATASET_SCHEMA, ...)
+    field: str  # "" when the row as a whole is wrong
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,8 @@ class DatasetRecord:
     size_bytes: int
     filename: str
     preview: Conversation | PreferenceRow  # the first row, as stored
+    rows_read: int = 0  # non-blank lines; 0 in records written before rows were counted
+    rejections: tuple[RowRejection, ...] = ()  # rows left out, in file order
 
 
 def _prefix(dataset_id: str) -> str:
@@ -51,7 +65,9 @@ def save_dataset(
     conversations: list[Conversation],
     filename: str,
     size_bytes: int,
+    rejections: Iterable[RowRejection] = (),
 ) -> DatasetRecord:
+    rejections = tuple(rejections)
     record = DatasetRecord(
         dataset_id=dataset_id,
         format=source_format,
@@ -60,6 +76,8 @@ def save_dataset(
         size_bytes=size_bytes,
         filename=filename,
         preview=conversations[0],
+        rows_read=len(conversations) + len(rejections),
+        rejections=rejections,
     )
     _write(store, record, ({"messages": c} for c in conversations))
     return record
@@ -72,8 +90,10 @@ def save_preference_dataset(
     rows: list[PreferenceRow],
     filename: str,
     size_bytes: int,
+    rejections: Iterable[RowRejection] = (),
 ) -> DatasetRecord:
     """Store normalised preference rows (format "preference" or "kto") as they are."""
+    rejections = tuple(rejections)
     record = DatasetRecord(
         dataset_id=dataset_id,
         format=source_format,
@@ -84,6 +104,8 @@ def save_preference_dataset(
         size_bytes=size_bytes,
         filename=filename,
         preview=rows[0],
+        rows_read=len(rows) + len(rejections),
+        rejections=rejections,
     )
     _write(store, record, rows)
     return record
@@ -103,7 +125,9 @@ def load_record(store: ArtifactStore, dataset_id: str) -> DatasetRecord:
             hint="Upload it first (`backprop train --data FILE` does it for you).",
             dataset_id=dataset_id,
         )
-    return DatasetRecord(**store.get_json(key))
+    stored = store.get_json(key)
+    rejections = tuple(RowRejection(**row) for row in stored.pop("rejections", ()))
+    return DatasetRecord(**stored, rejections=rejections)
 
 
 # What a format's rows hold, and the training methods that can use them. KTO takes pairs too: trl

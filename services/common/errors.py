@@ -95,6 +95,14 @@ class DatasetFormatUnknownError(UserError):
     default_hint = "Use ShareGPT, Alpaca or OpenAI-messages JSONL, or pass --format."
 
 
+class DatasetValidationError(UserError):
+    code = "INPUT_DATASET_VALIDATION"
+    default_hint = (
+        "Fix the rows listed, or upload with --strict to stop at the first bad row and see "
+        "exactly why."
+    )
+
+
 class DatasetEmptyError(UserError):
     code = "INPUT_DATASET_EMPTY"
     default_hint = "The file has no rows to train on."

@@ -18,22 +18,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from backpropagate_services.common.datasets import (
     PAIRED_FORMAT,
     PREFERENCE_FORMATS,
+    SHOWN_REJECTIONS,
     UNPAIRED_FORMAT,
     Conversation,
     PreferenceRow,
+    RowRejection,
 )
 from backpropagate_services.common.errors import (
     DatasetEmptyError,
     DatasetFormatUnknownError,
     DatasetParseError,
     DatasetSchemaError,
+    DatasetValidationError,
+    UserError,
 )
 
 SHAREGPT_ROLES = {
@@ -52,6 +56,8 @@ class ParsedDataset:
     format: str
     conversations: list[Conversation]  # chat formats
     preference_rows: list[PreferenceRow]  # preference formats
+    rows_read: int = 0  # non-blank lines
+    rejected: list[RowRejection] = field(default_factory=list)  # rows left out (not strict)
 
 
 @dataclass(frozen=True)
@@ -219,69 +225,125 @@ PREFERENCE_HINTS = {
 }
 
 
-def _rows(lines: Iterable[str], filename: str) -> Iterable[_Row]:
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DatasetParseError(
-                f"{filename} line {number}: invalid JSON ({exc.msg} at column {exc.colno})",
-                filename=filename,
-                line=number,
-            ) from exc
-        except RecursionError as exc:  # no chat row nests anywhere near this deep
-            raise DatasetParseError(
-                f"{filename} line {number}: JSON nested too deeply to be a dataset row",
-                filename=filename,
-                line=number,
-            ) from exc
-        if not isinstance(value, dict):
-            raise DatasetParseError(
-                f"{filename} line {number}: a row must be a JSON object, "
-                f"not {type(value).__name__}",
-                filename=filename,
-                line=number,
+def _row(text: str, filename: str, number: int) -> _Row:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetParseError(
+            f"{filename} line {number}: invalid JSON ({exc.msg} at column {exc.colno})",
+            filename=filename,
+            line=number,
+        ) from exc
+    except RecursionError as exc:  # no chat row nests anywhere near this deep
+        raise DatasetParseError(
+            f"{filename} line {number}: JSON nested too deeply to be a dataset row",
+            filename=filename,
+            line=number,
+        ) from exc
+    if not isinstance(value, dict):
+        raise DatasetParseError(
+            f"{filename} line {number}: a row must be a JSON object, not {type(value).__name__}",
+            filename=filename,
+            line=number,
+        )
+    return _Row(filename, number, value)
+
+
+class _Parser:
+    """One file's rows into one format's examples; `expected` is its format once known."""
+
+    def __init__(self, filename: str, expected: str | None) -> None:
+        self.filename = filename
+        self.expected = expected
+        self.conversations: list[Conversation] = []
+        self.preference_rows: list[PreferenceRow] = []
+
+    def add(self, row: _Row) -> None:
+        found = detect_format(row.value)
+        if self.expected is None:
+            if found is None:
+                raise DatasetFormatUnknownError(
+                    f"{self.filename} line {row.line}: cannot tell the format from keys "
+                    f"{sorted(row.value)}",
+                    filename=self.filename,
+                    line=row.line,
+                )
+            self.expected = found
+        elif found != self.expected:
+            raise DatasetSchemaError(
+                f"{self.filename} line {row.line}: row is {found or 'of no known format'} but "
+                f"the file is {self.expected} (keys {sorted(row.value)})",
+                filename=self.filename,
+                line=row.line,
+                field=",".join(sorted(row.value)),
             )
-        yield _Row(filename, number, value)
+        if self.expected in PREFERENCE_PARSERS:
+            hinted = _Row(row.filename, row.line, row.value, PREFERENCE_HINTS[self.expected])
+            self.preference_rows.append(PREFERENCE_PARSERS[self.expected](hinted))
+        else:
+            self.conversations.append(PARSERS[self.expected](row))
 
 
-def parse_jsonl(lines: Iterable[str], filename: str, format_hint: str = "auto") -> ParsedDataset:
-    """Parse and validate a whole file's decoded lines (encoding.text_lines); the first bad row
-    raises with its line number."""
+def parse_jsonl(
+    lines: Iterable[str], filename: str, format_hint: str = "auto", *, strict: bool = True
+) -> ParsedDataset:
+    """Parse and validate a whole file's decoded lines (encoding.text_lines).
+
+    strict: the first bad row raises, with its line. Otherwise bad rows are left out and listed
+    in `rejected`, up to MAX_REJECTED_FRACTION of the rows read (DatasetValidationError above,
+    with the list); a file with no good row at all raises its first row's error."""
     expected = None if format_hint in ("", "auto") else format_hint
     if expected is not None and expected not in FORMATS:
         raise DatasetFormatUnknownError(
             f"Unknown dataset format {format_hint!r}; use one of {', '.join(FORMATS)} or auto.",
             format=format_hint,
         )
-    conversations: list[Conversation] = []
-    preference_rows: list[PreferenceRow] = []
-    for row in _rows(lines, filename):
-        found = detect_format(row.value)
-        if expected is None:
-            if found is None:
-                raise DatasetFormatUnknownError(
-                    f"{filename} line {row.line}: cannot tell the format from keys "
-                    f"{sorted(row.value)}",
-                    filename=filename,
-                    line=row.line,
-                )
-            expected = found
-        elif found != expected:
-            raise DatasetSchemaError(
-                f"{filename} line {row.line}: row is {found or 'of no known format'} but the file "
-                f"is {expected} (keys {sorted(row.value)})",
-                filename=filename,
-                line=row.line,
-                field=",".join(sorted(row.value)),
-            )
-        if expected in PREFERENCE_PARSERS:
-            hinted = _Row(row.filename, row.line, row.value, PREFERENCE_HINTS[expected])
-            preference_rows.append(PREFERENCE_PARSERS[expected](hinted))
-        else:
-            conversations.append(PARSERS[expected](row))
-    if not (conversations or preference_rows) or expected is None:
+    parser = _Parser(filename, expected)
+    rejected: list[tuple[RowRejection, UserError]] = []
+    rows_read = 0
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        rows_read += 1
+        try:
+            parser.add(_row(text, filename, number))
+        except (DatasetParseError, DatasetSchemaError, DatasetFormatUnknownError) as error:
+            if strict:
+                raise
+            rejected.append((_rejection(error, number), error))
+    kept = len(parser.conversations) + len(parser.preference_rows)
+    if not kept and rejected:
+        raise rejected[0][1]
+    if not kept or parser.expected is None:
         raise DatasetEmptyError(f"{filename} has no rows.", filename=filename)
-    return ParsedDataset(expected, conversations, preference_rows)
+    rejections = [rejection for rejection, _ in rejected]
+    if len(rejections) > MAX_REJECTED_FRACTION * rows_read:
+        raise _too_many_rejected(filename, rows_read, rejections)
+    return ParsedDataset(
+        parser.expected, parser.conversations, parser.preference_rows, rows_read, rejections
+    )
+
+
+MAX_REJECTED_FRACTION = 0.1
+
+
+def _rejection(error: UserError, line: int) -> RowRejection:
+    reason = error.message.removeprefix(f"{error.context.get('filename', '')} line {line}: ")
+    return RowRejection(line, error.code, error.context.get("field", ""), reason)
+
+
+def _too_many_rejected(
+    filename: str, rows_read: int, rejections: list[RowRejection]
+) -> DatasetValidationError:
+    shown = "\n".join(
+        f"  line {rejection.line}: {rejection.reason}"
+        for rejection in rejections[:SHOWN_REJECTIONS]
+    )
+    more = len(rejections) - SHOWN_REJECTIONS
+    return DatasetValidationError(
+        f"{filename}: {len(rejections)} of {rows_read} rows are invalid, more than "
+        f"{MAX_REJECTED_FRACTION:.0%}:\n{shown}" + (f"\n  ... and {more} more" if more > 0 else ""),
+        filename=filename,
+        rows_read=rows_read,
+        rows_rejected=len(rejections),
+    )

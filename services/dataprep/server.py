@@ -6,6 +6,7 @@ import hashlib
 import json
 import tempfile
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
@@ -38,6 +39,8 @@ def to_proto(record: DatasetRecord) -> dataprep_pb2.DatasetInfo:
         # Sorted like the stored info.json, so UploadDataset and a later InspectDataset of the
         # same dataset answer the same bytes.
         preview_json=json.dumps(record.preview, ensure_ascii=False, sort_keys=True),
+        rows_read=record.rows_read,
+        rejections=[dataprep_pb2.RowRejection(**asdict(row)) for row in record.rejections],
     )
 
 
@@ -64,7 +67,9 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
                     handle.write(message.chunk)
             dataset_id = digest.hexdigest()
             filename = header.filename or "dataset"
-            parsed = parse_jsonl(text_lines(path, filename), filename, header.format)
+            parsed = parse_jsonl(
+                text_lines(path, filename), filename, header.format, strict=header.strict
+            )
             size = path.stat().st_size
             if parsed.preference_rows:
                 record = save_preference_dataset(
@@ -74,6 +79,7 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
                     parsed.preference_rows,
                     header.filename,
                     size,
+                    parsed.rejected,
                 )
             else:
                 record = save_dataset(
@@ -83,6 +89,7 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
                     parsed.conversations,
                     header.filename,
                     size,
+                    parsed.rejected,
                 )
         return to_proto(record)
 

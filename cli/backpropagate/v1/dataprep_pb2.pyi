@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,19 +24,25 @@ class UploadDatasetHeader(_message.Message):
 
     FILENAME_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
     """shown in error messages"""
     format: _builtins.str
     """"" or "auto" to detect; or sharegpt | alpaca | openai"""
+    strict: _builtins.bool
+    """Fail on the first bad row. Otherwise bad rows are left out and listed, up to 10% of the
+    rows (INPUT_DATASET_VALIDATION above that).
+    """
     def __init__(
         self,
         *,
         filename: _builtins.str = ...,
         format: _builtins.str = ...,
+        strict: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filename", b"filename", "format", b"format"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filename", b"filename", "format", b"format", "strict", b"strict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -95,6 +103,8 @@ class DatasetInfo(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     FILENAME_FIELD_NUMBER: _builtins.int
     PREVIEW_JSON_FIELD_NUMBER: _builtins.int
+    ROWS_READ_FIELD_NUMBER: _builtins.int
+    REJECTIONS_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """sha256 of the uploaded bytes"""
     format: _builtins.str
@@ -106,6 +116,12 @@ class DatasetInfo(_message.Message):
     filename: _builtins.str
     preview_json: _builtins.str
     """the first normalised example, as JSON"""
+    rows_read: _builtins.int
+    """non-blank lines of the file"""
+    @_builtins.property
+    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___RowRejection]:
+        """rows left out, in file order"""
+
     def __init__(
         self,
         *,
@@ -116,11 +132,46 @@ class DatasetInfo(_message.Message):
         size_bytes: _builtins.int = ...,
         filename: _builtins.str = ...,
         preview_json: _builtins.str = ...,
+        rows_read: _builtins.int = ...,
+        rejections: _abc.Iterable[Global___RowRejection] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "filename", b"filename", "format", b"format", "num_examples", b"num_examples", "num_turns", b"num_turns", "preview_json", b"preview_json", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "filename", b"filename", "format", b"format", "num_examples", b"num_examples", "num_turns", b"num_turns", "preview_json", b"preview_json", "rejections", b"rejections", "rows_read", b"rows_read", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DatasetInfo: _TypeAlias = DatasetInfo  # noqa: Y015
+
+@_typing.final
+class RowRejection(_message.Message):
+    """A row left out of a dataset: where it is and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINE_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    line: _builtins.int
+    """the file's own, 1-based"""
+    code: _builtins.str
+    """what it would have failed with: INPUT_DATASET_SCHEMA, ..."""
+    field: _builtins.str
+    """"" when the row as a whole is wrong"""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        line: _builtins.int = ...,
+        code: _builtins.str = ...,
+        field: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field", b"field", "line", b"line", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RowRejection: _TypeAlias = RowRejection  # noqa: Y015
