@@ -21,6 +21,7 @@ from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate.workflows import download_artifact, follow_run
 from backpropagate_services.common.errors import (
     DatasetSchemaError,
+    DatasetValidationError,
     ExportVerificationError,
     GpuNotAvailableError,
 )
@@ -148,8 +149,13 @@ def check_malformed_dataset_is_rejected(trainer: Trainer, tmp_path: Path) -> Non
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     with pytest.raises(DatasetSchemaError) as caught:
-        trainer.train(bad, steps=1)
+        trainer.train(bad, steps=1, strict=True)
     assert caught.value.code == "INPUT_DATASET_SCHEMA"
     assert caught.value.context["line"] == "3"
     assert caught.value.context["filename"] == "bad.jsonl"
     assert "line 3" in caught.value.message
+    # Without --strict a third of the rows bad is past the tenth left out: the list comes back.
+    with pytest.raises(DatasetValidationError) as listed:
+        trainer.train(bad, steps=1)
+    assert listed.value.context == {"filename": "bad.jsonl", "rows_read": "3", "rows_rejected": "1"}
+    assert "line 3: field 'conversations' has no assistant turn" in listed.value.message

@@ -107,11 +107,18 @@ def test_training_on_a_file_with_a_bad_row_names_the_code_and_line(
     without_answer = {"messages": [{"role": "user", "content": "Q only"}]}
     (tmp_path / "bad.jsonl").write_text(f"{json.dumps(good)}\n{json.dumps(without_answer)}\n")
 
-    outcome = backprop(tmp_path, "train", "--data", "bad.jsonl", endpoint=dataprep.address)
+    lenient = backprop(tmp_path, "train", "--data", "bad.jsonl", endpoint=dataprep.address)
+    strict = backprop(
+        tmp_path, "train", "--data", "bad.jsonl", "--strict", endpoint=dataprep.address
+    )
 
-    assert_user_error(outcome, "INPUT_DATASET_SCHEMA")
-    assert "bad.jsonl line 2: field 'messages' has no assistant turn" in outcome.stderr
-    assert "hint: Rows must all be one format" in outcome.stderr
+    # Half the rows bad is past the 10% a run leaves out: the upload fails with the list.
+    assert_user_error(lenient, "INPUT_DATASET_VALIDATION")
+    assert "bad.jsonl: 1 of 2 rows are invalid" in lenient.stderr
+    assert "line 2: field 'messages' has no assistant turn" in lenient.stderr
+    assert_user_error(strict, "INPUT_DATASET_SCHEMA")
+    assert "bad.jsonl line 2: field 'messages' has no assistant turn" in strict.stderr
+    assert "hint: Rows must all be one format" in strict.stderr
 
 
 def test_showing_an_unknown_run_is_not_found(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def test_malformed_upload_raises_dataset_schema_error_with_line_file_and_field(
     path = write_jsonl(tmp_path / "bad.jsonl", [GOOD_ROWS[0], bad_row])
 
     with pytest.raises(DatasetSchemaError) as caught:
-        upload_dataset(connection, path)
+        upload_dataset(connection, path, strict=True)
 
     error = caught.value
     assert type(error) is DatasetSchemaError
