@@ -66,6 +66,21 @@ class PartialFailure(Exception):
     """Part of a multi-step command succeeded; the message says which part did not."""
 
 
+def column_mapping(text: str) -> dict[str, str]:
+    """--columns 'question=instruction,answer=output' as {"question": "instruction", ...}."""
+    mapping: dict[str, str] = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        source, equals, target = pair.partition("=")
+        if not (equals and source.strip() and target.strip()):
+            raise ConfigError(
+                f"--columns takes COLUMN=FIELD pairs, got {pair!r}.",
+                hint="e.g. --columns 'question=instruction,answer=output'",
+                fields="columns",
+            )
+        mapping[source.strip()] = target.strip()
+    return mapping
+
+
 @app.command("train")
 def train_command(
     data: Annotated[
@@ -158,6 +173,13 @@ def train_command(
         bool,
         typer.Option(help="Fail on the first bad row (default: leave bad rows out, up to 10%)."),
     ] = False,
+    columns: Annotated[
+        str,
+        typer.Option(
+            help="CSV/TSV/Parquet columns to rename, e.g. 'question=instruction,answer=output' "
+            "(prompt/response are known already)."
+        ),
+    ] = "",
 ) -> None:
     """Fine-tune a LoRA adapter on a JSONL chat dataset."""
     if resume:
@@ -198,6 +220,7 @@ def train_command(
         report_to=[name.strip() for name in report_to.split(",") if name.strip()],
         wait=not detach,
         strict=strict,
+        columns=column_mapping(columns),
     )
     if detach:
         console.print(run.run_id)

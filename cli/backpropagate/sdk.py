@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
@@ -178,6 +178,7 @@ class Trainer:
         callback: TrainingCallback | None = None,
         wait: bool = True,
         strict: bool = False,
+        columns: Mapping[str, str] | None = None,
     ) -> RunResult:
         """Fine-tune a LoRA adapter on a JSONL dataset; 0 means the trainer's default.
 
@@ -198,7 +199,9 @@ class Trainer:
         `report_to`: experiment trackers, as in Trainer(). `callback`: a TrainingCallback
         called as the run goes (it needs wait=True: `watch(run_id, callback=...)` follows a
         run submitted with wait=False). `strict`: a bad row in the data fails the upload;
-        otherwise bad rows are left out and listed, up to 10% of the rows. Arguments left out
+        otherwise bad rows are left out and listed, up to 10% of the rows. `columns`: a CSV,
+        TSV or Parquet file's columns renamed to a format's fields ({"question":
+        "instruction", "answer": "output"}). Arguments left out
         take the Trainer's values.
         """
         if callback is not None and not wait:
@@ -210,10 +213,10 @@ class Trainer:
         if eval_data is not None:
             require_dataset_file(Path(eval_data))
         connection = self._open(workers=wait)
-        dataset = upload_dataset(connection, Path(data), data_format, strict)
+        dataset = upload_dataset(connection, Path(data), data_format, strict, columns)
         self._show_dataset(dataset)
         if eval_data is not None:
-            eval_dataset = upload_dataset(connection, Path(eval_data), data_format, strict)
+            eval_dataset = upload_dataset(connection, Path(eval_data), data_format, strict, columns)
             self._show_dataset(eval_dataset)
         eval_dataset_id = eval_dataset.dataset_id if eval_data is not None else ""
         config = trainer_pb2.TrainConfig(

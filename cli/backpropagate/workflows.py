@@ -7,7 +7,7 @@ whether the call itself failed or the job failed later on a worker.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from backpropagate.connection import Connection
@@ -35,9 +35,11 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
 
 
 def _upload_requests(
-    path: Path, format_hint: str, strict: bool
+    path: Path, format_hint: str, strict: bool, columns: Mapping[str, str]
 ) -> Iterator[dataprep_pb2.UploadDatasetRequest]:
-    header = dataprep_pb2.UploadDatasetHeader(filename=path.name, format=format_hint, strict=strict)
+    header = dataprep_pb2.UploadDatasetHeader(
+        filename=path.name, format=format_hint, strict=strict, columns=columns
+    )
     yield dataprep_pb2.UploadDatasetRequest(header=header)
     for chunk in _file_chunks(path):
         yield dataprep_pb2.UploadDatasetRequest(chunk=chunk)
@@ -74,13 +76,19 @@ def require_dataset_file(path: Path) -> None:
 
 
 def upload_dataset(
-    connection: Connection, path: Path, format_hint: str = "auto", strict: bool = False
+    connection: Connection,
+    path: Path,
+    format_hint: str = "auto",
+    strict: bool = False,
+    columns: Mapping[str, str] | None = None,
 ) -> dataprep_pb2.DatasetInfo:
-    """Upload and validate a dataset file. Bad rows are left out and listed in the answer's
-    `rejections` (up to 10% of the rows); `strict`: the first bad row fails the upload."""
+    """Upload and validate a dataset file (JSON Lines, CSV, TSV or Parquet, by its name). Bad
+    rows are left out and listed in the answer's `rejections` (up to 10% of the rows); `strict`:
+    the first bad row fails the upload. `columns` renames a table's columns to the fields of a
+    format ({"question": "instruction", "answer": "output"})."""
     require_dataset_file(path)
     stub = connection.dataprep
-    requests = _upload_requests(path, format_hint, strict)
+    requests = _upload_requests(path, format_hint, strict, columns or {})
     return connection.call("dataprep", stub.UploadDataset, requests)
 
 

@@ -39,6 +39,7 @@ from backpropagate_services.common.errors import (
     DatasetValidationError,
     UserError,
 )
+from backpropagate_services.dataprep.records import Record
 
 SHAREGPT_ROLES = {
     "human": "user",
@@ -225,7 +226,12 @@ PREFERENCE_HINTS = {
 }
 
 
-def _row(text: str, filename: str, number: int) -> _Row:
+def _row(record: Record, filename: str, number: int) -> _Row:
+    if isinstance(record, DatasetParseError):
+        raise record
+    if isinstance(record, dict):
+        return _Row(filename, number, record)
+    text = record
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -287,7 +293,18 @@ class _Parser:
 def parse_jsonl(
     lines: Iterable[str], filename: str, format_hint: str = "auto", *, strict: bool = True
 ) -> ParsedDataset:
-    """Parse and validate a whole file's decoded lines (encoding.text_lines).
+    """Parse and validate a JSON Lines file's decoded lines (encoding.text_lines)."""
+    return parse_records(enumerate(lines, start=1), filename, format_hint, strict=strict)
+
+
+def parse_records(
+    records: Iterable[tuple[int, Record]],
+    filename: str,
+    format_hint: str = "auto",
+    *,
+    strict: bool = True,
+) -> ParsedDataset:
+    """Parse and validate a whole file's rows (records.file_records), each at its line.
 
     strict: the first bad row raises, with its line. Otherwise bad rows are left out and listed
     in `rejected`, up to MAX_REJECTED_FRACTION of the rows read (DatasetValidationError above,
@@ -301,12 +318,12 @@ def parse_jsonl(
     parser = _Parser(filename, expected)
     rejected: list[tuple[RowRejection, UserError]] = []
     rows_read = 0
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
+    for number, record in records:
+        if isinstance(record, str) and not record.strip():
             continue
         rows_read += 1
         try:
-            parser.add(_row(text, filename, number))
+            parser.add(_row(record, filename, number))
         except (DatasetParseError, DatasetSchemaError, DatasetFormatUnknownError) as error:
             if strict:
                 raise

@@ -22,8 +22,8 @@ from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
-from backpropagate_services.dataprep.encoding import text_lines
-from backpropagate_services.dataprep.formats import parse_jsonl
+from backpropagate_services.dataprep.formats import parse_records
+from backpropagate_services.dataprep.records import file_records
 
 SERVICE_NAME = dataprep_pb2.DESCRIPTOR.services_by_name["DataprepService"].full_name
 
@@ -67,9 +67,8 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
                     handle.write(message.chunk)
             dataset_id = digest.hexdigest()
             filename = header.filename or "dataset"
-            parsed = parse_jsonl(
-                text_lines(path, filename), filename, header.format, strict=header.strict
-            )
+            records = file_records(path, filename, dict(header.columns))
+            parsed = parse_records(records, filename, header.format, strict=header.strict)
             size = path.stat().st_size
             if parsed.preference_rows:
                 record = save_preference_dataset(

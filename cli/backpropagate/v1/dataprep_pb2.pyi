@@ -22,27 +22,57 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class UploadDatasetHeader(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ColumnsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     FILENAME_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     STRICT_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
     """shown in error messages"""
     format: _builtins.str
-    """"" or "auto" to detect; or sharegpt | alpaca | openai"""
+    """"" or "auto" to detect; or sharegpt | alpaca | openai | preference | kto"""
     strict: _builtins.bool
-    """Fail on the first bad row. Otherwise bad rows are left out and listed, up to 10% of the
+    """The file's kind comes from its name: .csv, .tsv, .parquet (or Parquet's magic bytes);
+    anything else is JSON Lines.
+    Fail on the first bad row. Otherwise bad rows are left out and listed, up to 10% of the
     rows (INPUT_DATASET_VALIDATION above that).
     """
+    @_builtins.property
+    def columns(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """CSV / TSV / Parquet columns renamed to the formats' fields ("question" -> "instruction");
+        "prompt" / "response" are taken as "instruction" / "output" without it.
+        """
+
     def __init__(
         self,
         *,
         filename: _builtins.str = ...,
         format: _builtins.str = ...,
         strict: _builtins.bool = ...,
+        columns: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filename", b"filename", "format", b"format", "strict", b"strict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "filename", b"filename", "format", b"format", "strict", b"strict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
