@@ -86,13 +86,17 @@ class DatasetSchemaError(UserError):
     code = "INPUT_DATASET_SCHEMA"
     default_hint = (
         "Rows must all be one format: ShareGPT {'conversations': [{'from', 'value'}]}, "
-        "Alpaca {'instruction', 'input', 'output'} or OpenAI {'messages': [{'role', 'content'}]}."
+        "Alpaca {'instruction', 'input', 'output'}, OpenAI {'messages': [{'role', 'content'}]} "
+        "or ChatML {'text': '<|im_start|>user ...<|im_end|>'}."
     )
 
 
 class DatasetFormatUnknownError(UserError):
     code = "INPUT_DATASET_FORMAT_UNKNOWN"
-    default_hint = "Use ShareGPT, Alpaca or OpenAI-messages JSONL, or pass --format."
+    default_hint = (
+        "Use ShareGPT, Alpaca, OpenAI-messages or ChatML-text rows (JSONL, CSV, TSV or Parquet), "
+        "or pass --format."
+    )
 
 
 class DatasetValidationError(UserError):

@@ -4,6 +4,7 @@ Accepted JSONL row shapes (one format per file):
 - ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system", "value": "..."}]}
 - OpenAI messages: {"messages": [{"role": "user" | "assistant" | "system", "content": "..."}]}
 - Alpaca: {"instruction": "...", "input": "..." (optional), "output": "..."}
+- ChatML text: {"text": "<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n...<|im_end|>"}
 - Preference pairs (dpo, orpo, simpo, kto): {"prompt": P, "chosen": A, "rejected": A}
 - Labelled answers (kto): {"prompt": P, "completion": A, "label": true | false}
 where P is a string (one user message) or a list of messages ending with a user turn, and A a
@@ -17,6 +18,7 @@ Every problem is reported with the file, the 1-based line and the field, because
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,7 +51,8 @@ SHAREGPT_ROLES = {
     "system": "system",
 }
 OPENAI_ROLES = {"system", "user", "assistant"}
-FORMATS = ("sharegpt", "openai", "alpaca", *PREFERENCE_FORMATS)
+FORMATS = ("sharegpt", "openai", "alpaca", "chatml", *PREFERENCE_FORMATS)
+CHATML_TURN = re.compile(r"<\|im_start\|>([^\n]*)\n(.*?)<\|im_end\|>", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ def detect_format(row: dict[str, Any]) -> str | None:
         return "openai"
     if "instruction" in row and "output" in row:
         return "alpaca"
+    if isinstance(row.get("text"), str) and "<|im_start|>" in row["text"]:
+        return "chatml"
     # One key is enough to tell, so a missing other one is reported as that row's error. A
     # prompt and completion without a label are no format of ours (prompt-completion SFT).
     if "chosen" in row or "rejected" in row:
@@ -165,6 +170,26 @@ def _parse_alpaca(row: _Row) -> Conversation:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
+def _parse_chatml(row: _Row) -> Conversation:
+    """ChatML turns, as Qwen's and SmolLM's templates write them; nothing but whitespace may
+    sit between or around them."""
+    text = row.text(row.value, "text", "text")
+    if CHATML_TURN.sub("", text).strip():
+        raise row.fail(
+            "text", "has text outside <|im_start|>role ... <|im_end|> turns (an unclosed turn?)"
+        )
+    conversation = []
+    for index, (role, content) in enumerate(CHATML_TURN.findall(text)):
+        if role.strip() not in OPENAI_ROLES:
+            raise row.fail(
+                "text",
+                f"turn {index + 1} has unknown role {role.strip()!r} "
+                f"(use one of {sorted(OPENAI_ROLES)})",
+            )
+        conversation.append({"role": role.strip(), "content": content})
+    return _require_assistant(row, "text", conversation)
+
+
 def _messages_or_text(row: _Row, key: str, roles: set[str], text_role: str) -> Conversation:
     """`key` as messages: a string is one message of `text_role`, a list is OpenAI-style turns
     whose roles are in `roles`."""
@@ -211,6 +236,7 @@ PARSERS: dict[str, Callable[[_Row], Conversation]] = {
     "sharegpt": partial(_parse_turns, spec=SHAREGPT),
     "openai": partial(_parse_turns, spec=OPENAI),
     "alpaca": _parse_alpaca,
+    "chatml": _parse_chatml,
 }
 PREFERENCE_PARSERS: dict[str, Callable[[_Row], PreferenceRow]] = {
     PAIRED_FORMAT: _parse_pair,
@@ -268,9 +294,16 @@ class _Parser:
         found = detect_format(row.value)
         if self.expected is None:
             if found is None:
+                plain_text = "text" in row.value and "<|im_start|>" not in str(row.value["text"])
                 raise DatasetFormatUnknownError(
                     f"{self.filename} line {row.line}: cannot tell the format from keys "
-                    f"{sorted(row.value)}",
+                    f"{sorted(row.value)}"
+                    + (
+                        " (plain text rows, for completion training, are not supported yet; "
+                        "a text row is read as ChatML turns)"
+                        if plain_text
+                        else ""
+                    ),
                     filename=self.filename,
                     line=row.line,
                 )

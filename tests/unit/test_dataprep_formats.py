@@ -8,6 +8,7 @@ because that is what a user needs to fix row 7,312 of a big file.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -357,3 +358,58 @@ def test_unknown_format_hint_is_rejected_before_reading_any_row() -> None:
 @pytest.mark.parametrize("hint", ["", "auto"])
 def test_empty_or_auto_hint_means_detect(hint: str) -> None:
     assert parse_jsonl(jsonl(ALPACA_ROW), FILENAME, hint).format == "alpaca"
+
+
+# --- ChatML text ---------------------------------------------------------------------------------
+
+
+def chatml(*turns: tuple[str, str]) -> dict[str, str]:
+    return {"text": "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns)}
+
+
+def test_chatml_text_becomes_its_turns_as_messages() -> None:
+    row = chatml(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!\nHow are you?"))
+
+    parsed = parse_jsonl(jsonl(row), FILENAME)
+
+    assert parsed.format == "chatml"
+    assert parsed.conversations == [
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!\nHow are you?"},
+        ]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        (chatml(("user", "Hi"), ("bot", "Yo")), "turn 2 has unknown role 'bot'"),
+        (chatml(("user", "Hi")), "has no assistant turn"),
+        ({"text": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHel"}, "unclosed turn"),
+    ],
+    ids=["unknown role", "no assistant", "unclosed"],
+)
+def test_a_bad_chatml_row_names_the_text_field_and_what_is_wrong(row, problem) -> None:
+    error = rejection(DatasetSchemaError, jsonl(chatml(("user", "a"), ("assistant", "b")), row))
+
+    assert_points_at(error, line=2, field="text")
+    assert problem in error.message
+
+
+def test_plain_text_rows_are_refused_saying_completion_training_is_not_supported_yet() -> None:
+    error = rejection(DatasetFormatUnknownError, jsonl({"text": "Once upon a time"}))
+
+    assert "plain text rows, for completion training, are not supported yet" in error.message
+
+
+def test_the_shipped_chatml_example_reads_as_the_quickstarts_conversations() -> None:
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    chatml_rows = (examples / "chatml.jsonl").read_text().splitlines()
+    sharegpt_rows = (examples / "quickstart.jsonl").read_text().splitlines()
+
+    assert (
+        parse_jsonl(chatml_rows, "chatml.jsonl").conversations
+        == parse_jsonl(sharegpt_rows, "quickstart.jsonl").conversations
+    )
