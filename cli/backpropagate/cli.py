@@ -84,7 +84,13 @@ def column_mapping(text: str) -> dict[str, str]:
 @app.command("train")
 def train_command(
     data: Annotated[
-        Path | None, typer.Option("--data", "-d", help="JSONL dataset to train on.")
+        Path | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Dataset to train on: a JSONL, CSV, TSV or Parquet file, a saved dataset "
+            "directory, or a Hub dataset id.",
+        ),
     ] = None,
     model: Annotated[
         str, typer.Option(help="HF id, local HF dir or .gguf file; default: this machine's.")

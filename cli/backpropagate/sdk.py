@@ -20,6 +20,7 @@ from rich.console import Console
 from backpropagate.background import start_background_worker
 from backpropagate.callbacks import TrainingCallback, follow_calling
 from backpropagate.connection import Connection
+from backpropagate.dataset_sources import DataSource, check_source, dataset_file
 from backpropagate.progress import ExportProgress, TrainProgress
 from backpropagate.results import ExportResult, MemoryEstimateResult, RunResult
 from backpropagate.v1 import dataprep_pb2, trainer_pb2
@@ -29,7 +30,6 @@ from backpropagate.workflows import (
     follow_run,
     import_adapter,
     push,
-    require_dataset_file,
     resume_run,
     submit_train,
     upload_dataset,
@@ -144,7 +144,7 @@ class Trainer:
 
     def train(
         self,
-        data: str | Path,
+        data: DataSource,
         *,
         steps: int = 0,
         epochs: float = 0.0,
@@ -170,7 +170,7 @@ class Trainer:
         lora_preset: str = "",
         lr_scheduler: str = "",
         eval_split: float = 0.0,
-        eval_data: str | Path | None = None,
+        eval_data: DataSource | None = None,
         eval_every: int = 0,
         early_stopping_patience: int = 0,
         beta: float | None = None,
@@ -209,16 +209,16 @@ class Trainer:
                 "A callback is called while the run is followed, and wait=False follows nothing.",
                 hint="Pass the callback to watch(run_id, callback=...) instead.",
             )
-        require_dataset_file(Path(data))  # before anything slow: a typo should fail at once
+        check_source(data)  # before anything slow: a typo should fail at once
         if eval_data is not None:
-            require_dataset_file(Path(eval_data))
+            check_source(eval_data)
         connection = self._open(workers=wait)
-        dataset = upload_dataset(connection, Path(data), data_format, strict, columns)
-        self._show_dataset(dataset)
-        if eval_data is not None:
-            eval_dataset = upload_dataset(connection, Path(eval_data), data_format, strict, columns)
-            self._show_dataset(eval_dataset)
-        eval_dataset_id = eval_dataset.dataset_id if eval_data is not None else ""
+        dataset = self._upload(connection, data, data_format, strict, columns)
+        eval_dataset_id = (
+            self._upload(connection, eval_data, data_format, strict, columns).dataset_id
+            if eval_data is not None
+            else ""
+        )
         config = trainer_pb2.TrainConfig(
             base_model=self.model,
             steps=steps,
@@ -259,6 +259,19 @@ class Trainer:
             return self.last_run
         return self.watch(run_id, callback=callback)
 
+    def _upload(
+        self,
+        connection: Connection,
+        data: DataSource,
+        data_format: str,
+        strict: bool = False,
+        columns: Mapping[str, str] | None = None,
+    ) -> dataprep_pb2.DatasetInfo:
+        with dataset_file(data) as path:
+            dataset = upload_dataset(connection, path, data_format, strict, columns)
+        self._show_dataset(dataset)
+        return dataset
+
     def _show_dataset(self, dataset: dataprep_pb2.DatasetInfo) -> None:
         """The uploaded dataset in a line, and the rows left out of it (the first 20)."""
         if self.console is None:
@@ -280,7 +293,7 @@ class Trainer:
 
     def estimate_memory(
         self,
-        data: str | Path | None = None,
+        data: DataSource | None = None,
         *,
         batch_size: int | Literal["auto"] = 0,
         gradient_accumulation: int = 0,
@@ -304,7 +317,9 @@ class Trainer:
         connection = self.reader
         dataset_id = ""
         if data is not None:
-            dataset_id = upload_dataset(connection, Path(data), data_format).dataset_id
+            check_source(data)
+            with dataset_file(data) as path:
+                dataset_id = upload_dataset(connection, path, data_format).dataset_id
         config = trainer_pb2.TrainConfig(
             base_model=self.model,
             batch_size=_batch_size(batch_size),

@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from backpropagate.connection import Connection
+from backpropagate.dataset_sources import missing_file
 from backpropagate.results import ExportResult, RunResult
 from backpropagate.v1 import common_pb2, dataprep_pb2, export_pb2, trainer_pb2
 from backpropagate_services.common.errors import (
     ExportVerificationError,
     JobCancelledError,
-    NotFoundError,
     RunInterruptedError,
 )
 from backpropagate_services.common.grpc_errors import detail_to_error
@@ -68,11 +68,7 @@ def import_adapter(connection: Connection, directory: Path, base_model: str = ""
 def require_dataset_file(path: Path) -> None:
     """NotFoundError unless `path` is a file; callers may check before connecting at all."""
     if not path.is_file():
-        raise NotFoundError(
-            f"Dataset file not found: {path}",
-            hint="Pass the path of a JSONL file, e.g. examples/quickstart.jsonl.",
-            path=str(path),
-        )
+        raise missing_file(path)
 
 
 def upload_dataset(
