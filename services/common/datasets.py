@@ -13,8 +13,10 @@ info.json always finds the complete data. A line of data.jsonl is, by the datase
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from backpropagate_services.common.errors import ConfigError, NotFoundError
@@ -58,63 +60,81 @@ def _prefix(dataset_id: str) -> str:
     return f"datasets/{dataset_id}"
 
 
+class DatasetWriter:
+    """A dataset's normalised rows, written to a local file as they come and then stored: an
+    upload of any size holds one row at a time."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "data.jsonl"
+        self._file = self.path.open("w", encoding="utf-8")
+        self.rows = 0
+        self.turns = 0
+        self.first: dict[str, Any] | None = None
+
+    def add(self, row: dict[str, Any]) -> None:
+        """One row as stored: {"messages": [...]} or a preference row (see the layout above)."""
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.rows += 1
+        self.turns += sum(len(value) for value in row.values() if isinstance(value, list))
+        if self.first is None:
+            self.first = row
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._file.close()
+
+    def save(
+        self,
+        store: ArtifactStore,
+        dataset_id: str,
+        source_format: str,
+        filename: str,
+        size_bytes: int,
+        rejections: Iterable[RowRejection] = (),
+    ) -> DatasetRecord:
+        """Store the rows, then info.json: a reader that finds info.json finds all the data."""
+        self._file.close()
+        assert self.first is not None, "a dataset has rows"
+        rejections = tuple(rejections)
+        record = DatasetRecord(
+            dataset_id=dataset_id,
+            format=source_format,
+            num_examples=self.rows,
+            num_turns=self.turns,
+            size_bytes=size_bytes,
+            filename=filename,
+            preview=self.first.get("messages", self.first),
+            rows_read=self.rows + len(rejections),
+            rejections=rejections,
+        )
+        store.put_file(f"{_prefix(dataset_id)}/data.jsonl", self.path)
+        store.put_json(f"{_prefix(dataset_id)}/info.json", asdict(record))
+        return record
+
+
 def save_dataset(
     store: ArtifactStore,
     dataset_id: str,
     source_format: str,
-    conversations: list[Conversation],
+    rows: Iterable[dict[str, Any]],
     filename: str,
     size_bytes: int,
-    rejections: Iterable[RowRejection] = (),
 ) -> DatasetRecord:
-    rejections = tuple(rejections)
-    record = DatasetRecord(
-        dataset_id=dataset_id,
-        format=source_format,
-        num_examples=len(conversations),
-        num_turns=sum(len(c) for c in conversations),
-        size_bytes=size_bytes,
-        filename=filename,
-        preview=conversations[0],
-        rows_read=len(conversations) + len(rejections),
-        rejections=rejections,
-    )
-    _write(store, record, ({"messages": c} for c in conversations))
-    return record
+    """Store rows given whole (`chat_rows(conversations)` or preference rows)."""
+    with (
+        tempfile.TemporaryDirectory(prefix="bp-dataset-") as staging,
+        DatasetWriter(Path(staging)) as writer,
+    ):
+        for row in rows:
+            writer.add(row)
+        return writer.save(store, dataset_id, source_format, filename, size_bytes)
 
 
-def save_preference_dataset(
-    store: ArtifactStore,
-    dataset_id: str,
-    source_format: str,
-    rows: list[PreferenceRow],
-    filename: str,
-    size_bytes: int,
-    rejections: Iterable[RowRejection] = (),
-) -> DatasetRecord:
-    """Store normalised preference rows (format "preference" or "kto") as they are."""
-    rejections = tuple(rejections)
-    record = DatasetRecord(
-        dataset_id=dataset_id,
-        format=source_format,
-        num_examples=len(rows),
-        num_turns=sum(
-            len(value) for row in rows for value in row.values() if isinstance(value, list)
-        ),
-        size_bytes=size_bytes,
-        filename=filename,
-        preview=rows[0],
-        rows_read=len(rows) + len(rejections),
-        rejections=rejections,
-    )
-    _write(store, record, rows)
-    return record
-
-
-def _write(store: ArtifactStore, record: DatasetRecord, rows: Iterable[dict[str, Any]]) -> None:
-    lines = (json.dumps(row, ensure_ascii=False) for row in rows)
-    store.put_bytes(f"{_prefix(record.dataset_id)}/data.jsonl", ("\n".join(lines) + "\n").encode())
-    store.put_json(f"{_prefix(record.dataset_id)}/info.json", asdict(record))
+def chat_rows(conversations: Iterable[Conversation]) -> Iterator[dict[str, Any]]:
+    """Conversations as a chat dataset stores them."""
+    return ({"messages": conversation} for conversation in conversations)
 
 
 def load_record(store: ArtifactStore, dataset_id: str) -> DatasetRecord:

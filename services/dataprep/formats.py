@@ -58,10 +58,20 @@ CHATML_TURN = re.compile(r"<\|im_start\|>([^\n]*)\n(.*?)<\|im_end\|>", re.DOTALL
 @dataclass(frozen=True)
 class ParsedDataset:
     format: str
-    conversations: list[Conversation]  # chat formats
-    preference_rows: list[PreferenceRow]  # preference formats
-    rows_read: int = 0  # non-blank lines
-    rejected: list[RowRejection] = field(default_factory=list)  # rows left out (not strict)
+    kept: int  # rows that are examples
+    rows_read: int  # non-blank lines
+    rejected: list[RowRejection]  # rows left out (not strict)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # as stored, unless `keep` took them
+
+    @property
+    def conversations(self) -> list[Conversation]:
+        """A chat file's examples ([] for preference data)."""
+        return [row["messages"] for row in self.rows if self.format not in PREFERENCE_PARSERS]
+
+    @property
+    def preference_rows(self) -> list[PreferenceRow]:
+        """A preference file's examples ([] for chat data)."""
+        return self.rows if self.format in PREFERENCE_PARSERS else []
 
 
 @dataclass(frozen=True)
@@ -282,13 +292,16 @@ def _row(record: Record, filename: str, number: int) -> _Row:
 
 
 class _Parser:
-    """One file's rows into one format's examples; `expected` is its format once known."""
+    """One file's rows into one format's examples, each handed to `keep` as stored (see
+    common.datasets); `expected` is the format once known."""
 
-    def __init__(self, filename: str, expected: str | None) -> None:
+    def __init__(
+        self, filename: str, expected: str | None, keep: Callable[[dict[str, Any]], None]
+    ) -> None:
         self.filename = filename
         self.expected = expected
-        self.conversations: list[Conversation] = []
-        self.preference_rows: list[PreferenceRow] = []
+        self.keep = keep
+        self.kept = 0
 
     def add(self, row: _Row) -> None:
         found = detect_format(row.value)
@@ -318,9 +331,10 @@ class _Parser:
             )
         if self.expected in PREFERENCE_PARSERS:
             hinted = _Row(row.filename, row.line, row.value, PREFERENCE_HINTS[self.expected])
-            self.preference_rows.append(PREFERENCE_PARSERS[self.expected](hinted))
+            self.keep(PREFERENCE_PARSERS[self.expected](hinted))
         else:
-            self.conversations.append(PARSERS[self.expected](row))
+            self.keep({"messages": PARSERS[self.expected](row)})
+        self.kept += 1
 
 
 def parse_jsonl(
@@ -336,19 +350,23 @@ def parse_records(
     format_hint: str = "auto",
     *,
     strict: bool = True,
+    keep: Callable[[dict[str, Any]], None] | None = None,
 ) -> ParsedDataset:
     """Parse and validate a whole file's rows (records.file_records), each at its line.
 
     strict: the first bad row raises, with its line. Otherwise bad rows are left out and listed
     in `rejected`, up to MAX_REJECTED_FRACTION of the rows read (DatasetValidationError above,
-    with the list); a file with no good row at all raises its first row's error."""
+    with the list); a file with no good row at all raises its first row's error.
+    keep: called with each example as stored, as it is parsed (a DatasetWriter's `add`: the file
+    is never held whole); without it the examples are returned in `rows`."""
     expected = None if format_hint in ("", "auto") else format_hint
     if expected is not None and expected not in FORMATS:
         raise DatasetFormatUnknownError(
             f"Unknown dataset format {format_hint!r}; use one of {', '.join(FORMATS)} or auto.",
             format=format_hint,
         )
-    parser = _Parser(filename, expected)
+    rows: list[dict[str, Any]] = []
+    parser = _Parser(filename, expected, keep or rows.append)
     rejected: list[tuple[RowRejection, UserError]] = []
     rows_read = 0
     for number, record in records:
@@ -361,17 +379,14 @@ def parse_records(
             if strict:
                 raise
             rejected.append((_rejection(error, number), error))
-    kept = len(parser.conversations) + len(parser.preference_rows)
-    if not kept and rejected:
+    if not parser.kept and rejected:
         raise rejected[0][1]
-    if not kept or parser.expected is None:
+    if not parser.kept or parser.expected is None:
         raise DatasetEmptyError(f"{filename} has no rows.", filename=filename)
     rejections = [rejection for rejection, _ in rejected]
     if len(rejections) > MAX_REJECTED_FRACTION * rows_read:
         raise _too_many_rejected(filename, rows_read, rejections)
-    return ParsedDataset(
-        parser.expected, parser.conversations, parser.preference_rows, rows_read, rejections
-    )
+    return ParsedDataset(parser.expected, parser.kept, rows_read, rejections, rows)
 
 
 MAX_REJECTED_FRACTION = 0.1

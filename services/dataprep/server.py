@@ -12,12 +12,7 @@ from pathlib import Path
 import grpc
 
 from backpropagate.v1 import dataprep_pb2, dataprep_pb2_grpc
-from backpropagate_services.common.datasets import (
-    DatasetRecord,
-    load_record,
-    save_dataset,
-    save_preference_dataset,
-)
+from backpropagate_services.common.datasets import DatasetRecord, DatasetWriter, load_record
 from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.runtime import Runtime
@@ -68,26 +63,16 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
             dataset_id = digest.hexdigest()
             filename = header.filename or "dataset"
             records = file_records(path, filename, dict(header.columns))
-            parsed = parse_records(records, filename, header.format, strict=header.strict)
-            size = path.stat().st_size
-            if parsed.preference_rows:
-                record = save_preference_dataset(
-                    self.store,
-                    dataset_id,
-                    parsed.format,
-                    parsed.preference_rows,
-                    header.filename,
-                    size,
-                    parsed.rejected,
+            with DatasetWriter(Path(tmp)) as writer:
+                parsed = parse_records(
+                    records, filename, header.format, strict=header.strict, keep=writer.add
                 )
-            else:
-                record = save_dataset(
+                record = writer.save(
                     self.store,
                     dataset_id,
                     parsed.format,
-                    parsed.conversations,
                     header.filename,
-                    size,
+                    path.stat().st_size,
                     parsed.rejected,
                 )
         return to_proto(record)

@@ -12,7 +12,7 @@ import pytest
 
 from backpropagate.connection import Connection
 from backpropagate.workflows import upload_dataset
-from backpropagate_services.common.datasets import load_conversations, save_dataset
+from backpropagate_services.common.datasets import chat_rows, load_conversations, save_dataset
 from backpropagate_services.common.errors import DatasetParseError
 from backpropagate_services.common.settings import Settings
 from backpropagate_services.common.store.local import LocalDirStore
@@ -81,7 +81,7 @@ def test_line_separators_inside_a_string_stay_in_the_row_through_the_store(tmp_p
     store = LocalDirStore(tmp_path / "store")
 
     conversations = parsed_conversations(path)
-    save_dataset(store, "d1", "openai", conversations, path.name, path.stat().st_size)
+    save_dataset(store, "d1", "openai", chat_rows(conversations), path.name, 1)
 
     assert load_conversations(store, "d1") == [row["messages"]]
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from backpropagate_services.common.datasets import (
+    chat_rows,
     check_method_fits,
     load_conversations,
     load_preference_rows,
     load_record,
     save_dataset,
-    save_preference_dataset,
 )
 from backpropagate_services.common.errors import (
     ConfigError,
@@ -203,7 +203,7 @@ def test_preference_rows_are_stored_as_parsed_and_read_back_for_a_preference_met
     store = LocalDirStore(tmp_path)
     rows = parse_jsonl(jsonl(PAIR, {**PAIR, "chosen": "Paris!"}), FILENAME).preference_rows
 
-    record = save_preference_dataset(store, "d1", "preference", rows, FILENAME, 123)
+    record = save_dataset(store, "d1", "preference", rows, FILENAME, 123)
 
     assert (record.num_examples, record.num_turns, record.preview) == (2, 6, rows[0])
     assert load_record(store, "d1") == record
@@ -215,7 +215,7 @@ def test_preference_data_read_as_conversations_fails_naming_the_methods_that_fit
     tmp_path: Path,
 ) -> None:
     store = LocalDirStore(tmp_path)
-    save_preference_dataset(store, "d1", "preference", [json.loads(json.dumps(PAIR))], FILENAME, 1)
+    save_dataset(store, "d1", "preference", [json.loads(json.dumps(PAIR))], FILENAME, 1)
 
     with pytest.raises(ConfigError) as caught:
         load_conversations(store, "d1")
@@ -227,7 +227,7 @@ def test_preference_data_read_as_conversations_fails_naming_the_methods_that_fit
 
 def test_chat_data_for_a_preference_method_fails_asking_for_pairs(tmp_path: Path) -> None:
     store = LocalDirStore(tmp_path)
-    save_dataset(store, "c1", "openai", [[user("Hi"), assistant("Hello")]], "chat.jsonl", 1)
+    save_dataset(store, "c1", "openai", chat_rows([[user("Hi"), assistant("Hello")]]), "c.jsonl", 1)
 
     with pytest.raises(ConfigError) as caught:
         load_preference_rows(store, "c1", "dpo")
