@@ -107,6 +107,14 @@ class DatasetValidationError(UserError):
     )
 
 
+class DatasetTooLargeError(UserError):
+    code = "INPUT_DATASET_TOO_LARGE"
+    default_hint = (
+        "Upload a smaller file, or raise BACKPROPAGATE_DATAPREP__MAX_UPLOAD_BYTES where the "
+        "dataprep service runs."
+    )
+
+
 class DatasetEmptyError(UserError):
     code = "INPUT_DATASET_EMPTY"
     default_hint = "The file has no rows to train on."

@@ -124,6 +124,15 @@ class LoraSettings(BaseModel):
     target_modules: list[str] | None = Field(None, description="Module names that get LoRA.")
 
 
+class DataprepSettings(BaseModel):
+    max_upload_bytes: int = Field(
+        64 * 2**30,
+        ge=1,
+        description="Largest dataset file accepted; a bigger upload fails once past it, before "
+        "it fills the disk.",
+    )
+
+
 class TrainerSettings(BaseModel):
     workers: int = Field(1, description="Train jobs one trainer process runs at a time.")
     cpu_dtype: Literal["auto", "bfloat16", "float32"] = Field(
@@ -349,6 +358,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
     training: TrainingSettings = Field(default_factory=TrainingSettings)  # type: ignore[arg-type]
     lora: LoraSettings = Field(default_factory=LoraSettings)  # type: ignore[arg-type]
+    dataprep: DataprepSettings = Field(default_factory=DataprepSettings)  # type: ignore[arg-type]
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)  # type: ignore[arg-type]
     export: ExportSettings = Field(default_factory=ExportSettings)  # type: ignore[arg-type]
     safety: SafetySettings = Field(default_factory=SafetySettings)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ import grpc
 
 from backpropagate.v1 import dataprep_pb2, dataprep_pb2_grpc
 from backpropagate_services.common.datasets import DatasetRecord, DatasetWriter, load_record
-from backpropagate_services.common.errors import UserError
+from backpropagate_services.common.errors import DatasetTooLargeError, UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
@@ -42,6 +42,7 @@ def to_proto(record: DatasetRecord) -> dataprep_pb2.DatasetInfo:
 class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.store = runtime.store
+        self.max_upload_bytes = runtime.settings.dataprep.max_upload_bytes
 
     @translate_errors
     def UploadDataset(
@@ -60,6 +61,13 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
                 for message in request_iterator:
                     digest.update(message.chunk)
                     handle.write(message.chunk)
+                    if handle.tell() > self.max_upload_bytes:
+                        raise DatasetTooLargeError(
+                            f"{header.filename or 'The dataset'} is larger than the "
+                            f"{self.max_upload_bytes:,} bytes this service accepts.",
+                            filename=header.filename,
+                            limit=self.max_upload_bytes,
+                        )
             dataset_id = digest.hexdigest()
             filename = header.filename or "dataset"
             records = file_records(path, filename, dict(header.columns))

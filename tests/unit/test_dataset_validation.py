@@ -16,6 +16,7 @@ from backpropagate_services.common.datasets import load_conversations, load_reco
 from backpropagate_services.common.errors import (
     DatasetFormatUnknownError,
     DatasetSchemaError,
+    DatasetTooLargeError,
     DatasetValidationError,
 )
 from backpropagate_services.common.settings import Settings
@@ -136,3 +137,22 @@ def test_the_sdk_prints_the_rows_it_left_out(tmp_path, dataprep):
 
     text = console.export_text()
     assert "1 of 13 rows left out" in text and "line 13: " in text
+
+
+def test_an_upload_past_the_size_limit_fails_with_its_code_and_stores_nothing(tmp_path):
+    settings = Settings(home=tmp_path / "home", dataprep={"max_upload_bytes": 1000})
+    stack = start_stack(settings, ["dataprep"], "127.0.0.1:0")
+    connection = Connection({"dataprep": stack.address}, False)
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(good(n) + "\n" for n in range(100)))  # about 8 KB
+    try:
+        with pytest.raises(DatasetTooLargeError) as caught:
+            upload_dataset(connection, path)
+    finally:
+        connection.close()
+        stack.stop()
+
+    assert caught.value.code == "INPUT_DATASET_TOO_LARGE"
+    assert caught.value.context == {"filename": "big.jsonl", "limit": "1000"}
+    assert "MAX_UPLOAD_BYTES" in caught.value.hint
+    assert not list((tmp_path / "home").rglob("data.jsonl"))
