@@ -46,6 +46,7 @@ bench: setup
 	$(PY) bench/export_quantizations.py
 	$(PY) bench/checkpoint_cost.py
 	$(PY) bench/trainer_methods.py
+	$(PY) bench/upload_memory.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
