@@ -47,6 +47,7 @@ bench: setup
 	$(PY) bench/checkpoint_cost.py
 	$(PY) bench/trainer_methods.py
 	$(PY) bench/upload_memory.py
+	$(PY) bench/dedup_speed.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

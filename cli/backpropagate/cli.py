@@ -186,6 +186,12 @@ def train_command(
             "(prompt/response are known already)."
         ),
     ] = "",
+    dedup: Annotated[
+        str,
+        typer.Option(
+            help="Remove repeated rows: exact (same text), near (MinHash, 80%+ alike) or none."
+        ),
+    ] = "",
 ) -> None:
     """Fine-tune a LoRA adapter on a JSONL chat dataset."""
     if resume:
@@ -227,6 +233,7 @@ def train_command(
         wait=not detach,
         strict=strict,
         columns=column_mapping(columns),
+        dedup=dedup,
     )
     if detach:
         console.print(run.run_id)

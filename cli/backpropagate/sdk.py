@@ -179,6 +179,7 @@ class Trainer:
         wait: bool = True,
         strict: bool = False,
         columns: Mapping[str, str] | None = None,
+        dedup: str = "",
     ) -> RunResult:
         """Fine-tune a LoRA adapter on a JSONL dataset; 0 means the trainer's default.
 
@@ -201,8 +202,9 @@ class Trainer:
         run submitted with wait=False). `strict`: a bad row in the data fails the upload;
         otherwise bad rows are left out and listed, up to 10% of the rows. `columns`: a CSV,
         TSV or Parquet file's columns renamed to a format's fields ({"question":
-        "instruction", "answer": "output"}). Arguments left out
-        take the Trainer's values.
+        "instruction", "answer": "output"}). `dedup`: "exact" removes rows whose text repeats
+        an earlier one, "near" also near-copies (MinHash, similarity 0.8 or more). Arguments
+        left out take the Trainer's values.
         """
         if callback is not None and not wait:
             raise UserError(
@@ -213,9 +215,9 @@ class Trainer:
         if eval_data is not None:
             check_source(eval_data)
         connection = self._open(workers=wait)
-        dataset = self._upload(connection, data, data_format, strict, columns)
+        dataset = self._upload(connection, data, data_format, strict, columns, dedup)
         eval_dataset_id = (
-            self._upload(connection, eval_data, data_format, strict, columns).dataset_id
+            self._upload(connection, eval_data, data_format, strict, columns, dedup).dataset_id
             if eval_data is not None
             else ""
         )
@@ -266,9 +268,10 @@ class Trainer:
         data_format: str,
         strict: bool = False,
         columns: Mapping[str, str] | None = None,
+        dedup: str = "",
     ) -> dataprep_pb2.DatasetInfo:
         with dataset_file(data) as path:
-            dataset = upload_dataset(connection, path, data_format, strict, columns)
+            dataset = upload_dataset(connection, path, data_format, strict, columns, dedup)
         self._show_dataset(dataset)
         return dataset
 
@@ -280,6 +283,8 @@ class Trainer:
             f"dataset [bold]{dataset.filename}[/]: {dataset.num_examples} {dataset.format} "
             f"examples ([dim]{dataset.dataset_id[:12]}[/])"
         )
+        if dataset.removed:
+            self.console.print(f"{len(dataset.removed)} duplicate rows removed")
         if not dataset.rejections:
             return
         self.console.print(

@@ -35,11 +35,8 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
 
 
 def _upload_requests(
-    path: Path, format_hint: str, strict: bool, columns: Mapping[str, str]
+    path: Path, header: dataprep_pb2.UploadDatasetHeader
 ) -> Iterator[dataprep_pb2.UploadDatasetRequest]:
-    header = dataprep_pb2.UploadDatasetHeader(
-        filename=path.name, format=format_hint, strict=strict, columns=columns
-    )
     yield dataprep_pb2.UploadDatasetRequest(header=header)
     for chunk in _file_chunks(path):
         yield dataprep_pb2.UploadDatasetRequest(chunk=chunk)
@@ -77,14 +74,25 @@ def upload_dataset(
     format_hint: str = "auto",
     strict: bool = False,
     columns: Mapping[str, str] | None = None,
+    dedup: str = "",
+    near_duplicate_threshold: float = 0.0,
 ) -> dataprep_pb2.DatasetInfo:
     """Upload and validate a dataset file (JSON Lines, CSV, TSV or Parquet, by its name). Bad
     rows are left out and listed in the answer's `rejections` (up to 10% of the rows); `strict`:
     the first bad row fails the upload. `columns` renames a table's columns to the fields of a
-    format ({"question": "instruction", "answer": "output"})."""
+    format ({"question": "instruction", "answer": "output"}). `dedup`: "exact" or "near" removes
+    repeated rows (listed in the answer's `removed`)."""
     require_dataset_file(path)
     stub = connection.dataprep
-    requests = _upload_requests(path, format_hint, strict, columns or {})
+    header = dataprep_pb2.UploadDatasetHeader(
+        filename=path.name,
+        format=format_hint,
+        strict=strict,
+        columns=columns or {},
+        dedup=dedup,
+        near_duplicate_threshold=near_duplicate_threshold,
+    )
+    requests = _upload_requests(path, header)
     return connection.call("dataprep", stub.UploadDataset, requests)
 
 

@@ -54,6 +54,7 @@ class DatasetRecord:
     preview: Conversation | PreferenceRow  # the first row, as stored
     rows_read: int = 0  # non-blank lines; 0 in records written before rows were counted
     rejections: tuple[RowRejection, ...] = ()  # rows left out, in file order
+    removed: tuple[RowRejection, ...] = ()  # good rows a filter took out (duplicates)
 
 
 def _prefix(dataset_id: str) -> str:
@@ -93,11 +94,12 @@ class DatasetWriter:
         filename: str,
         size_bytes: int,
         rejections: Iterable[RowRejection] = (),
+        removed: Iterable[RowRejection] = (),
     ) -> DatasetRecord:
         """Store the rows, then info.json: a reader that finds info.json finds all the data."""
         self._file.close()
         assert self.first is not None, "a dataset has rows"
-        rejections = tuple(rejections)
+        rejections, removed = tuple(rejections), tuple(removed)
         record = DatasetRecord(
             dataset_id=dataset_id,
             format=source_format,
@@ -106,8 +108,9 @@ class DatasetWriter:
             size_bytes=size_bytes,
             filename=filename,
             preview=self.first.get("messages", self.first),
-            rows_read=self.rows + len(rejections),
+            rows_read=self.rows + len(rejections) + len(removed),
             rejections=rejections,
+            removed=removed,
         )
         store.put_file(f"{_prefix(dataset_id)}/data.jsonl", self.path)
         store.put_json(f"{_prefix(dataset_id)}/info.json", asdict(record))
@@ -146,8 +149,9 @@ def load_record(store: ArtifactStore, dataset_id: str) -> DatasetRecord:
             dataset_id=dataset_id,
         )
     stored = store.get_json(key)
-    rejections = tuple(RowRejection(**row) for row in stored.pop("rejections", ()))
-    return DatasetRecord(**stored, rejections=rejections)
+    for name in ("rejections", "removed"):
+        stored[name] = tuple(RowRejection(**row) for row in stored.get(name, ()))
+    return DatasetRecord(**stored)
 
 
 # What a format's rows hold, and the training methods that can use them. KTO takes pairs too: trl

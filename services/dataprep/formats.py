@@ -296,7 +296,7 @@ class _Parser:
     common.datasets); `expected` is the format once known."""
 
     def __init__(
-        self, filename: str, expected: str | None, keep: Callable[[dict[str, Any]], None]
+        self, filename: str, expected: str | None, keep: Callable[[dict[str, Any], int], None]
     ) -> None:
         self.filename = filename
         self.expected = expected
@@ -331,9 +331,9 @@ class _Parser:
             )
         if self.expected in PREFERENCE_PARSERS:
             hinted = _Row(row.filename, row.line, row.value, PREFERENCE_HINTS[self.expected])
-            self.keep(PREFERENCE_PARSERS[self.expected](hinted))
+            self.keep(PREFERENCE_PARSERS[self.expected](hinted), row.line)
         else:
-            self.keep({"messages": PARSERS[self.expected](row)})
+            self.keep({"messages": PARSERS[self.expected](row)}, row.line)
         self.kept += 1
 
 
@@ -350,15 +350,15 @@ def parse_records(
     format_hint: str = "auto",
     *,
     strict: bool = True,
-    keep: Callable[[dict[str, Any]], None] | None = None,
+    keep: Callable[[dict[str, Any], int], None] | None = None,
 ) -> ParsedDataset:
     """Parse and validate a whole file's rows (records.file_records), each at its line.
 
     strict: the first bad row raises, with its line. Otherwise bad rows are left out and listed
     in `rejected`, up to MAX_REJECTED_FRACTION of the rows read (DatasetValidationError above,
     with the list); a file with no good row at all raises its first row's error.
-    keep: called with each example as stored, as it is parsed (a DatasetWriter's `add`: the file
-    is never held whole); without it the examples are returned in `rows`."""
+    keep: called with each example as stored and its line, as it is parsed (the file is never
+    held whole); without it the examples are returned in `rows`."""
     expected = None if format_hint in ("", "auto") else format_hint
     if expected is not None and expected not in FORMATS:
         raise DatasetFormatUnknownError(
@@ -366,7 +366,7 @@ def parse_records(
             format=format_hint,
         )
     rows: list[dict[str, Any]] = []
-    parser = _Parser(filename, expected, keep or rows.append)
+    parser = _Parser(filename, expected, keep or (lambda row, _line: rows.append(row)))
     rejected: list[tuple[RowRejection, UserError]] = []
     rows_read = 0
     for number, record in records:

@@ -8,15 +8,22 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from backpropagate.v1 import dataprep_pb2, dataprep_pb2_grpc
-from backpropagate_services.common.datasets import DatasetRecord, DatasetWriter, load_record
+from backpropagate_services.common.datasets import (
+    DatasetRecord,
+    DatasetWriter,
+    RowRejection,
+    load_record,
+)
 from backpropagate_services.common.errors import DatasetTooLargeError, UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
+from backpropagate_services.dataprep.duplicates import DuplicateFilter, duplicate_removal
 from backpropagate_services.dataprep.formats import parse_records
 from backpropagate_services.dataprep.records import file_records
 
@@ -36,6 +43,7 @@ def to_proto(record: DatasetRecord) -> dataprep_pb2.DatasetInfo:
         preview_json=json.dumps(record.preview, ensure_ascii=False, sort_keys=True),
         rows_read=record.rows_read,
         rejections=[dataprep_pb2.RowRejection(**asdict(row)) for row in record.rejections],
+        removed=[dataprep_pb2.RowRejection(**asdict(row)) for row in record.removed],
     )
 
 
@@ -71,9 +79,19 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
             dataset_id = digest.hexdigest()
             filename = header.filename or "dataset"
             records = file_records(path, filename, dict(header.columns))
+            duplicates = DuplicateFilter(header.dedup, header.near_duplicate_threshold)
+            removed: list[RowRejection] = []
             with DatasetWriter(Path(tmp)) as writer:
+
+                def keep(row: dict[str, Any], line: int) -> None:
+                    original = duplicates.duplicate_of(row, line)
+                    if original is None:
+                        writer.add(row)
+                    else:
+                        removed.append(duplicate_removal(line, original, duplicates.mode))
+
                 parsed = parse_records(
-                    records, filename, header.format, strict=header.strict, keep=writer.add
+                    records, filename, header.format, strict=header.strict, keep=keep
                 )
                 record = writer.save(
                     self.store,
@@ -82,6 +100,7 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
                     header.filename,
                     path.stat().st_size,
                     parsed.rejected,
+                    removed,
                 )
         return to_proto(record)
 

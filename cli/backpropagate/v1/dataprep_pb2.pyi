@@ -46,6 +46,8 @@ class UploadDatasetHeader(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     STRICT_FIELD_NUMBER: _builtins.int
     COLUMNS_FIELD_NUMBER: _builtins.int
+    DEDUP_FIELD_NUMBER: _builtins.int
+    NEAR_DUPLICATE_THRESHOLD_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
     """shown in error messages"""
     format: _builtins.str
@@ -56,6 +58,12 @@ class UploadDatasetHeader(_message.Message):
     Fail on the first bad row. Otherwise bad rows are left out and listed, up to 10% of the
     rows (INPUT_DATASET_VALIDATION above that).
     """
+    dedup: _builtins.str
+    """"" or "none"; "exact": rows whose text repeats a kept row's (case and whitespace aside) are
+    removed; "near": also rows at least `near_duplicate_threshold` alike (MinHash, word 3-grams).
+    """
+    near_duplicate_threshold: _builtins.float
+    """estimated Jaccard similarity; 0: 0.8"""
     @_builtins.property
     def columns(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """CSV / TSV / Parquet columns renamed to the formats' fields ("question" -> "instruction");
@@ -69,10 +77,12 @@ class UploadDatasetHeader(_message.Message):
         format: _builtins.str = ...,
         strict: _builtins.bool = ...,
         columns: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        dedup: _builtins.str = ...,
+        near_duplicate_threshold: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "filename", b"filename", "format", b"format", "strict", b"strict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dedup", b"dedup", "filename", b"filename", "format", b"format", "near_duplicate_threshold", b"near_duplicate_threshold", "strict", b"strict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -135,6 +145,7 @@ class DatasetInfo(_message.Message):
     PREVIEW_JSON_FIELD_NUMBER: _builtins.int
     ROWS_READ_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """sha256 of the uploaded bytes"""
     format: _builtins.str
@@ -152,6 +163,10 @@ class DatasetInfo(_message.Message):
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___RowRejection]:
         """rows left out, in file order"""
 
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedCompositeFieldContainer[Global___RowRejection]:
+        """good rows a filter took out (code FILTER_DUPLICATE)"""
+
     def __init__(
         self,
         *,
@@ -164,10 +179,11 @@ class DatasetInfo(_message.Message):
         preview_json: _builtins.str = ...,
         rows_read: _builtins.int = ...,
         rejections: _abc.Iterable[Global___RowRejection] | None = ...,
+        removed: _abc.Iterable[Global___RowRejection] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "filename", b"filename", "format", b"format", "num_examples", b"num_examples", "num_turns", b"num_turns", "preview_json", b"preview_json", "rejections", b"rejections", "rows_read", b"rows_read", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "filename", b"filename", "format", b"format", "num_examples", b"num_examples", "num_turns", b"num_turns", "preview_json", b"preview_json", "rejections", b"rejections", "removed", b"removed", "rows_read", b"rows_read", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
