@@ -19,6 +19,7 @@ from rich.table import Table
 
 from backpropagate import __version__
 from backpropagate.connection import Connection
+from backpropagate.data_cli import column_mapping, data_app
 from backpropagate.effective_config import config_command
 from backpropagate.estimate_cli import estimate_vram_command
 from backpropagate.progress import safety_label
@@ -50,6 +51,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(runs_app, name="runs")
+app.add_typer(data_app, name="data")
 app.command("config")(config_command)
 app.command("estimate-vram")(estimate_vram_command)
 add_run_aliases(app)
@@ -64,21 +66,6 @@ DEMO_STEPS = 40
 
 class PartialFailure(Exception):
     """Part of a multi-step command succeeded; the message says which part did not."""
-
-
-def column_mapping(text: str) -> dict[str, str]:
-    """--columns 'question=instruction,answer=output' as {"question": "instruction", ...}."""
-    mapping: dict[str, str] = {}
-    for pair in filter(None, (part.strip() for part in text.split(","))):
-        source, equals, target = pair.partition("=")
-        if not (equals and source.strip() and target.strip()):
-            raise ConfigError(
-                f"--columns takes COLUMN=FIELD pairs, got {pair!r}.",
-                hint="e.g. --columns 'question=instruction,answer=output'",
-                fields="columns",
-            )
-        mapping[source.strip()] = target.strip()
-    return mapping
 
 
 @app.command("train")

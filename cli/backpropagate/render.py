@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from backpropagate.results import ExportResult, RunResult
+from backpropagate.v1 import dataprep_pb2
+from backpropagate_services.common.datasets import SHOWN_REJECTIONS
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print the record as JSON (proto field names).")
@@ -107,3 +109,27 @@ def print_export(result: ExportResult) -> None:
 def print_json(message: Message) -> None:
     """A record as scripts read it: JSON with the proto's field names."""
     console.print_json(data=MessageToDict(message, preserving_proto_field_name=True))
+
+
+def print_dataset(info: dataprep_pb2.DatasetInfo) -> None:
+    """An uploaded dataset: what it holds, what was left out and why, its first example."""
+    table = Table(show_header=False, box=None)
+    for label, value in [
+        ("dataset", info.dataset_id),
+        ("file", f"{info.filename} ({info.size_bytes:,} bytes)"),
+        ("format", info.format),
+        (
+            "examples",
+            f"{info.num_examples:,} of {info.rows_read:,} rows ({info.num_turns:,} turns)",
+        ),
+        ("left out", f"{len(info.rejections):,} invalid, {len(info.removed):,} duplicates"),
+    ]:
+        table.add_row(f"[bold]{label}[/]", value)
+    console.print(table)
+    for title, rows in (("left out", info.rejections), ("duplicates", info.removed)):
+        for row in rows[:SHOWN_REJECTIONS]:
+            console.print(f"  {title}: line {row.line}: {row.reason}", markup=False)
+        if len(rows) > SHOWN_REJECTIONS:
+            console.print(f"  ... and {len(rows) - SHOWN_REJECTIONS} more {title}")
+    console.print("[bold]first example[/]")
+    console.print_json(info.preview_json)

@@ -261,6 +261,19 @@ class Trainer:
             return self.last_run
         return self.watch(run_id, callback=callback)
 
+    def inspect_data(
+        self,
+        data: DataSource,
+        data_format: str = "auto",
+        columns: Mapping[str, str] | None = None,
+        dedup: str = "",
+    ) -> dataprep_pb2.DatasetInfo:
+        """Validate and store `data` as a run would, and return its record: format, counts, the
+        rows left out and why, the duplicates removed, the first example. Nothing trains."""
+        check_source(data)
+        with dataset_file(data) as path:
+            return upload_dataset(self.reader, path, data_format, False, columns, dedup)
+
     def _upload(
         self,
         connection: Connection,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_cli_errors import backprop
 
 from backpropagate.connection import Connection
 from backpropagate.workflows import upload_dataset
@@ -90,3 +91,19 @@ def test_an_upload_with_dedup_stores_each_row_once_and_lists_the_removed(tmp_pat
         rows[3]["messages"],
     ]
     assert len(load_record(store, info.dataset_id).removed) == 2
+
+
+def test_backprop_data_inspect_shows_the_dataset_and_prints_it_as_json(tmp_path: Path):
+    rows = [chat(f"Q{n}", f"A{n}") for n in range(12)] + [chat("Q1", "A1"), {"messages": []}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    shown = backprop(tmp_path, "data", "inspect", str(path), "--dedup", "exact")
+    as_json = backprop(tmp_path, "data", "inspect", str(path), "--dedup", "exact", "--json")
+
+    assert shown.exit_code == 0, shown.stderr
+    for text in ("openai", "12 of 14 rows", "1 invalid, 1 duplicates", "line 13: the same text"):
+        assert text in shown.stdout, text
+    record = json.loads(as_json.stdout)
+    assert (record["format"], record["num_examples"], record["rows_read"]) == ("openai", "12", "14")
+    assert record["rejections"][0]["line"] == "14" and record["removed"][0]["line"] == "13"

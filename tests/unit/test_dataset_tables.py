@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from backpropagate.cli import column_mapping
 from backpropagate.connection import Connection
+from backpropagate.data_cli import column_mapping
 from backpropagate.workflows import upload_dataset
 from backpropagate_services.common.errors import (
     ConfigError,

@@ -1,0 +1,56 @@
+"""`backprop data`: look at a dataset as the trainer will get it, before training on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from backpropagate.render import JsonOption, print_dataset, print_json
+from backpropagate.sdk import Trainer
+from backpropagate_services.common.errors import ConfigError
+
+
+def column_mapping(text: str) -> dict[str, str]:
+    """--columns 'question=instruction,answer=output' as {"question": "instruction", ...}."""
+    mapping: dict[str, str] = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        source, equals, target = pair.partition("=")
+        if not (equals and source.strip() and target.strip()):
+            raise ConfigError(
+                f"--columns takes COLUMN=FIELD pairs, got {pair!r}.",
+                hint="e.g. --columns 'question=instruction,answer=output'",
+                fields="columns",
+            )
+        mapping[source.strip()] = target.strip()
+    return mapping
+
+
+data_app = typer.Typer(help="Check datasets before training on them.", no_args_is_help=True)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A JSONL, CSV, TSV or Parquet file, a saved dataset directory or a Hub id."
+        ),
+    ],
+    data_format: Annotated[
+        str, typer.Option("--format", help="auto, sharegpt, openai, alpaca, chatml, ...")
+    ] = "auto",
+    columns: Annotated[
+        str, typer.Option(help="Table columns to rename, e.g. 'question=instruction'.")
+    ] = "",
+    dedup: Annotated[str, typer.Option(help="Also remove duplicates: exact or near.")] = "",
+    as_json: JsonOption = False,
+) -> None:
+    """Validate a dataset as `train` would: its format, counts, the rows left out and why, the
+    duplicates, its first example. Nothing trains."""
+    info = Trainer(progress=False).inspect_data(source, data_format, column_mapping(columns), dedup)
+    if as_json:
+        print_json(info)
+    else:
+        print_dataset(info)
