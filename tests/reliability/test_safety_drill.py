@@ -106,6 +106,9 @@ def test_critical_pauses_warning_resumes_emergency_stops_and_resume_finishes(
         with sidecar(ramp(tmp_path / "cool.jsonl", 60)):
             run = Run(connection, submit_train(connection, dataset.dataset_id, config))
             run.until(lambda event: event.kind == "step" and event.step >= 2)
+        # The sidecar is gone: the next step warns and trains on. Waited for, so that a new
+        # sidecar started within one step cannot hide it.
+        run.until(lambda event: event.kind == "safety_degraded")
         with sidecar(ramp(tmp_path / "up.jsonl", 70, 80, 85, 88, 91)):
             paused = run.until(lambda event: event.kind == "paused")
             # Paused: no step is taken while the level stays critical.
