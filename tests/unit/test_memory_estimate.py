@@ -288,7 +288,7 @@ def test_estimate_is_within_a_quarter_of_a_real_runs_peak_rss_and_tracks_the_bat
     # A first training process after others peaked ~0.9 GB higher than the same run repeated
     # (in suite order here and on CI, twice; never when run alone): not the training's memory,
     # so a short run takes that first place.
-    measured_peak_rss({"steps": 1, "batch_size": 1, "max_length": 32}, data, smollm2_dir)
+    measured_peak_rss({"steps": 1, "batch_size": 1, "max_length": 256}, data, smollm2_dir)
     results = {}
     for batch_size in (2, 4):
         config = {"steps": 3, "batch_size": batch_size, "max_length": 256}
