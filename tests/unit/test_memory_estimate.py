@@ -285,10 +285,9 @@ def test_estimate_is_within_a_quarter_of_a_real_runs_peak_rss_and_tracks_the_bat
     hardware = replace(detect(), device="cpu", compute_dtype=MEASURED_DTYPE)
     source = resolve_model(str(smollm2_dir))
 
-    # A first training process after others peaked ~0.9 GB higher than the same run repeated
-    # (in suite order here and on CI, twice; never when run alone): not the training's memory,
-    # so a short run takes that first place.
-    measured_peak_rss({"steps": 1, "batch_size": 1, "max_length": 256}, data, smollm2_dir)
+    # In suite order one of these processes sometimes peaks 0.9-1.3 GB above the same run
+    # repeated (here and on CI, four times, a different run each time; never when run alone):
+    # the machine's, not the training's. Each run is measured twice and its lower peak kept.
     results = {}
     for batch_size in (2, 4):
         config = {"steps": 3, "batch_size": batch_size, "max_length": 256}
@@ -300,9 +299,9 @@ def test_estimate_is_within_a_quarter_of_a_real_runs_peak_rss_and_tracks_the_bat
             rows=batch_size,  # gradient_accumulation 1: one micro-batch a step
             conversations=conversations,
         )
-        measured = measured_peak_rss(config, data, smollm2_dir)
-        assert measured["dtype"] == hardware.compute_dtype, measured  # estimated for that dtype
-        results[batch_size] = (estimate.total_bytes, measured["peak"])
+        measured = [measured_peak_rss(config, data, smollm2_dir) for _ in range(2)]
+        assert {run["dtype"] for run in measured} == {hardware.compute_dtype}, measured
+        results[batch_size] = (estimate.total_bytes, min(run["peak"] for run in measured))
 
     for batch_size, (estimated, measured) in results.items():
         assert abs(estimated / measured - 1) <= 0.25, (batch_size, estimated, measured)
