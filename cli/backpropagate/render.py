@@ -12,7 +12,7 @@ from rich.table import Table
 
 from backpropagate.results import ExportResult, RunResult
 from backpropagate.v1 import dataprep_pb2
-from backpropagate_services.common.datasets import SHOWN_REJECTIONS
+from backpropagate_services.common.datasets import listed
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print the record as JSON (proto field names).")
@@ -127,9 +127,7 @@ def print_dataset(info: dataprep_pb2.DatasetInfo) -> None:
         table.add_row(f"[bold]{label}[/]", value)
     console.print(table)
     for title, rows in (("left out", info.rejections), ("duplicates", info.removed)):
-        for row in rows[:SHOWN_REJECTIONS]:
-            console.print(f"  {title}: line {row.line}: {row.reason}", markup=False)
-        if len(rows) > SHOWN_REJECTIONS:
-            console.print(f"  ... and {len(rows) - SHOWN_REJECTIONS} more {title}")
+        for line in listed(rows):
+            console.print(f"  {title}: {line}", markup=False)
     console.print("[bold]first example[/]")
     console.print_json(info.preview_json)

@@ -34,7 +34,7 @@ from backpropagate.workflows import (
     submit_train,
     upload_dataset,
 )
-from backpropagate_services.common.datasets import SHOWN_REJECTIONS
+from backpropagate_services.common.datasets import listed
 from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.settings import Settings, get_settings
 
@@ -304,10 +304,8 @@ class Trainer:
             f"[yellow]{len(dataset.rejections)} of {dataset.rows_read} rows left out[/] "
             "(--strict fails on the first instead):"
         )
-        for rejection in dataset.rejections[:SHOWN_REJECTIONS]:
-            self.console.print(f"  line {rejection.line}: {rejection.reason}", markup=False)
-        if len(dataset.rejections) > SHOWN_REJECTIONS:
-            self.console.print(f"  ... and {len(dataset.rejections) - SHOWN_REJECTIONS} more")
+        for line in listed(dataset.rejections):
+            self.console.print(f"  {line}", markup=False)
 
     def estimate_memory(
         self,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,15 @@ class RowRejection:
     code: str  # the error code it would have failed with (INPUT_DATASET_SCHEMA, ...)
     field: str  # "" when the row as a whole is wrong
     reason: str
+
+
+def listed(rows: Sequence[Any]) -> list[str]:
+    """Rows left out (RowRejection, or its proto) as a message shows them: "line N: reason" for
+    the first SHOWN_REJECTIONS, then how many more there are."""
+    lines = [f"line {row.line}: {row.reason}" for row in rows[:SHOWN_REJECTIONS]]
+    if len(rows) > SHOWN_REJECTIONS:
+        lines.append(f"... and {len(rows) - SHOWN_REJECTIONS} more")
+    return lines
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,11 @@ from typing import Any
 from backpropagate_services.common.datasets import (
     PAIRED_FORMAT,
     PREFERENCE_FORMATS,
-    SHOWN_REJECTIONS,
     UNPAIRED_FORMAT,
     Conversation,
     PreferenceRow,
     RowRejection,
+    listed,
 )
 from backpropagate_services.common.errors import (
     DatasetEmptyError,
@@ -400,14 +400,10 @@ def _rejection(error: UserError, line: int) -> RowRejection:
 def _too_many_rejected(
     filename: str, rows_read: int, rejections: list[RowRejection]
 ) -> DatasetValidationError:
-    shown = "\n".join(
-        f"  line {rejection.line}: {rejection.reason}"
-        for rejection in rejections[:SHOWN_REJECTIONS]
-    )
-    more = len(rejections) - SHOWN_REJECTIONS
+    shown = "".join(f"\n  {line}" for line in listed(rejections))
     return DatasetValidationError(
         f"{filename}: {len(rejections)} of {rows_read} rows are invalid, more than "
-        f"{MAX_REJECTED_FRACTION:.0%}:\n{shown}" + (f"\n  ... and {more} more" if more > 0 else ""),
+        f"{MAX_REJECTED_FRACTION:.0%}:{shown}",
         filename=filename,
         rows_read=rows_read,
         rows_rejected=len(rejections),
