@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ METHODS = [
 
 def measure_one(name: str, steps: int) -> dict[str, object]:
     """Train `name` for `steps` steps in this process; its speed and this process's peak RSS."""
-    from backpropagate_services.common.hardware import detect
+    from backpropagate_services.common.hardware import detect, peak_rss_bytes
     from backpropagate_services.common.models import (
         OFFLINE_DEFAULT_ALIAS,
         load_model,
@@ -98,7 +97,7 @@ def measure_one(name: str, steps: int) -> dict[str, object]:
         "step_seconds_median": statistics.median(hooks.seconds[1:]),
         "tokens_per_second": tokens / seconds,
         "trainable_parameters": sum(p.numel() for p in training.trainable),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 

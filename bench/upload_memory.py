@@ -23,10 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "upload_memory.json"
 
 UPLOAD_AND_REPORT = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 from backpropagate.connection import Connection
 from backpropagate.workflows import upload_dataset
+from backpropagate_services.common.hardware import peak_rss_bytes
 from backpropagate_services.common.settings import Settings
 from backpropagate_services.stack import start_stack
 
@@ -38,7 +39,7 @@ info = upload_dataset(connection, data)
 seconds = time.perf_counter() - start
 connection.close()
 stack.stop()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss_bytes()
 print(json.dumps({"peak": peak, "rows": info.num_examples, "seconds": seconds}))
 """
 

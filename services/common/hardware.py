@@ -122,6 +122,20 @@ def peak_memory_bytes(hardware: Hardware) -> int:
         import torch
 
         return int(torch.cuda.max_memory_allocated())
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. On Linux the high-water mark of its own address
+    space (VmHWM): `ru_maxrss` also keeps the peak of the process it was forked from, since
+    exec carries it over, so a worker started by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass  # not Linux
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

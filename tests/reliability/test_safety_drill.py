@@ -26,7 +26,7 @@ from backpropagate_services.common.settings import EndpointSettings, Settings
 
 pytestmark = [pytest.mark.model]
 
-STEPS = 14
+STEPS = 30  # a sidecar restart costs seconds of reconnect backoff: here 4 steps, room for 4x that
 
 
 def reading(celsius: float) -> dict[str, object]:
