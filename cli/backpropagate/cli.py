@@ -24,6 +24,7 @@ from backpropagate.effective_config import config_command
 from backpropagate.estimate_cli import estimate_vram_command
 from backpropagate.progress import safety_label
 from backpropagate.render import (
+    FormatOption,
     JsonOption,
     console,
     err_console,
@@ -96,9 +97,7 @@ def train_command(
     seed: Annotated[
         int, typer.Option(help="Seed for init, data order and dropout (0: the default, 42).")
     ] = 0,
-    data_format: Annotated[
-        str, typer.Option("--format", help="auto, sharegpt, alpaca or openai.")
-    ] = "auto",
+    data_format: FormatOption = "auto",
     gradient_accumulation: Annotated[
         int, typer.Option(help="Micro-batches per step (0: 1); same result, less memory.")
     ] = 0,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from backpropagate.render import JsonOption, print_dataset, print_json
+from backpropagate.render import FormatOption, JsonOption, print_dataset, print_json
 from backpropagate.sdk import Trainer
 from backpropagate_services.common.errors import ConfigError
 
@@ -38,9 +38,7 @@ def data_inspect(
             help="A JSONL, CSV, TSV or Parquet file, a saved dataset directory or a Hub id."
         ),
     ],
-    data_format: Annotated[
-        str, typer.Option("--format", help="auto, sharegpt, openai, alpaca, chatml, ...")
-    ] = "auto",
+    data_format: FormatOption = "auto",
     columns: Annotated[
         str, typer.Option(help="Table columns to rename, e.g. 'question=instruction'.")
     ] = "",

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from backpropagate.render import JsonOption, console
+from backpropagate.render import FormatOption, JsonOption, console
 from backpropagate.results import MemoryEstimateResult
 from backpropagate.sdk import Trainer
 
@@ -65,9 +65,7 @@ def estimate_vram_command(
     target_modules: Annotated[
         str, typer.Option(help="Comma-separated module names for LoRA (default: all linear).")
     ] = "",
-    data_format: Annotated[
-        str, typer.Option("--format", help="auto, sharegpt, alpaca or openai.")
-    ] = "auto",
+    data_format: FormatOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
     """Predict a training run's peak memory (VRAM on a GPU, RAM on the CPU) and whether it fits,

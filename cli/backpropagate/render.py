@@ -17,6 +17,14 @@ from backpropagate_services.common.datasets import listed
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print the record as JSON (proto field names).")
 ]
+FormatOption = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="The rows' format: auto (detected), openai, sharegpt, alpaca, chatml, text, "
+        "preference or kto.",
+    ),
+]
 
 console = Console()
 err_console = Console(stderr=True)

@@ -4,7 +4,8 @@ Dataprep writes them and the trainer reads them: this module is that contract.
 
 Layout: datasets/<sha256>/data.jsonl and info.json, written last so a reader that finds
 info.json always finds the complete data. A line of data.jsonl is, by the dataset's format:
-- chat (sharegpt, openai, alpaca): {"messages": [...]}, OpenAI-style messages;
+- chat (sharegpt, openai, alpaca, chatml): {"messages": [...]}, OpenAI-style messages;
+- text: {"text": "..."}, one document, trained as completion (every token learnt);
 - preference: {"prompt": [...], "chosen": [...], "rejected": [...]}, the prompt's messages and
   each answer as assistant messages (what trl calls conversational preference data);
 - kto: {"prompt": [...], "completion": [...], "label": true | false}, an answer marked good or bad.
@@ -23,12 +24,15 @@ from backpropagate_services.common.errors import ConfigError, NotFoundError
 from backpropagate_services.common.store import ArtifactStore
 
 Conversation = list[dict[str, str]]
+# What supervised fine-tuning trains on: a conversation, or a document of plain text.
+SftRow = Conversation | str
 # {"prompt", "chosen", "rejected"} or {"prompt", "completion", "label"}: see the layout above.
 PreferenceRow = dict[str, Any]
 
 PAIRED_FORMAT = "preference"
 UNPAIRED_FORMAT = "kto"
 PREFERENCE_FORMATS = (PAIRED_FORMAT, UNPAIRED_FORMAT)
+TEXT_FORMAT = "text"
 # Rows left out of an upload that a message lists; the dataset's record (DatasetInfo) has all.
 SHOWN_REJECTIONS = 20
 
@@ -60,7 +64,7 @@ class DatasetRecord:
     num_turns: int
     size_bytes: int
     filename: str
-    preview: Conversation | PreferenceRow  # the first row, as stored
+    preview: Conversation | dict[str, Any]  # the first row, as stored (chat rows: the messages)
     rows_read: int = 0  # non-blank lines; 0 in records written before rows were counted
     rejections: tuple[RowRejection, ...] = ()  # rows left out, in file order
     removed: tuple[RowRejection, ...] = ()  # good rows a filter took out (duplicates)
@@ -82,7 +86,8 @@ class DatasetWriter:
         self.first: dict[str, Any] | None = None
 
     def add(self, row: dict[str, Any]) -> None:
-        """One row as stored: {"messages": [...]} or a preference row (see the layout above)."""
+        """One row as stored: {"messages": [...]}, {"text": ...} or a preference row (see the
+        layout above)."""
         self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.rows += 1
         self.turns += sum(len(value) for value in row.values() if isinstance(value, list))
@@ -166,7 +171,8 @@ def load_record(store: ArtifactStore, dataset_id: str) -> DatasetRecord:
 # What a format's rows hold, and the training methods that can use them. KTO takes pairs too: trl
 # splits each into a good and a bad answer.
 _CHAT = ("chat conversations", ("sft",))
-_PREFERENCE_KINDS = {
+_KINDS = {
+    TEXT_FORMAT: ("documents of plain text", ("sft",)),
     PAIRED_FORMAT: (
         'prompts with a chosen and a rejected answer ({"prompt", "chosen", "rejected"})',
         ("dpo", "orpo", "simpo", "kto"),
@@ -179,12 +185,12 @@ _PREFERENCE_KINDS = {
 
 
 def check_method_fits(method: str, dataset_format: str, dataset_id: str = "") -> None:
-    """ConfigError unless `method` trains on this format's kind of rows: sft on chat data,
+    """ConfigError unless `method` trains on this format's kind of rows: sft on chat or text,
     dpo / orpo / simpo on preference pairs, kto on pairs or labelled answers."""
-    holds, methods = _PREFERENCE_KINDS.get(dataset_format, _CHAT)
+    holds, methods = _KINDS.get(dataset_format, _CHAT)
     if method in methods:
         return
-    needed = [rows for rows, fits in (*_PREFERENCE_KINDS.values(), _CHAT) if method in fits]
+    needed = [rows for rows, fits in (*_KINDS.values(), _CHAT) if method in fits]
     raise ConfigError(
         f"{f'Dataset {dataset_id}' if dataset_id else 'The dataset'} ({dataset_format}) holds "
         f"{holds}: method {method} cannot train on it.",
@@ -196,11 +202,14 @@ def check_method_fits(method: str, dataset_format: str, dataset_id: str = "") ->
     )
 
 
-def load_conversations(store: ArtifactStore, dataset_id: str) -> list[Conversation]:
-    """A chat dataset's conversations (ConfigError for preference data)."""
+def load_sft_rows(store: ArtifactStore, dataset_id: str) -> list[SftRow]:
+    """A chat dataset's conversations, or a text dataset's documents (ConfigError for
+    preference data)."""
     record = load_record(store, dataset_id)  # only complete datasets are readable
     check_method_fits("sft", record.format, dataset_id)
-    return [row["messages"] for row in _rows(store, dataset_id)]
+    return [
+        row["messages"] if "messages" in row else row["text"] for row in _rows(store, dataset_id)
+    ]
 
 
 def load_preference_rows(store: ArtifactStore, dataset_id: str, method: str) -> list[PreferenceRow]:

@@ -5,6 +5,8 @@ Accepted JSONL row shapes (one format per file):
 - OpenAI messages: {"messages": [{"role": "user" | "assistant" | "system", "content": "..."}]}
 - Alpaca: {"instruction": "...", "input": "..." (optional), "output": "..."}
 - ChatML text: {"text": "<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n...<|im_end|>"}
+- Plain text: {"text": "..."} with no ChatML turns (or a .txt file's line), one document trained
+  as completion: every token is learnt, not only an assistant's
 - Preference pairs (dpo, orpo, simpo, kto): {"prompt": P, "chosen": A, "rejected": A}
 - Labelled answers (kto): {"prompt": P, "completion": A, "label": true | false}
 where P is a string (one user message) or a list of messages ending with a user turn, and A a
@@ -27,6 +29,7 @@ from typing import Any
 from backpropagate_services.common.datasets import (
     PAIRED_FORMAT,
     PREFERENCE_FORMATS,
+    TEXT_FORMAT,
     UNPAIRED_FORMAT,
     Conversation,
     PreferenceRow,
@@ -51,7 +54,7 @@ SHAREGPT_ROLES = {
     "system": "system",
 }
 OPENAI_ROLES = {"system", "user", "assistant"}
-FORMATS = ("sharegpt", "openai", "alpaca", "chatml", *PREFERENCE_FORMATS)
+FORMATS = ("sharegpt", "openai", "alpaca", "chatml", TEXT_FORMAT, *PREFERENCE_FORMATS)
 CHATML_TURN = re.compile(r"<\|im_start\|>([^\n]*)\n(.*?)<\|im_end\|>", re.DOTALL)
 
 
@@ -65,8 +68,8 @@ class ParsedDataset:
 
     @property
     def conversations(self) -> list[Conversation]:
-        """A chat file's examples ([] for preference data)."""
-        return [row["messages"] for row in self.rows if self.format not in PREFERENCE_PARSERS]
+        """A chat file's examples ([] for preference data and plain text)."""
+        return [row["messages"] for row in self.rows if "messages" in row]
 
     @property
     def preference_rows(self) -> list[PreferenceRow]:
@@ -110,8 +113,8 @@ def detect_format(row: dict[str, Any]) -> str | None:
         return "openai"
     if "instruction" in row and "output" in row:
         return "alpaca"
-    if isinstance(row.get("text"), str) and "<|im_start|>" in row["text"]:
-        return "chatml"
+    if isinstance(row.get("text"), str):
+        return "chatml" if "<|im_start|>" in row["text"] else TEXT_FORMAT
     # One key is enough to tell, so a missing other one is reported as that row's error. A
     # prompt and completion without a label are no format of ours (prompt-completion SFT).
     if "chosen" in row or "rejected" in row:
@@ -307,16 +310,9 @@ class _Parser:
         found = detect_format(row.value)
         if self.expected is None:
             if found is None:
-                plain_text = "text" in row.value and "<|im_start|>" not in str(row.value["text"])
                 raise DatasetFormatUnknownError(
                     f"{self.filename} line {row.line}: cannot tell the format from keys "
-                    f"{sorted(row.value)}"
-                    + (
-                        " (plain text rows, for completion training, are not supported yet; "
-                        "a text row is read as ChatML turns)"
-                        if plain_text
-                        else ""
-                    ),
+                    f"{sorted(row.value)}",
                     filename=self.filename,
                     line=row.line,
                 )
@@ -332,6 +328,8 @@ class _Parser:
         if self.expected in PREFERENCE_PARSERS:
             hinted = _Row(row.filename, row.line, row.value, PREFERENCE_HINTS[self.expected])
             self.keep(PREFERENCE_PARSERS[self.expected](hinted), row.line)
+        elif self.expected == TEXT_FORMAT:
+            self.keep({"text": row.text(row.value, "text", "text")}, row.line)
         else:
             self.keep({"messages": PARSERS[self.expected](row)}, row.line)
         self.kept += 1

@@ -1,4 +1,5 @@
-"""A dataset file's rows, whatever kind of file it is: JSON Lines, CSV / TSV, or Parquet.
+"""A dataset file's rows, whatever kind of file it is: JSON Lines, CSV / TSV, Parquet, or plain
+text (.txt: a document a line, each read as {"text": line}).
 
 Each row comes with its place in the file (the line a CSV record starts on, a Parquet row's
 1-based index), and as a JSON object's text (decoded by the parser, so a bad line is that row's
@@ -40,6 +41,10 @@ def file_records(
         rows: Iterator[tuple[int, TableRow]] = _parquet_rows(path, filename)
     elif suffix in DELIMITERS:
         rows = _delimited_rows(path, filename, DELIMITERS[suffix])
+    elif suffix == ".txt":
+        lines = enumerate(text_lines(path, filename), start=1)
+        yield from ((place, {"text": line}) for place, line in lines if line.strip())
+        return
     else:
         yield from enumerate(text_lines(path, filename), start=1)
         return

@@ -31,7 +31,7 @@ from backpropagate_services.trainer.checkpoints import TrainingState
 from backpropagate_services.trainer.lora import apply_adapter
 from backpropagate_services.trainer.templating import (
     IGNORE_INDEX,
-    Conversation,
+    SftRow,
     TokenizedExample,
     tokenize_conversations,
 )
@@ -158,13 +158,13 @@ class LoraTraining:
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        conversations: Sequence[Conversation],
+        conversations: Sequence[SftRow],
         config: TrainingConfig,
         *,
         resume: TrainingState | None = None,
         oom_recovery: bool = True,
         oom_drill_step: int | None = None,
-        eval_conversations: Sequence[Conversation] = (),
+        eval_conversations: Sequence[SftRow] = (),
     ) -> None:
         """`eval_conversations`: held out; their mean token loss is measured every
         `eval_every` steps, the best weights by it are the ones the run ends with, and early
@@ -464,7 +464,7 @@ class LoraTraining:
 def train_lora(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    conversations: Sequence[Conversation],
+    conversations: Sequence[SftRow],
     config: TrainingConfig,
     on_step: Callable[[StepReport], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -530,8 +530,8 @@ class BatchSampler:
 
 
 def split_for_eval(
-    conversations: Sequence[Conversation], fraction: float, seed: int
-) -> tuple[list[Conversation], list[Conversation]]:
+    conversations: Sequence[SftRow], fraction: float, seed: int
+) -> tuple[list[SftRow], list[SftRow]]:
     """(train, eval): a seeded random `fraction` held out, at least one conversation on each
     side when there are two or more; no eval set for fraction 0."""
     if fraction <= 0 or len(conversations) < 2:

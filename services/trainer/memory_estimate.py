@@ -65,6 +65,7 @@ from backpropagate_services.trainer.defaults import machine_accumulation
 from backpropagate_services.trainer.lora import check_full_fine_tune_size
 from backpropagate_services.trainer.templating import (
     Conversation,
+    SftRow,
     TokenizedExample,
     tokenize_conversations,
 )
@@ -387,7 +388,7 @@ def estimate_run_memory(
     config: TrainingConfig,
     hardware: Hardware,
     rows: int,
-    conversations: Sequence[Conversation] | None = None,
+    conversations: Sequence[SftRow] | None = None,
 ) -> MemoryParts:
     """The estimate for a run on `source`: its config read (no weights), and the largest
     micro-batch of `rows` from `conversations` tokenised as training would (None: assume every

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from backpropagate.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from backpropagate_services.common.datasets import load_conversations, load_preference_rows
+from backpropagate_services.common.datasets import load_preference_rows, load_sft_rows
 from backpropagate_services.common.datasets import load_record as load_dataset_record
 from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.grpc_errors import translate_errors
@@ -229,7 +229,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         source = resolve_model(request.config.base_model, settings.model.name)
         conversations = None
         if dataset is not None and config.method == "sft":
-            conversations = load_conversations(self.store, dataset.dataset_id)
+            conversations = load_sft_rows(self.store, dataset.dataset_id)
         elif dataset is not None:
             rows = load_preference_rows(self.store, dataset.dataset_id, config.method)
             conversations = preference_conversations(rows)

@@ -10,6 +10,10 @@ assistant header and up to the end of the assistant message gives two token sequ
 is a prefix of the next, the difference is exactly that message's tokens. A template that
 re-renders earlier turns (one that drops past reasoning, say) breaks that property, and we refuse
 it rather than guess. Labels are never derived from pad ids: pad == eos in many tokenizers.
+
+A document of plain text (a text dataset's row) is trained as completion: no template, every
+token learnt, and the tokenizer's end-of-sequence token after it, so the model learns where a
+document ends.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from jinja2 import TemplateError
 
+from backpropagate_services.common.datasets import SftRow
 from backpropagate_services.common.errors import ConfigError, DatasetSchemaError
 
 if TYPE_CHECKING:
@@ -91,15 +96,34 @@ def tokenize_conversation(
     return example if example.trained_tokens else None
 
 
+def tokenize_document(
+    text: str, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> TokenizedExample | None:
+    """A document for completion training, every token trained; None when nothing is left to
+    predict (a single token)."""
+    # Special tokens typed in the text stay text, as in a conversation's messages.
+    input_ids = list(tokenizer(text, split_special_tokens=True)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        input_ids.append(tokenizer.eos_token_id)
+    kept = input_ids[:max_length]
+    example = TokenizedExample(kept, list(kept), truncated=len(input_ids) > max_length)
+    return example if example.trained_tokens else None
+
+
 def tokenize_conversations(
-    conversations: Sequence[Conversation], tokenizer: PreTrainedTokenizerBase, max_length: int
+    conversations: Sequence[SftRow], tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> TokenizedDataset:
-    """Template every conversation, dropping (and counting) those left with nothing to train."""
+    """Template every conversation (or take every document), dropping and counting those left
+    with nothing to train."""
     examples: list[TokenizedExample] = []
     dropped = 0
     for row, conversation in enumerate(conversations):
         try:
-            example = tokenize_conversation(conversation, tokenizer, max_length)
+            example = (
+                tokenize_document(conversation, tokenizer, max_length)
+                if isinstance(conversation, str)
+                else tokenize_conversation(conversation, tokenizer, max_length)
+            )
         except DatasetSchemaError as error:
             raise DatasetSchemaError(f"Conversation {row}: {error.message}", row=row) from error
         if example is None:

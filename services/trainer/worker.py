@@ -16,11 +16,7 @@ from typing import Any
 import torch
 
 from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.datasets import (
-    Conversation,
-    load_conversations,
-    load_preference_rows,
-)
+from backpropagate_services.common.datasets import SftRow, load_preference_rows, load_sft_rows
 from backpropagate_services.common.errors import CheckpointInvalidError
 from backpropagate_services.common.hardware import detect, limit_malloc_arenas, peak_memory_bytes
 from backpropagate_services.common.jobs import (
@@ -255,12 +251,10 @@ class TrainWorker(JobWorker):
 
     def training_data(
         self, record: trainer_pb2.RunRecord, config: TrainingConfig
-    ) -> tuple[list[Conversation], list[Conversation]]:
+    ) -> tuple[list[SftRow], list[SftRow]]:
         """The conversations to train on and those to evaluate on: a separate eval dataset, or
         a seeded split of `eval_split` of the data (at least one of each side)."""
-        conversations = durably(load_conversations)(self.store, record.dataset_id)
+        conversations = durably(load_sft_rows)(self.store, record.dataset_id)
         if record.config.eval_dataset_id:
-            return conversations, durably(load_conversations)(
-                self.store, record.config.eval_dataset_id
-            )
+            return conversations, durably(load_sft_rows)(self.store, record.config.eval_dataset_id)
         return split_for_eval(conversations, config.eval_split, config.seed)

@@ -80,6 +80,22 @@ def test_each_adapter_learns_a_memorisation_set_on_smollm2(
 
 
 @pytest.mark.model
+def test_completion_training_learns_documents_of_plain_text_on_smollm2(smollm2_dir):
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    documents = (examples / "stories.txt").read_text().splitlines()[:6]
+    model, tokenizer = smollm2(smollm2_dir)
+    config = TrainingConfig(steps=12, learning_rate=1e-3, lora_dropout=0.0, max_length=64)
+    training = LoraTraining(model, tokenizer, documents, config, eval_conversations=documents)
+    before = training.eval_loss()
+
+    training.run()
+
+    # Every token of a document is trained, the first words as much as the last.
+    assert training.dataset.examples[0].labels == training.dataset.examples[0].input_ids
+    assert training.eval_loss() < before / 2
+
+
+@pytest.mark.model
 def test_a_full_fine_tune_exports_as_the_whole_model_with_nothing_to_merge(smollm2_dir, tmp_path):
     model, tokenizer = smollm2(smollm2_dir)
     config = TrainingConfig(steps=2, adapter="full", learning_rate=1e-4, max_length=64)

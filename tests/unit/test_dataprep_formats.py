@@ -398,10 +398,22 @@ def test_a_bad_chatml_row_names_the_text_field_and_what_is_wrong(row, problem) -
     assert problem in error.message
 
 
-def test_plain_text_rows_are_refused_saying_completion_training_is_not_supported_yet() -> None:
-    error = rejection(DatasetFormatUnknownError, jsonl({"text": "Once upon a time"}))
+def test_a_text_row_without_chatml_turns_is_a_document_for_completion_training() -> None:
+    documents = [{"text": f"Once upon a time, story {number}."} for number in range(10)]
+    parsed = parse_jsonl(jsonl(*documents, {"text": "  "}), FILENAME, strict=False)
 
-    assert "plain text rows, for completion training, are not supported yet" in error.message
+    assert (parsed.format, parsed.rows) == ("text", documents)
+    assert [(row.line, row.field) for row in parsed.rejected] == [(11, "text")]
+    assert parsed.conversations == []
+
+
+def test_a_chatml_row_in_a_text_file_is_named_as_the_odd_one() -> None:
+    error = rejection(
+        DatasetSchemaError, jsonl({"text": "A story."}, chatml(("user", "a"), ("assistant", "b")))
+    )
+
+    assert_points_at(error, line=2, field="text")
+    assert "row is chatml but the file is text" in error.message
 
 
 def test_the_shipped_chatml_example_reads_as_the_quickstarts_conversations() -> None:

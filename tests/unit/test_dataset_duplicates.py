@@ -11,7 +11,7 @@ from test_cli_errors import backprop
 
 from backpropagate.connection import Connection
 from backpropagate.workflows import upload_dataset
-from backpropagate_services.common.datasets import load_conversations, load_record
+from backpropagate_services.common.datasets import load_record, load_sft_rows
 from backpropagate_services.common.errors import ConfigError
 from backpropagate_services.common.settings import Settings
 from backpropagate_services.common.store.local import LocalDirStore
@@ -85,7 +85,7 @@ def test_an_upload_with_dedup_stores_each_row_once_and_lists_the_removed(tmp_pat
         (5, "FILTER_DUPLICATE", "the same text as line 2"),
     ]
     store = LocalDirStore(tmp_path / "home" / "artifacts")
-    assert load_conversations(store, info.dataset_id) == [
+    assert load_sft_rows(store, info.dataset_id) == [
         rows[0]["messages"],
         rows[1]["messages"],
         rows[3]["messages"],

@@ -12,7 +12,7 @@ import pytest
 
 from backpropagate.connection import Connection
 from backpropagate.workflows import upload_dataset
-from backpropagate_services.common.datasets import chat_rows, load_conversations, save_dataset
+from backpropagate_services.common.datasets import chat_rows, load_sft_rows, save_dataset
 from backpropagate_services.common.errors import DatasetParseError
 from backpropagate_services.common.settings import Settings
 from backpropagate_services.common.store.local import LocalDirStore
@@ -83,7 +83,7 @@ def test_line_separators_inside_a_string_stay_in_the_row_through_the_store(tmp_p
     conversations = parsed_conversations(path)
     save_dataset(store, "d1", "openai", chat_rows(conversations), path.name, 1)
 
-    assert load_conversations(store, "d1") == [row["messages"]]
+    assert load_sft_rows(store, "d1") == [row["messages"]]
 
 
 def test_a_utf16_file_with_crlf_uploads_through_the_dataprep_service(tmp_path):
@@ -93,9 +93,7 @@ def test_a_utf16_file_with_crlf_uploads_through_the_dataprep_service(tmp_path):
     connection = Connection({"dataprep": stack.address}, False)
     try:
         dataset = upload_dataset(connection, path)
-        stored = load_conversations(
-            LocalDirStore(tmp_path / "home" / "artifacts"), dataset.dataset_id
-        )
+        stored = load_sft_rows(LocalDirStore(tmp_path / "home" / "artifacts"), dataset.dataset_id)
     finally:
         connection.close()
         stack.stop()

@@ -39,6 +39,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterat
         ("prompt_response.csv", "alpaca", "sft"),
         ("alpaca.tsv", "alpaca", "sft"),
         ("messages.parquet", "openai", "sft"),
+        ("stories.txt", "text", "sft"),  # completion: a document a line
+        ("documents.jsonl", "text", "sft"),
         ("kto.jsonl", "kto", "kto"),
     ],
 )

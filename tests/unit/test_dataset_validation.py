@@ -12,7 +12,7 @@ from rich.console import Console
 from backpropagate import Trainer
 from backpropagate.connection import Connection
 from backpropagate.workflows import upload_dataset
-from backpropagate_services.common.datasets import load_conversations, load_record
+from backpropagate_services.common.datasets import load_record, load_sft_rows
 from backpropagate_services.common.errors import (
     DatasetFormatUnknownError,
     DatasetSchemaError,
@@ -119,7 +119,7 @@ def test_an_upload_keeps_the_good_rows_and_answers_with_the_left_out_ones(datapr
     [rejection] = dataset.rejections
     assert (rejection.line, rejection.code) == (13, "INPUT_DATASET_SCHEMA")
     store = LocalDirStore(tmp_path / "home" / "artifacts")
-    assert len(load_conversations(store, dataset.dataset_id)) == 12
+    assert len(load_sft_rows(store, dataset.dataset_id)) == 12
     assert load_record(store, dataset.dataset_id).rejections[0].line == 13  # kept in the record
 
 

@@ -15,9 +15,9 @@ import pytest
 from backpropagate_services.common.datasets import (
     chat_rows,
     check_method_fits,
-    load_conversations,
     load_preference_rows,
     load_record,
+    load_sft_rows,
     save_dataset,
 )
 from backpropagate_services.common.errors import (
@@ -218,7 +218,7 @@ def test_preference_data_read_as_conversations_fails_naming_the_methods_that_fit
     save_dataset(store, "d1", "preference", [json.loads(json.dumps(PAIR))], FILENAME, 1)
 
     with pytest.raises(ConfigError) as caught:
-        load_conversations(store, "d1")
+        load_sft_rows(store, "d1")
 
     assert caught.value.context["fields"] == "method"
     assert "method sft cannot train on it" in caught.value.message
@@ -235,7 +235,7 @@ def test_chat_data_for_a_preference_method_fails_asking_for_pairs(tmp_path: Path
     assert "Dataset c1 (openai) holds chat conversations" in caught.value.message
     assert "--method sft" in caught.value.hint
     assert '{"prompt", "chosen", "rejected"}' in caught.value.hint
-    assert load_conversations(store, "c1") == [[user("Hi"), assistant("Hello")]]
+    assert load_sft_rows(store, "c1") == [[user("Hi"), assistant("Hello")]]
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from backpropagate_services.trainer.templating import (
     TokenizedExample,
     tokenize_conversation,
     tokenize_conversations,
+    tokenize_document,
 )
 
 EOS = "<|im_end|>"
@@ -216,3 +217,23 @@ def test_tokenizer_without_a_chat_template_is_a_config_error(smollm2_tokenizer):
 
     with pytest.raises(ConfigError, match="has no chat template"):
         tokenize_conversation([user("Hi"), assistant("Hello!")], tokenizer, 512)
+
+
+def test_a_document_trains_every_token_and_the_end_of_sequence_after_it(smollm2_tokenizer):
+    text = "Backpropagate trains adapters. <|im_end|> stays text here."
+    example = tokenize_document(text, smollm2_tokenizer, max_length=512)
+
+    assert example is not None and example.labels == example.input_ids
+    assert example.input_ids[-1] == smollm2_tokenizer.eos_token_id
+    assert example.input_ids.count(smollm2_tokenizer.eos_token_id) == 1  # the typed one is text
+    assert smollm2_tokenizer.decode(example.input_ids[:-1]) == text
+
+
+def test_documents_and_conversations_are_cut_and_counted_alike(smollm2_tokenizer):
+    long_document = " ".join(["word"] * 100)
+    dataset = tokenize_conversations(
+        [long_document, "Hi", [user("Hi"), assistant("Hello")]], smollm2_tokenizer, max_length=64
+    )
+
+    assert len(dataset.examples[0].input_ids) == 64
+    assert (len(dataset.examples), dataset.truncated, dataset.dropped) == (3, 1, 0)

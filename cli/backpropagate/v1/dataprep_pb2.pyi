@@ -51,7 +51,7 @@ class UploadDatasetHeader(_message.Message):
     filename: _builtins.str
     """shown in error messages"""
     format: _builtins.str
-    """"" or "auto" to detect; or sharegpt | alpaca | openai | preference | kto"""
+    """"" or "auto" to detect; or openai | sharegpt | alpaca | chatml | text | preference | kto"""
     strict: _builtins.bool
     """The file's kind comes from its name: .csv, .tsv, .parquet (or Parquet's magic bytes);
     anything else is JSON Lines.
