@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from backpropagate.render import FormatOption, JsonOption, print_dataset, print_json
+from backpropagate.render import (
+    FormatOption,
+    JsonOption,
+    print_dataset,
+    print_json_data,
+    print_token_stats,
+    record_dict,
+)
 from backpropagate.sdk import Trainer
 from backpropagate_services.common.errors import ConfigError
 
@@ -43,12 +50,26 @@ def data_inspect(
         str, typer.Option(help="Table columns to rename, e.g. 'question=instruction'.")
     ] = "",
     dedup: Annotated[str, typer.Option(help="Also remove duplicates: exact or near.")] = "",
+    model: Annotated[
+        str, typer.Option(help="Whose tokenizer and chat template (default: the trainer's).")
+    ] = "",
+    max_length: Annotated[
+        int, typer.Option(help="Tokens a row is cut at, as in train (0: the default).")
+    ] = 0,
+    method: Annotated[
+        str, typer.Option(help="The training method, as in train (preference data: dpo, ...).")
+    ] = "",
     as_json: JsonOption = False,
 ) -> None:
     """Validate a dataset as `train` would: its format, counts, the rows left out and why, the
-    duplicates, its first example. Nothing trains."""
-    info = Trainer(progress=False).inspect_data(source, data_format, column_mapping(columns), dedup)
+    duplicates, its token lengths and what max_length cuts, its first example as trained.
+    Nothing trains."""
+    trainer = Trainer(model, progress=False)
+    info = trainer.inspect_data(source, data_format, column_mapping(columns), dedup)
+    tokens = trainer.inspect_tokens(info.dataset_id, max_length=max_length, method=method)
     if as_json:
-        print_json(info)
+        # The dataset's record, with its token statistics under "tokens".
+        print_json_data({**record_dict(info), "tokens": record_dict(tokens, every_field=True)})
     else:
         print_dataset(info)
+        print_token_stats(tokens)

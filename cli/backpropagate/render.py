@@ -9,9 +9,10 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from backpropagate.results import ExportResult, RunResult
-from backpropagate.v1 import dataprep_pb2
+from backpropagate.v1 import dataprep_pb2, trainer_pb2
 from backpropagate_services.common.datasets import listed
 
 JsonOption = Annotated[
@@ -114,9 +115,23 @@ def print_export(result: ExportResult) -> None:
         err_console.print(f"[bold yellow]warning[/]: {result.verification_warning}")
 
 
+def record_dict(message: Message, every_field: bool = False) -> dict[str, object]:
+    """A record as scripts read it: the proto's field names; `every_field`: zeros too (a
+    histogram's empty bin still has its row count)."""
+    return MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=every_field,
+    )
+
+
 def print_json(message: Message) -> None:
     """A record as scripts read it: JSON with the proto's field names."""
-    console.print_json(data=MessageToDict(message, preserving_proto_field_name=True))
+    print_json_data(record_dict(message))
+
+
+def print_json_data(data: object) -> None:
+    console.print_json(data=data)
 
 
 def print_dataset(info: dataprep_pb2.DatasetInfo) -> None:
@@ -139,3 +154,39 @@ def print_dataset(info: dataprep_pb2.DatasetInfo) -> None:
             console.print(f"  {title}: {line}", markup=False)
     console.print("[bold]first example[/]")
     console.print_json(info.preview_json)
+
+
+SPAN_STYLES = {"context": "dim", "trained": "bold green", "cut": "red strike"}
+HISTOGRAM_WIDTH = 40
+
+
+def print_token_stats(stats: trainer_pb2.TokenStats) -> None:
+    """A dataset in the model's tokens: lengths, their histogram, what max_length costs, and the
+    first row with what is learnt in green (read-only context dim, cut-off text struck out)."""
+    console.print(
+        f"[bold]tokens[/] ({stats.base_model}): {stats.tokens:,} in {stats.rows:,} rows, "
+        f"{stats.trained_tokens:,} trained; per row min {stats.min_tokens:,}, median "
+        f"{stats.median_tokens:,}, p95 {stats.p95_tokens:,}, max {stats.max_tokens:,}"
+    )
+    widest = max((part.rows for part in stats.histogram), default=0)
+    for part in stats.histogram:
+        bar = "#" * round(HISTOGRAM_WIDTH * part.rows / widest) if widest else ""
+        over = part.low > stats.max_length
+        console.print(
+            f"  {part.low:>7,}-{part.high:<7,} {part.rows:>7,} {bar}",
+            style="red" if over else None,
+            markup=False,
+        )
+    if stats.truncated or stats.dropped:
+        console.print(
+            f"[yellow]max_length {stats.max_length:,}: {stats.truncated:,} rows truncated (their "
+            f"ends not learnt), {stats.dropped:,} with nothing to learn[/] (--max-length to "
+            "keep more)"
+        )
+    else:
+        console.print(f"max_length {stats.max_length:,}: every row fits")
+    console.print("[bold]first example, as trained[/] ([bold green]learnt[/], [dim]context[/])")
+    sample = Text()
+    for span in stats.sample:
+        sample.append(span.text, style=SPAN_STYLES.get(span.kind))
+    console.print(sample)

@@ -274,6 +274,22 @@ class Trainer:
         with dataset_file(data) as path:
             return upload_dataset(self.reader, path, data_format, False, columns, dedup)
 
+    def inspect_tokens(
+        self, dataset_id: str, *, max_length: int = 0, method: str = ""
+    ) -> trainer_pb2.TokenStats:
+        """A stored dataset (`inspect_data(...).dataset_id`) in this Trainer's model's tokens, as
+        a run would see it: row lengths and their histogram, the rows max_length truncates or
+        leaves with nothing to learn, and the first row with its trained tokens marked.
+        `max_length` and `method`: train()'s (0 and "": the trainer's choice)."""
+        connection = self.reader
+        request = trainer_pb2.InspectTokensRequest(
+            config=trainer_pb2.TrainConfig(
+                base_model=self.model, max_length=max_length, method=method
+            ),
+            dataset_id=dataset_id,
+        )
+        return connection.call("trainer", connection.trainer.InspectTokens, request)
+
     def _upload(
         self,
         connection: Connection,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
 
 from backpropagate.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from backpropagate_services.common.datasets import load_preference_rows, load_sft_rows
+from backpropagate_services.common.datasets import SftRow, load_preference_rows, load_sft_rows
 from backpropagate_services.common.datasets import load_record as load_dataset_record
 from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.grpc_errors import translate_errors
@@ -38,9 +39,11 @@ from backpropagate_services.trainer.memory_estimate import (
     estimate_run_memory,
     micro_batch_rows,
     preference_conversations,
+    read_tokenizer,
 )
 from backpropagate_services.trainer.preference import check_method
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
+from backpropagate_services.trainer.token_stats import token_stats
 from backpropagate_services.trainer.tracking import resolve_report_to
 from backpropagate_services.trainer.worker import TrainWorker
 
@@ -228,11 +231,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         check_adapter_supported(config, cuda=hardware.is_cuda, fp8_capable=hardware.fp8)
         source = resolve_model(request.config.base_model, settings.model.name)
         conversations = None
-        if dataset is not None and config.method == "sft":
-            conversations = load_sft_rows(self.store, dataset.dataset_id)
-        elif dataset is not None:
-            rows = load_preference_rows(self.store, dataset.dataset_id, config.method)
-            conversations = preference_conversations(rows)
+        if dataset is not None:
+            conversations = self._training_rows(dataset.dataset_id, config.method)
         rows_per_pass = micro_batch_rows(
             config, hardware, accumulation_given=bool(settled.gradient_accumulation)
         )
@@ -251,6 +251,43 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             parameters=parts.parameters,
             trainable_parameters=parts.trainable_parameters,
         )
+
+    @translate_errors
+    def InspectTokens(
+        self, request: trainer_pb2.InspectTokensRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.TokenStats:
+        settings = self.runtime.settings
+        dataset = load_dataset_record(self.store, request.dataset_id)
+        settled, _ = settle(request.config, settings, dataset.num_examples)
+        config = training_config_from_proto(settled)
+        source = resolve_model(request.config.base_model, settings.model.name)
+        rows = self._training_rows(dataset.dataset_id, config.method)
+        stats = token_stats(
+            rows, read_tokenizer(source, settings.model_cache_dir), config.max_length
+        )
+        return trainer_pb2.TokenStats(
+            base_model=source.name,
+            max_length=config.max_length,
+            rows=stats.rows,
+            tokens=stats.tokens,
+            trained_tokens=stats.trained_tokens,
+            min_tokens=stats.lengths[0] if stats.lengths else 0,
+            median_tokens=stats.median if stats.lengths else 0,
+            p95_tokens=stats.p95 if stats.lengths else 0,
+            max_tokens=stats.lengths[-1] if stats.lengths else 0,
+            histogram=[trainer_pb2.LengthBin(**asdict(part)) for part in stats.histogram],
+            truncated=stats.truncated,
+            dropped=stats.dropped,
+            sample=[trainer_pb2.SampleSpan(**asdict(span)) for span in stats.sample],
+        )
+
+    def _training_rows(self, dataset_id: str, method: str) -> list[SftRow]:
+        """A dataset's rows as the trainer tokenises them for `method`: conversations or
+        documents for sft, each preference answer after its prompt otherwise."""
+        if method == "sft":
+            return load_sft_rows(self.store, dataset_id)
+        rows = load_preference_rows(self.store, dataset_id, method)
+        return list(preference_conversations(rows))
 
 
 def create(runtime: Runtime) -> ServiceHandle:

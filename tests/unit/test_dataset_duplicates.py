@@ -93,13 +93,19 @@ def test_an_upload_with_dedup_stores_each_row_once_and_lists_the_removed(tmp_pat
     assert len(load_record(store, info.dataset_id).removed) == 2
 
 
-def test_backprop_data_inspect_shows_the_dataset_and_prints_it_as_json(tmp_path: Path):
+@pytest.mark.model
+def test_backprop_data_inspect_shows_the_dataset_and_prints_it_as_json(
+    tmp_path: Path, model_cache: Path
+):
     rows = [chat(f"Q{n}", f"A{n}") for n in range(12)] + [chat("Q1", "A1"), {"messages": []}]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
-    shown = backprop(tmp_path, "data", "inspect", str(path), "--dedup", "exact")
-    as_json = backprop(tmp_path, "data", "inspect", str(path), "--dedup", "exact", "--json")
+    cache = {"BACKPROPAGATE_MODEL_CACHE": str(model_cache)}
+    shown = backprop(tmp_path, "data", "inspect", str(path), "--dedup", "exact", env=cache)
+    as_json = backprop(
+        tmp_path, "data", "inspect", str(path), "--dedup", "exact", "--json", env=cache
+    )
 
     assert shown.exit_code == 0, shown.stderr
     for text in ("openai", "12 of 14 rows", "1 invalid, 1 duplicates", "line 13: the same text"):

@@ -697,6 +697,147 @@ class MemoryEstimate(_message.Message):
 Global___MemoryEstimate: _TypeAlias = MemoryEstimate  # noqa: Y015
 
 @_typing.final
+class InspectTokensRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    dataset_id: _builtins.str
+    @_builtins.property
+    def config(self) -> Global___TrainConfig:
+        """base_model, method and max_length, settled as for a run"""
+
+    def __init__(
+        self,
+        *,
+        config: Global___TrainConfig | None = ...,
+        dataset_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "dataset_id", b"dataset_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InspectTokensRequest: _TypeAlias = InspectTokensRequest  # noqa: Y015
+
+@_typing.final
+class LengthBin(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    low: _builtins.int
+    """tokens, inclusive"""
+    high: _builtins.int
+    rows: _builtins.int
+    def __init__(
+        self,
+        *,
+        low: _builtins.int = ...,
+        high: _builtins.int = ...,
+        rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["high", b"high", "low", b"low", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LengthBin: _TypeAlias = LengthBin  # noqa: Y015
+
+@_typing.final
+class SampleSpan(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    kind: _builtins.str
+    """"context" (read, not learnt) | "trained" | "cut" (past max_length)"""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        kind: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SampleSpan: _TypeAlias = SampleSpan  # noqa: Y015
+
+@_typing.final
+class TokenStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    MAX_LENGTH_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    TRAINED_TOKENS_FIELD_NUMBER: _builtins.int
+    MIN_TOKENS_FIELD_NUMBER: _builtins.int
+    MEDIAN_TOKENS_FIELD_NUMBER: _builtins.int
+    P95_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    SAMPLE_FIELD_NUMBER: _builtins.int
+    base_model: _builtins.str
+    """whose tokenizer and chat template"""
+    max_length: _builtins.int
+    rows: _builtins.int
+    """conversations (a preference pair counts its two answers)"""
+    tokens: _builtins.int
+    """every row whole"""
+    trained_tokens: _builtins.int
+    """learnt within max_length"""
+    min_tokens: _builtins.int
+    median_tokens: _builtins.int
+    p95_tokens: _builtins.int
+    max_tokens: _builtins.int
+    truncated: _builtins.int
+    """rows longer than max_length: their ends are not learnt"""
+    dropped: _builtins.int
+    """rows with nothing to learn within max_length"""
+    @_builtins.property
+    def histogram(self) -> _containers.RepeatedCompositeFieldContainer[Global___LengthBin]:
+        """rows by whole length"""
+
+    @_builtins.property
+    def sample(self) -> _containers.RepeatedCompositeFieldContainer[Global___SampleSpan]:
+        """the first row, rendered with the model's template"""
+
+    def __init__(
+        self,
+        *,
+        base_model: _builtins.str = ...,
+        max_length: _builtins.int = ...,
+        rows: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        trained_tokens: _builtins.int = ...,
+        min_tokens: _builtins.int = ...,
+        median_tokens: _builtins.int = ...,
+        p95_tokens: _builtins.int = ...,
+        max_tokens: _builtins.int = ...,
+        histogram: _abc.Iterable[Global___LengthBin] | None = ...,
+        truncated: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        sample: _abc.Iterable[Global___SampleSpan] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "dropped", b"dropped", "histogram", b"histogram", "max_length", b"max_length", "max_tokens", b"max_tokens", "median_tokens", b"median_tokens", "min_tokens", b"min_tokens", "p95_tokens", b"p95_tokens", "rows", b"rows", "sample", b"sample", "tokens", b"tokens", "trained_tokens", b"trained_tokens", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenStats: _TypeAlias = TokenStats  # noqa: Y015
+
+@_typing.final
 class CheckpointInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -75,6 +75,11 @@ class TrainerServiceStub:
                 request_serializer=backpropagate_dot_v1_dot_trainer__pb2.EstimateMemoryRequest.SerializeToString,
                 response_deserializer=backpropagate_dot_v1_dot_trainer__pb2.MemoryEstimate.FromString,
                 _registered_method=True)
+        self.InspectTokens = channel.unary_unary(
+                '/backpropagate.v1.TrainerService/InspectTokens',
+                request_serializer=backpropagate_dot_v1_dot_trainer__pb2.InspectTokensRequest.SerializeToString,
+                response_deserializer=backpropagate_dot_v1_dot_trainer__pb2.TokenStats.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -135,6 +140,14 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InspectTokens(self, request, context):
+        """A stored dataset in the model's tokens, as a run with this config would see it: row
+        lengths, what max_length cuts, and the first row with its trained tokens marked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +190,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.EstimateMemory,
                     request_deserializer=backpropagate_dot_v1_dot_trainer__pb2.EstimateMemoryRequest.FromString,
                     response_serializer=backpropagate_dot_v1_dot_trainer__pb2.MemoryEstimate.SerializeToString,
+            ),
+            'InspectTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.InspectTokens,
+                    request_deserializer=backpropagate_dot_v1_dot_trainer__pb2.InspectTokensRequest.FromString,
+                    response_serializer=backpropagate_dot_v1_dot_trainer__pb2.TokenStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +414,33 @@ class TrainerService:
             '/backpropagate.v1.TrainerService/EstimateMemory',
             backpropagate_dot_v1_dot_trainer__pb2.EstimateMemoryRequest.SerializeToString,
             backpropagate_dot_v1_dot_trainer__pb2.MemoryEstimate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InspectTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backpropagate.v1.TrainerService/InspectTokens',
+            backpropagate_dot_v1_dot_trainer__pb2.InspectTokensRequest.SerializeToString,
+            backpropagate_dot_v1_dot_trainer__pb2.TokenStats.FromString,
             options,
             channel_credentials,
             insecure,
