@@ -131,9 +131,29 @@ def _turns(row: _Row, key: str) -> list[Any]:
     return turns
 
 
-def _require_assistant(row: _Row, field: str, conversation: Conversation) -> Conversation:
+def _checked_order(
+    row: _Row, field: str, conversation: Conversation, turn_field: Callable[[int], str]
+) -> Conversation:
+    """A conversation a chat template renders and a model learns from: an assistant turn, each
+    answering a user turn, speakers taking turns, a system turn only first. Two user turns in a
+    row mostly mean a lost reply; many templates (Llama 2, Mistral, Gemma) refuse them, and one
+    such row would stop the whole run at training time. `turn_field(i)`: where turn i is."""
     if not any(message["role"] == "assistant" for message in conversation):
         raise row.fail(field, "has no assistant turn, so there is nothing to learn from")
+    previous = None
+    for index, message in enumerate(conversation):
+        role, where = message["role"], turn_field(index)
+        turn = f" (turn {index + 1})" if where == field else ""  # a field that holds every turn
+        if role == "system" and index > 0:
+            raise row.fail(where, f"is a system turn after the first{turn}: move it first")
+        if role == "assistant" and previous in (None, "system"):
+            raise row.fail(where, f"is an assistant turn that answers no user turn{turn}")
+        if role == previous and role != "system":
+            missing = "a reply" if role == "user" else "a user turn"
+            raise row.fail(
+                where, f"is a second {role} turn in a row{turn} ({missing} missing before it)"
+            )
+        previous = role
     return conversation
 
 
@@ -153,7 +173,12 @@ OPENAI = _TurnFormat("messages", "role", "content", {r: r for r in OPENAI_ROLES}
 
 
 def _parse_turns(row: _Row, spec: _TurnFormat) -> Conversation:
-    return _require_assistant(row, spec.turns_key, _parse_messages(row, spec))
+    return _checked_order(
+        row,
+        spec.turns_key,
+        _parse_messages(row, spec),
+        lambda index: f"{spec.turns_key}[{index}].{spec.speaker_key}",
+    )
 
 
 def _parse_messages(row: _Row, spec: _TurnFormat) -> Conversation:
@@ -200,7 +225,7 @@ def _parse_chatml(row: _Row) -> Conversation:
                 f"(use one of {sorted(OPENAI_ROLES)})",
             )
         conversation.append({"role": role.strip(), "content": content})
-    return _require_assistant(row, "text", conversation)
+    return _checked_order(row, "text", conversation, lambda _index: "text")
 
 
 def _messages_or_text(row: _Row, key: str, roles: set[str], text_role: str) -> Conversation:

@@ -398,6 +398,69 @@ def test_a_bad_chatml_row_names_the_text_field_and_what_is_wrong(row, problem) -
     assert problem in error.message
 
 
+def sharegpt(*turns: tuple[str, str]) -> dict[str, object]:
+    return {"conversations": [{"from": speaker, "value": text} for speaker, text in turns]}
+
+
+def messages(*roles: str) -> dict[str, object]:
+    return {"messages": [{"role": role, "content": f"{role} says"} for role in roles]}
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "problem"),
+    [
+        (messages("user", "user", "assistant"), "messages[1].role", "second user turn in a row"),
+        (
+            messages("user", "assistant", "assistant"),
+            "messages[2].role",
+            "second assistant turn in a row (a user turn missing before it)",
+        ),
+        (messages("assistant", "user", "assistant"), "messages[0].role", "answers no user turn"),
+        (messages("system", "assistant"), "messages[1].role", "answers no user turn"),
+        (
+            messages("user", "assistant", "system", "user", "assistant"),
+            "messages[2].role",
+            "system turn after the first",
+        ),
+        (
+            sharegpt(("human", "a"), ("human", "b"), ("gpt", "c")),
+            "conversations[1].from",
+            "second user turn in a row (a reply missing before it)",
+        ),
+        (
+            chatml(("user", "a"), ("user", "b"), ("assistant", "c")),
+            "text",
+            "second user turn in a row (turn 2)",
+        ),
+    ],
+    ids=[
+        "two users",
+        "two assistants",
+        "assistant first",
+        "after system",
+        "late system",
+        "sharegpt",
+        "chatml",
+    ],
+)
+def test_turns_out_of_order_are_refused_naming_the_turn(row, field, problem) -> None:
+    good = next(
+        example
+        for example in (OPENAI_ROW, SHAREGPT_ROW, chatml(("user", "a"), ("assistant", "b")))
+        if example.keys() == row.keys()
+    )
+    error = rejection(DatasetSchemaError, jsonl(good, row))
+
+    assert_points_at(error, line=2, field=field)
+    assert problem in error.message
+
+
+def test_a_system_turn_first_and_many_exchanges_in_order_are_kept() -> None:
+    row = messages("system", "user", "assistant", "user", "assistant")
+
+    assert parse_jsonl(jsonl(row), FILENAME).conversations == [row["messages"]]
+
+
 def test_a_text_row_without_chatml_turns_is_a_document_for_completion_training() -> None:
     documents = [{"text": f"Once upon a time, story {number}."} for number in range(10)]
     parsed = parse_jsonl(jsonl(*documents, {"text": "  "}), FILENAME, strict=False)
