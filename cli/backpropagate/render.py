@@ -138,7 +138,7 @@ def print_dataset(info: dataprep_pb2.DatasetInfo) -> None:
     """An uploaded dataset: what it holds, what was left out and why, its first example."""
     table = Table(show_header=False, box=None)
     for label, value in [
-        ("dataset", info.dataset_id),
+        ("dataset", info.dataset_id + (" (prepared before)" if info.reused else "")),
         ("file", f"{info.filename} ({info.size_bytes:,} bytes)"),
         ("format", info.format),
         (

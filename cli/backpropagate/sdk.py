@@ -311,6 +311,7 @@ class Trainer:
         self.console.print(
             f"dataset [bold]{dataset.filename}[/]: {dataset.num_examples} {dataset.format} "
             f"examples ([dim]{dataset.dataset_id[:12]}[/])"
+            + (", prepared before" if dataset.reused else "")
         )
         if dataset.removed:
             self.console.print(f"{len(dataset.removed)} duplicate rows removed")

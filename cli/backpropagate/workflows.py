@@ -14,9 +14,11 @@ from backpropagate.connection import Connection
 from backpropagate.dataset_sources import missing_file
 from backpropagate.results import ExportResult, RunResult
 from backpropagate.v1 import common_pb2, dataprep_pb2, export_pb2, trainer_pb2
+from backpropagate_services.common.datasets import prepared_dataset_id
 from backpropagate_services.common.errors import (
     ExportVerificationError,
     JobCancelledError,
+    NotFoundError,
     RunInterruptedError,
 )
 from backpropagate_services.common.grpc_errors import detail_to_error
@@ -81,7 +83,8 @@ def upload_dataset(
     rows are left out and listed in the answer's `rejections` (up to 10% of the rows); `strict`:
     the first bad row fails the upload. `columns` renames a table's columns to the fields of a
     format ({"question": "instruction", "answer": "output"}). `dedup`: "exact" or "near" removes
-    repeated rows (listed in the answer's `removed`)."""
+    repeated rows (listed in the answer's `removed`). A file prepared before with the same
+    options is not sent again: its record comes back with `reused` set."""
     require_dataset_file(path)
     stub = connection.dataprep
     header = dataprep_pb2.UploadDatasetHeader(
@@ -92,8 +95,16 @@ def upload_dataset(
         dedup=dedup,
         near_duplicate_threshold=near_duplicate_threshold,
     )
-    requests = _upload_requests(path, header)
-    return connection.call("dataprep", stub.UploadDataset, requests)
+    # Prepared before (the same bytes, the same options): its record, without sending the file.
+    request = dataprep_pb2.InspectDatasetRequest(
+        dataset_id=prepared_dataset_id(sha256_file(path), header)
+    )
+    try:
+        prepared = connection.call("dataprep", stub.InspectDataset, request)
+    except NotFoundError:
+        return connection.call("dataprep", stub.UploadDataset, _upload_requests(path, header))
+    prepared.reused = True
+    return prepared
 
 
 def _raise_if_failed(status: int, error: common_pb2.ErrorDetail, what: str) -> None:

@@ -1,4 +1,5 @@
-"""Prepared datasets in the artifact store, addressed by the sha256 of the uploaded bytes.
+"""Prepared datasets in the artifact store, addressed by the uploaded bytes and the options they
+were prepared with (`prepared_dataset_id`), so preparing the same thing twice finds the first.
 
 Dataprep writes them and the trainer reads them: this module is that contract.
 
@@ -13,6 +14,7 @@ info.json always finds the complete data. A line of data.jsonl is, by the datase
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from backpropagate.v1 import dataprep_pb2
 from backpropagate_services.common.errors import ConfigError, NotFoundError
 from backpropagate_services.common.store import ArtifactStore
 
@@ -68,6 +71,36 @@ class DatasetRecord:
     rows_read: int = 0  # non-blank lines; 0 in records written before rows were counted
     rejections: tuple[RowRejection, ...] = ()  # rows left out, in file order
     removed: tuple[RowRejection, ...] = ()  # good rows a filter took out (duplicates)
+
+
+# Bumped when parsing or normalising changes what a file prepares to: an id made by older code
+# must not stand for what newer code would store.
+PREPARATION_VERSION = 1
+
+
+def prepared_dataset_id(content_sha256: str, header: dataprep_pb2.UploadDatasetHeader) -> str:
+    """The id of `header`'s preparation of bytes whose sha256 is `content_sha256`: every upload
+    option that changes the stored rows is in it (the file's kind by its name's extension, the
+    format, column names, deduplication, strictness), the file's name otherwise is not."""
+    options = {
+        "content": content_sha256,
+        "version": PREPARATION_VERSION,
+        "kind": Path(header.filename).suffix.lower(),
+        "format": header.format if header.format not in ("", "auto") else "auto",
+        "columns": dict(sorted(header.columns.items())),
+        "dedup": header.dedup or "none",
+        "near_duplicate_threshold": header.near_duplicate_threshold,
+        "strict": header.strict,
+    }
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+
+
+def find_record(store: ArtifactStore, dataset_id: str) -> DatasetRecord | None:
+    """The dataset's record if it was prepared (completely), else None."""
+    try:
+        return load_record(store, dataset_id)
+    except NotFoundError:
+        return None
 
 
 def _prefix(dataset_id: str) -> str:

@@ -17,7 +17,9 @@ from backpropagate_services.common.datasets import (
     DatasetRecord,
     DatasetWriter,
     RowRejection,
+    find_record,
     load_record,
+    prepared_dataset_id,
 )
 from backpropagate_services.common.errors import DatasetTooLargeError, UserError
 from backpropagate_services.common.grpc_errors import translate_errors
@@ -30,8 +32,9 @@ from backpropagate_services.dataprep.records import file_records
 SERVICE_NAME = dataprep_pb2.DESCRIPTOR.services_by_name["DataprepService"].full_name
 
 
-def to_proto(record: DatasetRecord) -> dataprep_pb2.DatasetInfo:
+def to_proto(record: DatasetRecord, reused: bool = False) -> dataprep_pb2.DatasetInfo:
     return dataprep_pb2.DatasetInfo(
+        reused=reused,
         dataset_id=record.dataset_id,
         format=record.format,
         num_examples=record.num_examples,
@@ -76,7 +79,10 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
                             filename=header.filename,
                             limit=self.max_upload_bytes,
                         )
-            dataset_id = digest.hexdigest()
+            dataset_id = prepared_dataset_id(digest.hexdigest(), header)
+            prepared = find_record(self.store, dataset_id)
+            if prepared is not None:  # the same bytes, prepared the same way: done before
+                return to_proto(prepared, reused=True)
             filename = header.filename or "dataset"
             records = file_records(path, filename, dict(header.columns))
             duplicates = DuplicateFilter(header.dedup, header.near_duplicate_threshold)

@@ -21,6 +21,7 @@ from backpropagate.connection import Connection
 from backpropagate.v1 import dataprep_pb2
 from backpropagate.workflows import upload_dataset
 from backpropagate_services.common import errors
+from backpropagate_services.common.datasets import prepared_dataset_id
 from backpropagate_services.common.errors import (
     EXIT_PARTIAL_FAILURE,
     EXIT_RUNTIME_ERROR,
@@ -121,14 +122,16 @@ def test_inspecting_an_unknown_dataset_raises_not_found(connection: Connection) 
 # --- successful uploads ------------------------------------------------------------------------
 
 
-def test_good_upload_is_addressed_by_the_sha256_of_its_bytes(
+def test_good_upload_is_addressed_by_its_bytes_and_the_options_it_was_prepared_with(
     connection: Connection, tmp_path: Path
 ) -> None:
     path = write_jsonl(tmp_path / "good.jsonl", GOOD_ROWS)
 
     info = upload_dataset(connection, path)
 
-    assert info.dataset_id == hashlib.sha256(path.read_bytes()).hexdigest()
+    header = dataprep_pb2.UploadDatasetHeader(filename="good.jsonl", format="auto")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert info.dataset_id == prepared_dataset_id(digest, header)
     assert info.format == "openai"
     assert info.num_examples == 2
     assert info.num_turns == 4
@@ -137,10 +140,40 @@ def test_good_upload_is_addressed_by_the_sha256_of_its_bytes(
     assert json.loads(info.preview_json) == GOOD_ROWS[0]["messages"]
 
 
+def test_the_same_file_prepared_the_same_way_is_found_not_prepared_again(
+    connection: Connection, tmp_path: Path
+) -> None:
+    path = write_jsonl(tmp_path / "again.jsonl", [*GOOD_ROWS, GOOD_ROWS[0]])
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(path.read_bytes())
+
+    first = upload_dataset(connection, path)
+    again = upload_dataset(connection, copy)  # another name, the same bytes
+    deduplicated = upload_dataset(connection, path, dedup="exact")
+    # A client that sends without looking first: the service finds it too.
+    header = dataprep_pb2.UploadDatasetHeader(filename=path.name)
+    chunks = [dataprep_pb2.UploadDatasetRequest(chunk=path.read_bytes())]
+    sent = connection.dataprep.UploadDataset(
+        iter([dataprep_pb2.UploadDatasetRequest(header=header), *chunks])
+    )
+
+    assert (first.reused, again.reused, deduplicated.reused, sent.reused) == (
+        False,
+        True,
+        False,
+        True,
+    )
+    assert again.dataset_id == sent.dataset_id == first.dataset_id != deduplicated.dataset_id
+    assert (first.num_examples, deduplicated.num_examples) == (3, 2)
+    again.reused = False
+    assert again == first  # the first preparation's record, filename included
+
+
 def test_inspecting_an_uploaded_dataset_returns_what_the_upload_returned(
     connection: Connection, tmp_path: Path
 ) -> None:
-    uploaded = upload_dataset(connection, write_jsonl(tmp_path / "good.jsonl", GOOD_ROWS))
+    # Rows no other test uploads: a first preparation, not one found again.
+    uploaded = upload_dataset(connection, write_jsonl(tmp_path / "good.jsonl", GOOD_ROWS[::-1]))
 
     inspected = connection.call(
         "dataprep",

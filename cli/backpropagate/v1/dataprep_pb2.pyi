@@ -146,8 +146,11 @@ class DatasetInfo(_message.Message):
     ROWS_READ_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
+    REUSED_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
-    """sha256 of the uploaded bytes"""
+    """sha256 of the uploaded bytes' sha256 and the options that shape what they prepare to
+    (common/datasets.py prepared_dataset_id): the same file prepared the same way, the same id
+    """
     format: _builtins.str
     """detected source format"""
     num_examples: _builtins.int
@@ -159,6 +162,8 @@ class DatasetInfo(_message.Message):
     """the first normalised example, as JSON"""
     rows_read: _builtins.int
     """non-blank lines of the file"""
+    reused: _builtins.bool
+    """prepared before, returned as it was: nothing parsed again"""
     @_builtins.property
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___RowRejection]:
         """rows left out, in file order"""
@@ -180,10 +185,11 @@ class DatasetInfo(_message.Message):
         rows_read: _builtins.int = ...,
         rejections: _abc.Iterable[Global___RowRejection] | None = ...,
         removed: _abc.Iterable[Global___RowRejection] | None = ...,
+        reused: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "filename", b"filename", "format", b"format", "num_examples", b"num_examples", "num_turns", b"num_turns", "preview_json", b"preview_json", "rejections", b"rejections", "removed", b"removed", "rows_read", b"rows_read", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "filename", b"filename", "format", b"format", "num_examples", b"num_examples", "num_turns", b"num_turns", "preview_json", b"preview_json", "rejections", b"rejections", "removed", b"removed", "reused", b"reused", "rows_read", b"rows_read", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
