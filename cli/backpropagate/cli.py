@@ -19,13 +19,14 @@ from rich.table import Table
 
 from backpropagate import __version__
 from backpropagate.connection import Connection
-from backpropagate.data_cli import column_mapping, data_app
+from backpropagate.data_cli import column_mapping, data_app, language_codes
 from backpropagate.effective_config import config_command
 from backpropagate.estimate_cli import estimate_vram_command
 from backpropagate.progress import safety_label
 from backpropagate.render import (
     FormatOption,
     JsonOption,
+    LanguagesOption,
     console,
     err_console,
     print_export,
@@ -178,6 +179,7 @@ def train_command(
             help="Remove repeated rows: exact (same text), near (MinHash, 80%+ alike) or none."
         ),
     ] = "",
+    languages: LanguagesOption = "",
 ) -> None:
     """Fine-tune a LoRA adapter on a JSONL chat dataset."""
     if resume:
@@ -220,6 +222,7 @@ def train_command(
         strict=strict,
         columns=column_mapping(columns),
         dedup=dedup,
+        languages=language_codes(languages),
     )
     if detach:
         console.print(run.run_id)

@@ -10,6 +10,7 @@ import typer
 from backpropagate.render import (
     FormatOption,
     JsonOption,
+    LanguagesOption,
     print_dataset,
     print_json_data,
     print_token_stats,
@@ -34,6 +35,11 @@ def column_mapping(text: str) -> dict[str, str]:
     return mapping
 
 
+def language_codes(text: str) -> list[str]:
+    """--language 'en,fr' as ["en", "fr"]."""
+    return [code.strip() for code in text.split(",") if code.strip()]
+
+
 data_app = typer.Typer(help="Check datasets before training on them.", no_args_is_help=True)
 
 
@@ -50,6 +56,7 @@ def data_inspect(
         str, typer.Option(help="Table columns to rename, e.g. 'question=instruction'.")
     ] = "",
     dedup: Annotated[str, typer.Option(help="Also remove duplicates: exact or near.")] = "",
+    languages: LanguagesOption = "",
     model: Annotated[
         str, typer.Option(help="Whose tokenizer and chat template (default: the trainer's).")
     ] = "",
@@ -65,7 +72,9 @@ def data_inspect(
     duplicates, its token lengths and what max_length cuts, its first example as trained.
     Nothing trains."""
     trainer = Trainer(model, progress=False)
-    info = trainer.inspect_data(source, data_format, column_mapping(columns), dedup)
+    info = trainer.inspect_data(
+        source, data_format, column_mapping(columns), dedup, language_codes(languages)
+    )
     tokens = trainer.inspect_tokens(info.dataset_id, max_length=max_length, method=method)
     if as_json:
         # The dataset's record, with its token statistics under "tokens".

@@ -27,6 +27,15 @@ FormatOption = Annotated[
     ),
 ]
 
+LanguagesOption = Annotated[
+    str,
+    typer.Option(
+        "--language",
+        help="Keep rows in these languages only, e.g. 'en' or 'en,fr' (the others are removed "
+        "and listed).",
+    ),
+]
+
 console = Console()
 err_console = Console(stderr=True)
 

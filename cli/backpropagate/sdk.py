@@ -180,6 +180,7 @@ class Trainer:
         strict: bool = False,
         columns: Mapping[str, str] | None = None,
         dedup: str = "",
+        languages: Sequence[str] = (),
     ) -> RunResult:
         """Fine-tune a LoRA adapter on a JSONL dataset; 0 means the trainer's default.
 
@@ -203,7 +204,8 @@ class Trainer:
         otherwise bad rows are left out and listed, up to 10% of the rows. `columns`: a CSV,
         TSV or Parquet file's columns renamed to a format's fields ({"question":
         "instruction", "answer": "output"}). `dedup`: "exact" removes rows whose text repeats
-        an earlier one, "near" also near-copies (MinHash, similarity 0.8 or more). Arguments
+        an earlier one, "near" also near-copies (MinHash, similarity 0.8 or more).
+        `languages` (["en"], ...): rows detected in another language are removed. Arguments
         left out take the Trainer's values.
         """
         if callback is not None and not wait:
@@ -215,11 +217,10 @@ class Trainer:
         if eval_data is not None:
             check_source(eval_data)
         connection = self._open(workers=wait)
-        dataset = self._upload(connection, data, data_format, strict, columns, dedup)
+        upload = (data_format, strict, columns, dedup, languages)
+        dataset = self._upload(connection, data, *upload)
         eval_dataset_id = (
-            self._upload(connection, eval_data, data_format, strict, columns, dedup).dataset_id
-            if eval_data is not None
-            else ""
+            self._upload(connection, eval_data, *upload).dataset_id if eval_data is not None else ""
         )
         config = trainer_pb2.TrainConfig(
             base_model=self.model,
@@ -267,12 +268,15 @@ class Trainer:
         data_format: str = "auto",
         columns: Mapping[str, str] | None = None,
         dedup: str = "",
+        languages: Sequence[str] = (),
     ) -> dataprep_pb2.DatasetInfo:
         """Validate and store `data` as a run would, and return its record: format, counts, the
         rows left out and why, the duplicates removed, the first example. Nothing trains."""
         check_source(data)
         with dataset_file(data) as path:
-            return upload_dataset(self.reader, path, data_format, False, columns, dedup)
+            return upload_dataset(
+                self.reader, path, data_format, False, columns, dedup, languages=languages
+            )
 
     def inspect_tokens(
         self, dataset_id: str, *, max_length: int = 0, method: str = ""
@@ -298,9 +302,12 @@ class Trainer:
         strict: bool = False,
         columns: Mapping[str, str] | None = None,
         dedup: str = "",
+        languages: Sequence[str] = (),
     ) -> dataprep_pb2.DatasetInfo:
         with dataset_file(data) as path:
-            dataset = upload_dataset(connection, path, data_format, strict, columns, dedup)
+            dataset = upload_dataset(
+                connection, path, data_format, strict, columns, dedup, languages=languages
+            )
         self._show_dataset(dataset)
         return dataset
 

@@ -7,7 +7,7 @@ whether the call itself failed or the job failed later on a worker.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from backpropagate.connection import Connection
@@ -78,12 +78,14 @@ def upload_dataset(
     columns: Mapping[str, str] | None = None,
     dedup: str = "",
     near_duplicate_threshold: float = 0.0,
+    languages: Sequence[str] = (),
 ) -> dataprep_pb2.DatasetInfo:
     """Upload and validate a dataset file (JSON Lines, CSV, TSV or Parquet, by its name). Bad
     rows are left out and listed in the answer's `rejections` (up to 10% of the rows); `strict`:
     the first bad row fails the upload. `columns` renames a table's columns to the fields of a
     format ({"question": "instruction", "answer": "output"}). `dedup`: "exact" or "near" removes
-    repeated rows (listed in the answer's `removed`). A file prepared before with the same
+    repeated rows (listed in the answer's `removed`), as does `languages` ("en", ...) for rows
+    detected in another language. A file prepared before with the same
     options is not sent again: its record comes back with `reused` set."""
     require_dataset_file(path)
     stub = connection.dataprep
@@ -94,6 +96,7 @@ def upload_dataset(
         columns=columns or {},
         dedup=dedup,
         near_duplicate_threshold=near_duplicate_threshold,
+        languages=languages,
     )
     # Prepared before (the same bytes, the same options): its record, without sending the file.
     request = dataprep_pb2.InspectDatasetRequest(

@@ -81,7 +81,8 @@ PREPARATION_VERSION = 1
 def prepared_dataset_id(content_sha256: str, header: dataprep_pb2.UploadDatasetHeader) -> str:
     """The id of `header`'s preparation of bytes whose sha256 is `content_sha256`: every upload
     option that changes the stored rows is in it (the file's kind by its name's extension, the
-    format, column names, deduplication, strictness), the file's name otherwise is not."""
+    format, column names, deduplication, strictness, languages), the file's name otherwise is
+    not."""
     options = {
         "content": content_sha256,
         "version": PREPARATION_VERSION,
@@ -91,6 +92,7 @@ def prepared_dataset_id(content_sha256: str, header: dataprep_pb2.UploadDatasetH
         "dedup": header.dedup or "none",
         "near_duplicate_threshold": header.near_duplicate_threshold,
         "strict": header.strict,
+        "languages": sorted(header.languages),
     }
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 

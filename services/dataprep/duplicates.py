@@ -45,7 +45,7 @@ class DuplicateFilter:
         when it repeats none."""
         if self.mode == "none":
             return None
-        words = _text(row).lower().split()
+        words = row_text(row).lower().split()
         if self.mode == "exact":
             key = hashlib.blake2b(" ".join(words).encode(), digest_size=16).digest()
             original = self._seen.get(key)
@@ -53,6 +53,14 @@ class DuplicateFilter:
                 self._seen[key] = line
             return original
         return self._near(words, line)
+
+    def removal(self, row: dict[str, Any], line: int) -> RowRejection | None:
+        """Why the row is removed (code FILTER_DUPLICATE: which kept row it repeats), or None."""
+        original = self.duplicate_of(row, line)
+        if original is None:
+            return None
+        kind = "the same text as" if self.mode == "exact" else "nearly the same text as"
+        return RowRejection(line, "FILTER_DUPLICATE", "", f"{kind} line {original}")
 
     def _near(self, words: list[str], line: int) -> int | None:
         from datasketch import MinHash
@@ -67,18 +75,12 @@ class DuplicateFilter:
         return None
 
 
-def _text(value: Any) -> str:
+def row_text(value: Any) -> str:
     """Every string in a stored row (messages' contents, prompts, answers), in order."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
-        return "\n".join(_text(item) for key, item in value.items() if key != "role")
+        return "\n".join(row_text(item) for key, item in value.items() if key != "role")
     if isinstance(value, list):
-        return "\n".join(_text(item) for item in value)
+        return "\n".join(row_text(item) for item in value)
     return ""
-
-
-def duplicate_removal(line: int, original: int, mode: str) -> RowRejection:
-    """How a removed duplicate is listed: which kept row it repeats."""
-    kind = "the same text as" if mode == "exact" else "nearly the same text as"
-    return RowRejection(line, "FILTER_DUPLICATE", "", f"{kind} line {original}")

@@ -25,8 +25,9 @@ from backpropagate_services.common.errors import DatasetTooLargeError, UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
-from backpropagate_services.dataprep.duplicates import DuplicateFilter, duplicate_removal
+from backpropagate_services.dataprep.duplicates import DuplicateFilter
 from backpropagate_services.dataprep.formats import parse_records
+from backpropagate_services.dataprep.languages import LanguageFilter
 from backpropagate_services.dataprep.records import file_records
 
 SERVICE_NAME = dataprep_pb2.DESCRIPTOR.services_by_name["DataprepService"].full_name
@@ -85,16 +86,23 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
                 return to_proto(prepared, reused=True)
             filename = header.filename or "dataset"
             records = file_records(path, filename, dict(header.columns))
-            duplicates = DuplicateFilter(header.dedup, header.near_duplicate_threshold)
+            # Language first: a row in another language never becomes the kept original that
+            # a later duplicate is measured against.
+            filters = (
+                LanguageFilter(header.languages),
+                DuplicateFilter(header.dedup, header.near_duplicate_threshold),
+            )
             removed: list[RowRejection] = []
             with DatasetWriter(Path(tmp)) as writer:
 
                 def keep(row: dict[str, Any], line: int) -> None:
-                    original = duplicates.duplicate_of(row, line)
-                    if original is None:
+                    removal = next(
+                        filter(None, (each.removal(row, line) for each in filters)), None
+                    )
+                    if removal is None:
                         writer.add(row)
                     else:
-                        removed.append(duplicate_removal(line, original, duplicates.mode))
+                        removed.append(removal)
 
                 parsed = parse_records(
                     records, filename, header.format, strict=header.strict, keep=keep

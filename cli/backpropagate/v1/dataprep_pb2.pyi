@@ -48,13 +48,14 @@ class UploadDatasetHeader(_message.Message):
     COLUMNS_FIELD_NUMBER: _builtins.int
     DEDUP_FIELD_NUMBER: _builtins.int
     NEAR_DUPLICATE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    LANGUAGES_FIELD_NUMBER: _builtins.int
     filename: _builtins.str
     """shown in error messages"""
     format: _builtins.str
     """"" or "auto" to detect; or openai | sharegpt | alpaca | chatml | text | preference | kto"""
     strict: _builtins.bool
-    """The file's kind comes from its name: .csv, .tsv, .parquet (or Parquet's magic bytes);
-    anything else is JSON Lines.
+    """The file's kind comes from its name: .csv, .tsv, .parquet (or Parquet's magic bytes), .txt
+    (a document a line); anything else is JSON Lines.
     Fail on the first bad row. Otherwise bad rows are left out and listed, up to 10% of the
     rows (INPUT_DATASET_VALIDATION above that).
     """
@@ -70,6 +71,12 @@ class UploadDatasetHeader(_message.Message):
         "prompt" / "response" are taken as "instruction" / "output" without it.
         """
 
+    @_builtins.property
+    def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ISO 639-1 codes ("en", "fr"): rows detected in another language are removed (fastText's
+        language identification, its model shipped with the service). Empty: every language kept.
+        """
+
     def __init__(
         self,
         *,
@@ -79,10 +86,11 @@ class UploadDatasetHeader(_message.Message):
         columns: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         dedup: _builtins.str = ...,
         near_duplicate_threshold: _builtins.float = ...,
+        languages: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dedup", b"dedup", "filename", b"filename", "format", b"format", "near_duplicate_threshold", b"near_duplicate_threshold", "strict", b"strict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dedup", b"dedup", "filename", b"filename", "format", b"format", "languages", b"languages", "near_duplicate_threshold", b"near_duplicate_threshold", "strict", b"strict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
