@@ -1,4 +1,4 @@
-"""Every shipped dataset file, whatever its kind and format, trains through the services over
+"""Every shipped dataset, whatever its kind and format, trains through the services over
 gRPC: uploaded to dataprep, stored normalised, trained on by the trainer (one step each).
 preference.jsonl does so with DPO in test_preference.py."""
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from backpropagate.connection import Connection
+from backpropagate.dataset_sources import dataset_file
 from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate.workflows import follow_run, submit_train, upload_dataset
 from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS
@@ -41,6 +42,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterat
         ("messages.parquet", "openai", "sft"),
         ("stories.txt", "text", "sft"),  # completion: a document a line
         ("documents.jsonl", "text", "sft"),
+        ("saved_dataset", "openai", "sft"),  # a directory datasets.save_to_disk wrote
         ("kto.jsonl", "kto", "kto"),
     ],
 )
@@ -49,7 +51,8 @@ def test_each_shipped_dataset_trains_through_the_services(
 ) -> None:
     connection = Connection(dict.fromkeys(SERVICES, stack.address), False)
     try:
-        dataset = upload_dataset(connection, EXAMPLES / name)
+        with dataset_file(EXAMPLES / name) as path:  # a saved dataset: as a Parquet file
+            dataset = upload_dataset(connection, path)
         config = trainer_pb2.TrainConfig(
             base_model=OFFLINE_DEFAULT_ALIAS, method=method, steps=1, batch_size=2, max_length=64
         )
