@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 user error, 2 runtime error, 3 partial failure (e.g. trained
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.panel import Panel
 from rich.prompt import Prompt
 from rich.table import Table
@@ -520,6 +522,13 @@ def main() -> None:
             "`backprop runs resume RUN` (`backprop runs list` shows it)."
         )
         sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # a bug: still one message, the traceback only when asked for
+        if os.environ.get("BACKPROPAGATE_DEBUG"):
+            raise
+        bug = BackpropagateError(f"{type(exc).__name__}: {exc}")
+        err_console.print(f"[bold red]error {bug.code}[/]: {escape(bug.message)}")
+        err_console.print(f"[dim]hint:[/] {bug.hint} (BACKPROPAGATE_DEBUG=1 shows the traceback)")
+        sys.exit(bug.exit_code)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def _as_dataset(data: Any) -> tuple[Any, str]:
     """(a datasets.Dataset, a name for its file)."""
     if isinstance(data, str | Path):
         if Path(data).is_dir():
-            return _train_split(_datasets().load_from_disk(str(data)), str(data)), Path(data).name
+            return _train_split(_from_disk(Path(data)), str(data)), Path(data).name
         if _is_hub_id(data):
             return _from_hub(str(data)), str(data).replace("/", "__")
         raise missing_file(Path(data))
@@ -92,6 +92,20 @@ def _train_split(dataset: Any, source: str) -> Any:
             fields="data",
         )
     return dataset[TRAIN_SPLIT]
+
+
+def _from_disk(directory: Path) -> Any:
+    """A directory datasets.save_to_disk wrote (a Dataset or a DatasetDict)."""
+    try:
+        return _datasets().load_from_disk(str(directory))
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{directory} is a directory, but not a dataset saved with save_to_disk.",
+            hint="Pass a dataset file (JSONL, CSV, TSV, Parquet, TXT) inside it, or a directory "
+            "that Dataset.save_to_disk wrote.",
+            fields="data",
+            path=str(directory),
+        ) from exc
 
 
 def _from_hub(dataset_id: str) -> Any:

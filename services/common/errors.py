@@ -94,8 +94,9 @@ class DatasetSchemaError(UserError):
 class DatasetFormatUnknownError(UserError):
     code = "INPUT_DATASET_FORMAT_UNKNOWN"
     default_hint = (
-        "Use ShareGPT, Alpaca, OpenAI-messages or ChatML-text rows (JSONL, CSV, TSV or Parquet), "
-        "or pass --format."
+        "Use ShareGPT, Alpaca, OpenAI-messages, ChatML-text, plain-text ({\"text\": ...}) or "
+        "preference rows (JSONL, CSV, TSV, Parquet or TXT, gzipped or not), or pass --format "
+        "(docs/datasets.md lists them)."
     )
 
 

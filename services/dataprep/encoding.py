@@ -3,14 +3,20 @@
 Windows tools write UTF-8 with a byte-order mark, Notepad and Excel's "Unicode text" write
 UTF-16 with one, and most write CRLF line ends: all of that is decoded here, line by line (a big
 file is never held whole), so the parsers only see text. A file in any other encoding fails on the
-first line that is not UTF-8, with that line's number.
+first line that is not UTF-8, with that line's number. A gzip-compressed file (data.jsonl.gz, as
+datasets are often shipped) is read through gzip, still a line at a time; a ZIP archive is
+refused saying so, since it may hold anything.
 """
 
 from __future__ import annotations
 
 import codecs
+import gzip
+import io
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from backpropagate_services.common.errors import DatasetParseError
 
@@ -27,21 +33,56 @@ BYTE_ORDER_MARKS = (
 )
 
 
-def file_encoding(path: Path) -> str:
-    """The encoding its byte-order mark names; UTF-8 without one."""
-    with path.open("rb") as handle:
-        head = handle.read(4)
-    return next((name for mark, name in BYTE_ORDER_MARKS if head.startswith(mark)), "utf-8")
+GZIP_MAGIC = b"\x1f\x8b"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def uncompressed_name(path: Path, filename: str) -> str:
+    """`filename` without the .gz of a gzip file: the extension left tells the file's kind."""
+    return filename.removesuffix(".gz") if _head(path).startswith(GZIP_MAGIC) else filename
 
 
 def text_lines(path: Path, filename: str) -> Iterator[str]:
     """Each line of the file, decoded, without its line end (LF or CRLF). A line longer than
     MAX_LINE_BYTES is refused without being read whole."""
-    encoding = file_encoding(path)
+    try:
+        yield from _lines(path, filename)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DatasetParseError(
+            f"{filename}: the gzip compression is damaged ({exc or 'cut short'})",
+            hint="Compress the file again, or pass it uncompressed.",
+            filename=filename,
+        ) from exc
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(4)
+
+
+def _open(path: Path, filename: str) -> BinaryIO:
+    """The file's bytes, decompressed if it is gzip."""
+    head = _head(path)
+    if head.startswith(ZIP_MAGIC):
+        raise DatasetParseError(
+            f"{filename}: a ZIP archive, not a dataset file",
+            hint="Extract the dataset file from the archive and pass that (a .gz file is read "
+            "as it is).",
+            filename=filename,
+        )
+    if head.startswith(GZIP_MAGIC):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return path.open("rb")
+
+
+def _lines(path: Path, filename: str) -> Iterator[str]:
+    with _open(path, filename) as probe:
+        head = probe.read(4)
+    encoding = next((name for mark, name in BYTE_ORDER_MARKS if head.startswith(mark)), "utf-8")
     if encoding == "utf-16" or encoding == "utf-32":
         yield from _wide_lines(path, filename, encoding)
         return
-    with path.open("rb") as handle:
+    with _open(path, filename) as handle:
         number = 0
         # Split on LF only, as JSON Lines does: U+2028 and the like may sit inside a string.
         while raw := handle.readline(MAX_LINE_BYTES + 1):
@@ -62,7 +103,7 @@ def _wide_lines(path: Path, filename: str, encoding: str) -> Iterator[str]:
     """UTF-16 / UTF-32 lines. Decoded a block at a time, so a bad byte is placed near, not at,
     its line."""
     read = 0
-    with path.open(encoding=encoding, newline="") as handle:
+    with io.TextIOWrapper(_open(path, filename), encoding=encoding, newline="") as handle:
         try:
             while line := handle.readline(MAX_LINE_BYTES + 1):  # characters: the bound is looser
                 read += 1

@@ -1,5 +1,6 @@
 """A dataset file's rows, whatever kind of file it is: JSON Lines, CSV / TSV, Parquet, or plain
-text (.txt: a document a line, each read as {"text": line}).
+text (.txt: a document a line, each read as {"text": line}); any but Parquet also gzipped
+(data.csv.gz).
 
 Each row comes with its place in the file (the line a CSV record starts on, a Parquet row's
 1-based index), and as a JSON object's text (decoded by the parser, so a bad line is that row's
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from backpropagate_services.common.errors import DatasetParseError
-from backpropagate_services.dataprep.encoding import text_lines
+from backpropagate_services.dataprep.encoding import text_lines, uncompressed_name
 
 # A JSON object's text, a table row's columns, or what is wrong with that row.
 TableRow: TypeAlias = dict[str, Any] | DatasetParseError
@@ -36,7 +37,7 @@ def file_records(
     Parquet's magic bytes whatever the name."""
     with path.open("rb") as handle:
         parquet = handle.read(4) == PARQUET_MAGIC
-    suffix = Path(filename).suffix.lower()
+    suffix = Path(uncompressed_name(path, filename)).suffix.lower()
     if parquet or suffix == ".parquet":
         rows: Iterator[tuple[int, TableRow]] = _parquet_rows(path, filename)
     elif suffix in DELIMITERS:
@@ -77,10 +78,11 @@ def _delimited_rows(path: Path, filename: str, delimiter: str) -> Iterator[tuple
     # The line ends go back in: a quoted cell may span lines, and keeps them.
     lines = (line + "\n" for line in text_lines(path, filename))
     reader = csv.DictReader(lines, delimiter=delimiter)
-    first_line = reader.line_num + 1
     try:
+        header = reader.fieldnames or []  # read now: the first record starts after it
+        first_line = reader.line_num + 1
         for row in reader:
-            named = len(reader.fieldnames or [])
+            named = len(header)
             if None in row:  # more cells than the header names: that row's error
                 yield (
                     first_line,

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from backpropagate import cli
+from backpropagate_services.common.errors import EXIT_RUNTIME_ERROR
 from backpropagate_services.common.settings import SafetySettings, Settings
 from backpropagate_services.stack import RunningStack, start_stack
 
@@ -126,3 +128,28 @@ def test_showing_an_unknown_run_is_not_found(tmp_path: Path) -> None:
 
     assert_user_error(outcome, "INPUT_NOT_FOUND")
     assert "No run id contains 'run-does-not-exist'" in outcome.stderr
+
+
+def test_a_directory_that_is_no_saved_dataset_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "data.jsonl").mkdir()
+
+    outcome = backprop(tmp_path, "data", "inspect", "data.jsonl")
+
+    assert_user_error(outcome, "INPUT_CONFIG_INVALID")
+    assert "data.jsonl is a directory, but not a dataset saved with save_to_disk" in outcome.stderr
+
+
+def test_a_bug_is_one_message_with_the_internal_code_and_no_traceback(monkeypatch, capsys):
+    def broken() -> None:
+        raise KeyError("[never] shown as markup")
+
+    monkeypatch.setattr(cli, "app", broken)
+    monkeypatch.delenv("BACKPROPAGATE_DEBUG", raising=False)
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+
+    stderr = capsys.readouterr().err
+    assert exited.value.code == EXIT_RUNTIME_ERROR
+    assert "error INTERNAL: KeyError: '[never] shown as markup'" in stderr
+    assert "BACKPROPAGATE_DEBUG=1" in stderr and "Traceback" not in stderr

@@ -5,6 +5,7 @@ Each is read as the same rows; a file in another encoding is refused at its line
 from __future__ import annotations
 
 import codecs
+import gzip
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from backpropagate_services.common.store.local import LocalDirStore
 from backpropagate_services.dataprep import encoding
 from backpropagate_services.dataprep.encoding import text_lines
 from backpropagate_services.dataprep.formats import parse_jsonl
+from backpropagate_services.dataprep.records import file_records
 from backpropagate_services.stack import start_stack
 
 ROWS = [
@@ -135,11 +137,36 @@ def test_a_line_past_the_limit_is_refused_at_its_line_without_reading_it_whole(
         (TEXT.encode() + b'{"messages": "a\x00b"}\n', 3),  # a raw NUL inside a string
         (b"\x00\x00\x00\x00", 1),  # NULs alone (no byte-order mark)
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", 1),  # an image
-        (b"PK\x03\x04\x14\x00\x00\x00\x08\x00", 1),  # a zip archive
     ],
-    ids=["nul in a string", "nul bytes", "png", "zip"],
+    ids=["nul in a string", "nul bytes", "png"],
 )
 def test_nul_bytes_and_binary_files_are_refused_at_their_line(tmp_path, saved, line):
     error = refusal(tmp_path, saved)
 
     assert error.context["line"] == str(line)
+
+
+def test_a_gzipped_file_reads_as_its_rows_and_its_kind_comes_from_the_name_inside(tmp_path):
+    jsonl, csv_file = tmp_path / "data.jsonl.gz", tmp_path / "table.csv.gz"
+    jsonl.write_bytes(gzip.compress(codecs.BOM_UTF8 + TEXT.encode("utf-8")))
+    csv_file.write_bytes(gzip.compress(b"prompt,response\nHi,Hello\n"))
+
+    assert parsed_conversations(jsonl) == [row["messages"] for row in ROWS]
+    table = list(file_records(csv_file, csv_file.name))
+    assert table == [(2, {"instruction": "Hi", "output": "Hello"})]
+
+
+@pytest.mark.parametrize(
+    ("saved", "problem"),
+    [
+        (gzip.compress(TEXT.encode())[:40], "the gzip compression is damaged"),
+        (b"PK\x03\x04" + bytes(60), "a ZIP archive, not a dataset file"),
+    ],
+    ids=["cut gzip", "zip"],
+)
+def test_a_damaged_gzip_or_a_zip_archive_is_refused_saying_what_it_is(tmp_path, saved, problem):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(saved)
+
+    with pytest.raises(DatasetParseError, match=problem):
+        parsed_conversations(path)
