@@ -157,6 +157,23 @@ def train_command(
     early_stopping_patience: Annotated[
         int, typer.Option(help="Stop after this many evals without improvement (0: off).")
     ] = 0,
+    min_tokens: Annotated[
+        int, typer.Option(help="Leave out rows shorter than this many tokens (0: none).")
+    ] = 0,
+    max_tokens: Annotated[
+        int,
+        typer.Option(help="Leave out rows longer than this, instead of cutting them (0: none)."),
+    ] = 0,
+    perplexity_drop: Annotated[
+        float,
+        typer.Option(
+            help="Leave out this fraction of rows with the base model's highest perplexity."
+        ),
+    ] = 0.0,
+    curriculum: Annotated[
+        str,
+        typer.Option(help="First pass easiest first: length or perplexity (default: none)."),
+    ] = "",
     beta: Annotated[
         float | None, typer.Option(help="Preference strength (DPO/KTO/SimPO beta, ORPO weight).")
     ] = None,
@@ -213,6 +230,10 @@ def train_command(
         fp8=fp8,
         preset=preset,
         lora_preset=lora_preset,
+        min_tokens=min_tokens,
+        max_tokens=max_tokens,
+        perplexity_drop=perplexity_drop,
+        curriculum=curriculum,
         lr_scheduler=lr_scheduler,
         eval_split=eval_split,
         eval_data=eval_data,

@@ -174,6 +174,10 @@ class Trainer:
         eval_every: int = 0,
         early_stopping_patience: int = 0,
         beta: float | None = None,
+        min_tokens: int = 0,
+        max_tokens: int = 0,
+        perplexity_drop: float = 0.0,
+        curriculum: str = "",
         report_to: str | Sequence[str] | None = None,
         callback: TrainingCallback | None = None,
         wait: bool = True,
@@ -205,7 +209,10 @@ class Trainer:
         TSV or Parquet file's columns renamed to a format's fields ({"question":
         "instruction", "answer": "output"}). `dedup`: "exact" removes rows whose text repeats
         an earlier one, "near" also near-copies (MinHash, similarity 0.8 or more).
-        `languages` (["en"], ...): rows detected in another language are removed. Arguments
+        `languages` (["en"], ...): rows detected in another language are removed.
+        `min_tokens` / `max_tokens` leave out rows outside those lengths, `perplexity_drop` the
+        fraction the base model finds least likely; `curriculum` ("length", "perplexity") takes
+        the first pass easiest first. Arguments
         left out take the Trainer's values.
         """
         if callback is not None and not wait:
@@ -252,6 +259,10 @@ class Trainer:
             eval_every=eval_every,
             early_stopping_patience=early_stopping_patience,
             beta=beta,
+            min_tokens=min_tokens,
+            max_tokens=max_tokens,
+            perplexity_drop=perplexity_drop,
+            curriculum=curriculum,
         )
         config = self._with_defaults(config)
         run_id = submit_train(connection, dataset.dataset_id, config)

@@ -20,11 +20,13 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from backpropagate.v1 import dataprep_pb2
 from backpropagate_services.common.errors import ConfigError, NotFoundError
 from backpropagate_services.common.store import ArtifactStore
+
+if TYPE_CHECKING:  # importing backpropagate loads the SDK, which imports this module
+    from backpropagate.v1 import dataprep_pb2
 
 Conversation = list[dict[str, str]]
 # What supervised fine-tuning trains on: a conversation, or a document of plain text.

@@ -94,7 +94,7 @@ class DatasetSchemaError(UserError):
 class DatasetFormatUnknownError(UserError):
     code = "INPUT_DATASET_FORMAT_UNKNOWN"
     default_hint = (
-        "Use ShareGPT, Alpaca, OpenAI-messages, ChatML-text, plain-text ({\"text\": ...}) or "
+        'Use ShareGPT, Alpaca, OpenAI-messages, ChatML-text, plain-text ({"text": ...}) or '
         "preference rows (JSONL, CSV, TSV, Parquet or TXT, gzipped or not), or pass --format "
         "(docs/datasets.md lists them)."
     )

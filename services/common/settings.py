@@ -101,6 +101,14 @@ class TrainingSettings(BaseModel):
         None, description="Evaluations without improvement before stopping."
     )
     beta: float | None = Field(None, description="Preference methods' strength.")
+    min_tokens: int | None = Field(None, description="Rows shorter than this are left out.")
+    max_tokens: int | None = Field(
+        None, description="Rows longer than this are left out, not truncated."
+    )
+    perplexity_drop: float | None = Field(
+        None, description="Fraction of highest-perplexity rows left out."
+    )
+    curriculum: str | None = Field(None, description="none, length or perplexity.")
     fp8: bool | None = Field(None, description="FP8 compute (Hopper/Blackwell GPUs).")
     seed: int | None = Field(None, description="Seed of LoRA init, data order and dropout.")
     report_to: list[str] | None = Field(

@@ -24,6 +24,8 @@ METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
 PREFERENCE_METHODS = METHODS[1:]
 ADAPTERS = ("lora", "dora", "rslora", "qlora", "full")
 LR_SCHEDULERS = ("linear", "cosine", "constant")
+CURRICULA = ("none", "length", "perplexity")
+MAX_PERPLEXITY_DROP = 0.5
 
 
 @dataclass
@@ -98,6 +100,30 @@ class TrainingConfig:
         default=0.1,
         metadata={"help": "Preference strength: DPO/KTO/SimPO beta, ORPO's odds-ratio weight."},
     )
+    min_tokens: int = field(
+        default=0, metadata={"help": "Rows shorter than this many tokens are left out; 0: none."}
+    )
+    max_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Rows longer than this many tokens are left out, not cut at max_length; "
+            "0: none."
+        },
+    )
+    perplexity_drop: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of rows the base model finds least likely (highest perplexity: "
+            "often garbled or mislabelled) left out; 0: none."
+        },
+    )
+    curriculum: str = field(
+        default="none",
+        metadata={
+            "help": "First pass in order of length or of base-model perplexity, easiest "
+            "first (later passes shuffled); none: shuffled."
+        },
+    )
 
     @property
     def warmup_steps(self) -> int:
@@ -107,6 +133,7 @@ class TrainingConfig:
     def validate(self) -> TrainingConfig:
         """Raise one ConfigError naming every bad field, before any model is loaded."""
         targets = self.target_modules
+        sft = self.method == "sft"
         checks = {
             # Upper bounds too: an absurd value is refused here, not found out by a worker
             # running out of memory an hour later.
@@ -157,6 +184,25 @@ class TrainingConfig:
                 _int_in(self.early_stopping_patience, 0, 1000),
             ),
             "beta": ("in (0, 100]", _number_in(self.beta, 0, 100.0000001, low_open=True)),
+            # Row selection is the SFT loop's: preference trainers take their pairs as given.
+            "min_tokens": (
+                f"an integer in [0, {MAX_LENGTH}] (0 with a preference method)",
+                _int_in(self.min_tokens, 0, MAX_LENGTH) and (sft or not self.min_tokens),
+            ),
+            "max_tokens": (
+                f"0 or an integer in [min_tokens, {MAX_LENGTH}] (0 with a preference method)",
+                _int_in(self.max_tokens, 0, MAX_LENGTH)
+                and (self.max_tokens == 0 or (sft and self.max_tokens >= self.min_tokens)),
+            ),
+            "perplexity_drop": (
+                f"in [0, {MAX_PERPLEXITY_DROP}) (0 with a preference method)",
+                _number_in(self.perplexity_drop, 0, MAX_PERPLEXITY_DROP)
+                and (sft or not self.perplexity_drop),
+            ),
+            "curriculum": (
+                f"one of {', '.join(CURRICULA)} (none with a preference method)",
+                self.curriculum in CURRICULA and (sft or self.curriculum == "none"),
+            ),
         }
         bad = {name: rule for name, (rule, ok) in checks.items() if not ok}
         if bad:

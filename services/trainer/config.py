@@ -26,8 +26,11 @@ ZERO_IS_DEFAULT = (
     "eval_every",
     "early_stopping_patience",
     "seed",  # 0: TrainingConfig's seed, so that a run's seed can come from the settings
+    "min_tokens",
+    "max_tokens",
+    "perplexity_drop",
 )
-EMPTY_IS_DEFAULT = ("method", "adapter", "lr_scheduler")
+EMPTY_IS_DEFAULT = ("method", "adapter", "lr_scheduler", "curriculum")
 UNSET_IS_DEFAULT = ("lora_dropout", "warmup_ratio", "weight_decay", "max_grad_norm", "beta")
 
 

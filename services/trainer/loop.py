@@ -28,10 +28,12 @@ from backpropagate_services.common.errors import (
 )
 from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.checkpoints import TrainingState
+from backpropagate_services.trainer.data_selection import select_examples
 from backpropagate_services.trainer.lora import apply_adapter
 from backpropagate_services.trainer.templating import (
     IGNORE_INDEX,
     SftRow,
+    TokenizedDataset,
     TokenizedExample,
     tokenize_conversations,
 )
@@ -89,6 +91,7 @@ class TrainingOutcome:
     examples_trained: int
     examples_dropped: int  # conversations with no assistant token left within max_length
     examples_truncated: int  # kept, but cut at max_length
+    examples_left_out: int  # by the length bounds and the perplexity filter (data_selection)
     steps_done: int  # fewer than config.steps when early stopping ended the run
     evals: list[tuple[int, float]]  # (step, eval loss); the first is the base model's (step 0)
     best_step: int  # the step whose weights the model holds now: the best by eval loss, or last
@@ -192,6 +195,7 @@ class LoraTraining:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.oom_recovery = oom_recovery
         self.oom_drill_step = oom_drill_step
+        self._select_examples(model)
 
         torch.manual_seed(config.seed)  # LoRA init and dropout; data order has its own Random
         self.model = apply_adapter(model, config)
@@ -199,6 +203,35 @@ class LoraTraining:
         self.start_optimisation()
         if resume is not None:
             self.restore(resume)
+
+    def _select_examples(self, base_model: PreTrainedModel) -> None:
+        """Length bounds, perplexity filter and curriculum (data_selection), scored with the
+        base model before the adapter goes on; the examples kept, in first-pass order."""
+        self.selection = select_examples(
+            self.dataset.examples,
+            self.config,
+            lambda examples: example_perplexities(base_model, examples, self.pad_id),
+        )
+        if not self.selection.kept:
+            raise DatasetEmptyError(
+                f"The length bounds and perplexity filter leave none of the "
+                f"{len(self.dataset.examples)} conversations to train on.",
+                hint="Loosen --min-tokens, --max-tokens or --perplexity-drop.",
+            )
+        examples = self.dataset.examples
+        self.dataset = TokenizedDataset(
+            [examples[i] for i in self.selection.kept], self.dataset.dropped
+        )
+        if self.selection.left_out:
+            log.info(
+                "left out %d rows shorter than %d tokens, %d longer than %d, %d of the highest "
+                "perplexity",
+                self.selection.too_short,
+                self.config.min_tokens,
+                self.selection.too_long,
+                self.config.max_tokens,
+                self.selection.high_perplexity,
+            )
 
     def start_optimisation(self) -> None:
         """Optimizer, schedule, data order and counters at step 0, for `self.model`'s
@@ -214,7 +247,12 @@ class LoraTraining:
                 step, config.warmup_steps, config.steps, config.lr_scheduler
             ),
         )
-        self.batches = BatchSampler(len(self.dataset.examples), config.batch_size, config.seed)
+        self.batches = BatchSampler(
+            len(self.dataset.examples),
+            config.batch_size,
+            config.seed,
+            first_pass_in_order=self.selection.ordered,
+        )
         self.step = 0
         self.loss_history: list[float] = []
         self.tokens_seen = 0
@@ -340,6 +378,7 @@ class LoraTraining:
             examples_trained=len(self.dataset.examples),
             examples_dropped=self.dataset.dropped,
             examples_truncated=self.dataset.truncated,
+            examples_left_out=self.selection.left_out,
             steps_done=self.step,
             evals=list(self.evals),
             best_step=best[0] if best is not None else self.step,
@@ -499,18 +538,21 @@ def learning_rate_factor(
 
 
 class BatchSampler:
-    """Endless batches of example indices: each epoch a fresh seeded shuffle, batches always full.
+    """Endless batches of example indices: each epoch a fresh seeded shuffle, batches always full;
+    with `first_pass_in_order` (a curriculum) the first epoch goes in index order.
 
     A batch may span two epochs, so a dataset smaller than a batch still fills one. Its state
     (the RNG and the indices drawn but not yet used) is part of a checkpoint, so a resumed run
     sees the very batches the uninterrupted one would have.
     """
 
-    def __init__(self, n_examples: int, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, n_examples: int, batch_size: int, seed: int, first_pass_in_order: bool = False
+    ) -> None:
         self.n_examples = n_examples
         self.batch_size = batch_size
         self.order = random.Random(seed)
-        self.pending: list[int] = []
+        self.pending: list[int] = list(range(n_examples)) if first_pass_in_order else []
 
     def next(self) -> list[int]:
         while len(self.pending) < self.batch_size:
@@ -527,6 +569,27 @@ class BatchSampler:
     def restore(self, state: dict[str, Any]) -> None:
         self.order.setstate(state["rng"])
         self.pending = list(state["pending"])
+
+
+@torch.no_grad()
+def example_perplexities(
+    model: PreTrainedModel, examples: Sequence[TokenizedExample], pad_id: int
+) -> list[float]:
+    """Each example's perplexity under `model`: exp of its mean loss over its trained tokens.
+    One row at a time, so padding never enters a score."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    for example in examples:
+        input_ids, attention_mask, labels = collate([example], pad_id, device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        loss = F.cross_entropy(
+            logits[0, :-1].float(), labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="mean"
+        )
+        scores.append(math.exp(min(float(loss), 50.0)))  # e^50: past any row worth keeping
+    model.train(was_training)
+    return scores
 
 
 def split_for_eval(

@@ -43,6 +43,12 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False  # cut at max_length: the end of the conversation is not trained
+    whole_length: int = 0  # tokens before the cut (0: as many as input_ids)
+
+    @property
+    def length(self) -> int:
+        """The row's tokens, whole: what length bounds and curricula go by."""
+        return self.whole_length or len(self.input_ids)
 
     @property
     def trained_tokens(self) -> int:
@@ -91,7 +97,10 @@ def tokenize_conversation(
         stop = _trained_stop(turn, start, end_of_turn_ids)
         labels[start:stop] = input_ids[start:stop]
     example = TokenizedExample(
-        input_ids[:max_length], labels[:max_length], truncated=len(input_ids) > max_length
+        input_ids[:max_length],
+        labels[:max_length],
+        truncated=len(input_ids) > max_length,
+        whole_length=len(input_ids),
     )
     return example if example.trained_tokens else None
 
@@ -106,7 +115,9 @@ def tokenize_document(
     if tokenizer.eos_token_id is not None:
         input_ids.append(tokenizer.eos_token_id)
     kept = input_ids[:max_length]
-    example = TokenizedExample(kept, list(kept), truncated=len(input_ids) > max_length)
+    example = TokenizedExample(
+        kept, list(kept), truncated=len(input_ids) > max_length, whole_length=len(input_ids)
+    )
     return example if example.trained_tokens else None
 
 

@@ -184,6 +184,16 @@ class TrainWorker(JobWorker):
         record.examples_trained = len(training.dataset.examples)
         record.examples_dropped = training.dataset.dropped
         record.examples_truncated = training.dataset.truncated
+        record.examples_left_out = training.selection.left_out
+        if training.selection.left_out:
+            selection = training.selection
+            self.events.emit(
+                record,
+                kind="started",
+                message=f"left out {selection.too_short} rows under {config.min_tokens} tokens, "
+                f"{selection.too_long} over {config.max_tokens}, {selection.high_perplexity} of "
+                "the highest perplexity",
+            )
         if record.examples_dropped or record.examples_truncated:
             self.events.emit(
                 record,

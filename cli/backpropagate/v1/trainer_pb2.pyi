@@ -126,6 +126,10 @@ class TrainConfig(_message.Message):
     LR_SCHEDULER_FIELD_NUMBER: _builtins.int
     BETA_FIELD_NUMBER: _builtins.int
     LORA_PRESET_FIELD_NUMBER: _builtins.int
+    MIN_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    PERPLEXITY_DROP_FIELD_NUMBER: _builtins.int
+    CURRICULUM_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """HF id, local HF dir, .gguf file, or "" for the machine's default"""
     steps: _builtins.int
@@ -177,6 +181,16 @@ class TrainConfig(_message.Message):
     """preference methods' strength (DPO/KTO beta, ORPO lambda, SimPO beta)"""
     lora_preset: _builtins.str
     """"" or "fast" (r=16 on q/v), "balanced", "quality" (r=256, all linear)"""
+    min_tokens: _builtins.int
+    """Which rows train, in tokens of the model's template (sft): 0 for none.
+    shorter rows are left out
+    """
+    max_tokens: _builtins.int
+    """longer rows are left out, instead of cut at max_length"""
+    perplexity_drop: _builtins.float
+    """fraction of rows with the base model's highest perplexity left out"""
+    curriculum: _builtins.str
+    """"" or "none" (shuffled), "length", "perplexity": the first pass easiest first"""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty: all linear layers but lm_head"""
@@ -217,10 +231,14 @@ class TrainConfig(_message.Message):
         lr_scheduler: _builtins.str = ...,
         beta: _builtins.float | None = ...,
         lora_preset: _builtins.str = ...,
+        min_tokens: _builtins.int = ...,
+        max_tokens: _builtins.int = ...,
+        perplexity_drop: _builtins.float = ...,
+        curriculum: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "beta", b"beta", "lora_dropout", b"lora_dropout", "max_grad_norm", b"max_grad_norm", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "adapter", b"adapter", "base_model", b"base_model", "batch_size", b"batch_size", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "disable_oom_recovery", b"disable_oom_recovery", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "eval_dataset_id", b"eval_dataset_id", "eval_every", b"eval_every", "eval_split", b"eval_split", "fp8", b"fp8", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_preset", b"lora_preset", "lora_r", b"lora_r", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "method", b"method", "preset", b"preset", "report_to", b"report_to", "seed", b"seed", "steps", b"steps", "target_modules", b"target_modules", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "adapter", b"adapter", "base_model", b"base_model", "batch_size", b"batch_size", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "curriculum", b"curriculum", "disable_oom_recovery", b"disable_oom_recovery", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "eval_dataset_id", b"eval_dataset_id", "eval_every", b"eval_every", "eval_split", b"eval_split", "fp8", b"fp8", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_preset", b"lora_preset", "lora_r", b"lora_r", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_tokens", b"max_tokens", "method", b"method", "min_tokens", b"min_tokens", "perplexity_drop", b"perplexity_drop", "preset", b"preset", "report_to", b"report_to", "seed", b"seed", "steps", b"steps", "target_modules", b"target_modules", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__beta: _TypeAlias = _typing.Literal["beta"]  # noqa: Y015
     _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015
@@ -467,6 +485,7 @@ class RunRecord(_message.Message):
     EXAMPLES_TRAINED_FIELD_NUMBER: _builtins.int
     EXAMPLES_DROPPED_FIELD_NUMBER: _builtins.int
     EXAMPLES_TRUNCATED_FIELD_NUMBER: _builtins.int
+    EXAMPLES_LEFT_OUT_FIELD_NUMBER: _builtins.int
     EVALS_FIELD_NUMBER: _builtins.int
     BEST_EVAL_LOSS_FIELD_NUMBER: _builtins.int
     BEST_STEP_FIELD_NUMBER: _builtins.int
@@ -511,6 +530,8 @@ class RunRecord(_message.Message):
     """cut off by max_length before any assistant token"""
     examples_truncated: _builtins.int
     """kept, but cut at max_length (their ends are not trained)"""
+    examples_left_out: _builtins.int
+    """left out by min_tokens / max_tokens and the perplexity filter (examples_trained excludes them)"""
     best_eval_loss: _builtins.float
     """the lowest eval loss; the adapter saved is that step's"""
     best_step: _builtins.int
@@ -572,6 +593,7 @@ class RunRecord(_message.Message):
         examples_trained: _builtins.int = ...,
         examples_dropped: _builtins.int = ...,
         examples_truncated: _builtins.int = ...,
+        examples_left_out: _builtins.int = ...,
         evals: _abc.Iterable[Global___EvalPoint] | None = ...,
         best_eval_loss: _builtins.float = ...,
         best_step: _builtins.int = ...,
@@ -588,7 +610,7 @@ class RunRecord(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "best_eval_loss", b"best_eval_loss", "best_step", b"best_step", "budget_reason", b"budget_reason", "checkpoints", b"checkpoints", "compute_dtype", b"compute_dtype", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "device", b"device", "duration_seconds", b"duration_seconds", "epochs_completed", b"epochs_completed", "error", b"error", "evals", b"evals", "examples_dropped", b"examples_dropped", "examples_trained", b"examples_trained", "examples_truncated", b"examples_truncated", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "oom_recoveries", b"oom_recoveries", "output", b"output", "peak_memory_bytes", b"peak_memory_bytes", "resumed_from_step", b"resumed_from_step", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps", "stopped_early", b"stopped_early", "tokens_per_second", b"tokens_per_second", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "best_eval_loss", b"best_eval_loss", "best_step", b"best_step", "budget_reason", b"budget_reason", "checkpoints", b"checkpoints", "compute_dtype", b"compute_dtype", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "device", b"device", "duration_seconds", b"duration_seconds", "epochs_completed", b"epochs_completed", "error", b"error", "evals", b"evals", "examples_dropped", b"examples_dropped", "examples_left_out", b"examples_left_out", "examples_trained", b"examples_trained", "examples_truncated", b"examples_truncated", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "oom_recoveries", b"oom_recoveries", "output", b"output", "peak_memory_bytes", b"peak_memory_bytes", "resumed_from_step", b"resumed_from_step", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps", "stopped_early", b"stopped_early", "tokens_per_second", b"tokens_per_second", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
