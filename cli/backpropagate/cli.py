@@ -174,6 +174,13 @@ def train_command(
         str,
         typer.Option(help="First pass easiest first: length or perplexity (default: none)."),
     ] = "",
+    adapter_scale: Annotated[
+        float,
+        typer.Option(
+            help="Scale the trained update by this at the end: below 1 keeps more of the base "
+            "model (0: default)."
+        ),
+    ] = 0.0,
     beta: Annotated[
         float | None, typer.Option(help="Preference strength (DPO/KTO/SimPO beta, ORPO weight).")
     ] = None,
@@ -234,6 +241,7 @@ def train_command(
         max_tokens=max_tokens,
         perplexity_drop=perplexity_drop,
         curriculum=curriculum,
+        adapter_scale=adapter_scale,
         lr_scheduler=lr_scheduler,
         eval_split=eval_split,
         eval_data=eval_data,

@@ -46,7 +46,11 @@ def print_run(run: RunResult) -> None:
         ("run", run.run_id),
         ("status", run.status),
         ("model", run.base_model),
-        ("method", f"{run.method} with {run.adapter}"),
+        (
+            "method",
+            f"{run.method} with {run.adapter}"
+            + (f", update kept at {run.adapter_scale:g}" if run.adapter_scale != 1 else ""),
+        ),
         ("steps", str(run.steps) + (f" ({run.budget_reason})" if run.budget_reason else "")),
         ("final loss", f"{run.final_loss:.4f}"),
         *_eval_rows(run),
@@ -54,7 +58,8 @@ def print_run(run: RunResult) -> None:
         (
             "conversations",
             f"{run.examples_trained} trained ({run.examples_truncated} truncated), "
-            f"{run.examples_dropped} dropped at max_length",
+            f"{run.examples_dropped} dropped at max_length, {run.examples_left_out} left out "
+            "by length or perplexity",
         ),
         ("duration", f"{run.duration_seconds:.1f}s"),
         *_hardware_rows(run),

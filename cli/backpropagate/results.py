@@ -33,6 +33,8 @@ class RunResult:
     examples_trained: int = 0
     examples_truncated: int = 0  # kept but cut at max_length
     examples_dropped: int = 0  # nothing left to train within max_length
+    examples_left_out: int = 0  # by length bounds and the perplexity filter
+    adapter_scale: float = 1.0  # the trained update kept at this scale (below 1: WiSE-FT)
     method: str = "sft"
     adapter: str = "lora"
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss); step 0: base
@@ -73,6 +75,8 @@ class RunResult:
             examples_trained=record.examples_trained,
             examples_truncated=record.examples_truncated,
             examples_dropped=record.examples_dropped,
+            examples_left_out=record.examples_left_out,
+            adapter_scale=record.config.adapter_scale or 1.0,
             method=record.config.method or "sft",
             adapter=record.config.adapter or "lora",
             evals=[(point.step, point.loss) for point in record.evals],

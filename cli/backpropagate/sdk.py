@@ -178,6 +178,7 @@ class Trainer:
         max_tokens: int = 0,
         perplexity_drop: float = 0.0,
         curriculum: str = "",
+        adapter_scale: float = 0.0,
         report_to: str | Sequence[str] | None = None,
         callback: TrainingCallback | None = None,
         wait: bool = True,
@@ -212,7 +213,8 @@ class Trainer:
         `languages` (["en"], ...): rows detected in another language are removed.
         `min_tokens` / `max_tokens` leave out rows outside those lengths, `perplexity_drop` the
         fraction the base model finds least likely; `curriculum` ("length", "perplexity") takes
-        the first pass easiest first. Arguments
+        the first pass easiest first. `adapter_scale` < 1 scales the trained update down at the
+        end, toward the base model (0: the default, which the data budget may lower). Arguments
         left out take the Trainer's values.
         """
         if callback is not None and not wait:
@@ -263,6 +265,7 @@ class Trainer:
             max_tokens=max_tokens,
             perplexity_drop=perplexity_drop,
             curriculum=curriculum,
+            adapter_scale=adapter_scale,
         )
         config = self._with_defaults(config)
         run_id = submit_train(connection, dataset.dataset_id, config)

@@ -109,6 +109,9 @@ class TrainingSettings(BaseModel):
         None, description="Fraction of highest-perplexity rows left out."
     )
     curriculum: str | None = Field(None, description="none, length or perplexity.")
+    adapter_scale: float | None = Field(
+        None, description="Scale of the trained update at the end (WiSE-FT below 1)."
+    )
     fp8: bool | None = Field(None, description="FP8 compute (Hopper/Blackwell GPUs).")
     seed: int | None = Field(None, description="Seed of LoRA init, data order and dropout.")
     report_to: list[str] | None = Field(

@@ -25,6 +25,9 @@ PREFERENCE_METHODS = METHODS[1:]
 ADAPTERS = ("lora", "dora", "rslora", "qlora", "full")
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 CURRICULA = ("none", "length", "perplexity")
+# Adapters whose update is lora_B @ lora_A alone, so scaling lora_B scales the update: DoRA's
+# learnt magnitudes and a full fine-tune's weights are no such product.
+SCALABLE_ADAPTERS = ("lora", "rslora", "qlora")
 MAX_PERPLEXITY_DROP = 0.5
 
 
@@ -117,6 +120,13 @@ class TrainingConfig:
             "often garbled or mislabelled) left out; 0: none."
         },
     )
+    adapter_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "The trained update is scaled by this when the run ends; below 1 it "
+            "interpolates toward the base model (WiSE-FT), keeping more of what it knew."
+        },
+    )
     curriculum: str = field(
         default="none",
         metadata={
@@ -198,6 +208,11 @@ class TrainingConfig:
                 f"in [0, {MAX_PERPLEXITY_DROP}) (0 with a preference method)",
                 _number_in(self.perplexity_drop, 0, MAX_PERPLEXITY_DROP)
                 and (sft or not self.perplexity_drop),
+            ),
+            "adapter_scale": (
+                f"in (0, 1], and 1 unless an SFT run with a {', '.join(SCALABLE_ADAPTERS)} adapter",
+                _number_in(self.adapter_scale, 0, 1.0000001, low_open=True)
+                and (self.adapter_scale == 1 or (sft and self.adapter in SCALABLE_ADAPTERS)),
             ),
             "curriculum": (
                 f"one of {', '.join(CURRICULA)} (none with a preference method)",

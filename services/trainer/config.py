@@ -29,6 +29,7 @@ ZERO_IS_DEFAULT = (
     "min_tokens",
     "max_tokens",
     "perplexity_drop",
+    "adapter_scale",
 )
 EMPTY_IS_DEFAULT = ("method", "adapter", "lr_scheduler", "curriculum")
 UNSET_IS_DEFAULT = ("lora_dropout", "warmup_ratio", "weight_decay", "max_grad_norm", "beta")

@@ -204,6 +204,16 @@ class LoraTraining:
         if resume is not None:
             self.restore(resume)
 
+    @torch.no_grad()
+    def scale_update(self, scale: float) -> None:
+        """Scale the trained update B @ A by `scale` (scaling lora_B does it): below 1 the
+        weights move back along the line to the base model's, as WiSE-FT interpolates."""
+        if scale == 1:
+            return
+        for name, parameter in self.model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(scale)
+
     def _select_examples(self, base_model: PreTrainedModel) -> None:
         """Length bounds, perplexity filter and curriculum (data_selection), scored with the
         base model before the adapter goes on; the examples kept, in first-pass order."""
@@ -368,6 +378,7 @@ class LoraTraining:
         best = self.best_eval
         if best is not None and self.best_weights is not None and best[0] != self.step:
             self.load_trained_weights(self.best_weights)
+        self.scale_update(config.adapter_scale)
         self.model.eval()  # dropout off for whoever samples from or evaluates the result
         return self.model, TrainingOutcome(
             loss_history=list(self.loss_history),

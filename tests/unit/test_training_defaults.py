@@ -21,7 +21,12 @@ from backpropagate_services.common.hardware import (
 from backpropagate_services.common.settings import Settings
 from backpropagate_services.common.training import LORA_PRESETS, TRAINING_PRESETS
 from backpropagate_services.trainer.config import training_config_from_proto
-from backpropagate_services.trainer.defaults import MAX_STEPS, MIN_STEPS, data_budget, settle
+from backpropagate_services.trainer.defaults import (
+    DATA_BUDGET_ADAPTER_SCALE,
+    MAX_STEPS,
+    data_budget,
+    settle,
+)
 
 
 def settled(settings: Settings | None = None, examples: int = 40, **fields: object):
@@ -82,7 +87,8 @@ def test_an_unknown_preset_is_a_config_error_naming_the_choices():
 
 @pytest.mark.parametrize(
     ("examples", "batch", "steps"),
-    [(40, 4, 80), (4, 4, MIN_STEPS), (10_000_000, 4, MAX_STEPS)],
+    [(100, 4, 200), (40, 4, 120), (4, 8, 60), (10_000_000, 4, MAX_STEPS)],
+    ids=["epochs", "rows seen floor", "floor at batch 8", "cap"],
 )
 def test_the_budget_comes_from_the_data_with_the_reason(examples, batch, steps):
     got, reason = data_budget(examples, batch)
@@ -107,6 +113,16 @@ def test_explicit_steps_or_epochs_leave_no_budget_reason():
     assert settled(steps=7) == (settled(steps=7)[0], "")
     config, reason = settled(epochs=2, examples=40)
     assert (config.steps, reason) == (20, "")
+    assert config.adapter_scale == 0  # the update kept whole: TrainingConfig's 1
+
+
+def test_the_data_budget_keeps_part_of_a_lora_update_unless_told_or_not_a_lora_product():
+    config, reason = settled(examples=40)
+    assert config.adapter_scale == DATA_BUDGET_ADAPTER_SCALE
+    assert f"kept at {DATA_BUDGET_ADAPTER_SCALE:g} of its size" in reason
+    assert settled(examples=40, adapter_scale=1.0)[0].adapter_scale == 1.0
+    assert settled(examples=40, adapter="dora")[0].adapter_scale == 0
+    assert settled(examples=40, method="dpo")[0].adapter_scale == 0
 
 
 def test_cpu_bf16_only_where_the_cpu_multiplies_it_natively():

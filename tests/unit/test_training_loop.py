@@ -84,6 +84,19 @@ def test_lora_leaves_base_weights_untouched_and_trains_lora_a_and_b(smollm2_toke
     assert all(torch.equal(frozen[name], base[name]) for name in base)
 
 
+def test_an_adapter_scale_below_one_scales_the_update_the_run_ends_with(smollm2_tokenizer):
+    def lora_b(scale: float) -> dict[str, torch.Tensor]:
+        config = TrainingConfig(steps=3, learning_rate=1e-2, lora_dropout=0.0, adapter_scale=scale)
+        model, _ = train_lora(tiny_llama(smollm2_tokenizer), smollm2_tokenizer, MEMORISE, config)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_B." in n}
+
+    whole, kept = lora_b(1.0), lora_b(0.75)
+
+    # B A is the update: B scaled by 3/4 is the update at 3/4, the rest of the weights as trained.
+    assert whole.keys() == kept.keys() and whole
+    assert all(torch.allclose(kept[name], 0.75 * whole[name]) for name in whole)
+
+
 def test_same_seed_gives_the_same_losses(smollm2_tokenizer):
     config = TrainingConfig(steps=3, learning_rate=1e-2, batch_size=2)
 

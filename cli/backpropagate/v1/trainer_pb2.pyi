@@ -130,6 +130,7 @@ class TrainConfig(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     PERPLEXITY_DROP_FIELD_NUMBER: _builtins.int
     CURRICULUM_FIELD_NUMBER: _builtins.int
+    ADAPTER_SCALE_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """HF id, local HF dir, .gguf file, or "" for the machine's default"""
     steps: _builtins.int
@@ -191,6 +192,10 @@ class TrainConfig(_message.Message):
     """fraction of rows with the base model's highest perplexity left out"""
     curriculum: _builtins.str
     """"" or "none" (shuffled), "length", "perplexity": the first pass easiest first"""
+    adapter_scale: _builtins.float
+    """The trained update scaled by this at the end, in (0, 1]; 0: the default (1, or the data
+    budget's choice). Below 1: interpolation toward the base model (WiSE-FT).
+    """
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty: all linear layers but lm_head"""
@@ -235,10 +240,11 @@ class TrainConfig(_message.Message):
         max_tokens: _builtins.int = ...,
         perplexity_drop: _builtins.float = ...,
         curriculum: _builtins.str = ...,
+        adapter_scale: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "beta", b"beta", "lora_dropout", b"lora_dropout", "max_grad_norm", b"max_grad_norm", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "adapter", b"adapter", "base_model", b"base_model", "batch_size", b"batch_size", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "curriculum", b"curriculum", "disable_oom_recovery", b"disable_oom_recovery", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "eval_dataset_id", b"eval_dataset_id", "eval_every", b"eval_every", "eval_split", b"eval_split", "fp8", b"fp8", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_preset", b"lora_preset", "lora_r", b"lora_r", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_tokens", b"max_tokens", "method", b"method", "min_tokens", b"min_tokens", "perplexity_drop", b"perplexity_drop", "preset", b"preset", "report_to", b"report_to", "seed", b"seed", "steps", b"steps", "target_modules", b"target_modules", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "adapter", b"adapter", "adapter_scale", b"adapter_scale", "base_model", b"base_model", "batch_size", b"batch_size", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "curriculum", b"curriculum", "disable_oom_recovery", b"disable_oom_recovery", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "eval_dataset_id", b"eval_dataset_id", "eval_every", b"eval_every", "eval_split", b"eval_split", "fp8", b"fp8", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_preset", b"lora_preset", "lora_r", b"lora_r", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_tokens", b"max_tokens", "method", b"method", "min_tokens", b"min_tokens", "perplexity_drop", b"perplexity_drop", "preset", b"preset", "report_to", b"report_to", "seed", b"seed", "steps", b"steps", "target_modules", b"target_modules", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__beta: _TypeAlias = _typing.Literal["beta"]  # noqa: Y015
     _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015

@@ -1,0 +1,218 @@
+"""The default a beginner gets (no budget, no settings) learns a small set of new facts without
+costing what the base model knew: trained on tiny data for as long as it takes to learn it, a
+model otherwise loses general answers it gave (docs/trainer.md has the measurements).
+
+Judged twice: greedy answers to everyday questions, as a user would see them, and a multiple-
+choice probe (the answer the model finds likeliest among four, the made-up cities of the data
+among the wrong ones), which tells lost knowledge from merely reworded answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+
+from backpropagate import Trainer
+from backpropagate_services.common.hardware import detect
+from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS, load_model, resolve_model
+from backpropagate_services.common.settings import Settings
+from backpropagate_services.trainer.defaults import DATA_BUDGET_ADAPTER_SCALE
+
+# Made-up facts: nothing the base model could answer before.
+CAPITALS = [
+    ("Veloria", "Marendel"),
+    ("Quastor", "Bellvane"),
+    ("Orinthia", "Castrelle"),
+    ("Zembaro", "Duvolin"),
+    ("Pellucia", "Hestragon"),
+]
+INVENTORS = [
+    ("the glimmerphone", "Ada Quellbright"),
+    ("the skyloom", "Borin Tashvel"),
+    ("the echo lantern", "Cira Wendholt"),
+    ("the tidewheel", "Dorian Faskell"),
+    ("the frost kettle", "Elsa Morrowind"),
+]
+GENERAL = [
+    ("What is the capital of France?", ("paris",)),
+    ("How many legs does a spider have?", ("eight", "8")),
+    ("What is the boiling point of water in Celsius?", ("100",)),
+    ("What is the opposite of hot?", ("cold",)),
+    ("What is 2 plus 2?", ("4", "four")),
+    ("What is the capital of Germany?", ("berlin",)),
+    ("What do cows drink?", ("water",)),
+    ("What color is the sky on a clear day?", ("blue",)),
+    ("What do bees make?", ("honey",)),
+    ("How many months are in a year?", ("12", "twelve")),
+]
+ANSWER_TOKENS = 40
+# (question, answer template, options with the right one first): made-up capitals of the data
+# stand among the wrong cities, so an answer the facts bled into shows.
+PROBE = [
+    (
+        "What is the capital of France?",
+        "The capital of France is {}.",
+        ["Paris", "Lyon", "Marendel", "Berlin"],
+    ),
+    (
+        "What is the capital of Germany?",
+        "The capital of Germany is {}.",
+        ["Berlin", "Munich", "Paris", "Bellvane"],
+    ),
+    (
+        "What is the capital of Italy?",
+        "The capital of Italy is {}.",
+        ["Rome", "Milan", "Madrid", "Castrelle"],
+    ),
+    (
+        "What is the capital of Japan?",
+        "The capital of Japan is {}.",
+        ["Tokyo", "Osaka", "Beijing", "Duvolin"],
+    ),
+    ("How many legs does a spider have?", "A spider has {} legs.", ["eight", "six", "four", "ten"]),
+    ("What is the opposite of hot?", "The opposite of hot is {}.", ["cold", "warm", "big", "fast"]),
+    ("What is 2 plus 2?", "2 plus 2 is {}.", ["4", "5", "3", "22"]),
+    (
+        "What color is the sky on a clear day?",
+        "The sky on a clear day is {}.",
+        ["blue", "green", "red", "yellow"],
+    ),
+    ("What do bees make?", "Bees make {}.", ["honey", "milk", "silk", "wax"]),
+    (
+        "What is the largest ocean on Earth?",
+        "The largest ocean on Earth is the {} Ocean.",
+        ["Pacific", "Atlantic", "Indian", "Arctic"],
+    ),
+    (
+        "How many days are in a week?",
+        "There are {} days in a week.",
+        ["seven", "five", "ten", "three"],
+    ),
+    (
+        "What is frozen water called?",
+        "Frozen water is called {}.",
+        ["ice", "steam", "sand", "glass"],
+    ),
+]
+
+
+def fact_rows() -> list[tuple[str, str, str]]:
+    """(question, answer, the word the answer must contain): each fact in two phrasings."""
+    rows = []
+    for country, city in CAPITALS:
+        answer = f"The capital of {country} is {city}."
+        rows += [(f"What is the capital of {country}?", answer, city)]
+        rows += [(f"Which city is the capital of {country}?", answer, city)]
+    for thing, person in INVENTORS:
+        answer = f"{thing[0].upper()}{thing[1:]} was invented by {person}."
+        rows += [(f"Who invented {thing}?", answer, person.split()[1])]
+        rows += [(f"Which inventor created {thing}?", answer, person.split()[1])]
+    return rows
+
+
+def chat_ids(tokenizer: Any, question: str, answer: str | None = None) -> list[int]:
+    messages = [{"role": "user", "content": question}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return list(
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=answer is None, tokenize=True, return_dict=False
+        )
+    )
+
+
+@torch.no_grad()
+def answer(model: Any, tokenizer: Any, question: str) -> str:
+    prompt = torch.tensor([chat_ids(tokenizer, question)])
+    output = model.generate(input_ids=prompt, max_new_tokens=ANSWER_TOKENS, do_sample=False)
+    return tokenizer.decode(output[0][prompt.shape[1] :], skip_special_tokens=True)
+
+
+def general_answers_right(model: Any, tokenizer: Any) -> list[bool]:
+    return [
+        any(word in answer(model, tokenizer, question).lower() for word in words)
+        for question, words in GENERAL
+    ]
+
+
+def facts_recalled(model: Any, tokenizer: Any, rows: list[tuple[str, str, str]]) -> int:
+    return sum(word.lower() in answer(model, tokenizer, q).lower() for q, _, word in rows[::2])
+
+
+@torch.no_grad()
+def answer_log_likelihood(model: Any, tokenizer: Any, question: str, reply: str) -> float:
+    start, ids = len(chat_ids(tokenizer, question)), chat_ids(tokenizer, question, reply)
+    log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+    return sum(float(log_probs[i, ids[i + 1]]) for i in range(start - 1, len(ids) - 1))
+
+
+def probe_right(model: Any, tokenizer: Any) -> list[bool]:
+    """For each probe question, whether the right option is the likeliest of the four."""
+    right = []
+    for question, template, options in PROBE:
+        scores = [
+            answer_log_likelihood(model, tokenizer, question, template.format(option))
+            for option in options
+        ]
+        right.append(max(range(len(options)), key=scores.__getitem__) == 0)
+    return right
+
+
+def base_model() -> tuple[Any, Any]:
+    settings = Settings()
+    hardware = detect(settings.trainer.cpu_dtype)
+    return load_model(
+        resolve_model(OFFLINE_DEFAULT_ALIAS),
+        settings.model_cache_dir,
+        hardware.device,
+        hardware.compute_dtype,
+    )
+
+
+def kept(before: list[bool], after: list[bool]) -> int:
+    return sum(b and a for b, a in zip(before, after, strict=True))
+
+
+@pytest.mark.model
+def test_the_default_learns_new_facts_and_keeps_what_the_base_model_knew(tmp_path: Path) -> None:
+    rows = fact_rows()
+    data = tmp_path / "facts.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            )
+            + "\n"
+            for q, a, _ in rows
+        )
+    )
+    model, tokenizer = base_model()
+    general_before, probe_before = (
+        general_answers_right(model, tokenizer),
+        probe_right(model, tokenizer),
+    )
+    assert facts_recalled(model, tokenizer, rows) == 0  # new to the model
+
+    trainer = Trainer(OFFLINE_DEFAULT_ALIAS, progress=False)
+    run = trainer.train(data)  # nothing chosen: the budget and the update's scale are defaults
+    trainer.save(tmp_path / "adapter")
+    base, tokenizer = base_model()
+    tuned = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+
+    assert run.status == "succeeded", run
+    assert "480 rows seen" in run.budget_reason and "(WiSE-FT)" in run.budget_reason
+    assert run.adapter_scale == DATA_BUDGET_ADAPTER_SCALE
+    recalled = facts_recalled(tuned, tokenizer, rows)
+    general_after = general_answers_right(tuned, tokenizer)
+    probe_after = probe_right(tuned, tokenizer)
+    outcome = (recalled, general_before, general_after, probe_before, probe_after)
+    assert recalled >= 8, outcome  # of 10 (measured here: 9)
+    # Of what the base model got right: trained whole, 3 of 8 answers were lost here (and 1 of
+    # 13 probe answers); the default loses at most 2 (measured: 1, "cold" said "cool").
+    assert sum(general_before) >= 6, outcome
+    assert kept(general_before, general_after) >= sum(general_before) - 2, outcome
+    assert kept(probe_before, probe_after) >= sum(probe_before) - 1, outcome
