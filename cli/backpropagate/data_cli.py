@@ -12,6 +12,7 @@ from backpropagate.render import (
     JsonOption,
     LanguagesOption,
     print_dataset,
+    print_json,
     print_json_data,
     print_token_stats,
     record_dict,
@@ -42,20 +43,25 @@ def language_codes(text: str) -> list[str]:
 
 data_app = typer.Typer(help="Check datasets before training on them.", no_args_is_help=True)
 
+SourceArgument = Annotated[
+    Path,
+    typer.Argument(
+        help="A JSONL, CSV, TSV, Parquet or TXT file (gzipped or not), a saved dataset "
+        "directory or a Hub id."
+    ),
+]
+ColumnsOption = Annotated[
+    str, typer.Option(help="Table columns to rename, e.g. 'question=instruction'.")
+]
+DedupOption = Annotated[str, typer.Option(help="Also remove duplicates: exact or near.")]
+
 
 @data_app.command("inspect")
 def data_inspect(
-    source: Annotated[
-        Path,
-        typer.Argument(
-            help="A JSONL, CSV, TSV or Parquet file, a saved dataset directory or a Hub id."
-        ),
-    ],
+    source: SourceArgument,
     data_format: FormatOption = "auto",
-    columns: Annotated[
-        str, typer.Option(help="Table columns to rename, e.g. 'question=instruction'.")
-    ] = "",
-    dedup: Annotated[str, typer.Option(help="Also remove duplicates: exact or near.")] = "",
+    columns: ColumnsOption = "",
+    dedup: DedupOption = "",
     languages: LanguagesOption = "",
     model: Annotated[
         str, typer.Option(help="Whose tokenizer and chat template (default: the trainer's).")
@@ -82,3 +88,25 @@ def data_inspect(
     else:
         print_dataset(info)
         print_token_stats(tokens)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    source: SourceArgument,
+    data_format: FormatOption = "auto",
+    columns: ColumnsOption = "",
+    dedup: DedupOption = "",
+    languages: LanguagesOption = "",
+    strict: Annotated[bool, typer.Option(help="Fail on the first bad row.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Validate, filter and store a dataset as `train` would, and print its record. `train` on
+    the same file with the same options then finds it prepared: nothing is sent or parsed
+    again."""
+    info = Trainer(progress=False).inspect_data(
+        source, data_format, column_mapping(columns), dedup, language_codes(languages), strict
+    )
+    if as_json:
+        print_json(info)
+    else:
+        print_dataset(info)

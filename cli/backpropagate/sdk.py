@@ -283,13 +283,14 @@ class Trainer:
         columns: Mapping[str, str] | None = None,
         dedup: str = "",
         languages: Sequence[str] = (),
+        strict: bool = False,
     ) -> dataprep_pb2.DatasetInfo:
         """Validate and store `data` as a run would, and return its record: format, counts, the
         rows left out and why, the duplicates removed, the first example. Nothing trains."""
         check_source(data)
         with dataset_file(data) as path:
             return upload_dataset(
-                self.reader, path, data_format, False, columns, dedup, languages=languages
+                self.reader, path, data_format, strict, columns, dedup, languages=languages
             )
 
     def inspect_tokens(

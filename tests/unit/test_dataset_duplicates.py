@@ -113,3 +113,20 @@ def test_backprop_data_inspect_shows_the_dataset_and_prints_it_as_json(
     record = json.loads(as_json.stdout)
     assert (record["format"], record["num_examples"], record["rows_read"]) == ("openai", "12", "14")
     assert record["rejections"][0]["line"] == "14" and record["removed"][0]["line"] == "13"
+
+
+def test_backprop_data_prepare_stores_once_and_finds_it_prepared_the_second_time(tmp_path: Path):
+    rows = [chat(f"Q{n}", f"A{n}") for n in range(10)] + [chat("Q1", "A1"), {"messages": []}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    first = backprop(tmp_path, "data", "prepare", str(path), "--dedup", "exact", "--json")
+    again = backprop(tmp_path, "data", "prepare", str(path), "--dedup", "exact")
+    strict = backprop(tmp_path, "data", "prepare", str(path), "--strict")
+
+    assert first.exit_code == 0, first.stderr
+    record = json.loads(first.stdout)
+    assert (record["num_examples"], len(record["removed"]), "reused" in record) == ("10", 1, False)
+    assert again.exit_code == 0 and "(prepared before)" in again.stdout
+    assert record["dataset_id"][:12] in again.stdout
+    assert strict.exit_code == 1 and "INPUT_DATASET_SCHEMA" in strict.stderr
