@@ -3,7 +3,8 @@
 Accepted JSONL row shapes (one format per file):
 - ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system", "value": "..."}]}
 - OpenAI messages: {"messages": [{"role": "user" | "assistant" | "system", "content": "..."}]}
-- Alpaca: {"instruction": "...", "input": "..." (optional), "output": "..."}
+- Alpaca: {"instruction": "...", "input": "..." (optional), "output": "...", "system": "..."
+  (optional)}
 - ChatML text: {"text": "<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n...<|im_end|>"}
 - Plain text: {"text": "..."} with no ChatML turns (or a .txt file's line), one document trained
   as completion: every token is learnt, not only an assistant's
@@ -204,8 +205,10 @@ def _parse_alpaca(row: _Row) -> Conversation:
     instruction = row.text(row.value, "instruction", "instruction")
     extra_input = row.text(row.value, "input", "input", required=False)
     output = row.text(row.value, "output", "output")
+    system = row.text(row.value, "system", "system", required=False)
     prompt = f"{instruction}\n\n{extra_input}" if extra_input.strip() else instruction
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    return ([{"role": "system", "content": system}] if system.strip() else []) + turns
 
 
 def _parse_chatml(row: _Row) -> Conversation:

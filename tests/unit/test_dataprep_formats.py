@@ -117,6 +117,15 @@ def test_alpaca_row_without_input_uses_the_instruction_alone(row_input: str | No
     assert parsed.conversations[0][0] == {"role": "user", "content": "Say hi"}
 
 
+def test_an_alpaca_rows_system_field_becomes_the_system_turn() -> None:
+    row = {**ALPACA_ROW, "system": "Answer in one word."}
+
+    parsed = parse_jsonl(jsonl(row, ALPACA_ROW), FILENAME)
+
+    assert parsed.conversations[0][0] == {"role": "system", "content": "Answer in one word."}
+    assert [turn["role"] for turn in parsed.conversations[1]] == ["user", "assistant"]
+
+
 def test_explicit_format_hint_that_matches_the_file_is_accepted() -> None:
     assert parse_jsonl(jsonl(OPENAI_ROW), FILENAME, "openai").format == "openai"
 
