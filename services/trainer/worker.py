@@ -35,6 +35,7 @@ from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.training import PREFERENCE_METHODS, TrainingConfig
 from backpropagate_services.trainer.checkpoints import CheckpointManager, CheckpointPolicy
 from backpropagate_services.trainer.config import training_config_from_proto
+from backpropagate_services.trainer.data_selection import Selection
 from backpropagate_services.trainer.defaults import machine_accumulation
 from backpropagate_services.trainer.loop import LoraTraining, split_for_eval
 from backpropagate_services.trainer.lora import check_adapter_supported
@@ -184,16 +185,8 @@ class TrainWorker(JobWorker):
         record.examples_trained = len(training.dataset.examples)
         record.examples_dropped = training.dataset.dropped
         record.examples_truncated = training.dataset.truncated
-        record.examples_left_out = training.selection.left_out
-        if training.selection.left_out:
-            selection = training.selection
-            self.events.emit(
-                record,
-                kind="started",
-                message=f"left out {selection.too_short} rows under {config.min_tokens} tokens, "
-                f"{selection.too_long} over {config.max_tokens}, {selection.high_perplexity} of "
-                "the highest perplexity",
-            )
+        if isinstance(training, LoraTraining):  # preference trainers take every pair given
+            self._report_selection(record, training.selection, config)
         if record.examples_dropped or record.examples_truncated:
             self.events.emit(
                 record,
@@ -258,6 +251,21 @@ class TrainWorker(JobWorker):
                 + (", stopped early" if record.stopped_early else "")
             )
         return f"done: final loss {record.final_loss:.4f}"
+
+    def _report_selection(
+        self, record: trainer_pb2.RunRecord, selection: Selection, config: TrainingConfig
+    ) -> None:
+        """What the length bounds and the perplexity filter left out, in the record and the
+        events (data_selection)."""
+        record.examples_left_out = selection.left_out
+        if selection.left_out:
+            self.events.emit(
+                record,
+                kind="started",
+                message=f"left out {selection.too_short} rows under {config.min_tokens} tokens, "
+                f"{selection.too_long} over {config.max_tokens}, {selection.high_perplexity} of "
+                "the highest perplexity",
+            )
 
     def training_data(
         self, record: trainer_pb2.RunRecord, config: TrainingConfig

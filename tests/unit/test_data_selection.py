@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 
+from backpropagate.v1 import trainer_pb2
 from backpropagate_services.common.errors import ConfigError
 from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.data_selection import select_examples
 from backpropagate_services.trainer.loop import BatchSampler, LoraTraining
 from backpropagate_services.trainer.templating import TokenizedExample
 from tests.unit.test_adapters_and_eval import smollm2
+from tests.unit.test_tracking import trainer_on_its_own_stack
 
 
 def example(length: int) -> TokenizedExample:
@@ -90,3 +92,21 @@ def test_smollm2_finds_the_garbled_row_the_least_likely_and_the_run_leaves_it_ou
 
     assert training.selection.high_perplexity == 1 and 4 not in training.selection.kept
     assert outcome.examples_left_out == 1 and outcome.examples_trained == 9
+
+
+@pytest.mark.model
+def test_a_run_through_the_trainer_service_records_and_announces_what_it_left_out(
+    tmp_path, model_cache, quickstart
+):
+    with trainer_on_its_own_stack(tmp_path / "home", model_cache) as trainer:
+        run = trainer.train(quickstart, steps=1, max_tokens=90, max_length=64)
+        connection = trainer.reader
+        watch = trainer_pb2.WatchRunRequest(run_id=run.run_id)
+        messages = [
+            event.message
+            for event in connection.stream("trainer", connection.trainer.WatchRun, watch)
+        ]
+
+    assert run.status == "succeeded" and run.examples_left_out > 0
+    assert run.examples_trained + run.examples_left_out == 10
+    assert any(f"{run.examples_left_out} over 90" in message for message in messages)
