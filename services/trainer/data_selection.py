@@ -30,6 +30,11 @@ class Selection:
     high_perplexity: int
     ordered: bool  # a curriculum: the first pass follows `kept`'s order, not a shuffle
 
+    @classmethod
+    def everything(cls, count: int) -> Selection:
+        """Every example, shuffled: what a run without bounds, filter or curriculum trains on."""
+        return cls(list(range(count)), 0, 0, 0, ordered=False)
+
     @property
     def left_out(self) -> int:
         return self.too_short + self.too_long + self.high_perplexity

@@ -43,6 +43,7 @@ from backpropagate_services.common.datasets import (
 from backpropagate_services.common.errors import ConfigError, DatasetEmptyError
 from backpropagate_services.common.training import PREFERENCE_METHODS, TrainingConfig
 from backpropagate_services.trainer.checkpoints import TrainingState
+from backpropagate_services.trainer.data_selection import Selection
 from backpropagate_services.trainer.loop import (
     EvalReport,
     LoraTraining,
@@ -225,6 +226,7 @@ class PreferenceTraining(LoraTraining):
                 self.dataset.dropped,
                 self.dataset.truncated,
             )
+        self.selection = Selection.everything(len(self.dataset.examples))  # pairs as given
         self.start_optimisation()
         # Eval loss is SFT's token loss: a preference run has no eval set.
         self.eval_examples: list[TokenizedExample] = []

@@ -185,8 +185,7 @@ class TrainWorker(JobWorker):
         record.examples_trained = len(training.dataset.examples)
         record.examples_dropped = training.dataset.dropped
         record.examples_truncated = training.dataset.truncated
-        if isinstance(training, LoraTraining):  # preference trainers take every pair given
-            self._report_selection(record, training.selection, config)
+        self._report_selection(record, training.selection, config)
         if record.examples_dropped or record.examples_truncated:
             self.events.emit(
                 record,
