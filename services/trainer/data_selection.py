@@ -64,7 +64,8 @@ def select_examples(
         by_score = sorted(kept, key=lambda i: (scores[i], i))
         dropped = math.floor(config.perplexity_drop * len(kept))
         high = by_score[len(by_score) - dropped :] if dropped else []
-        kept = [i for i in kept if i not in set(high)]
+        left_out = set(high)
+        kept = [i for i in kept if i not in left_out]
     if config.curriculum == "length":
         kept.sort(key=lambda i: (examples[i].length, i))
     elif config.curriculum == "perplexity":
