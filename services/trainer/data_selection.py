@@ -70,10 +70,7 @@ def select_examples(
         kept.sort(key=lambda i: (examples[i].length, i))
     elif config.curriculum == "perplexity":
         kept.sort(key=lambda i: (scores[i], i))
+    # No row is both: a validated config has max_tokens 0 or at least min_tokens.
     return Selection(
-        kept,
-        len(too_short),
-        len(set(too_long) - set(too_short)),
-        len(high),
-        ordered=config.curriculum != "none",
+        kept, len(too_short), len(too_long), len(high), ordered=config.curriculum != "none"
     )
