@@ -88,7 +88,7 @@ def prepared_dataset_id(content_sha256: str, header: dataprep_pb2.UploadDatasetH
     options = {
         "content": content_sha256,
         "version": PREPARATION_VERSION,
-        "kind": Path(header.filename).suffix.lower(),
+        "kind": _kind(header.filename),
         "format": header.format if header.format not in ("", "auto") else "auto",
         "columns": dict(sorted(header.columns.items())),
         "dedup": header.dedup or "none",
@@ -97,6 +97,12 @@ def prepared_dataset_id(content_sha256: str, header: dataprep_pb2.UploadDatasetH
         "languages": sorted(header.languages),
     }
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+
+
+def _kind(filename: str) -> str:
+    """The extensions that decide how a file is read: its own, and the one under a .gz."""
+    name = Path(filename.lower())
+    return "".join(name.suffixes[-2:]) if name.suffix == ".gz" else name.suffix
 
 
 def find_record(store: ArtifactStore, dataset_id: str) -> DatasetRecord | None:

@@ -140,6 +140,14 @@ def test_good_upload_is_addressed_by_its_bytes_and_the_options_it_was_prepared_w
     assert json.loads(info.preview_json) == GOOD_ROWS[0]["messages"]
 
 
+def test_the_same_gzipped_bytes_under_another_inner_extension_are_another_dataset() -> None:
+    def named(filename: str) -> str:
+        return prepared_dataset_id("0" * 64, dataprep_pb2.UploadDatasetHeader(filename=filename))
+
+    assert named("rows.csv.gz") != named("rows.jsonl.gz")
+    assert named("a.csv.gz") == named("B.CSV.GZ") and named("a.csv") != named("a.csv.gz")
+
+
 def test_the_same_file_prepared_the_same_way_is_found_not_prepared_again(
     connection: Connection, tmp_path: Path
 ) -> None:
