@@ -39,6 +39,13 @@ class Selection:
     def left_out(self) -> int:
         return self.too_short + self.too_long + self.high_perplexity
 
+    def described(self, config: TrainingConfig) -> str:
+        """What was left out, as the run's log and events say it."""
+        return (
+            f"left out {self.too_short} rows under {config.min_tokens} tokens, {self.too_long} "
+            f"over {config.max_tokens}, {self.high_perplexity} of the highest perplexity"
+        )
+
 
 def needs_perplexity(config: TrainingConfig) -> bool:
     return config.perplexity_drop > 0 or config.curriculum == "perplexity"

@@ -1,6 +1,6 @@
 """The LoRA SFT loop: setup, the step, the report; resumable from a checkpointed state.
 
-The loss is computed in `LoraTraining.summed_token_loss`, in plain sight: cross-entropy of the
+The loss is computed in `summed_token_loss`, in plain sight: cross-entropy of the
 logits at position t against the token at t + 1, over assistant tokens only (see `templating`).
 Logits are projected only at those positions (`logits_to_keep` with a boolean mask): the
 full-vocabulary fp32 logits of every prompt and padding position would otherwise dominate memory
@@ -233,15 +233,7 @@ class LoraTraining:
             [examples[i] for i in self.selection.kept], self.dataset.dropped
         )
         if self.selection.left_out:
-            log.info(
-                "left out %d rows shorter than %d tokens, %d longer than %d, %d of the highest "
-                "perplexity",
-                self.selection.too_short,
-                self.config.min_tokens,
-                self.selection.too_long,
-                self.config.max_tokens,
-                self.selection.high_perplexity,
-            )
+            log.info("%s", self.selection.described(self.config))
 
     def start_optimisation(self) -> None:
         """Optimizer, schedule, data order and counters at step 0, for `self.model`'s
@@ -420,7 +412,7 @@ class LoraTraining:
             input_ids, attention_mask, labels = collate(
                 examples[start : start + self.micro_batch_size], self.pad_id, self.device
             )
-            total += float(self.summed_token_loss(input_ids, attention_mask, labels))
+            total += float(summed_token_loss(self.model, input_ids, attention_mask, labels))
             tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
         return total / max(tokens, 1)
 
@@ -465,21 +457,6 @@ class LoraTraining:
                     )
                 )
 
-    def summed_token_loss(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """The loss, in plain sight: cross-entropy of the logits at position t against the
-        token at t + 1, summed over the trained (assistant) tokens of one micro-batch."""
-        targets = labels[:, 1:]
-        predicts = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
-        logits = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            logits_to_keep=predicts,
-            use_cache=False,  # a KV cache is for generation
-        ).logits
-        return F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
-
     def _step(self, step: int, indices: list[int]) -> tuple[float, int, float]:
         """One optimizer step over `indices`: (mean loss, trained tokens, learning rate)."""
         examples = [self.dataset.examples[i] for i in indices]
@@ -496,7 +473,7 @@ class LoraTraining:
         for input_ids, attention_mask, labels in micro_batches:
             if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
                 continue
-            summed = self.summed_token_loss(input_ids, attention_mask, labels)
+            summed = summed_token_loss(self.model, input_ids, attention_mask, labels)
             if step == self.oom_drill_step:
                 self.oom_drill_step = None  # once
                 raise torch.OutOfMemoryError(f"Fault drill: out of memory at step {step}.")
@@ -582,6 +559,25 @@ class BatchSampler:
         self.pending = list(state["pending"])
 
 
+def summed_token_loss(
+    model: PreTrainedModel | PeftModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """The loss, in plain sight: cross-entropy of the logits at position t against the token at
+    t + 1, summed over the trained (assistant) tokens of one micro-batch."""
+    targets = labels[:, 1:]
+    predicts = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        logits_to_keep=predicts,
+        use_cache=False,  # a KV cache is for generation
+    ).logits
+    return F.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
+
+
 @torch.no_grad()
 def example_perplexities(
     model: PreTrainedModel, examples: Sequence[TokenizedExample], pad_id: int
@@ -593,12 +589,9 @@ def example_perplexities(
     device = next(model.parameters()).device
     scores = []
     for example in examples:
-        input_ids, attention_mask, labels = collate([example], pad_id, device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        loss = F.cross_entropy(
-            logits[0, :-1].float(), labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="mean"
-        )
-        scores.append(math.exp(min(float(loss), 50.0)))  # e^50: past any row worth keeping
+        summed = summed_token_loss(model, *collate([example], pad_id, device))
+        loss = float(summed) / max(example.trained_tokens, 1)
+        scores.append(math.exp(min(loss, 50.0)))  # e^50: past any row worth keeping
     model.train(was_training)
     return scores
 

@@ -258,13 +258,7 @@ class TrainWorker(JobWorker):
         events (data_selection)."""
         record.examples_left_out = selection.left_out
         if selection.left_out:
-            self.events.emit(
-                record,
-                kind="started",
-                message=f"left out {selection.too_short} rows under {config.min_tokens} tokens, "
-                f"{selection.too_long} over {config.max_tokens}, {selection.high_perplexity} of "
-                "the highest perplexity",
-            )
+            self.events.emit(record, kind="started", message=selection.described(config))
 
     def training_data(
         self, record: trainer_pb2.RunRecord, config: TrainingConfig
