@@ -24,6 +24,7 @@ from backpropagate.connection import Connection
 from backpropagate.data_cli import column_mapping, data_app, language_codes
 from backpropagate.effective_config import config_command
 from backpropagate.estimate_cli import estimate_vram_command
+from backpropagate.multi_run_cli import multi_run_command
 from backpropagate.progress import safety_label
 from backpropagate.render import (
     FormatOption,
@@ -58,6 +59,7 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
 app.command("config")(config_command)
 app.command("estimate-vram")(estimate_vram_command)
+app.command("multi-run")(multi_run_command)
 add_run_aliases(app)
 exports_app = typer.Typer(help="Inspect and cancel exports.", no_args_is_help=True)
 app.add_typer(exports_app, name="exports")

@@ -58,7 +58,7 @@ class TrainProgress(_Bar):
         )
 
     def __call__(self, event: trainer_pb2.RunEvent) -> None:
-        if self.task is None:
+        if self.task is None:  # a campaign's first event counts the steps of all its runs
             self.task = self.progress.add_task(
                 event.run_id, total=max(event.total_steps, 1), metrics=""
             )
@@ -69,7 +69,11 @@ class TrainProgress(_Bar):
                 f"{event.tokens_per_second:.0f} tok/s  eta {event.eta_seconds:.0f}s  "
                 f"{safety_label(event.safety_level)}"
             )
-        self.progress.update(self.task, completed=event.step, metrics=metrics)
+        step = event.step
+        if event.campaign_run:  # a campaign's run: its steps after those of the runs before
+            step += (event.campaign_run - 1) * event.total_steps
+            metrics = f"run {event.campaign_run}  {metrics}"
+        self.progress.update(self.task, completed=step, metrics=metrics)
 
 
 class ExportProgress(_Bar):

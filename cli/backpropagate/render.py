@@ -67,9 +67,42 @@ def print_run(run: RunResult) -> None:
         ("attempts", str(run.attempts)),
         ("resumed from step", str(run.resumed_from_step) if run.resumed_from_step else "-"),
         ("checkpoints", ", ".join(map(str, run.checkpoint_steps)) or "-"),
+        *_campaign_rows(run),
     ]:
         table.add_row(f"[bold]{label}[/]", value)
     console.print(table)
+    if run.timeline:
+        console.print(merge_timeline(run))
+
+
+def _campaign_rows(run: RunResult) -> list[tuple[str, str]]:
+    if run.campaign_id:
+        return [("campaign", f"run {run.campaign_run} of {run.campaign_id}")]
+    if not run.merge:
+        return []
+    return [
+        ("campaign", f"{len(run.timeline)} of {run.runs_planned} runs merged ({run.merge})"),
+        ("runs", ", ".join(run.run_ids) or "-"),
+    ]
+
+
+def merge_timeline(run: RunResult) -> Table:
+    """A campaign's runs as they were merged: what each trained on, its loss, its weight in
+    the merge and how far it moved the merged update."""
+    table = Table(title=f"merge timeline ({run.merge})")
+    for column in ("run", "run id", "rows", "final loss", "task", "weight", "update moved"):
+        table.add_column(column, justify="left" if column == "run id" else "right")
+    for point in run.timeline:
+        table.add_row(
+            str(point.run),
+            point.run_id,
+            str(point.samples),
+            f"{point.loss:.4f}",
+            str(point.task),
+            f"{point.merge_weight:.3f}",
+            f"{point.change_norm:.3g}",
+        )
+    return table
 
 
 def _eval_rows(run: RunResult) -> list[tuple[str, str]]:

@@ -15,6 +15,20 @@ def status_name(status: int) -> str:
 
 
 @dataclass(frozen=True)
+class MergeResult:
+    """One run of a campaign, merged: see the MergePoint message."""
+
+    run: int
+    run_id: str
+    task: int
+    loss: float
+    merge_weight: float
+    change_norm: float
+    samples: int
+    dataset_id: str
+
+
+@dataclass(frozen=True)
 class RunResult:
     run_id: str
     status: str
@@ -49,6 +63,13 @@ class RunResult:
     tokens_per_second: float = 0.0
     reward_margin: float = 0.0  # preference methods: chosen minus rejected reward, last steps
     reward_accuracy: float = 0.0
+    # A campaign (multi_run): its merge mode, planned runs, child runs and merge timeline.
+    merge: str = ""
+    runs_planned: int = 0
+    run_ids: list[str] = field(default_factory=list)
+    timeline: list[MergeResult] = field(default_factory=list)
+    campaign_id: str = ""  # a campaign's run: the campaign, and its place in it
+    campaign_run: int = 0
 
     @property
     def output_path(self) -> str:
@@ -91,6 +112,21 @@ class RunResult:
             tokens_per_second=record.tokens_per_second,
             reward_margin=record.reward_margin,
             reward_accuracy=record.reward_accuracy,
+            merge=record.campaign.config.merge,
+            runs_planned=record.campaign.config.runs,
+            run_ids=list(record.campaign.run_ids),
+            timeline=[
+                MergeResult(
+                    **MessageToDict(
+                        point,
+                        preserving_proto_field_name=True,
+                        always_print_fields_with_no_presence=True,
+                    )
+                )
+                for point in record.campaign.timeline
+            ],
+            campaign_id=record.campaign_id,
+            campaign_run=record.campaign_run,
         )
 
 

@@ -31,6 +31,7 @@ from backpropagate.workflows import (
     import_adapter,
     push,
     resume_run,
+    submit_multi_run,
     submit_train,
     upload_dataset,
 )
@@ -269,12 +270,99 @@ class Trainer:
         )
         config = self._with_defaults(config)
         run_id = submit_train(connection, dataset.dataset_id, config)
+        return self._follow_submitted(connection, run_id, wait, callback)
+
+    def _follow_submitted(
+        self,
+        connection: Connection,
+        run_id: str,
+        wait: bool,
+        callback: TrainingCallback | None,
+    ) -> RunResult:
+        """Follow a run just queued to its end; with wait=False its queued record (in the
+        embedded default a background worker process trains it)."""
         if not wait:
             if connection.embedded:
                 start_background_worker((self.settings or get_settings()).home)
             self.last_run = self.run(run_id)
             return self.last_run
         return self.watch(run_id, callback=callback)
+
+    def multi_run(
+        self,
+        data: DataSource | Sequence[DataSource] | None = None,
+        *,
+        runs: int = 0,
+        steps_per_run: int = 100,
+        samples_per_run: int = 0,
+        merge: str = "",
+        with_replacement: bool = False,
+        continue_from: str = "",
+        learning_rate: float = 0.0,
+        batch_size: int | Literal["auto"] = 0,
+        max_length: int = 0,
+        seed: int = 0,
+        lora_r: int = 0,
+        lora_alpha: int = 0,
+        target_modules: list[str] | None = None,
+        adapter: str = "",
+        eval_split: float = 0.0,
+        checkpoint_every: int = 0,
+        data_format: str = "auto",
+        callback: TrainingCallback | None = None,
+        wait: bool = True,
+        dataset: DataSource | None = None,
+        num_runs: int = 0,
+        merge_mode: str = "",
+    ) -> RunResult:
+        """Train again and again on new data without forgetting: a campaign of `runs` runs of
+        `steps_per_run` steps, each going on from the last, each run's adapter merged into the
+        campaign's by `merge` ("slao", the default; "last-merge", "no-qr", "average",
+        "sequential").
+
+        `data`: one dataset, from which each run draws `samples_per_run` rows no other run has
+        (0: an equal share), or a list of datasets, one per run. `with_replacement`: runs draw
+        from the whole pool on their own and may share rows. `continue_from`: a finished
+        campaign whose merged adapter this one goes on from. The result is the campaign's
+        record: its runs, the merge timeline and the merged adapter, which exports like any
+        run's. `dataset`, `num_runs` and `merge_mode` are other names of `data`, `runs` and
+        `merge`. Other arguments as in train().
+        """
+        data = data if data is not None else dataset
+        if data is None:
+            raise UserError("Nothing to train on.", hint="Pass data= (a file, or one per run).")
+        sources = list(data) if isinstance(data, list | tuple) else [data]
+        for source in sources:
+            check_source(source)
+        connection = self._open(workers=wait)
+        dataset_ids = [
+            self._upload(connection, source, data_format).dataset_id for source in sources
+        ]
+        config = trainer_pb2.TrainConfig(
+            base_model=self.model,
+            steps=steps_per_run,
+            learning_rate=learning_rate,
+            batch_size=_batch_size(batch_size),
+            max_length=max_length,
+            seed=seed,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            target_modules=target_modules or [],
+            adapter=adapter,
+            eval_split=eval_split,
+            checkpoint_every=checkpoint_every,
+        )
+        multi_run = trainer_pb2.MultiRunConfig(
+            runs=runs or num_runs or (0 if len(sources) > 1 else 5),
+            samples_per_run=samples_per_run,
+            merge=merge or merge_mode,
+            with_replacement=with_replacement,
+            continue_from=continue_from,
+        )
+        campaign_id = submit_multi_run(
+            connection, dataset_ids, self._with_defaults(config), multi_run
+        )
+        return self._follow_submitted(connection, campaign_id, wait, callback)
 
     def inspect_data(
         self,

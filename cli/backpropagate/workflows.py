@@ -125,6 +125,19 @@ def submit_train(connection: Connection, dataset_id: str, config: trainer_pb2.Tr
     return connection.call("trainer", connection.trainer.SubmitTrain, request).run_id
 
 
+def submit_multi_run(
+    connection: Connection,
+    dataset_ids: list[str],
+    config: trainer_pb2.TrainConfig,
+    multi_run: trainer_pb2.MultiRunConfig,
+) -> str:
+    """Queue a campaign; returns its id (a run id)."""
+    request = trainer_pb2.SubmitMultiRunRequest(
+        dataset_ids=dataset_ids, config=config, multi_run=multi_run
+    )
+    return connection.call("trainer", connection.trainer.SubmitMultiRun, request).run_id
+
+
 def estimate_memory(
     connection: Connection, config: trainer_pb2.TrainConfig, dataset_id: str = ""
 ) -> trainer_pb2.MemoryEstimate:

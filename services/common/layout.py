@@ -28,6 +28,11 @@ def checkpoint_prefix(run_id: str, step: int, attempt: int) -> str:
     return f"{checkpoints_prefix(run_id)}/step-{step:08d}-attempt-{attempt:03d}"
 
 
+def merge_state_key(campaign_id: str) -> str:
+    """A campaign's merge state and timeline, rewritten after every run it merges."""
+    return f"runs/{campaign_id}/merge.pt"
+
+
 def loss_curve_key(run_id: str) -> str:
     return f"runs/{run_id}/loss.png"
 

@@ -27,9 +27,11 @@ from backpropagate_services.common.errors import (
     JobCancelledError,
 )
 from backpropagate_services.common.training import TrainingConfig
+from backpropagate_services.trainer.adapter_factors import as_parameters
 from backpropagate_services.trainer.checkpoints import TrainingState
 from backpropagate_services.trainer.data_selection import select_examples
 from backpropagate_services.trainer.lora import apply_adapter
+from backpropagate_services.trainer.slao import Adapter
 from backpropagate_services.trainer.templating import (
     IGNORE_INDEX,
     SftRow,
@@ -168,10 +170,13 @@ class LoraTraining:
         oom_recovery: bool = True,
         oom_drill_step: int | None = None,
         eval_conversations: Sequence[SftRow] = (),
+        start: Adapter | None = None,
     ) -> None:
         """`eval_conversations`: held out; their mean token loss is measured every
         `eval_every` steps, the best weights by it are the ones the run ends with, and early
-        stopping watches it. `oom_drill_step`: a fault drill, raising a real out-of-memory
+        stopping watches it. `start`: LoRA factors to start from instead of LoRA's
+        initialisation (a campaign's run goes on from the last: see `slao`).
+        `oom_drill_step`: a fault drill, raising a real out-of-memory
         error inside that step (once) so the recovery path runs for real."""
         self.config = config.validate()
         self.dataset = tokenize_conversations(conversations, tokenizer, config.max_length)
@@ -199,6 +204,9 @@ class LoraTraining:
 
         torch.manual_seed(config.seed)  # LoRA init and dropout; data order has its own Random
         self.model = apply_adapter(model, config)
+        if start is not None:
+            parameters = dict(self.model.named_parameters())
+            self.load_trained_weights(as_parameters(start, parameters))
         self.device = next(self.model.parameters()).device
         self.start_optimisation()
         if resume is not None:

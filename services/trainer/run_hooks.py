@@ -59,6 +59,12 @@ def save_while_held(lease: Lease, store: ArtifactStore, record: trainer_pb2.RunR
     durably(save_record)(store, record_key(record.run_id), record)
 
 
+def job_run_id(record: trainer_pb2.RunRecord) -> str:
+    """The run whose job trains `record`: its campaign's, for a campaign's run. That is the run
+    to cancel or resume."""
+    return record.campaign_id or record.run_id
+
+
 class Stoppable(Protocol):
     @property
     def stopping(self) -> bool: ...
@@ -86,6 +92,10 @@ class RunEvents:
             **fields,  # type: ignore[arg-type]
         )
         self.publisher.publish(events_channel(record.run_id), event)
+        if record.campaign_id:  # the campaign's watchers follow its runs too
+            event.campaign_id = record.campaign_id
+            event.campaign_run = record.campaign_run
+            self.publisher.publish(events_channel(record.campaign_id), event)
         if self.tracking is not None:
             self.tracking.observe(event)
 
@@ -139,14 +149,14 @@ class RunHooks(TrainingHooks):
     def _stop_if_asked(self, step: int, training: LoraTraining) -> None:
         """Cancelled, the job taken over, the worker shutting down: no further step."""
         self.lease.check()
-        if self.events.cancel_requested(self.record.run_id, self.cancel_cursor):
+        if self.events.cancel_requested(job_run_id(self.record), self.cancel_cursor):
             raise JobCancelledError(f"Cancelled before step {step} of {self.record.steps}.")
         if self.worker.stopping:
             self.checkpoint(training)
             if not self.release_on_shutdown:
                 raise StoppedForLater(
                     f"checkpointed at step {training.step}; `backprop runs resume "
-                    f"{self.record.run_id}` goes on"
+                    f"{job_run_id(self.record)}` goes on"
                 )
             self.record.status = common_pb2.JOB_STATUS_QUEUED  # waiting for the next worker
             save_while_held(self.lease, self.checkpoints.store, self.record)

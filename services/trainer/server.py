@@ -11,9 +11,14 @@ from pathlib import Path
 import grpc
 
 from backpropagate.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from backpropagate_services.common.datasets import SftRow, load_preference_rows, load_sft_rows
+from backpropagate_services.common.datasets import (
+    DatasetRecord,
+    SftRow,
+    load_preference_rows,
+    load_sft_rows,
+)
 from backpropagate_services.common.datasets import load_record as load_dataset_record
-from backpropagate_services.common.errors import UserError
+from backpropagate_services.common.errors import ConfigError, UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.hardware import detect
 from backpropagate_services.common.ids import new_id
@@ -31,6 +36,13 @@ from backpropagate_services.common.records import (
 )
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
+from backpropagate_services.trainer.campaign import finished_merge
+from backpropagate_services.trainer.campaign_plan import (
+    CampaignPlan,
+    check_campaign_config,
+    check_continuable,
+    settle_campaign,
+)
 from backpropagate_services.trainer.config import training_config_from_proto
 from backpropagate_services.trainer.defaults import settle
 from backpropagate_services.trainer.imports import import_adapter, receive_adapter_files
@@ -59,47 +71,100 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def _record(self, run_id: str) -> trainer_pb2.RunRecord:
         return load_record(self.store, record_key(run_id), trainer_pb2.RunRecord, "run")
 
+    def _job_record(self, run_id: str) -> trainer_pb2.RunRecord:
+        """The record of the run whose job trains `run_id`: a campaign's run is resumed or
+        cancelled with its campaign."""
+        record = self._record(run_id)
+        return self._record(record.campaign_id) if record.campaign_id else record
+
     @translate_errors
     def SubmitTrain(
         self, request: trainer_pb2.SubmitTrainRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.SubmitTrainResponse:
         # Every check a user can fail happens here, synchronously, before anything is queued.
         dataset = load_dataset_record(self.store, request.dataset_id)
-        if request.config.eval_dataset_id:
-            load_dataset_record(self.store, request.config.eval_dataset_id)
-        settled, budget_reason = settle(request.config, self.runtime.settings, dataset.num_examples)
+        settled, budget_reason = self._settle(request.config, dataset, dataset.num_examples)
+        record = self._new_record("run", request.dataset_id, settled, settled.steps)
+        record.budget_reason = budget_reason
+        return self._queue(record)
+
+    @translate_errors
+    def SubmitMultiRun(
+        self, request: trainer_pb2.SubmitMultiRunRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.SubmitTrainResponse:
+        if not request.dataset_ids:
+            raise ConfigError("A campaign needs a dataset.", hint="Pass --data.", fields="data")
+        datasets = [
+            load_dataset_record(self.store, dataset_id) for dataset_id in request.dataset_ids
+        ]
+        multi_run = settle_campaign(request.multi_run, [d.num_examples for d in datasets])
+        plan = CampaignPlan(
+            multi_run.runs,
+            multi_run.samples_per_run,
+            multi_run.with_replacement,
+            0,
+            tuple(request.dataset_ids),
+        )
+        run_rows = len(plan.rows_of(1, datasets[0].num_examples))
+        check_campaign_config(request.config)
+        settled, _ = self._settle(request.config, datasets[0], run_rows)
+        settled.adapter_scale = 1  # the merge decides what each run keeps
+        record = self._new_record(
+            "campaign", request.dataset_ids[0], settled, settled.steps * multi_run.runs
+        )
+        record.campaign.config.CopyFrom(multi_run)
+        record.campaign.dataset_ids.extend(request.dataset_ids)
+        if multi_run.continue_from:
+            earlier = self._record(multi_run.continue_from)
+            check_continuable(earlier, record)
+            record.campaign.tasks_before = finished_merge(self.store, earlier.run_id).tasks
+        return self._queue(record)
+
+    def _settle(
+        self, given: trainer_pb2.TrainConfig, dataset: DatasetRecord, num_examples: int
+    ) -> tuple[trainer_pb2.TrainConfig, str]:
+        """`given` with every default filled in for this dataset, checked as a worker would."""
+        if given.eval_dataset_id:
+            load_dataset_record(self.store, given.eval_dataset_id)
+        settled, budget_reason = settle(given, self.runtime.settings, num_examples)
         config = training_config_from_proto(settled)
         check_method(config, dataset, settled.eval_dataset_id)  # chat data for sft, pairs for dpo
         resolve_report_to(settled.report_to)  # a tracker named but not installed: refused now
         hardware = detect(self.runtime.settings.trainer.cpu_dtype)
         check_adapter_supported(config, cuda=hardware.is_cuda, fp8_capable=hardware.fp8)
-        source = resolve_model(request.config.base_model, self.runtime.settings.model.name)
-        run_id = new_id("run")
-        record = trainer_pb2.RunRecord(
-            run_id=run_id,
+        return settled, budget_reason
+
+    def _new_record(
+        self, kind: str, dataset_id: str, config: trainer_pb2.TrainConfig, steps: int
+    ) -> trainer_pb2.RunRecord:
+        source = resolve_model(config.base_model, self.runtime.settings.model.name)
+        return trainer_pb2.RunRecord(
+            run_id=new_id(kind),
             status=common_pb2.JOB_STATUS_QUEUED,
-            dataset_id=request.dataset_id,
+            dataset_id=dataset_id,
             base_model=source.spec,
-            steps=config.steps,
+            steps=steps,
             created_at=time.time(),
-            config=settled,
-            budget_reason=budget_reason,
+            config=config,
         )
-        save_record(self.store, record_key(run_id), record)
+
+    def _queue(self, record: trainer_pb2.RunRecord) -> trainer_pb2.SubmitTrainResponse:
+        """Save the new run's record, announce it and queue its job."""
+        save_record(self.store, record_key(record.run_id), record)
         publish(
             self.queue,
-            events_channel(run_id),
+            events_channel(record.run_id),
             trainer_pb2.RunEvent(
-                run_id=run_id,
+                run_id=record.run_id,
                 status=record.status,
-                total_steps=config.steps,
+                total_steps=record.steps,
                 kind="queued",
                 message="queued",
                 timestamp=time.time(),
             ),
         )
-        self.queue.enqueue(TRAIN_QUEUE, {"run_id": run_id})
-        return trainer_pb2.SubmitTrainResponse(run_id=run_id)
+        self.queue.enqueue(TRAIN_QUEUE, {"run_id": record.run_id})
+        return trainer_pb2.SubmitTrainResponse(run_id=record.run_id)
 
     @translate_errors
     def WatchRun(
@@ -109,6 +174,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
         def is_final(event: trainer_pb2.RunEvent) -> bool:
             """The last event of the run, not that of an attempt the run was resumed after."""
+            if event.run_id != request.run_id:  # a campaign's run ended, not the campaign
+                return False
             record = self._record(request.run_id)
             return record.status in TERMINAL_STATUSES and event.attempt == record.attempts
 
@@ -160,7 +227,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def ResumeRun(
         self, request: trainer_pb2.ResumeRunRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.RunRecord:
-        record = self._record(request.run_id)
+        record = self._job_record(request.run_id)
         if record.status == common_pb2.JOB_STATUS_SUCCEEDED:
             raise UserError(
                 f"Run {record.run_id} has already finished.",
@@ -199,7 +266,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def CancelRun(
         self, request: trainer_pb2.CancelRunRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.RunRecord:
-        record = self._record(request.run_id)
+        record = self._job_record(request.run_id)
         cancel_job(
             self.queue,
             self.store,

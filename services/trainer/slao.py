@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -128,6 +129,32 @@ class ContinualMerge:
             for name, layer in merged.items()
         )
         return MergeStep(task, weight, math.sqrt(change))
+
+    def state(self) -> dict[str, Any]:
+        """Everything a campaign needs to go on merging, as plain tensors (torch.load-able with
+        weights_only=True): written after every run, so a resumed campaign merges the same."""
+        return {
+            "mode": self.mode,
+            "tasks": self.tasks,
+            "merged": _plain(self.merged),
+            "last": _plain(self.last),
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any]) -> ContinualMerge:
+        merge = cls(state["mode"])
+        merge.tasks = state["tasks"]
+        merge.merged = _layers(state["merged"])
+        merge.last = _layers(state["last"])
+        return merge
+
+
+def _plain(adapter: Adapter) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {"a": layer.a, "b": layer.b} for name, layer in adapter.items()}
+
+
+def _layers(plain: dict[str, dict[str, torch.Tensor]]) -> Adapter:
+    return {name: LayerLora(sides["a"], sides["b"]) for name, sides in plain.items()}
 
 
 def _product(adapter: Adapter, name: str) -> torch.Tensor | float:

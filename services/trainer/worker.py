@@ -33,6 +33,8 @@ from backpropagate_services.common.queue import Job
 from backpropagate_services.common.records import TERMINAL_STATUSES, load_record, save_record
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.training import PREFERENCE_METHODS, TrainingConfig
+from backpropagate_services.trainer.campaign import CampaignRunner
+from backpropagate_services.trainer.campaign_plan import CampaignPlan
 from backpropagate_services.trainer.checkpoints import CheckpointManager, CheckpointPolicy
 from backpropagate_services.trainer.config import training_config_from_proto
 from backpropagate_services.trainer.data_selection import Selection
@@ -41,9 +43,15 @@ from backpropagate_services.trainer.loop import LoraTraining, split_for_eval
 from backpropagate_services.trainer.lora import check_adapter_supported
 from backpropagate_services.trainer.plots import write_loss_curve
 from backpropagate_services.trainer.preference import PreferenceTraining
-from backpropagate_services.trainer.run_hooks import RunEvents, RunHooks, save_while_held
+from backpropagate_services.trainer.run_hooks import (
+    RunEvents,
+    RunHooks,
+    job_run_id,
+    save_while_held,
+)
 from backpropagate_services.trainer.safety_gate import SafetyGate
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
+from backpropagate_services.trainer.slao import Adapter
 from backpropagate_services.trainer.tracking import tracked
 
 log = logging.getLogger(__name__)
@@ -111,12 +119,25 @@ class TrainWorker(JobWorker):
             assert self.lease is not None
             lease = self.lease
             with tracked(self.events, record, self.runtime.settings.tensorboard_dir):
-                self.finish(record, run_recorded(record, lambda: self.train(record, job, lease)))
+                if record.HasField("campaign"):
+                    message = run_recorded(record, CampaignRunner(self, record, job, lease).run)
+                else:
+                    message = run_recorded(record, lambda: self.train(record, job, lease))
+                self.finish(record, message)
 
-    def train(self, record: trainer_pb2.RunRecord, job: Job, lease: Lease) -> str:
+    def train(
+        self,
+        record: trainer_pb2.RunRecord,
+        job: Job,
+        lease: Lease,
+        plan: CampaignPlan | None = None,
+        start: Adapter | None = None,
+    ) -> str:
+        """Train the run of `record` (from its last checkpoint, if it has one). A campaign's
+        run trains on the rows `plan` draws for it, from the adapter `start`."""
         run_id = record.run_id
         checkpoints = CheckpointManager(self.store, run_id, self.policy)
-        cancel_cursor = self.events.cancel_cursor(run_id)
+        cancel_cursor = self.events.cancel_cursor(job_run_id(record))
         resume_from = record.last_checkpoint_step
         if job.deliveries > 1 or record.attempts:
             log.warning(
@@ -139,7 +160,7 @@ class TrainWorker(JobWorker):
         if config.method in PREFERENCE_METHODS:  # pairs or labelled answers, for trl's losses
             rows = durably(load_preference_rows)(self.store, record.dataset_id, config.method)
         else:
-            conversations, eval_conversations = self.training_data(record, config)
+            conversations, eval_conversations = self.training_data(record, config, plan)
         source = resolve_model(record.base_model)
         if self.runtime.settings.trainer.threads > 0:
             torch.set_num_threads(self.runtime.settings.trainer.threads)
@@ -166,6 +187,7 @@ class TrainWorker(JobWorker):
             "resume": state,
             "oom_recovery": not record.config.disable_oom_recovery,
             "oom_drill_step": self.runtime.settings.fault.oom_at_step,
+            "start": start,
         }
         training = (
             PreferenceTraining(model, tokenizer, rows, config, **options)
@@ -261,11 +283,15 @@ class TrainWorker(JobWorker):
             self.events.emit(record, kind="started", message=selection.described(config))
 
     def training_data(
-        self, record: trainer_pb2.RunRecord, config: TrainingConfig
+        self, record: trainer_pb2.RunRecord, config: TrainingConfig, plan: CampaignPlan | None
     ) -> tuple[list[SftRow], list[SftRow]]:
         """The conversations to train on and those to evaluate on: a separate eval dataset, or
-        a seeded split of `eval_split` of the data (at least one of each side)."""
+        a seeded split of `eval_split` of the data (at least one of each side). A campaign's
+        run takes the rows `plan` draws for it first."""
         conversations = durably(load_sft_rows)(self.store, record.dataset_id)
+        if plan is not None:
+            rows = plan.rows_of(record.campaign_run, len(conversations))
+            conversations = [conversations[index] for index in rows]
         if record.config.eval_dataset_id:
             return conversations, durably(load_sft_rows)(self.store, record.config.eval_dataset_id)
         return split_for_eval(conversations, config.eval_split, config.seed)

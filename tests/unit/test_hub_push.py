@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 import huggingface_hub
 import pytest
-import torch
 from huggingface_hub import ModelCard, ModelCardData
+from lora_adapters import tiny_llama
 
 from backpropagate_services.common.errors import (
     EXIT_RUNTIME_ERROR,
@@ -45,7 +45,7 @@ from backpropagate_services.export.hub import (
 )
 
 if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM
+    pass
 
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Shaped like a real user token, so the errors module's `hf_...` redaction is what is tested.
@@ -54,21 +54,6 @@ DATASET_SHA256 = hashlib.sha256(b"the quickstart rows").hexdigest()
 LOSS_HISTORY = (2.5, 2.1, 1.7, 1.45, 1.3, 1.22, 1.18, 1.21, 1.16, 1.15)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ holds the algorithm)."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -112,3 +113,25 @@ def test_last_merge_clamps_its_weight_and_an_unknown_mode_is_refused():
     assert set(MERGE_MODES) == {"slao", "last-merge", "no-qr", "average", "sequential"}
     with pytest.raises(ValueError, match="none of slao"):
         ContinualMerge("ties")
+
+
+@pytest.mark.parametrize("mode", MERGE_MODES)
+def test_a_restored_merge_goes_on_as_the_uninterrupted_one(mode):
+    """A campaign resumed after task 2 merges tasks 3 and 4 exactly as one never stopped."""
+    whole = ContinualMerge(mode)
+    for seed in (1, 2):
+        whole.add(lora(seed))
+    state = whole.state()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    restored = ContinualMerge.restore(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+
+    for seed in (3, 4):
+        expected, got = whole.start(), restored.start()
+        assert (expected is None) == (got is None)
+        for name in expected or {}:
+            assert torch.equal(expected[name].a, got[name].a)
+            assert torch.equal(expected[name].b, got[name].b)
+        assert whole.add(lora(seed)) == restored.add(lora(seed))
+    for name, layer in whole.merged.items():
+        assert torch.equal(layer.product, restored.merged[name].product)

@@ -293,6 +293,165 @@ class SubmitTrainRequest(_message.Message):
 Global___SubmitTrainRequest: _TypeAlias = SubmitTrainRequest  # noqa: Y015
 
 @_typing.final
+class MultiRunConfig(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNS_FIELD_NUMBER: _builtins.int
+    SAMPLES_PER_RUN_FIELD_NUMBER: _builtins.int
+    MERGE_FIELD_NUMBER: _builtins.int
+    WITH_REPLACEMENT_FIELD_NUMBER: _builtins.int
+    CONTINUE_FROM_FIELD_NUMBER: _builtins.int
+    runs: _builtins.int
+    """runs in the campaign; 0: one per dataset given"""
+    samples_per_run: _builtins.int
+    """rows each run draws; 0: a dataset's share (pool / runs) or all of it"""
+    merge: _builtins.str
+    """"" or "slao", "last-merge", "no-qr", "average", "sequential" """
+    with_replacement: _builtins.bool
+    """Runs draw from the whole pool independently, so they may share rows; otherwise the runs'
+    samples are disjoint and must fit in the pool.
+    """
+    continue_from: _builtins.str
+    """a finished campaign whose merged adapter this one goes on from"""
+    def __init__(
+        self,
+        *,
+        runs: _builtins.int = ...,
+        samples_per_run: _builtins.int = ...,
+        merge: _builtins.str = ...,
+        with_replacement: _builtins.bool = ...,
+        continue_from: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_from", b"continue_from", "merge", b"merge", "runs", b"runs", "samples_per_run", b"samples_per_run", "with_replacement", b"with_replacement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultiRunConfig: _TypeAlias = MultiRunConfig  # noqa: Y015
+
+@_typing.final
+class SubmitMultiRunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_IDS_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    MULTI_RUN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dataset_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """One dataset: every run samples it. Several: one per run, in order ("new data every week")."""
+
+    @_builtins.property
+    def config(self) -> Global___TrainConfig:
+        """each run's config; steps is steps per run"""
+
+    @_builtins.property
+    def multi_run(self) -> Global___MultiRunConfig: ...
+    def __init__(
+        self,
+        *,
+        dataset_ids: _abc.Iterable[_builtins.str] | None = ...,
+        config: Global___TrainConfig | None = ...,
+        multi_run: Global___MultiRunConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "multi_run", b"multi_run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "dataset_ids", b"dataset_ids", "multi_run", b"multi_run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitMultiRunRequest: _TypeAlias = SubmitMultiRunRequest  # noqa: Y015
+
+@_typing.final
+class MergePoint(_message.Message):
+    """One run of a campaign, after its adapter was merged into the campaign's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    MERGE_WEIGHT_FIELD_NUMBER: _builtins.int
+    CHANGE_NORM_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    run: _builtins.int
+    """1-based, within this campaign"""
+    run_id: _builtins.str
+    """the child run"""
+    task: _builtins.int
+    """the merge's task index i (continues a continued campaign's)"""
+    loss: _builtins.float
+    """the run's final training loss"""
+    merge_weight: _builtins.float
+    """lambda(i): the new adapter's weight in the merge"""
+    change_norm: _builtins.float
+    """Frobenius norm of the merged update's change, over all layers"""
+    samples: _builtins.int
+    """rows the run trained on"""
+    dataset_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        run: _builtins.int = ...,
+        run_id: _builtins.str = ...,
+        task: _builtins.int = ...,
+        loss: _builtins.float = ...,
+        merge_weight: _builtins.float = ...,
+        change_norm: _builtins.float = ...,
+        samples: _builtins.int = ...,
+        dataset_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_norm", b"change_norm", "dataset_id", b"dataset_id", "loss", b"loss", "merge_weight", b"merge_weight", "run", b"run", "run_id", b"run_id", "samples", b"samples", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergePoint: _TypeAlias = MergePoint  # noqa: Y015
+
+@_typing.final
+class CampaignInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    DATASET_IDS_FIELD_NUMBER: _builtins.int
+    RUN_IDS_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
+    TASKS_BEFORE_FIELD_NUMBER: _builtins.int
+    tasks_before: _builtins.int
+    """tasks merged by the campaign this one continues (0: none)"""
+    @_builtins.property
+    def config(self) -> Global___MultiRunConfig:
+        """as settled: runs and merge filled in"""
+
+    @_builtins.property
+    def dataset_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the child runs started so far, in order"""
+
+    @_builtins.property
+    def timeline(self) -> _containers.RepeatedCompositeFieldContainer[Global___MergePoint]: ...
+    def __init__(
+        self,
+        *,
+        config: Global___MultiRunConfig | None = ...,
+        dataset_ids: _abc.Iterable[_builtins.str] | None = ...,
+        run_ids: _abc.Iterable[_builtins.str] | None = ...,
+        timeline: _abc.Iterable[Global___MergePoint] | None = ...,
+        tasks_before: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "dataset_ids", b"dataset_ids", "run_ids", b"run_ids", "tasks_before", b"tasks_before", "timeline", b"timeline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CampaignInfo: _TypeAlias = CampaignInfo  # noqa: Y015
+
+@_typing.final
 class SubmitTrainResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -354,6 +513,9 @@ class RunEvent(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     REWARD_MARGIN_FIELD_NUMBER: _builtins.int
     REWARD_ACCURACY_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_RUN_FIELD_NUMBER: _builtins.int
+    MERGE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     step: _builtins.int
@@ -384,10 +546,16 @@ class RunEvent(_message.Message):
     """preference methods: chosen minus rejected reward, this step"""
     reward_accuracy: _builtins.float
     """preference methods: share of pairs with chosen ranked higher"""
+    campaign_id: _builtins.str
+    """Campaigns: a child run's events carry its place; the campaign's "merged" events the merge."""
+    campaign_run: _builtins.int
+    """1-based"""
     @_builtins.property
     def error(self) -> _common_pb2.ErrorDetail:
         """set when status is FAILED"""
 
+    @_builtins.property
+    def merge(self) -> Global___MergePoint: ...
     def __init__(
         self,
         *,
@@ -411,10 +579,13 @@ class RunEvent(_message.Message):
         epoch: _builtins.int = ...,
         reward_margin: _builtins.float = ...,
         reward_accuracy: _builtins.float = ...,
+        campaign_id: _builtins.str = ...,
+        campaign_run: _builtins.int = ...,
+        merge: Global___MergePoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "merge", b"merge"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch_size", b"batch_size", "epoch", b"epoch", "error", b"error", "eta_seconds", b"eta_seconds", "eval_loss", b"eval_loss", "gradient_accumulation", b"gradient_accumulation", "kind", b"kind", "learning_rate", b"learning_rate", "loss", b"loss", "message", b"message", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "safety_level", b"safety_level", "status", b"status", "step", b"step", "timestamp", b"timestamp", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch_size", b"batch_size", "campaign_id", b"campaign_id", "campaign_run", b"campaign_run", "epoch", b"epoch", "error", b"error", "eta_seconds", b"eta_seconds", "eval_loss", b"eval_loss", "gradient_accumulation", b"gradient_accumulation", "kind", b"kind", "learning_rate", b"learning_rate", "loss", b"loss", "merge", b"merge", "message", b"message", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "safety_level", b"safety_level", "status", b"status", "step", b"step", "timestamp", b"timestamp", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -505,6 +676,9 @@ class RunRecord(_message.Message):
     REWARD_MARGIN_FIELD_NUMBER: _builtins.int
     REWARD_ACCURACY_FIELD_NUMBER: _builtins.int
     EPOCHS_COMPLETED_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_RUN_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     dataset_id: _builtins.str
@@ -558,6 +732,10 @@ class RunRecord(_message.Message):
     """preference methods, over the last steps"""
     reward_accuracy: _builtins.float
     epochs_completed: _builtins.int
+    campaign_id: _builtins.str
+    """set on a campaign's child run"""
+    campaign_run: _builtins.int
+    """the child's place in its campaign, 1-based"""
     @_builtins.property
     def loss_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
@@ -571,6 +749,10 @@ class RunRecord(_message.Message):
     @_builtins.property
     def evals(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvalPoint]:
         """eval loss along the run; the first is the base model's (step 0)"""
+
+    @_builtins.property
+    def campaign(self) -> Global___CampaignInfo:
+        """set on a campaign (multi-run) record"""
 
     def __init__(
         self,
@@ -613,10 +795,13 @@ class RunRecord(_message.Message):
         reward_margin: _builtins.float = ...,
         reward_accuracy: _builtins.float = ...,
         epochs_completed: _builtins.int = ...,
+        campaign: Global___CampaignInfo | None = ...,
+        campaign_id: _builtins.str = ...,
+        campaign_run: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "config", b"config", "error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "best_eval_loss", b"best_eval_loss", "best_step", b"best_step", "budget_reason", b"budget_reason", "checkpoints", b"checkpoints", "compute_dtype", b"compute_dtype", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "device", b"device", "duration_seconds", b"duration_seconds", "epochs_completed", b"epochs_completed", "error", b"error", "evals", b"evals", "examples_dropped", b"examples_dropped", "examples_left_out", b"examples_left_out", "examples_trained", b"examples_trained", "examples_truncated", b"examples_truncated", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "oom_recoveries", b"oom_recoveries", "output", b"output", "peak_memory_bytes", b"peak_memory_bytes", "resumed_from_step", b"resumed_from_step", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps", "stopped_early", b"stopped_early", "tokens_per_second", b"tokens_per_second", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "best_eval_loss", b"best_eval_loss", "best_step", b"best_step", "budget_reason", b"budget_reason", "campaign", b"campaign", "campaign_id", b"campaign_id", "campaign_run", b"campaign_run", "checkpoints", b"checkpoints", "compute_dtype", b"compute_dtype", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "device", b"device", "duration_seconds", b"duration_seconds", "epochs_completed", b"epochs_completed", "error", b"error", "evals", b"evals", "examples_dropped", b"examples_dropped", "examples_left_out", b"examples_left_out", "examples_trained", b"examples_trained", "examples_truncated", b"examples_truncated", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "oom_recoveries", b"oom_recoveries", "output", b"output", "peak_memory_bytes", b"peak_memory_bytes", "resumed_from_step", b"resumed_from_step", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps", "stopped_early", b"stopped_early", "tokens_per_second", b"tokens_per_second", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

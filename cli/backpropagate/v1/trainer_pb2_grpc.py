@@ -40,6 +40,11 @@ class TrainerServiceStub:
                 request_serializer=backpropagate_dot_v1_dot_trainer__pb2.SubmitTrainRequest.SerializeToString,
                 response_deserializer=backpropagate_dot_v1_dot_trainer__pb2.SubmitTrainResponse.FromString,
                 _registered_method=True)
+        self.SubmitMultiRun = channel.unary_unary(
+                '/backpropagate.v1.TrainerService/SubmitMultiRun',
+                request_serializer=backpropagate_dot_v1_dot_trainer__pb2.SubmitMultiRunRequest.SerializeToString,
+                response_deserializer=backpropagate_dot_v1_dot_trainer__pb2.SubmitTrainResponse.FromString,
+                _registered_method=True)
         self.WatchRun = channel.unary_stream(
                 '/backpropagate.v1.TrainerService/WatchRun',
                 request_serializer=backpropagate_dot_v1_dot_trainer__pb2.WatchRunRequest.SerializeToString,
@@ -88,6 +93,16 @@ class TrainerServiceServicer:
 
     def SubmitTrain(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitMultiRun(self, request, context):
+        """Queues a campaign: one job that trains a run on each new slice of data, continuing from
+        the last, and merges each run's adapter into the campaign's (SLAO or a variant). The
+        campaign is a run record whose `campaign` lists its runs and the merge timeline; it
+        watches, resumes, cancels and exports like any run.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -154,6 +169,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
             'SubmitTrain': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitTrain,
                     request_deserializer=backpropagate_dot_v1_dot_trainer__pb2.SubmitTrainRequest.FromString,
+                    response_serializer=backpropagate_dot_v1_dot_trainer__pb2.SubmitTrainResponse.SerializeToString,
+            ),
+            'SubmitMultiRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitMultiRun,
+                    request_deserializer=backpropagate_dot_v1_dot_trainer__pb2.SubmitMultiRunRequest.FromString,
                     response_serializer=backpropagate_dot_v1_dot_trainer__pb2.SubmitTrainResponse.SerializeToString,
             ),
             'WatchRun': grpc.unary_stream_rpc_method_handler(
@@ -224,6 +244,33 @@ class TrainerService:
             target,
             '/backpropagate.v1.TrainerService/SubmitTrain',
             backpropagate_dot_v1_dot_trainer__pb2.SubmitTrainRequest.SerializeToString,
+            backpropagate_dot_v1_dot_trainer__pb2.SubmitTrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitMultiRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backpropagate.v1.TrainerService/SubmitMultiRun',
+            backpropagate_dot_v1_dot_trainer__pb2.SubmitMultiRunRequest.SerializeToString,
             backpropagate_dot_v1_dot_trainer__pb2.SubmitTrainResponse.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,126 @@
+"""Which rows each run of a campaign draws, and the campaigns refused before they are queued
+(services/trainer/campaign_plan.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from backpropagate.v1 import common_pb2, trainer_pb2
+from backpropagate_services.common.errors import ConfigError
+from backpropagate_services.trainer.campaign_plan import (
+    CampaignPlan,
+    check_campaign_config,
+    check_continuable,
+    settle_campaign,
+)
+
+
+def plan(runs: int, samples: int, *, replacement: bool = False, datasets: int = 1) -> CampaignPlan:
+    return CampaignPlan(runs, samples, replacement, 7, tuple(f"d{i}" for i in range(datasets)))
+
+
+def test_runs_drawing_from_one_pool_never_share_a_row():
+    campaign = plan(4, 25)
+
+    drawn = [campaign.rows_of(run, 100) for run in range(1, 5)]
+
+    assert all(len(rows) == 25 for rows in drawn)
+    assert len(set().union(*map(set, drawn))) == 100
+    assert drawn == [plan(4, 25).rows_of(run, 100) for run in range(1, 5)]  # seeded: the same
+    assert drawn != [CampaignPlan(4, 25, False, 8, ("d0",)).rows_of(r, 100) for r in range(1, 5)]
+
+
+def test_no_sample_size_gives_each_run_an_equal_share():
+    assert [len(plan(3, 0).rows_of(run, 10)) for run in (1, 2, 3)] == [3, 3, 3]
+
+
+def test_with_replacement_runs_draw_from_the_whole_pool_on_their_own():
+    campaign = plan(3, 8, replacement=True)
+
+    drawn = [campaign.rows_of(run, 10) for run in (1, 2, 3)]
+
+    assert all(len(rows) == 8 and set(rows) <= set(range(10)) for rows in drawn)
+    assert set(drawn[0]) & set(drawn[1])  # 8 of 10 rows twice: they must overlap
+
+
+def test_several_datasets_are_one_a_run():
+    campaign = plan(3, 0, datasets=3)
+
+    assert [campaign.dataset_of(run) for run in (1, 2, 3)] == ["d0", "d1", "d2"]
+    assert campaign.rows_of(2, 6) == list(range(6))
+    assert sorted(set(plan(3, 4, datasets=3).rows_of(2, 6))) == plan(3, 4, datasets=3).rows_of(2, 6)
+
+
+def settle(runs: int, samples: int, sizes: list[int], **fields) -> trainer_pb2.MultiRunConfig:
+    return settle_campaign(
+        trainer_pb2.MultiRunConfig(runs=runs, samples_per_run=samples, **fields), sizes
+    )
+
+
+def test_a_campaign_larger_than_its_pool_is_refused_with_a_hint():
+    with pytest.raises(ConfigError) as refused:
+        settle(5, 1000, [3000])
+
+    assert refused.value.code == "INPUT_CONFIG_INVALID"
+    assert "5000 distinct rows" in refused.value.message and "3000" in refused.value.message
+    assert "--samples to 600" in refused.value.hint and "--with-replacement" in refused.value.hint
+
+
+def test_with_replacement_a_campaign_may_be_larger_than_its_pool():
+    settled = settle(5, 1000, [3000], with_replacement=True)
+
+    assert (settled.runs, settled.merge) == (5, "slao")
+
+
+def test_runs_default_to_one_per_dataset_and_must_match_them():
+    assert settle(0, 0, [10, 20, 30]).runs == 3
+    with pytest.raises(ConfigError, match="3 datasets were given for 2 runs"):
+        settle(2, 0, [10, 20, 30])
+    with pytest.raises(ConfigError, match="Run 2's dataset has 5 rows"):
+        settle(0, 8, [10, 5])
+    with pytest.raises(ConfigError, match="between 1 and"):
+        settle(0, 0, [10])
+
+
+def test_an_unknown_merge_mode_is_refused_naming_the_modes():
+    with pytest.raises(ConfigError) as refused:
+        settle(2, 0, [10], merge="ties")
+
+    assert "slao, last-merge, no-qr, average, sequential" in refused.value.hint
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"method": "dpo"}, "method"),
+        ({"adapter": "dora"}, "adapter"),
+        ({"adapter": "full"}, "adapter"),
+        ({"adapter_scale": 0.5}, "adapter_scale"),
+    ],
+)
+def test_what_a_campaign_cannot_merge_is_refused(fields, named):
+    with pytest.raises(ConfigError) as refused:
+        check_campaign_config(trainer_pb2.TrainConfig(**fields))
+
+    assert refused.value.context["fields"] == named
+
+
+def campaign_record(merge: str = "slao", **fields) -> trainer_pb2.RunRecord:
+    fields.setdefault("status", common_pb2.JOB_STATUS_SUCCEEDED)
+    record = trainer_pb2.RunRecord(run_id="campaign-1", base_model="m", **fields)
+    record.campaign.config.merge = merge
+    return record
+
+
+def test_only_a_finished_campaign_of_the_same_merge_and_shape_is_continued():
+    check_continuable(campaign_record(), campaign_record())
+    single = trainer_pb2.RunRecord(run_id="run-1", status=common_pb2.JOB_STATUS_SUCCEEDED)
+    unfinished = campaign_record(status=common_pb2.JOB_STATUS_FAILED)
+    for earlier, now, why in [
+        (single, campaign_record(), "single run"),
+        (unfinished, campaign_record(), "has not finished"),
+        (campaign_record("average"), campaign_record(), "merge 'average'"),
+        (campaign_record(config={"lora_r": 8}), campaign_record(config={"lora_r": 16}), "lora_r"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            check_continuable(earlier, now)
