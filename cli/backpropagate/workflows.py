@@ -150,10 +150,11 @@ def estimate_memory(
 def resume_run(
     connection: Connection, run_id: str, on_event: RunEventHandler | None = None
 ) -> RunResult:
-    """Continue an unfinished run from its last checkpoint, and follow it to its end."""
+    """Continue an unfinished run from its last checkpoint, and follow it to its end. A
+    campaign's run resumes its campaign, which is followed instead."""
     request = trainer_pb2.ResumeRunRequest(run_id=run_id)
-    connection.call("trainer", connection.trainer.ResumeRun, request)
-    return follow_run(connection, run_id, on_event)
+    resumed = connection.call("trainer", connection.trainer.ResumeRun, request)
+    return follow_run(connection, resumed.run_id, on_event)
 
 
 def follow_run(

@@ -33,6 +33,7 @@ from backpropagate_services.common.records import load_record
 from backpropagate_services.common.store.base import ArtifactStore
 from backpropagate_services.trainer.adapter_factors import read_adapter_dir, write_adapter_dir
 from backpropagate_services.trainer.campaign_plan import CampaignPlan
+from backpropagate_services.trainer.config import training_config_from_proto
 from backpropagate_services.trainer.plots import write_loss_curve
 from backpropagate_services.trainer.run_hooks import save_while_held
 from backpropagate_services.trainer.slao import ContinualMerge
@@ -72,7 +73,8 @@ class CampaignRunner:
         self.record = record
         self.job = job
         self.lease = lease
-        self.plan = CampaignPlan.of(record.campaign, record.config.seed)
+        self.seed = training_config_from_proto(record.config).seed
+        self.plan = CampaignPlan.of(record.campaign, self.seed)
 
     def run(self) -> str:
         record, campaign = self.record, self.record.campaign
@@ -137,7 +139,7 @@ class CampaignRunner:
             )
         config = trainer_pb2.TrainConfig()
         config.CopyFrom(record.config)
-        config.seed = record.config.seed + run - 1
+        config.seed = self.seed + run - 1
         child = trainer_pb2.RunRecord(
             run_id=new_id("run"),
             status=common_pb2.JOB_STATUS_QUEUED,

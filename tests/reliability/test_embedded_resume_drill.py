@@ -9,76 +9,18 @@ local store are what carries the run from one process to the next.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import servers
+from cli_drills import BACKPROP, backprop, checkpointed_runs, run_record, stop_once_checkpointed
 
 pytestmark = [pytest.mark.model]
 
-BACKPROP = str(Path(sys.executable).parent / "backprop")
 STEPS = 14
 TRAIN_ARGS = ["--steps", str(STEPS), "--batch-size", "2", "--max-length", "128"]
-
-
-def backprop(env: dict[str, str], *args: str, timeout: float = 300) -> str:
-    """Run a `backprop` command to its end; its stdout (a failure shows its stderr)."""
-    done = subprocess.run(
-        [BACKPROP, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    assert done.returncode == 0, f"backprop {' '.join(args)}: {done.stderr[-3000:]}"
-    return done.stdout
-
-
-def run_record(env: dict[str, str], run_id: str) -> dict:
-    return json.loads(backprop(env, "runs", "show", run_id, "--json"))
-
-
-@pytest.fixture
-def home_env(model_cache: Path, tmp_path: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "BACKPROPAGATE_HOME": str(tmp_path / "home"),
-        "BACKPROPAGATE_MODEL_CACHE": str(model_cache),
-        "COLUMNS": "200",
-    }
-
-
-def checkpointed_runs(home: Path, step: int) -> list[str]:
-    """The runs whose record lists a checkpoint at `step` or later: the record, not the
-    checkpoint's files, since a kill between the two leaves the run at the earlier one."""
-    runs = []
-    for record_file in (home / "artifacts").glob("runs/*/run.json"):
-        try:
-            record = json.loads(record_file.read_text())
-        except (OSError, ValueError):
-            continue  # being replaced right now
-        if record.get("last_checkpoint_step", 0) >= step:
-            runs.append(record["run_id"])
-    return runs
-
-
-def stop_once_checkpointed(
-    process: subprocess.Popen[bytes], home: Path, step: int, how: signal.Signals
-) -> int:
-    """Send `how` to `process` once some run's record lists a checkpoint of `step` or later; its
-    exit code."""
-    try:
-        servers.wait_until(
-            lambda: bool(checkpointed_runs(home, step)),
-            what=f"checkpoint at step {step}",
-            timeout=240,
-            process=process,  # one that ends first fails the drill at once
-        )
-        process.send_signal(how)
-        return process.wait(timeout=60)
-    finally:
-        process.kill()
 
 
 def test_cli_killed_then_interrupted_is_finished_by_runs_resume(

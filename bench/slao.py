@@ -1,0 +1,366 @@
+"""The forgetting benchmark of multi-run training (../shared/SLAO_BENCH.md): four generated
+tasks trained one after another on SmolLM2-135M, every merge mode, and a multi-task upper bound.
+
+For each seed and task order, each mode trains the tasks in turn with the product's own code
+(`LoraTraining` from the adapter `ContinualMerge.start()` gives, then `ContinualMerge.add`), and
+after every task scores all four tasks with the merged adapter: R[i, j] is the accuracy on task j
+after stage i (R[0] is the base model). A task's accuracy picks the likeliest of its 8 one-token
+candidates at the answer's position. Runs that start from a fresh LoRA (the first task of every
+mode, each task of `average`) train the same way whatever the mode, so they are trained once per
+seed and task and shared. The multi-task upper bound trains one LoRA on all four tasks' rows
+mixed, for as many steps as the campaign took in all.
+
+Writes bench/results/slao.json (the matrices, ACC, BWT, FWT and forgetting per run and their
+mean and sd per mode) and bench/results/slao.png (heatmaps), and prints the table.
+
+    .venv/bin/python bench/slao.py                 # 2 seeds x 2 orders, 300 steps a task
+    .venv/bin/python bench/slao.py --quick         # 1 seed, 1 order, 20 steps: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slao_tasks import Task, make_tasks, row, training_rows
+
+from backpropagate_services.common.hardware import detect
+from backpropagate_services.common.models import (
+    OFFLINE_DEFAULT_ALIAS,
+    load_model,
+    resolve_model,
+)
+from backpropagate_services.common.settings import get_settings
+from backpropagate_services.common.training import TrainingConfig
+from backpropagate_services.trainer.adapter_factors import as_parameters, factors
+from backpropagate_services.trainer.loop import LoraTraining
+from backpropagate_services.trainer.slao import (
+    MERGE_MODES,
+    Adapter,
+    ContinualMerge,
+    LayerLora,
+)
+from backpropagate_services.trainer.templating import (
+    IGNORE_INDEX,
+    tokenize_conversations,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+EVAL_BATCH = 64
+METRICS = ("ACC", "BWT", "FWT", "forgetting")
+
+
+@dataclass
+class Settings:
+    steps: int
+    seeds: list[int]
+    orders: list[list[int]]
+    modes: list[str]
+    lora_r: int = 8
+    lora_alpha: int = 16
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    learning_rate: float = 3e-4
+    batch_size: int = 8
+    max_length: int = 64
+
+    def training(self, steps: int, seed: int) -> TrainingConfig:
+        return TrainingConfig(
+            steps=steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=self.targets,
+            max_length=self.max_length,
+            seed=seed,
+        )
+
+
+class Bench:
+    """The base model, one LoRA-wrapped copy to score adapters with, and the shared runs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        hardware = detect()
+        self.dtype = hardware.compute_dtype
+        self.base, self.tokenizer = load_model(
+            resolve_model(OFFLINE_DEFAULT_ALIAS),
+            get_settings().model_cache_dir,
+            device=hardware.device,
+            dtype=hardware.compute_dtype,
+        )
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.fresh: dict[tuple[int, str], Adapter] = {}  # (seed, task): a run from a fresh LoRA
+        self.scorer, self.scorer_rank = self._scorer()
+        self.training_seconds = 0.0
+
+    def _scorer(self) -> tuple[Any, int]:
+        """A copy of the base model with LoRA as wide as the widest merge (`average` of every
+        task); narrower adapters are zero-padded, which adds exactly nothing."""
+        from peft import LoraConfig, get_peft_model
+
+        settings = self.settings
+        rank = settings.lora_r * max(len(order) for order in settings.orders)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=settings.lora_alpha * rank / settings.lora_r,  # the same alpha / r
+            lora_dropout=0.0,
+            target_modules=settings.targets,
+        )
+        model = get_peft_model(copy.deepcopy(self.base), config)
+        model.eval()
+        return model, rank
+
+    def train(self, start: Adapter | None, rows: list[Any], steps: int, seed: int) -> Adapter:
+        started = time.monotonic()
+        conversations = [row["messages"] for row in rows]
+        training = LoraTraining(
+            copy.deepcopy(self.base),
+            self.tokenizer,
+            conversations,
+            self.settings.training(steps, seed),
+            start=start,
+        )
+        training.run()
+        self.training_seconds += time.monotonic() - started
+        return factors(training.trained_weights())
+
+    def fresh_run(self, seed: int, task: Task) -> Adapter:
+        if (seed, task.name) not in self.fresh:
+            self.fresh[seed, task.name] = self.train(
+                None, training_rows(task), self.settings.steps, seed
+            )
+        return self.fresh[seed, task.name]
+
+    @torch.no_grad()
+    def accuracy(self, adapter: Adapter | None, task: Task) -> float:
+        """Share of the task's test questions whose answer is the likeliest candidate."""
+        self._load(adapter)
+        candidates = [self.tokenizer.encode(c, add_special_tokens=False) for c in task.candidates]
+        assert all(len(ids) == 1 for ids in candidates), f"{task.name}: a candidate is not 1 token"
+        candidate_ids = torch.tensor([ids[0] for ids in candidates])
+        rows = [row["messages"] for row in _test_rows(task)]
+        examples = tokenize_conversations(rows, self.tokenizer, self.settings.max_length).examples
+        right = 0
+        for begin in range(0, len(examples), EVAL_BATCH):
+            batch = examples[begin : begin + EVAL_BATCH]
+            # The answer's first token is the first trained one; the prompt is all before it.
+            prefixes = [e.input_ids[: _first_trained(e.labels)] for e in batch]
+            longest = max(map(len, prefixes))
+            input_ids = torch.full((len(batch), longest), self.pad_id)
+            mask = torch.zeros((len(batch), longest), dtype=torch.long)
+            for index, prefix in enumerate(prefixes):
+                input_ids[index, : len(prefix)] = torch.tensor(prefix)
+                mask[index, : len(prefix)] = 1
+            logits = self.scorer(input_ids=input_ids, attention_mask=mask).logits
+            last = logits[torch.arange(len(batch)), mask.sum(1) - 1]
+            chosen = last[:, candidate_ids].argmax(dim=1)
+            truth = torch.tensor([q.answer for q in task.test[begin : begin + EVAL_BATCH]])
+            right += int((chosen == truth).sum())
+        return right / len(examples)
+
+    def _load(self, adapter: Adapter | None) -> None:
+        """Put `adapter` (None: no update) into the scorer, zero-padded to its rank."""
+        parameters = dict(self.scorer.named_parameters())
+        padded: Adapter = {}
+        for name, layer in (adapter or {}).items():
+            a = torch.zeros(self.scorer_rank, layer.a.shape[1], dtype=layer.a.dtype)
+            b = torch.zeros(layer.b.shape[0], self.scorer_rank, dtype=layer.b.dtype)
+            a[: layer.a.shape[0]] = layer.a
+            b[:, : layer.b.shape[1]] = layer.b
+            padded[name] = LayerLora(a, b)
+        with torch.no_grad():
+            if adapter is None:
+                for name, parameter in parameters.items():
+                    if ".lora_B." in name:
+                        parameter.zero_()
+                return
+            for name, tensor in as_parameters(padded, parameters).items():
+                parameters[name].copy_(tensor)
+
+
+def _test_rows(task: Task) -> list[dict[str, Any]]:
+    return [row(q.prompt, task.candidates[q.answer]) for q in task.test]
+
+
+def _first_trained(labels: list[int]) -> int:
+    return next(index for index, label in enumerate(labels) if label != IGNORE_INDEX)
+
+
+def metrics(matrix: list[list[float]]) -> dict[str, float]:
+    """ACC, BWT, FWT and mean forgetting of an accuracy matrix R[stage][task] (stage 0: base),
+    tasks in the order trained, as SLAO_BENCH.md defines them (in points, 0-100)."""
+    tasks = len(matrix[0])
+    final = matrix[tasks]
+    return {
+        "ACC": 100 * statistics.mean(final),
+        "BWT": 100 * statistics.mean(final[j] - matrix[j + 1][j] for j in range(tasks - 1)),
+        "FWT": 100 * statistics.mean(matrix[j][j] - matrix[0][j] for j in range(1, tasks)),
+        "forgetting": 100
+        * statistics.mean(
+            max(matrix[stage][j] for stage in range(1, tasks)) - final[j] for j in range(tasks - 1)
+        ),
+    }
+
+
+def campaign(bench: Bench, mode: str, seed: int, tasks: list[Task]) -> list[list[float]]:
+    """R for `mode` over `tasks` in that order."""
+    merge = ContinualMerge(mode)
+    matrix = [[bench.accuracy(None, task) for task in tasks]]
+    for task in tasks:
+        start = merge.start()
+        if start is None:
+            trained = bench.fresh_run(seed, task)
+        else:
+            trained = bench.train(start, training_rows(task), bench.settings.steps, seed)
+        merge.add(trained)
+        matrix.append([bench.accuracy(merge.merged, scored) for scored in tasks])
+        print(f"  {mode:10s} after {task.name:6s}: " + " ".join(f"{a:.2f}" for a in matrix[-1]))
+    return matrix
+
+
+def multitask(bench: Bench, seed: int, tasks: list[Task]) -> list[float]:
+    rows = [row for task in tasks for row in training_rows(task)]
+    adapter = bench.train(None, rows, bench.settings.steps * len(tasks), seed)
+    return [bench.accuracy(adapter, task) for task in tasks]
+
+
+def summary(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, dict[str, float]]:
+    table: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        mine = [run["metrics"] for run in runs if run["mode"] == mode]
+        table[mode] = {}
+        for name in METRICS:
+            values = [m[name] for m in mine]
+            table[mode][name] = statistics.mean(values)
+            table[mode][f"{name}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return table
+
+
+def goal_holds(runs: list[dict[str, Any]]) -> dict[str, bool]:
+    """SLAO's BWT at least 10 points above sequential's with a higher ACC, in every seed and
+    order run (the claim is made only where each run agrees)."""
+    pairs = {}
+    for run in runs:
+        pairs.setdefault((run["seed"], tuple(run["order"])), {})[run["mode"]] = run["metrics"]
+    checks = {}
+    for (seed, order), by_mode in pairs.items():
+        if "slao" in by_mode and "sequential" in by_mode:
+            slao, sequential = by_mode["slao"], by_mode["sequential"]
+            checks[f"seed {seed} order {''.join(map(str, order))}"] = (
+                slao["BWT"] - sequential["BWT"] >= 10 and slao["ACC"] > sequential["ACC"]
+            )
+    return checks
+
+
+def heatmaps(runs: list[dict[str, Any]], modes: list[str], path: Path) -> None:
+    """One heatmap per mode: R averaged over the runs of the first order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first_order = runs[0]["order"]
+    figure, axes = plt.subplots(1, len(modes), figsize=(3.2 * len(modes), 3.4), squeeze=False)
+    for axis, mode in zip(axes[0], modes, strict=True):
+        mine = [r["matrix"] for r in runs if r["mode"] == mode and r["order"] == first_order]
+        mean = torch.tensor(mine).mean(0) * 100
+        axis.imshow(mean, vmin=0, vmax=100, cmap="viridis")
+        names = runs[0]["task_names"]
+        axis.set_xticks(range(len(names)), names, rotation=45)
+        axis.set_yticks(range(len(names) + 1), ["base", *names])
+        axis.set_title(mode)
+        for (i, j), value in [
+            ((i, j), mean[i, j]) for i in range(len(mean)) for j in range(len(names))
+        ]:
+            axis.text(j, i, f"{value:.0f}", ha="center", va="center", color="white", fontsize=7)
+    figure.suptitle("accuracy (%) on each task (columns) after each stage (rows)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, 1 order, 20 steps")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--orders", default="1234,4321")
+    parser.add_argument("--modes", default=",".join(MERGE_MODES))
+    parser.add_argument("--targets", default="q_proj,v_proj", help="or all-linear")
+    parser.add_argument("--out", type=Path, default=RESULTS / "slao.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.seeds, args.orders = 20, "0", "1234"
+    targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
+    settings = Settings(
+        steps=args.steps,
+        seeds=[int(s) for s in args.seeds.split(",")],
+        orders=[[int(c) - 1 for c in order] for order in args.orders.split(",")],
+        modes=args.modes.split(","),
+        targets=targets,
+    )
+    started = time.monotonic()
+    bench = Bench(settings)
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"SmolLM2-135M in {bench.dtype}; {machine}; {settings.steps} steps a task")
+    runs, upper = [], []
+    for seed in settings.seeds:
+        tasks = make_tasks(seed)
+        upper.append(multitask(bench, seed, tasks))
+        print(f"seed {seed} multi-task upper bound: " + " ".join(f"{a:.2f}" for a in upper[-1]))
+        for order in settings.orders:
+            ordered = [tasks[index] for index in order]
+            print(f"seed {seed}, order {''.join(str(i + 1) for i in order)}")
+            for mode in settings.modes:
+                matrix = campaign(bench, mode, seed, ordered)
+                runs.append(
+                    {
+                        "mode": mode,
+                        "seed": seed,
+                        "order": [i + 1 for i in order],
+                        "task_names": [task.name for task in ordered],
+                        "matrix": matrix,
+                        "metrics": metrics(matrix),
+                    }
+                )
+    table = summary(runs, settings.modes)
+    result = {
+        "machine": machine,
+        "dtype": bench.dtype,
+        "settings": vars(settings),
+        "wall_seconds": time.monotonic() - started,
+        "training_seconds": bench.training_seconds,
+        "summary": table,
+        "multitask_upper_bound_ACC": 100 * statistics.mean(a for seed in upper for a in seed),
+        "goal": goal_holds(runs),
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    heatmaps(runs, settings.modes, args.out.with_suffix(".png"))
+    print(f"\n{'mode':12s}" + "".join(f"{name:>18s}" for name in METRICS))
+    for mode, means in table.items():
+        print(
+            f"{mode:12s}" + "".join(f"{means[n]:10.1f} ± {means[n + '_sd']:5.1f}" for n in METRICS)
+        )
+    print(f"multi-task upper bound ACC {result['multitask_upper_bound_ACC']:.1f}")
+    print(f"goal (SLAO BWT >= sequential + 10 and higher ACC): {result['goal']}")
+    minutes = result["wall_seconds"] / 60
+    print(f"wall time {minutes:.1f} min; {args.out}, {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
