@@ -878,3 +878,13 @@ def test_health_check_module_runs_as_the_container_runs_it(
         check=False,
     )
     assert (result.returncode, result.stdout.strip()) == (0, f"{target} (server): SERVING")
+
+
+@pytest.mark.parametrize("service", ["trainer", "export"])
+def test_images_that_load_the_default_model_install_the_gguf_reader(
+    service: str, tmp_path: Path
+) -> None:
+    """The offline default model is a GGUF file, which transformers reads only through the
+    `gguf` package: an import no static closure can see, so it is checked by name."""
+    image = rebuild_image_source(service, tmp_path)
+    assert "gguf" in importable_names(image.requirement_files)
