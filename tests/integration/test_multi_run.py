@@ -1,6 +1,7 @@
 """Multi-run campaigns through the embedded default, on SmolLM2: one job with child runs, the
 SLAO merge of their stored adapters, the timeline in the record and the events, a campaign that
-continues an earlier one, the merged adapter learning both datasets, and the refusals.
+continues an earlier one, the merged adapter learning both datasets and exporting to a GGUF, and
+the refusals.
 
 The CLI drill (a campaign killed in its second run, resumed to the same merged adapter) is in
 tests/reliability/test_campaign_resume_drill.py.
@@ -139,6 +140,20 @@ def test_the_merged_adapter_learnt_both_runs_data(trainer, campaign, datasets):
     merged = [loss(merged_model, path) for path in datasets]
     print(f"loss base {base}, merged {merged}")
     assert all(after < 0.5 * before for before, after in zip(base, merged, strict=True))
+
+
+@pytest.mark.llama
+def test_the_merged_adapter_exports_to_a_verified_gguf_like_any_run(trainer, campaign, tmp_path):
+    """`backprop export CAMPAIGN` merges the campaign's adapter into the base model, and the GGUF
+    agrees with base + merged adapter in torch."""
+    exported = trainer.export("gguf", run_id=campaign.run_id, output_dir=tmp_path)
+
+    assert exported.run_id == campaign.run_id
+    assert exported.path.parent == tmp_path and exported.path.read_bytes()[:4] == b"GGUF"
+    assert exported.record["verification"]["passed"]
+    assert exported.top1_agreement >= 0.99
+    assert exported.merge_error < 1e-3  # the merged weights compute what base + adapter did
+    assert exported.smoke_answer.strip()
 
 
 def test_the_campaign_events_carry_the_runs_and_the_merges(trainer, campaign):
