@@ -210,6 +210,15 @@ class CheckpointInvalidError(RuntimeFailure):
     )
 
 
+class ArtifactInvalidError(RuntimeFailure):
+    code = "STATE_ARTIFACT_INVALID"
+    default_hint = (
+        "A stored artifact does not match its manifest (damaged or tampered with): nothing was "
+        "written outside the destination. Write the artifact again (train or export again), or "
+        "restore the store from a backup."
+    )
+
+
 class ExportVerificationError(RuntimeFailure):
     code = "RUNTIME_EXPORT_VERIFICATION_FAILED"
     default_hint = "The quantised model disagrees with the trained one: export q8_0 or f16."

@@ -6,6 +6,7 @@ one and not the other is a bug in the implementation.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,12 @@ import urllib3
 from minio import Minio
 from servers import LOOPBACK, free_port
 
-from backpropagate_services.common.errors import NotFoundError, StoreUnavailableError, UserError
+from backpropagate_services.common.errors import (
+    ArtifactInvalidError,
+    NotFoundError,
+    StoreUnavailableError,
+    UserError,
+)
 from backpropagate_services.common.settings import StoreSettings
 from backpropagate_services.common.store.base import MANIFEST, ArtifactStore, sha256_file
 from backpropagate_services.common.store.local import LocalDirStore
@@ -149,6 +155,63 @@ def test_get_dir_refuses_a_directory_without_manifest(store: ArtifactStore, tmp_
 
     with pytest.raises(NotFoundError, match=MANIFEST):
         store.get_dir("runs/r1/adapter", tmp_path / "restored")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["../../escaped.txt", "/tmp/escaped.txt", "weights/../../escaped.txt", "a//b", "C:evil"],
+)
+def test_get_dir_refuses_a_manifest_entry_outside_the_directory_and_writes_nothing(
+    store: ArtifactStore, tmp_path: Path, entry: str
+) -> None:
+    store.put_dir("runs/r1/adapter", write_tree(tmp_path / "source", {"a.json": b"{}"}))
+    store.put_bytes("escaped.txt", b"planted")
+    digest = hashlib.sha256(b"planted").hexdigest()
+    manifest = {"files": {entry: {"sha256": digest, "size": 7}}}
+    store.put_json(f"runs/r1/adapter/{MANIFEST}", manifest)
+    destination = tmp_path / "deep" / "er" / "restored"
+
+    with pytest.raises(ArtifactInvalidError) as refused:
+        store.get_dir("runs/r1/adapter", destination)
+
+    assert refused.value.code == "STATE_ARTIFACT_INVALID"
+    assert entry in refused.value.message
+    assert [path for path in (tmp_path / "deep").rglob("*") if path.is_file()] == []
+    assert not Path("/tmp/escaped.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        {"files": ["a.json"]},
+        {"files": {"a.json": {"size": 2}}},
+        {"files": {"a.json": {"size": "2", "sha256": "0" * 64}}},
+        {"files": {"a.json": {"size": -1, "sha256": "0" * 64}}},
+        ["a.json"],
+    ],
+)
+def test_get_dir_refuses_a_malformed_manifest(
+    store: ArtifactStore, tmp_path: Path, manifest: object
+) -> None:
+    store.put_dir("runs/r1/adapter", write_tree(tmp_path / "source", {"a.json": b"{}"}))
+    store.put_json(f"runs/r1/adapter/{MANIFEST}", manifest)
+
+    with pytest.raises(ArtifactInvalidError):
+        store.get_dir("runs/r1/adapter", tmp_path / "restored")
+
+
+@pytest.mark.parametrize("tampered", [b"{'evil': 1}", b"{}\n"])  # other bytes; another size
+def test_get_dir_refuses_a_file_changed_after_its_commit_and_keeps_no_copy(
+    store: ArtifactStore, tmp_path: Path, tampered: bytes
+) -> None:
+    files = {"adapter_config.json": b'{"r": 8}', "weights.bin": b"\x00" * 64}
+    store.put_dir("runs/r1/adapter", write_tree(tmp_path / "source", files))
+    store.put_bytes("runs/r1/adapter/weights.bin", tampered)
+
+    with pytest.raises(ArtifactInvalidError, match=r"weights\.bin"):
+        store.get_dir("runs/r1/adapter", tmp_path / "restored")
+
+    assert not (tmp_path / "restored" / "weights.bin").exists()
 
 
 def test_download_of_a_missing_key_leaves_no_partial_file(

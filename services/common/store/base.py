@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backpropagate_services.common.atomic import staged
-from backpropagate_services.common.errors import NotFoundError
+from backpropagate_services.common.errors import ArtifactInvalidError, NotFoundError
 
 if TYPE_CHECKING:
     from backpropagate_services.common.settings import Settings
@@ -90,7 +91,8 @@ class ArtifactStore(ABC):
         return manifest
 
     def get_dir(self, prefix: str, dest: Path) -> Path:
-        """Download a directory committed by `put_dir`; refuses one without a manifest."""
+        """Download a directory committed by `put_dir`, every file checked against the size and
+        sha256 its manifest recorded; refuses one without a manifest."""
         prefix = prefix.rstrip("/")
         manifest_key = f"{prefix}/{MANIFEST}"
         if not self.exists(manifest_key):
@@ -99,10 +101,45 @@ class ArtifactStore(ABC):
                 hint="The job that writes it may have failed or still be running.",
                 key=prefix,
             )
-        manifest = self.get_json(manifest_key)
-        for relative in manifest["files"]:
-            self.download(f"{prefix}/{relative}", dest / relative)
+        files = _manifest_files(self.get_json(manifest_key), prefix)
+        for relative, expected in files.items():
+            path = self.download(f"{prefix}/{relative}", dest / relative)
+            if path.stat().st_size != expected["size"] or sha256_file(path) != expected["sha256"]:
+                path.unlink()
+                raise ArtifactInvalidError(
+                    f"{prefix}/{relative} is not the file its manifest committed (size or "
+                    "sha256 differ).",
+                    key=f"{prefix}/{relative}",
+                )
         return dest
+
+
+def _manifest_files(manifest: Any, prefix: str) -> dict[str, dict[str, Any]]:
+    """The manifest's files, each a relative path inside the directory with its size and
+    sha256; anything else (an absolute path, `..`, a malformed entry) is refused before a byte
+    is written, so a tampered store cannot write outside the destination."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise ArtifactInvalidError(f"{prefix}/{MANIFEST} lists no files.", key=prefix)
+    for relative, entry in files.items():
+        parts = relative.split("/") if isinstance(relative, str) else [""]
+        inside = not relative.startswith("/") and all(
+            part not in ("", ".", "..") and "\\" not in part and ":" not in part for part in parts
+        )
+        described = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and entry["size"] >= 0
+            and isinstance(entry.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) is not None
+        )
+        if not (inside and described):
+            raise ArtifactInvalidError(
+                f"{prefix}/{MANIFEST} lists {relative!r}, which is not a file inside the "
+                "directory with its size and sha256.",
+                key=prefix,
+            )
+    return files
 
 
 def make_store(settings: Settings) -> ArtifactStore:
