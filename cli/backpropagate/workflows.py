@@ -217,9 +217,14 @@ def download_artifact(connection: Connection, key: str, dest: Path, sha256: str 
     dest.parent.mkdir(parents=True, exist_ok=True)
     offset = partial.stat().st_size if partial.is_file() else 0
     request = export_pb2.DownloadArtifactRequest(key=key, offset=offset)
-    with partial.open("ab") as handle:
-        for chunk in connection.stream("export", connection.export.DownloadArtifact, request):
-            handle.write(chunk.data)
+    try:
+        with partial.open("ab") as handle:
+            for chunk in connection.stream("export", connection.export.DownloadArtifact, request):
+                handle.write(chunk.data)
+    except BaseException:
+        if partial.stat().st_size == 0:
+            partial.unlink()  # nothing to resume: a refused key leaves no file behind
+        raise
     if sha256 and sha256_file(partial) != sha256:
         partial.unlink()  # a stale partial of another file, or corrupted: start over next time
         raise ExportVerificationError(

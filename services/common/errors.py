@@ -132,6 +132,15 @@ class NotFoundError(UserError):
     grpc_status = "NOT_FOUND"
 
 
+class ArtifactNotDownloadableError(UserError):
+    code = "INPUT_ARTIFACT_NOT_DOWNLOADABLE"
+    default_hint = (
+        "Only an export's files and a run's loss curve are served: export the run "
+        "(backprop export RUN) and download what the export lists."
+    )
+    grpc_status = "PERMISSION_DENIED"
+
+
 class ModelNotFoundError(UserError):
     code = "INPUT_MODEL_NOT_FOUND"
     default_hint = (

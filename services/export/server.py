@@ -18,6 +18,7 @@ from backpropagate_services.common.layout import export_record_key as record_key
 from backpropagate_services.common.records import follow, load_record, publish, save_record
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
+from backpropagate_services.export.downloads import check_downloadable
 from backpropagate_services.export.hub import validate_repo_id
 from backpropagate_services.export.pipeline import check_format
 from backpropagate_services.export.quantize import check_quantization
@@ -122,6 +123,7 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
     ) -> Iterator[export_pb2.ArtifactChunk]:
         if request.offset < 0:
             raise ConfigError("offset must not be negative.", field="offset")
+        check_downloadable(self.store, request.key)
         total = self.store.size(request.key)
         chunks = self.store.iter_chunks(request.key, offset=request.offset)
         for index, chunk in enumerate(chunks):

@@ -1,0 +1,42 @@
+"""Which stored keys DownloadArtifact serves: the files an export lists, and a run's loss curve.
+
+Nothing else: not a dataset (another user's data), a checkpoint, a record, or a key outside the
+layout. A key is refused by its shape or by the export's own list, never by whether it exists,
+so a refusal tells a caller nothing about what the store holds.
+"""
+
+from __future__ import annotations
+
+import re
+
+from backpropagate.v1 import export_pb2
+from backpropagate_services.common.errors import ArtifactNotDownloadableError, NotFoundError
+from backpropagate_services.common.layout import export_record_key, loss_curve_key
+from backpropagate_services.common.records import load_record
+from backpropagate_services.common.store.base import ArtifactStore
+
+# What new_id makes: a prefix, a time stamp and hex, joined by '-'; never '.', '/' or '..'.
+ID = r"[A-Za-z0-9][A-Za-z0-9_-]*"
+EXPORT_FILE = re.compile(rf"exports/(?P<export_id>{ID})/.+")
+LOSS_CURVE = re.compile(loss_curve_key(f"(?P<run_id>{ID})").replace(".", r"\."))
+
+
+def check_downloadable(store: ArtifactStore, key: str) -> None:
+    """Raise ArtifactNotDownloadableError unless `key` is one of an export's files or a run's
+    loss curve."""
+    if LOSS_CURVE.fullmatch(key):
+        return
+    match = EXPORT_FILE.fullmatch(key)
+    if match:
+        try:
+            export = load_record(
+                store,
+                export_record_key(match["export_id"]),
+                export_pb2.ExportResult,
+                "export",
+            )
+        except NotFoundError:
+            export = export_pb2.ExportResult()
+        if key in {file.key for file in export.files}:
+            return
+    raise ArtifactNotDownloadableError(f"{key!r} is not an artifact to download.", key=key[:200])
