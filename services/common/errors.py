@@ -7,31 +7,15 @@ the status details (see `grpc_errors`), and the client re-raises the same class 
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
+
+from backpropagate_services.common.redaction import redact
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 1
 EXIT_RUNTIME_ERROR = 2
 EXIT_PARTIAL_FAILURE = 3
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
-
-_SECRET_PATTERNS = [
-    re.compile(
-        r"(?i)(secret[_-]?key|access[_-]?key|password|token|authorization)(\s*[=:]\s*)(\S+)"
-    ),
-    re.compile(r"hf_[A-Za-z0-9]{20,}"),
-]
-
-
-def redact(text: str) -> str:
-    """Remove credentials from text that may reach a user or a log."""
-    for pattern in _SECRET_PATTERNS:
-        if pattern.groups >= 3:
-            text = pattern.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
-        else:
-            text = pattern.sub("***", text)
-    return text
 
 
 class BackpropagateError(Exception):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import secrets
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -59,11 +60,17 @@ def error_to_status(error: BackpropagateError) -> grpc.Status:
 
 
 def as_backpropagate_error(exc: BaseException) -> BackpropagateError:
-    """Any exception as one of ours; an unexpected one becomes INTERNAL and is logged in full."""
+    """Any exception as one of ours. An unexpected one becomes INTERNAL with a reference to the
+    log line that holds it in full (redacted): its text, which may quote a request, a path or a
+    credential, never reaches the client."""
     if isinstance(exc, BackpropagateError):
         return exc
-    log.exception("unexpected error", exc_info=exc)
-    return BackpropagateError(f"Unexpected {type(exc).__name__}: {exc}")
+    reference = f"ref-{secrets.token_hex(4)}"
+    log.error("unexpected error %s", reference, exc_info=exc)
+    return BackpropagateError(
+        f"Unexpected {type(exc).__name__} in the service (log reference {reference}).",
+        reference=reference,
+    )
 
 
 def translate_errors(method: F) -> F:

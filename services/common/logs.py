@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from backpropagate_services.common.errors import redact
+from backpropagate_services.common.redaction import redact
 
 _current_run_id: contextvars.ContextVar[str] = contextvars.ContextVar("run_id", default="-")
 
@@ -47,6 +47,14 @@ class RunIdFilter(logging.Filter):
             return True
         record.msg, record.args = redact(message), None
         return True
+
+
+class RedactingFormatter(logging.Formatter):
+    """The whole line redacted, the traceback included: an exception's text (a URL with its
+    password, a token in a failed request) reaches the log only through here."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def quiet_library_output() -> None:
@@ -82,6 +90,6 @@ def configure_logging(level: str = "INFO", log_file: Path | None = None) -> None
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_file, encoding="utf-8")
     handler.addFilter(RunIdFilter())
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(RedactingFormatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
