@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backpropagate_services.common.errors import ConfigError, NotFoundError
+from backpropagate_services.common.ids import checked_id
 from backpropagate_services.common.store import ArtifactStore
 
 if TYPE_CHECKING:  # importing backpropagate loads the SDK, which imports this module
@@ -114,7 +115,7 @@ def find_record(store: ArtifactStore, dataset_id: str) -> DatasetRecord | None:
 
 
 def _prefix(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}"
+    return f"datasets/{checked_id(dataset_id, 'dataset')}"
 
 
 class DatasetWriter:
@@ -199,7 +200,7 @@ def chat_rows(conversations: Iterable[Conversation]) -> Iterator[dict[str, Any]]
 
 def load_record(store: ArtifactStore, dataset_id: str) -> DatasetRecord:
     key = f"{_prefix(dataset_id)}/info.json"
-    if not dataset_id or not store.exists(key):
+    if not store.exists(key):
         raise NotFoundError(
             f"No dataset with id {dataset_id!r}.",
             hint="Upload it first (`backprop train --data FILE` does it for you).",

@@ -2,24 +2,27 @@
 
 The trainer writes runs/<run_id>/..., the export service reads them and writes
 exports/<export_id>/...; both go through these functions so the layout is written down once.
+Every id is checked on its way into a key, so no caller's id can name a key outside its place.
 """
 
 from __future__ import annotations
+
+from backpropagate_services.common.ids import checked_id
 
 TRAIN_QUEUE = "train"
 EXPORT_QUEUE = "export"
 
 
 def run_record_key(run_id: str) -> str:
-    return f"runs/{run_id}/run.json"
+    return f"runs/{checked_id(run_id, 'run')}/run.json"
 
 
 def adapter_prefix(run_id: str) -> str:
-    return f"runs/{run_id}/adapter"
+    return f"runs/{checked_id(run_id, 'run')}/adapter"
 
 
 def checkpoints_prefix(run_id: str) -> str:
-    return f"runs/{run_id}/checkpoints"
+    return f"runs/{checked_id(run_id, 'run')}/checkpoints"
 
 
 def checkpoint_prefix(run_id: str, step: int, attempt: int) -> str:
@@ -30,29 +33,29 @@ def checkpoint_prefix(run_id: str, step: int, attempt: int) -> str:
 
 def merge_state_key(campaign_id: str) -> str:
     """A campaign's merge state and timeline, rewritten after every run it merges."""
-    return f"runs/{campaign_id}/merge.pt"
+    return f"runs/{checked_id(campaign_id, 'campaign')}/merge.pt"
 
 
 def loss_curve_key(run_id: str) -> str:
-    return f"runs/{run_id}/loss.png"
+    return f"runs/{checked_id(run_id, 'run')}/loss.png"
 
 
 def run_events_channel(run_id: str) -> str:
-    return f"run:{run_id}"
+    return f"run:{checked_id(run_id, 'run')}"
 
 
 def cancel_channel(run_id: str) -> str:
-    return f"cancel:{run_id}"
+    return f"cancel:{checked_id(run_id, 'run')}"
 
 
 def export_record_key(export_id: str) -> str:
-    return f"exports/{export_id}/export.json"
+    return f"exports/{checked_id(export_id, 'export')}/export.json"
 
 
 def export_file_key(export_id: str, name: str) -> str:
     """Where an export's file is kept: under the name it is downloaded as."""
-    return f"exports/{export_id}/{name}"
+    return f"exports/{checked_id(export_id, 'export')}/{name}"
 
 
 def export_events_channel(export_id: str) -> str:
-    return f"export:{export_id}"
+    return f"export:{checked_id(export_id, 'export')}"

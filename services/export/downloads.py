@@ -11,14 +11,13 @@ import re
 
 from backpropagate.v1 import export_pb2
 from backpropagate_services.common.errors import ArtifactNotDownloadableError, NotFoundError
-from backpropagate_services.common.layout import export_record_key, loss_curve_key
+from backpropagate_services.common.ids import ID_PATTERN
+from backpropagate_services.common.layout import export_record_key
 from backpropagate_services.common.records import load_record
 from backpropagate_services.common.store.base import ArtifactStore
 
-# What new_id makes: a prefix, a time stamp and hex, joined by '-'; never '.', '/' or '..'.
-ID = r"[A-Za-z0-9][A-Za-z0-9_-]*"
-EXPORT_FILE = re.compile(rf"exports/(?P<export_id>{ID})/.+")
-LOSS_CURVE = re.compile(loss_curve_key(f"(?P<run_id>{ID})").replace(".", r"\."))
+EXPORT_FILE = re.compile(rf"exports/(?P<export_id>{ID_PATTERN})/.+")
+LOSS_CURVE = re.compile(rf"runs/{ID_PATTERN}/loss\.png")
 
 
 def check_downloadable(store: ArtifactStore, key: str) -> None:
