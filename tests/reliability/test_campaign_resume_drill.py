@@ -63,6 +63,9 @@ def test_a_campaign_killed_in_its_second_run_resumes_to_the_same_merged_adapter(
     assert second_run["resumed_from_step"] >= 2
     assert len(second_run["loss_history"]) == STEPS
     assert run_record(home_env, third)["attempts"] == 1
+    shown = backprop(home_env, "runs", "show", campaign_id)  # the timeline, for people
+    assert "merge timeline (slao)" in shown
+    assert all(weight in shown for weight in ("1.000", "0.707", "0.577"))  # 1 / sqrt(run)
 
     whole = json.loads(
         backprop(home_env, "multi-run", "--data", str(quickstart), *CAMPAIGN_ARGS, "--json")
