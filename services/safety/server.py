@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -9,6 +10,7 @@ from dataclasses import asdict
 import grpc
 
 from backpropagate.v1 import common_pb2, safety_pb2, safety_pb2_grpc
+from backpropagate_services.common.errors import ConfigError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
@@ -17,6 +19,21 @@ from backpropagate_services.safety.sources import ReadingSource, make_source
 
 SERVICE_NAME = safety_pb2.DESCRIPTOR.services_by_name["SafetyService"].full_name
 MIN_INTERVAL_SECONDS = 0.05
+MAX_INTERVAL_SECONDS = 60.0
+
+
+def watch_interval(requested: float, default: float) -> float:
+    """The period of a Watch stream: 0 asks for the default, shorter than the floor gets the
+    floor. A negative, infinite, NaN or longer-than-a-minute one is refused: the stream's thread
+    would otherwise fail mid-stream or sleep for good, and enough such watchers wedge a server."""
+    interval = requested or default
+    if not math.isfinite(interval) or not 0 < interval <= MAX_INTERVAL_SECONDS:
+        raise ConfigError(
+            f"interval_seconds must be 0 (the default) or in (0, {MAX_INTERVAL_SECONDS:g}], "
+            f"got {requested!r}.",
+            fields="interval_seconds",
+        )
+    return max(interval, MIN_INTERVAL_SECONDS)
 
 
 def snapshot_of(source: ReadingSource, thresholds: Thresholds) -> safety_pb2.SafetySnapshot:
@@ -51,7 +68,7 @@ class SafetyServicer(safety_pb2_grpc.SafetyServiceServicer):
     def Watch(
         self, request: safety_pb2.WatchSafetyRequest, context: grpc.ServicerContext
     ) -> Iterator[safety_pb2.SafetySnapshot]:
-        interval = max(request.interval_seconds or self.default_interval, MIN_INTERVAL_SECONDS)
+        interval = watch_interval(request.interval_seconds, self.default_interval)
         while context.is_active():
             yield snapshot_of(self.source, self.thresholds)
             time.sleep(interval)

@@ -45,8 +45,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     store.put_bytes(GGUF_KEY, b"GGUF model")
     store.put_bytes(HF_FILE_KEY, b"{}")
     store.put_bytes(export_file_key(EXPORT_ID, "scratch.bin"), b"not listed")
-    files = [export_pb2.ExportFile(name=key.rpartition("/")[2], key=key) for key in (GGUF_KEY,)]
-    files.append(export_pb2.ExportFile(name="SmolLM2-run-hf/config.json", key=HF_FILE_KEY))
+    files = [
+        export_pb2.ExportFile(name="SmolLM2-run-f16.gguf", key=GGUF_KEY),
+        export_pb2.ExportFile(name="SmolLM2-run-hf/config.json", key=HF_FILE_KEY),
+    ]
     result = export_pb2.ExportResult(export_id=EXPORT_ID, run_id=RUN_ID, files=files)
     save_record(store, export_record_key(EXPORT_ID), result)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -418,3 +419,29 @@ def test_the_documented_drill_replays_warm_then_critical_then_emergency(tmp_path
     levels = [assess(source.read(), DEFAULTS).level for _ in range(4)]
 
     assert levels == [Level.WARM, Level.CRITICAL, Level.EMERGENCY, Level.EMERGENCY]
+
+
+@pytest.mark.parametrize("interval", [-1.0, math.inf, math.nan, 3600.0])
+def test_a_watch_interval_that_would_wedge_or_break_the_stream_is_refused(
+    drill_stack: RunningStack, interval: float
+) -> None:
+    connection = Connection(addresses={"safety": drill_stack.address}, embedded=False)
+    try:
+        with pytest.raises(ConfigError) as refused:
+            list(
+                connection.stream(
+                    "safety",
+                    connection.safety.Watch,
+                    safety_pb2.WatchSafetyRequest(interval_seconds=interval),
+                )
+            )
+        # The server goes on answering.
+        snapshot = connection.call(
+            "safety", connection.safety.Snapshot, safety_pb2.SnapshotRequest()
+        )
+    finally:
+        connection.close()
+
+    assert refused.value.code == "INPUT_CONFIG_INVALID"
+    assert refused.value.context["fields"] == "interval_seconds"
+    assert snapshot.source == "replay"
