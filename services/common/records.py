@@ -7,6 +7,7 @@ as JSON or pass through Redis, so nothing is described twice.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -52,25 +53,42 @@ def publish(queue: JobQueue, channel: str, event: Message) -> None:
     queue.publish(channel, to_json(event))
 
 
+# A terminal record with no terminal event after this long: that event is not coming.
+SETTLE_SECONDS = 5.0
+
+
 def follow(
     queue: JobQueue,
     channel: str,
     cls: type[M],
     is_active: Callable[[], bool],
     is_final: Callable[[M], bool] = lambda _: True,
+    *,
+    has_ended: Callable[[], bool],
     poll_seconds: float = 1.0,
+    settle_seconds: float = SETTLE_SECONDS,
 ) -> Iterator[M]:
     """Replay a job's events from the first, then follow until one has a terminal status and
     `is_final(event)` agrees: a resumed run's history holds the terminal event of an earlier
-    attempt (stopped for safety, cancelled), which must not end the watch."""
+    attempt (stopped for safety, cancelled), which must not end the watch.
+
+    A watch also ends after `settle_seconds` without an event once `has_ended()` (the job's
+    record is terminal): a terminal event that was trimmed away or never published would
+    otherwise keep the watch, and a server thread, for as long as the client stays."""
     cursor = ""
+    quiet_since = time.monotonic()
     while is_active():
-        for event in queue.read(channel, cursor, poll_seconds):
+        events = queue.read(channel, cursor, poll_seconds)
+        for event in events:
             cursor = event.event_id
             message = from_json(event.data, cls)
             yield message
             if getattr(message, "status", None) in TERMINAL_STATUSES and is_final(message):
                 return
+        if events:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= settle_seconds and has_ended():
+            return
 
 
 class BufferedPublisher:

@@ -15,7 +15,13 @@ from backpropagate_services.common.jobs import cancel_job
 from backpropagate_services.common.layout import EXPORT_QUEUE, run_record_key
 from backpropagate_services.common.layout import export_events_channel as events_channel
 from backpropagate_services.common.layout import export_record_key as record_key
-from backpropagate_services.common.records import follow, load_record, publish, save_record
+from backpropagate_services.common.records import (
+    TERMINAL_STATUSES,
+    follow,
+    load_record,
+    publish,
+    save_record,
+)
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
 from backpropagate_services.export.downloads import check_downloadable
@@ -87,7 +93,11 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
     ) -> Iterator[export_pb2.ExportEvent]:
         self._result(request.export_id)
         yield from follow(
-            self.queue, events_channel(request.export_id), export_pb2.ExportEvent, context.is_active
+            self.queue,
+            events_channel(request.export_id),
+            export_pb2.ExportEvent,
+            context.is_active,
+            has_ended=lambda: self._result(request.export_id).status in TERMINAL_STATUSES,
         )
 
     @translate_errors

@@ -185,6 +185,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             trainer_pb2.RunEvent,
             context.is_active,
             is_final,
+            has_ended=lambda: self._record(request.run_id).status in TERMINAL_STATUSES,
         )
 
     @translate_errors
