@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from backpropagate.connection import Connection
 from backpropagate.v1 import trainer_pb2
-from backpropagate.workflows import submit_train, upload_dataset
+from backpropagate.workflows import submit_multi_run, submit_train, upload_dataset
 from backpropagate_services.common.errors import DependencyError
 from backpropagate_services.common.layout import run_events_channel
 from backpropagate_services.common.records import TERMINAL_STATUSES, from_json
@@ -100,6 +100,16 @@ class ControlPlane:
         """Upload `dataset` and queue a run on it; its run id."""
         dataset_id = upload_dataset(self.connection, dataset).dataset_id
         return submit_train(self.connection, dataset_id, config)
+
+    def submit_campaign(
+        self,
+        dataset: Path,
+        config: trainer_pb2.TrainConfig,
+        multi_run: trainer_pb2.MultiRunConfig,
+    ) -> str:
+        """Upload `dataset` and queue a campaign whose runs sample it; its id."""
+        dataset_id = upload_dataset(self.connection, dataset).dataset_id
+        return submit_multi_run(self.connection, [dataset_id], config, multi_run)
 
     def record(self, run_id: str) -> trainer_pb2.RunRecord:
         request = trainer_pb2.GetRunRequest(run_id=run_id)

@@ -14,6 +14,8 @@ events and the artifacts in the store.
    finishes writing then is deleted).
 4. A job that kills every trainer: failed and dead-lettered after `max_attempts`.
 5. Redis restarted, S3 away for ten seconds, and an out-of-memory error, all in one run.
+6. A campaign's trainer killed in its second run: another one finishes the campaign by
+   redelivery, from the second run's checkpoint and the merge of the first.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from subprocess import Popen
 
 import pytest
 import servers
+import torch
 from service_processes import ControlPlane, control_plane, serve, stack_env
 
 from backpropagate.v1 import common_pb2, trainer_pb2
@@ -40,7 +43,9 @@ from backpropagate_services.common.layout import (
 )
 from backpropagate_services.common.settings import TrainerSettings
 from backpropagate_services.common.store.base import MANIFEST
+from backpropagate_services.trainer.adapter_factors import read_adapter_dir
 from backpropagate_services.trainer.checkpoints import LOSS_WINDOW
+from backpropagate_services.trainer.slao import Adapter, ContinualMerge
 from backpropagate_services.trainer.worker import STARTED_MESSAGE
 
 pytestmark = [pytest.mark.model]
@@ -422,4 +427,57 @@ def test_a_run_rides_out_a_redis_restart_an_s3_outage_and_an_out_of_memory_error
     print(
         f"{len(late)} steps trained while Redis was away, OOM recovered at step 2, "
         f"attempts {record.attempts}, drill {time.monotonic() - started_at:.0f} s"
+    )
+
+
+def stored_adapter(plane: ControlPlane, run_id: str, into: Path) -> Adapter:
+    return read_adapter_dir(plane.store.get_dir(adapter_prefix(run_id), into / run_id))
+
+
+def test_a_killed_trainer_campaign_is_finished_by_another_from_its_second_runs_checkpoint(
+    make_env: Callable[..., Env], quickstart: Path, tmp_path: Path
+) -> None:
+    env = make_env(QUEUE__VISIBILITY_TIMEOUT_SECONDS=VISIBILITY_TIMEOUT_SECONDS)
+    started_at = time.monotonic()
+    campaign = trainer_pb2.MultiRunConfig(runs=3, samples_per_run=3, merge="slao")
+    in_second_run = "run 2's step 3"
+    with control_plane(env) as plane, trainer(env, tmp_path / "first.log") as first:
+        campaign_id = plane.submit_campaign(quickstart, CONFIG, campaign)
+        with trainer(env, tmp_path / "second.log") as second:
+            plane.wait_for_event(
+                campaign_id,
+                lambda e: is_training_step(e) and e.campaign_run == 2 and e.step == 3,
+                in_second_run,
+                timeout=300,  # a whole run and a model load before it
+                process=first,
+            )
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            killed = plane.record(campaign_id)
+            record = plane.wait_for_end(campaign_id, process=second)
+        children = [plane.record(run_id) for run_id in record.campaign.run_ids]
+        adapters = [stored_adapter(plane, run_id, tmp_path) for run_id in record.campaign.run_ids]
+        merged = stored_adapter(plane, campaign_id, tmp_path)
+
+    assert killed.status == common_pb2.JOB_STATUS_RUNNING
+    assert [point.run for point in killed.campaign.timeline] == [1]  # run 2 not merged yet
+    assert record.status == common_pb2.JOB_STATUS_SUCCEEDED, record.error
+    assert record.attempts == 2
+    assert [point.run for point in record.campaign.timeline] == [1, 2, 3]
+    assert [child.attempts for child in children] == [1, 2, 1]  # run 1 not trained again
+    assert children[1].resumed_from_step >= CHECKPOINT_EVERY
+    assert all(len(child.loss_history) == STEPS for child in children)
+    assert len(record.loss_history) == 3 * STEPS
+    # The merged adapter in the store is SLAO of the three runs' stored adapters, as if the
+    # campaign had never stopped merging.
+    expected = ContinualMerge("slao")
+    for adapter in adapters:
+        expected.add(adapter)
+    assert set(merged) == set(expected.merged)
+    for name, layer in merged.items():
+        assert torch.allclose(layer.a, expected.merged[name].a, atol=1e-6), name
+        assert torch.allclose(layer.b, expected.merged[name].b, atol=1e-6), name
+    print(
+        f"killed in run 2 at step 3, run 2 resumed from step {children[1].resumed_from_step}, "
+        f"drill {time.monotonic() - started_at:.0f} s"
     )
