@@ -29,7 +29,7 @@ from backpropagate_services.common.layout import run_events_channel
 from backpropagate_services.common.records import TERMINAL_STATUSES, from_json
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.settings import Settings
-from backpropagate_services.stack import SERVICES, start_stack
+from backpropagate_services.stack import SERVICES, RunningStack, start_stack
 
 T = TypeVar("T")
 
@@ -183,3 +183,25 @@ def control_plane(env: Mapping[str, str]) -> Iterator[ControlPlane]:
     finally:
         plane.connection.close()
         stack.stop()
+
+
+@contextmanager
+def in_process_stack(
+    settings: Settings, services: list[str], *, start_workers: bool = True
+) -> Iterator[RunningStack]:
+    """`services` served from this process on a free loopback port, stopped at the end."""
+    stack = start_stack(settings, services, "127.0.0.1:0", start_workers=start_workers)
+    try:
+        yield stack
+    finally:
+        stack.stop(grace=0)
+
+
+@contextmanager
+def connected(address: str, services: list[str]) -> Iterator[Connection]:
+    """A client of `services` at `address` (never an embedded stack), closed at the end."""
+    client = Connection(dict.fromkeys(services, address), embedded=False)
+    try:
+        yield client
+    finally:
+        client.close()

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from service_processes import connected, in_process_stack
 
 from backpropagate.connection import Connection
 from backpropagate.v1 import export_pb2
@@ -24,7 +25,7 @@ from backpropagate_services.common.layout import (
 )
 from backpropagate_services.common.records import save_record
 from backpropagate_services.common.settings import SafetySettings, Settings
-from backpropagate_services.stack import RunningStack, start_stack
+from backpropagate_services.stack import RunningStack
 
 EXPORT_ID = "export-20261206T120000-abcdef"
 RUN_ID = "run-20261206T110000-123456"
@@ -36,34 +37,28 @@ DATASET_KEY = f"datasets/{'ab' * 32}/data.jsonl"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     settings = Settings(home=tmp_path_factory.mktemp("home"), safety=SafetySettings(source="host"))
-    running = start_stack(settings, ["export"], "127.0.0.1:0")
-    store = running.runtime.store
-    store.put_bytes(DATASET_KEY, b'{"text": "somebody else\'s data"}\n')
-    store.put_bytes(run_record_key(RUN_ID), b"{}")
-    store.put_bytes(f"runs/{RUN_ID}/checkpoints/step-00000002-attempt-001/state.pt", b"state")
-    store.put_bytes(loss_curve_key(RUN_ID), b"\x89PNG curve")
-    store.put_bytes(GGUF_KEY, b"GGUF model")
-    store.put_bytes(HF_FILE_KEY, b"{}")
-    store.put_bytes(export_file_key(EXPORT_ID, "scratch.bin"), b"not listed")
-    files = [
-        export_pb2.ExportFile(name="SmolLM2-run-f16.gguf", key=GGUF_KEY),
-        export_pb2.ExportFile(name="SmolLM2-run-hf/config.json", key=HF_FILE_KEY),
-    ]
-    result = export_pb2.ExportResult(export_id=EXPORT_ID, run_id=RUN_ID, files=files)
-    save_record(store, export_record_key(EXPORT_ID), result)
-    try:
+    with in_process_stack(settings, ["export"]) as running:
+        store = running.runtime.store
+        store.put_bytes(DATASET_KEY, b'{"text": "somebody else\'s data"}\n')
+        store.put_bytes(run_record_key(RUN_ID), b"{}")
+        store.put_bytes(f"runs/{RUN_ID}/checkpoints/step-00000002-attempt-001/state.pt", b"state")
+        store.put_bytes(loss_curve_key(RUN_ID), b"\x89PNG curve")
+        store.put_bytes(GGUF_KEY, b"GGUF model")
+        store.put_bytes(HF_FILE_KEY, b"{}")
+        store.put_bytes(export_file_key(EXPORT_ID, "scratch.bin"), b"not listed")
+        files = [
+            export_pb2.ExportFile(name="SmolLM2-run-f16.gguf", key=GGUF_KEY),
+            export_pb2.ExportFile(name="SmolLM2-run-hf/config.json", key=HF_FILE_KEY),
+        ]
+        result = export_pb2.ExportResult(export_id=EXPORT_ID, run_id=RUN_ID, files=files)
+        save_record(store, export_record_key(EXPORT_ID), result)
         yield running
-    finally:
-        running.stop(grace=0)
 
 
 @pytest.fixture
 def connection(stack: RunningStack) -> Iterator[Connection]:
-    client = Connection(addresses={"export": stack.address}, embedded=False)
-    try:
+    with connected(stack.address, ["export"]) as client:
         yield client
-    finally:
-        client.close()
 
 
 @pytest.mark.parametrize(

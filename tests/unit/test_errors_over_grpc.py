@@ -16,6 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from service_processes import connected, in_process_stack
 
 from backpropagate.connection import Connection
 from backpropagate.v1 import dataprep_pb2
@@ -51,22 +52,14 @@ def host_only_settings(home: Path) -> Settings:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     home = tmp_path_factory.mktemp("home")
-    running = start_stack(host_only_settings(home), ["dataprep", "safety"], "127.0.0.1:0")
-    try:
+    with in_process_stack(host_only_settings(home), ["dataprep", "safety"]) as running:
         yield running
-    finally:
-        running.stop(grace=0)
 
 
 @pytest.fixture
 def connection(stack: RunningStack) -> Iterator[Connection]:
-    client = Connection(
-        addresses={"dataprep": stack.address, "safety": stack.address}, embedded=False
-    )
-    try:
+    with connected(stack.address, ["dataprep", "safety"]) as client:
         yield client
-    finally:
-        client.close()
 
 
 def write_jsonl(path: Path, rows: list[object]) -> Path:

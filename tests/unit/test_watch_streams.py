@@ -11,32 +11,27 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from service_processes import connected, in_process_stack
 
 from backpropagate.connection import Connection
 from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate_services.common.layout import export_record_key, run_record_key
 from backpropagate_services.common.records import SETTLE_SECONDS, save_record
 from backpropagate_services.common.settings import SafetySettings, Settings
-from backpropagate_services.stack import RunningStack, start_stack
+from backpropagate_services.stack import RunningStack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     settings = Settings(home=tmp_path_factory.mktemp("home"), safety=SafetySettings(source="host"))
-    running = start_stack(settings, ["trainer", "export"], "127.0.0.1:0", start_workers=False)
-    try:
+    with in_process_stack(settings, ["trainer", "export"], start_workers=False) as running:
         yield running
-    finally:
-        running.stop(grace=0)
 
 
 @pytest.fixture
 def connection(stack: RunningStack) -> Iterator[Connection]:
-    client = Connection(dict.fromkeys(["trainer", "export"], stack.address), embedded=False)
-    try:
+    with connected(stack.address, ["trainer", "export"]) as client:
         yield client
-    finally:
-        client.close()
 
 
 def save_run(stack: RunningStack, run_id: str, status: int) -> None:
