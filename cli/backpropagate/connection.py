@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -31,19 +32,23 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _embedded_lock = threading.Lock()
-_embedded_stack: RunningStack | None = None
+# One all-in-one stack per home directory: a process that opens Trainers on two homes must
+# write each one's runs under its own home, never into the first stack it started.
+_embedded_stacks: dict[Path, RunningStack] = {}
 
 
 def embedded_address(settings: Settings, workers: bool = True) -> str:
-    """Start the all-in-one stack in this process once, and return its address.
+    """Start the all-in-one stack for `settings.home` in this process once, and return its
+    address.
 
     Its queue and records live in files under the home directory, shared by every process on
     the machine; only a process that does jobs (train, resume, export) runs workers, so that
     `runs list` in another terminal never takes a job it would drop on exit.
     """
-    global _embedded_stack
+    home = settings.home.resolve()
     with _embedded_lock:
-        if _embedded_stack is None:
+        stack = _embedded_stacks.get(home)
+        if stack is None:
             from backpropagate_services.common.logs import configure_logging
             from backpropagate_services.stack import SERVICES, start_stack
 
@@ -51,20 +56,21 @@ def embedded_address(settings: Settings, workers: bool = True) -> str:
             # A run this process trains is left interrupted on exit, not handed to whatever
             # `backprop` command runs next: `backprop runs resume` goes on with it.
             interrupt = settings.trainer.model_copy(update={"release_on_shutdown": False})
-            _embedded_stack = start_stack(
+            stack = start_stack(
                 settings.model_copy(update={"trainer": interrupt}),
                 list(SERVICES),
                 "127.0.0.1:0",
                 start_workers=False,
             )
+            _embedded_stacks[home] = stack
             # At exit, concurrent.futures joins the gRPC server's threads before atexit
             # handlers run, and the trainer's own safety Watch stream keeps one of them busy
             # for ever: stop the stack from threading's exit hook, which runs first. A worker
             # mid-run checkpoints and releases its job there (`backprop runs resume` goes on).
-            threading._register_atexit(_embedded_stack.stop)  # type: ignore[attr-defined]
+            threading._register_atexit(stack.stop)  # type: ignore[attr-defined]
         if workers:
-            _embedded_stack.start_workers()
-        return _embedded_stack.address
+            stack.start_workers()
+        return stack.address
 
 
 @dataclass
