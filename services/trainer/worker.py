@@ -187,7 +187,6 @@ class TrainWorker(JobWorker):
             "resume": state,
             "oom_recovery": not record.config.disable_oom_recovery,
             "oom_drill_step": self.runtime.settings.fault.oom_at_step,
-            "start": start,
         }
         training = (
             PreferenceTraining(model, tokenizer, rows, config, **options)
@@ -198,6 +197,7 @@ class TrainWorker(JobWorker):
                 conversations,
                 config,
                 eval_conversations=eval_conversations,
+                start=start,  # campaigns train sft runs only (campaign_plan checks)
                 **options,
             )
         )
