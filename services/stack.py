@@ -40,6 +40,12 @@ class RunningStack:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def token(self) -> str | None:
+        """The token its callers must send (None: it takes calls without one)."""
+        token = self.runtime.settings.token
+        return token.get_secret_value() if token else None
+
     def start_workers(self) -> None:
         """Start the background workers (job workers, the safety follower), once."""
         if self.workers_started:
@@ -89,7 +95,7 @@ def start_stack(
         )
     quiet_library_output()
     address = address or settings.listen
-    server, port = bind_server(address)
+    server, port = bind_server(address, settings)
     host = address.rsplit(":", 1)[0]
     if "safety" in services and "trainer" in services and not settings.endpoints.safety:
         # All in one process: the trainer follows this very server's safety service.

@@ -9,6 +9,7 @@ subclasses, never raw grpc.RpcError.
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from pydantic import SecretStr
 
 from backpropagate.v1 import (
     dataprep_pb2_grpc,
@@ -23,6 +25,7 @@ from backpropagate.v1 import (
     safety_pb2_grpc,
     trainer_pb2_grpc,
 )
+from backpropagate_services.common.channels import open_channel
 from backpropagate_services.common.grpc_errors import error_from_rpc
 from backpropagate_services.common.settings import Settings, get_settings
 
@@ -37,13 +40,14 @@ _embedded_lock = threading.Lock()
 _embedded_stacks: dict[Path, RunningStack] = {}
 
 
-def embedded_address(settings: Settings, workers: bool = True) -> str:
-    """Start the all-in-one stack for `settings.home` in this process once, and return its
-    address.
+def embedded_stack(settings: Settings, workers: bool = True) -> RunningStack:
+    """Start the all-in-one stack for `settings.home` in this process once, and return it.
 
     Its queue and records live in files under the home directory, shared by every process on
     the machine; only a process that does jobs (train, resume, export) runs workers, so that
-    `runs list` in another terminal never takes a job it would drop on exit.
+    `runs list` in another terminal never takes a job it would drop on exit. It listens on
+    loopback with a token of its own (random, unless BACKPROPAGATE_TOKEN sets one): other
+    users of this machine can reach the port but not call it.
     """
     home = settings.home.resolve()
     with _embedded_lock:
@@ -56,8 +60,9 @@ def embedded_address(settings: Settings, workers: bool = True) -> str:
             # A run this process trains is left interrupted on exit, not handed to whatever
             # `backprop` command runs next: `backprop runs resume` goes on with it.
             interrupt = settings.trainer.model_copy(update={"release_on_shutdown": False})
+            token = settings.token or SecretStr(secrets.token_urlsafe(32))
             stack = start_stack(
-                settings.model_copy(update={"trainer": interrupt}),
+                settings.model_copy(update={"trainer": interrupt, "token": token}),
                 list(SERVICES),
                 "127.0.0.1:0",
                 start_workers=False,
@@ -70,13 +75,15 @@ def embedded_address(settings: Settings, workers: bool = True) -> str:
             threading._register_atexit(stack.stop)  # type: ignore[attr-defined]
         if workers:
             stack.start_workers()
-        return stack.address
+        return stack
 
 
 @dataclass
 class Connection:
     addresses: dict[str, str]
     embedded: bool
+    settings: Settings | None = None  # TLS and the token; None: the process's settings
+    token: str | None = None  # overrides the settings' token (the embedded stack's own)
     _channels: dict[str, grpc.Channel] = field(default_factory=dict)
 
     @classmethod
@@ -87,14 +94,20 @@ class Connection:
         services = ("dataprep", "trainer", "safety", "export")
         configured = {name: settings.endpoint_of(name) for name in services}
         embedded = any(address is None for address in configured.values())
-        fallback = embedded_address(settings, workers) if embedded else ""
-        return cls({name: configured[name] or fallback for name in services}, embedded)
+        if not embedded:
+            remote = {name: str(address) for name, address in configured.items()}
+            return cls(remote, False, settings)
+        stack = embedded_stack(settings, workers)
+        addresses = {name: configured[name] or stack.address for name in services}
+        return cls(addresses, embedded, stack.runtime.settings, stack.token)
 
     def channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
-            self._channels[service] = grpc.insecure_channel(
+            self._channels[service] = open_channel(
                 self.addresses[service],
+                self.settings or get_settings(),
                 options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+                token=self.token,
             )
         return self._channels[service]
 

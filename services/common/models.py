@@ -11,12 +11,19 @@ import hashlib
 import importlib.util
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote
 
 from backpropagate_services.common.atomic import staged
-from backpropagate_services.common.errors import MissingDependencyError, ModelNotFoundError
+from backpropagate_services.common.channels import is_loopback
+from backpropagate_services.common.errors import (
+    MissingDependencyError,
+    ModelNotAllowedError,
+    ModelNotFoundError,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -84,6 +91,31 @@ def resolve_model(spec: str, default: str = "auto") -> ModelSource:
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
         raise ModelNotFoundError(f"Model path not found: {spec}", model=spec)
     return ModelSource("hub", spec, spec.split("/")[-1], spec)
+
+
+def check_model_allowed(source: ModelSource, caller: str, allowed_dirs: Sequence[Path]) -> None:
+    """Refuse a model path named by a caller on another machine unless it lies in one of
+    `allowed_dirs` (symlinks followed): a remote caller must not make the server read, and
+    train on or export, whatever file it can name. `caller` is gRPC's peer ("ipv4:10.0.0.5:
+    5123"); hub ids, the offline default and callers on this machine pass."""
+    if source.kind == "hub" or source.spec == OFFLINE_DEFAULT_ALIAS or peer_is_local(caller):
+        return
+    location = Path(source.location).resolve()
+    if any(location.is_relative_to(Path(root).expanduser().resolve()) for root in allowed_dirs):
+        return
+    raise ModelNotAllowedError(
+        f"A caller at {caller} may not name the model path {source.spec or source.location}.",
+        model=source.spec or source.location,
+    )
+
+
+def peer_is_local(peer: str) -> bool:
+    """Whether a gRPC peer ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:...") is on this
+    machine."""
+    kind, _, address = peer.partition(":")
+    if kind == "unix":
+        return True
+    return kind in ("ipv4", "ipv6") and is_loopback(unquote(address))  # "%5B::1%5D:5000"
 
 
 def _gguf_cache_key(path: Path) -> str:

@@ -65,29 +65,37 @@ def follow(
     is_final: Callable[[M], bool] = lambda _: True,
     *,
     has_ended: Callable[[], bool],
+    after: str = "",
+    idle_seconds: float,
     poll_seconds: float = 1.0,
     settle_seconds: float = SETTLE_SECONDS,
 ) -> Iterator[M]:
-    """Replay a job's events from the first, then follow until one has a terminal status and
-    `is_final(event)` agrees: a resumed run's history holds the terminal event of an earlier
-    attempt (stopped for safety, cancelled), which must not end the watch.
+    """Replay a job's events from the first (or from the one after `after`), each with its
+    `event_id`, then follow until one has a terminal status and `is_final(event)` agrees: a
+    resumed run's history holds the terminal event of an earlier attempt (stopped for safety,
+    cancelled), which must not end the watch.
 
     A watch also ends after `settle_seconds` without an event once `has_ended()` (the job's
     record is terminal): a terminal event that was trimmed away or never published would
-    otherwise keep the watch, and a server thread, for as long as the client stays."""
-    cursor = ""
+    otherwise keep the watch, and a server thread, for as long as the client stays. And it ends
+    after `idle_seconds` without any event whatever the job does (one queued behind hours of
+    work, one whose worker is gone): a server thread is not held for ever by one watch, and
+    the client, which knows the last event it saw, watches again from there."""
+    cursor = after
     quiet_since = time.monotonic()
     while is_active():
         events = queue.read(channel, cursor, poll_seconds)
         for event in events:
             cursor = event.event_id
             message = from_json(event.data, cls)
+            message.event_id = event.event_id  # type: ignore[attr-defined]
             yield message
             if getattr(message, "status", None) in TERMINAL_STATUSES and is_final(message):
                 return
+        quiet = time.monotonic() - quiet_since
         if events:
             quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since >= settle_seconds and has_ended():
+        elif quiet >= idle_seconds or (quiet >= settle_seconds and has_ended()):
             return
 
 

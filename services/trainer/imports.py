@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
 from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.errors import ConfigError, UserError
 from backpropagate_services.common.ids import new_id
 from backpropagate_services.common.layout import adapter_prefix
-from backpropagate_services.common.models import resolve_model
+from backpropagate_services.common.models import ModelSource, resolve_model
 from backpropagate_services.common.store.base import ArtifactStore
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -83,10 +83,15 @@ def adapter_base_model(adapter_dir: Path, requested: str) -> str:
 
 
 def import_adapter(
-    store: ArtifactStore, adapter_dir: Path, requested_base: str
+    store: ArtifactStore,
+    adapter_dir: Path,
+    requested_base: str,
+    allowed: Callable[[ModelSource], None] = lambda _: None,
 ) -> trainer_pb2.RunRecord:
-    """Store `adapter_dir` as a new succeeded run; the base must resolve on this machine."""
+    """Store `adapter_dir` as a new succeeded run; the base must resolve on this machine, and
+    `allowed` (which raises) must let the caller name it."""
     source = resolve_model(adapter_base_model(adapter_dir, requested_base))
+    allowed(source)
     run_id = new_id("run")
     store.put_dir(adapter_prefix(run_id), adapter_dir)
     return trainer_pb2.RunRecord(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import grpc
 from tenacity import Retrying, retry_if_result, wait_exponential
@@ -29,9 +30,17 @@ class SafetyMonitor(BackgroundWorker):
 
     name = "safety-monitor"
 
-    def __init__(self, endpoint: str | None, interval_seconds: float = 2.0) -> None:
+    def __init__(
+        self,
+        endpoint: str | None,
+        interval_seconds: float = 2.0,
+        dial: Callable[[str], grpc.Channel] = grpc.insecure_channel,
+    ) -> None:
+        """`dial`: opens the channel to `endpoint` (with the stack's token and TLS: see
+        `channels.open_channel`)."""
         super().__init__()
         self.endpoint = endpoint
+        self.dial = dial
         self.interval_seconds = interval_seconds
         self._changed = threading.Condition()  # guards every field below
         self._level: int = common_pb2.SAFETY_LEVEL_UNSPECIFIED
@@ -101,7 +110,7 @@ class SafetyMonitor(BackgroundWorker):
             return False
         assert self.endpoint is not None
         delivered = False
-        with grpc.insecure_channel(self.endpoint) as channel:
+        with self.dial(self.endpoint) as channel:
             call = safety_pb2_grpc.SafetyServiceStub(channel).Watch(
                 safety_pb2.WatchSafetyRequest(interval_seconds=self.interval_seconds)
             )

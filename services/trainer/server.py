@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from backpropagate.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
+from backpropagate_services.common.channels import open_channel
 from backpropagate_services.common.datasets import (
     DatasetRecord,
     SftRow,
@@ -26,7 +27,11 @@ from backpropagate_services.common.jobs import cancel_job
 from backpropagate_services.common.layout import TRAIN_QUEUE
 from backpropagate_services.common.layout import run_events_channel as events_channel
 from backpropagate_services.common.layout import run_record_key as record_key
-from backpropagate_services.common.models import resolve_model
+from backpropagate_services.common.models import (
+    ModelSource,
+    check_model_allowed,
+    resolve_model,
+)
 from backpropagate_services.common.records import (
     TERMINAL_STATUSES,
     follow,
@@ -82,6 +87,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.SubmitTrainRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.SubmitTrainResponse:
         # Every check a user can fail happens here, synchronously, before anything is queued.
+        self._check_model(request.config.base_model, context)
         dataset = load_dataset_record(self.store, request.dataset_id)
         settled, budget_reason = self._settle(request.config, dataset, dataset.num_examples)
         record = self._new_record("run", request.dataset_id, settled, settled.steps)
@@ -94,6 +100,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> trainer_pb2.SubmitTrainResponse:
         if not request.dataset_ids:
             raise ConfigError("A campaign needs a dataset.", hint="Pass --data.", fields="data")
+        self._check_model(request.config.base_model, context)
         datasets = [
             load_dataset_record(self.store, dataset_id) for dataset_id in request.dataset_ids
         ]
@@ -119,6 +126,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             check_continuable(earlier, record)
             record.campaign.tasks_before = finished_merge(self.store, earlier.run_id).tasks
         return self._queue(record)
+
+    def _check_model(self, spec: str, context: grpc.ServicerContext) -> ModelSource:
+        """The base model `spec` names, if this caller may name it (check_model_allowed)."""
+        settings = self.runtime.settings
+        source = resolve_model(spec, settings.model.name)
+        check_model_allowed(source, context.peer(), settings.model.allowed_dirs)
+        return source
 
     def _settle(
         self, given: trainer_pb2.TrainConfig, dataset: DatasetRecord, num_examples: int
@@ -186,6 +200,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             context.is_active,
             is_final,
             has_ended=lambda: self._record(request.run_id).status in TERMINAL_STATUSES,
+            after=request.after_event_id,
+            idle_seconds=self.runtime.settings.server.watch_idle_seconds,
         )
 
     @translate_errors
@@ -220,7 +236,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             adapter_dir = receive_adapter_files(
                 (message.chunk for message in request_iterator), Path(tmp)
             )
-            record = import_adapter(self.store, adapter_dir, first.header.base_model)
+            record = import_adapter(
+                self.store,
+                adapter_dir,
+                first.header.base_model,
+                allowed=lambda source: check_model_allowed(
+                    source, context.peer(), self.runtime.settings.model.allowed_dirs
+                ),
+            )
         save_record(self.store, record_key(record.run_id), record)
         return record
 
@@ -297,7 +320,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         config = training_config_from_proto(settled)
         hardware = detect(settings.trainer.cpu_dtype)
         check_adapter_supported(config, cuda=hardware.is_cuda, fp8_capable=hardware.fp8)
-        source = resolve_model(request.config.base_model, settings.model.name)
+        source = self._check_model(request.config.base_model, context)
         conversations = None
         if dataset is not None:
             conversations = self._training_rows(dataset.dataset_id, config.method)
@@ -328,7 +351,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         dataset = load_dataset_record(self.store, request.dataset_id)
         settled, _ = settle(request.config, settings, dataset.num_examples)
         config = training_config_from_proto(settled)
-        source = resolve_model(request.config.base_model, settings.model.name)
+        source = self._check_model(request.config.base_model, context)
         rows = self._training_rows(dataset.dataset_id, config.method)
         stats = token_stats(
             rows, read_tokenizer(source, settings.model_cache_dir), config.max_length
@@ -360,7 +383,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 def create(runtime: Runtime) -> ServiceHandle:
     safety = SafetyMonitor(
-        runtime.settings.endpoint_of("safety"), runtime.settings.safety.interval_seconds
+        runtime.settings.endpoint_of("safety"),
+        runtime.settings.safety.interval_seconds,
+        dial=lambda target: open_channel(target, runtime.settings),
     )
     servicer = TrainerServicer(runtime)
     workers = [TrainWorker(runtime, safety) for _ in range(runtime.settings.trainer.workers)]

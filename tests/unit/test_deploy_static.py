@@ -88,10 +88,19 @@ def run_compose(compose_file: Path, *args: str, env_file: Path) -> subprocess.Co
     )
 
 
+# What compose cannot start without (deploy/write-env.sh writes them at random).
+REQUIRED_SECRETS = {
+    "BACKPROPAGATE_TOKEN": "token-for-the-static-checks",
+    "MINIO_ROOT_USER": "backpropagate",
+    "MINIO_ROOT_PASSWORD": "password-for-the-static-checks",
+}
+
+
 @pytest.fixture(scope="module")
-def empty_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("compose") / "empty.env"
-    path.write_text("")
+def secrets_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A .env with the required secrets only: everything else at the compose file's defaults."""
+    path = tmp_path_factory.mktemp("compose") / "secrets.env"
+    path.write_text("".join(f"{name}={value}\n" for name, value in REQUIRED_SECRETS.items()))
     return path
 
 
@@ -103,11 +112,11 @@ def profile_flags() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def resolved(empty_env_file: Path) -> dict[str, Any]:
+def resolved(secrets_env_file: Path) -> dict[str, Any]:
     """The compose model as Compose resolves it with every profile on: anchors merged,
     variables at their defaults."""
     result = run_compose(
-        COMPOSE_FILE, *profile_flags(), "config", "--format", "json", env_file=empty_env_file
+        COMPOSE_FILE, *profile_flags(), "config", "--format", "json", env_file=secrets_env_file
     )
     assert result.returncode == 0, result.stderr
     model: dict[str, Any] = json.loads(result.stdout)
@@ -125,14 +134,68 @@ def compose_services(*profile_args: str, env_file: Path) -> set[str]:
     return set(result.stdout.split())
 
 
-def test_ollama_starts_only_with_the_ollama_profile(empty_env_file: Path) -> None:
-    assert compose_services(env_file=empty_env_file) == STACK
-    assert compose_services("--profile", "ollama", env_file=empty_env_file) == {*STACK, "ollama"}
+def test_ollama_starts_only_with_the_ollama_profile(secrets_env_file: Path) -> None:
+    assert compose_services(env_file=secrets_env_file) == STACK
+    assert compose_services("--profile", "ollama", env_file=secrets_env_file) == {*STACK, "ollama"}
 
 
-def test_compose_config_accepts_the_compose_file(empty_env_file: Path) -> None:
-    result = run_compose(COMPOSE_FILE, "config", "-q", env_file=empty_env_file)
+def test_compose_config_accepts_the_compose_file(secrets_env_file: Path) -> None:
+    result = run_compose(COMPOSE_FILE, "config", "-q", env_file=secrets_env_file)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("missing", sorted(REQUIRED_SECRETS))
+def test_compose_refuses_to_start_without_each_secret_and_names_it(
+    missing: str, tmp_path: Path
+) -> None:
+    """No default credentials: a stack without its secrets does not start with guessable ones."""
+    env_file = tmp_path / "partial.env"
+    env_file.write_text(
+        "".join(f"{name}={value}\n" for name, value in REQUIRED_SECRETS.items() if name != missing)
+    )
+    result = run_compose(COMPOSE_FILE, "config", "-q", env_file=env_file)
+    assert result.returncode != 0
+    assert missing in result.stderr and "make env" in result.stderr, result.stderr
+
+
+def test_every_grpc_service_requires_the_token_of_the_env_file(resolved: dict[str, Any]) -> None:
+    for name in SERVICES:
+        environment = resolved["services"][name]["environment"]
+        assert environment["BACKPROPAGATE_TOKEN"] == REQUIRED_SECRETS["BACKPROPAGATE_TOKEN"], name
+    minio = resolved["services"]["minio"]["environment"]
+    assert minio["MINIO_ROOT_PASSWORD"] == REQUIRED_SECRETS["MINIO_ROOT_PASSWORD"]
+
+
+def test_write_env_writes_fresh_private_secrets_that_compose_accepts(tmp_path: Path) -> None:
+    script = REPO / "deploy" / "write-env.sh"
+    written = []
+    for attempt in ("first", "second"):
+        env_file = tmp_path / attempt / ".env"
+        env_file.parent.mkdir()
+        done = subprocess.run(
+            ["bash", str(script), str(env_file), str(REPO / ".env.example")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert env_file.stat().st_mode & 0o077 == 0  # the owner's only
+        values = dict(
+            line.split("=", 1) for line in env_file.read_text().splitlines() if line[:1].isalpha()
+        )
+        assert all(len(values[name]) >= 12 for name in REQUIRED_SECRETS if "USER" not in name)
+        assert run_compose(COMPOSE_FILE, "config", "-q", env_file=env_file).returncode == 0
+        written.append(values)
+    assert written[0]["BACKPROPAGATE_TOKEN"] != written[1]["BACKPROPAGATE_TOKEN"]
+    # An existing .env is kept: its secrets may already be in MinIO's volume.
+    again = subprocess.run(["bash", str(script), str(env_file)], capture_output=True, text=True)
+    assert (
+        "kept" in again.stdout
+        and dict(
+            line.split("=", 1) for line in env_file.read_text().splitlines() if line[:1].isalpha()
+        )
+        == written[1]
+    )
 
 
 def _depend_on_a_missing_service(services: dict[str, Any]) -> None:
@@ -156,14 +219,14 @@ def _give_ports_the_wrong_type(services: dict[str, Any]) -> None:
     ],
 )
 def test_compose_config_rejects_a_broken_copy_of_the_compose_file(
-    break_it: Any, complaint: str, tmp_path: Path, empty_env_file: Path
+    break_it: Any, complaint: str, tmp_path: Path, secrets_env_file: Path
 ) -> None:
     """Proof that the validation above can fail: the same binary refuses a broken copy."""
     document = yaml.safe_load(COMPOSE_FILE.read_text())
     break_it(document["services"])
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(yaml.safe_dump(document))
-    result = run_compose(broken, "config", "-q", env_file=empty_env_file)
+    result = run_compose(broken, "config", "-q", env_file=secrets_env_file)
     assert result.returncode != 0
     assert complaint in result.stderr
 

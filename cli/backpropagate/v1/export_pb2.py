@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from backpropagate.v1 import common_pb2 as backpropagate_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61\x63kpropagate/v1/export.proto\x12\x10\x62\x61\x63kpropagate.v1\x1a\x1d\x62\x61\x63kpropagate/v1/common.proto\"\x88\x01\n\x13SubmitExportRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x14\n\x0csmoke_prompt\x18\x04 \x01(\t\x12\x10\n\x08hub_repo\x18\x05 \x01(\t\x12\x13\n\x0bhub_private\x18\x06 \x01(\x08\")\n\x14SubmitExportResponse\x12\x11\n\texport_id\x18\x01 \x01(\t\"\'\n\x12WatchExportRequest\x12\x11\n\texport_id\x18\x01 \x01(\t\"%\n\x10GetExportRequest\x12\x11\n\texport_id\x18\x01 \x01(\t\"(\n\x13\x43\x61ncelExportRequest\x12\x11\n\texport_id\x18\x01 \x01(\t\"\xe8\x01\n\x0b\x45xportEvent\x12\x11\n\texport_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.backpropagate.v1.JobStatus\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x13\n\x0bstage_index\x18\x05 \x01(\x05\x12\x13\n\x0bstage_count\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12,\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1d.backpropagate.v1.ErrorDetail\x12\x11\n\ttimestamp\x18\t \x01(\x01\"\xa6\x02\n\x12\x45xportVerification\x12\x11\n\tpositions\x18\x01 \x01(\x05\x12\x16\n\x0etop1_agreement\x18\x02 \x01(\x01\x12\x0f\n\x07mean_kl\x18\x03 \x01(\x01\x12\x0e\n\x06passed\x18\x04 \x01(\x08\x12\x1a\n\x12min_top1_agreement\x18\x05 \x01(\x01\x12\x13\n\x0bmax_mean_kl\x18\x06 \x01(\x01\x12\x0f\n\x07warning\x18\x07 \x01(\t\x12\x1c\n\x14perplexity_reference\x18\x08 \x01(\x01\x12\x17\n\x0fperplexity_gguf\x18\t \x01(\x01\x12\x13\n\x0bmerge_error\x18\n \x01(\x01\x12\x1a\n\x12\x64\x65\x63isive_positions\x18\x0b \x01(\x05\x12\x1a\n\x12top1_agreement_all\x18\x0c \x01(\x01\"K\n\nExportFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xe7\x03\n\x0c\x45xportResult\x12\x11\n\texport_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.backpropagate.v1.JobStatus\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x14\n\x0c\x61rtifact_key\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12:\n\x0cverification\x18\t \x01(\x0b\x32$.backpropagate.v1.ExportVerification\x12\x14\n\x0csmoke_prompt\x18\n \x01(\t\x12\x14\n\x0csmoke_answer\x18\x0b \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x0c \x01(\x01\x12,\n\x05\x65rror\x18\r \x01(\x0b\x32\x1d.backpropagate.v1.ErrorDetail\x12+\n\x05\x66iles\x18\x0e \x03(\x0b\x32\x1c.backpropagate.v1.ExportFile\x12\x10\n\x08hub_repo\x18\x0f \x01(\t\x12\x13\n\x0bhub_private\x18\x10 \x01(\x08\x12\x0f\n\x07hub_url\x18\x11 \x01(\t\x12\x12\n\nhub_commit\x18\x12 \x01(\t\"6\n\x17\x44ownloadArtifactRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"1\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\x32\xce\x03\n\rExportService\x12]\n\x0cSubmitExport\x12%.backpropagate.v1.SubmitExportRequest\x1a&.backpropagate.v1.SubmitExportResponse\x12T\n\x0bWatchExport\x12$.backpropagate.v1.WatchExportRequest\x1a\x1d.backpropagate.v1.ExportEvent0\x01\x12O\n\tGetExport\x12\".backpropagate.v1.GetExportRequest\x1a\x1e.backpropagate.v1.ExportResult\x12U\n\x0c\x43\x61ncelExport\x12%.backpropagate.v1.CancelExportRequest\x1a\x1e.backpropagate.v1.ExportResult\x12`\n\x10\x44ownloadArtifact\x12).backpropagate.v1.DownloadArtifactRequest\x1a\x1f.backpropagate.v1.ArtifactChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61\x63kpropagate/v1/export.proto\x12\x10\x62\x61\x63kpropagate.v1\x1a\x1d\x62\x61\x63kpropagate/v1/common.proto\"\x88\x01\n\x13SubmitExportRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x14\n\x0csmoke_prompt\x18\x04 \x01(\t\x12\x10\n\x08hub_repo\x18\x05 \x01(\t\x12\x13\n\x0bhub_private\x18\x06 \x01(\x08\")\n\x14SubmitExportResponse\x12\x11\n\texport_id\x18\x01 \x01(\t\"?\n\x12WatchExportRequest\x12\x11\n\texport_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\"%\n\x10GetExportRequest\x12\x11\n\texport_id\x18\x01 \x01(\t\"(\n\x13\x43\x61ncelExportRequest\x12\x11\n\texport_id\x18\x01 \x01(\t\"\xfa\x01\n\x0b\x45xportEvent\x12\x11\n\texport_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.backpropagate.v1.JobStatus\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x13\n\x0bstage_index\x18\x05 \x01(\x05\x12\x13\n\x0bstage_count\x18\x06 \x01(\x05\x12\x0f\n\x07message\x18\x07 \x01(\t\x12,\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1d.backpropagate.v1.ErrorDetail\x12\x11\n\ttimestamp\x18\t \x01(\x01\x12\x10\n\x08\x65vent_id\x18\n \x01(\t\"\xa6\x02\n\x12\x45xportVerification\x12\x11\n\tpositions\x18\x01 \x01(\x05\x12\x16\n\x0etop1_agreement\x18\x02 \x01(\x01\x12\x0f\n\x07mean_kl\x18\x03 \x01(\x01\x12\x0e\n\x06passed\x18\x04 \x01(\x08\x12\x1a\n\x12min_top1_agreement\x18\x05 \x01(\x01\x12\x13\n\x0bmax_mean_kl\x18\x06 \x01(\x01\x12\x0f\n\x07warning\x18\x07 \x01(\t\x12\x1c\n\x14perplexity_reference\x18\x08 \x01(\x01\x12\x17\n\x0fperplexity_gguf\x18\t \x01(\x01\x12\x13\n\x0bmerge_error\x18\n \x01(\x01\x12\x1a\n\x12\x64\x65\x63isive_positions\x18\x0b \x01(\x05\x12\x1a\n\x12top1_agreement_all\x18\x0c \x01(\x01\"K\n\nExportFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\xe7\x03\n\x0c\x45xportResult\x12\x11\n\texport_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.backpropagate.v1.JobStatus\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x14\n\x0c\x61rtifact_key\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12:\n\x0cverification\x18\t \x01(\x0b\x32$.backpropagate.v1.ExportVerification\x12\x14\n\x0csmoke_prompt\x18\n \x01(\t\x12\x14\n\x0csmoke_answer\x18\x0b \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x0c \x01(\x01\x12,\n\x05\x65rror\x18\r \x01(\x0b\x32\x1d.backpropagate.v1.ErrorDetail\x12+\n\x05\x66iles\x18\x0e \x03(\x0b\x32\x1c.backpropagate.v1.ExportFile\x12\x10\n\x08hub_repo\x18\x0f \x01(\t\x12\x13\n\x0bhub_private\x18\x10 \x01(\x08\x12\x0f\n\x07hub_url\x18\x11 \x01(\t\x12\x12\n\nhub_commit\x18\x12 \x01(\t\"6\n\x17\x44ownloadArtifactRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"1\n\rArtifactChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\x32\xce\x03\n\rExportService\x12]\n\x0cSubmitExport\x12%.backpropagate.v1.SubmitExportRequest\x1a&.backpropagate.v1.SubmitExportResponse\x12T\n\x0bWatchExport\x12$.backpropagate.v1.WatchExportRequest\x1a\x1d.backpropagate.v1.ExportEvent0\x01\x12O\n\tGetExport\x12\".backpropagate.v1.GetExportRequest\x1a\x1e.backpropagate.v1.ExportResult\x12U\n\x0c\x43\x61ncelExport\x12%.backpropagate.v1.CancelExportRequest\x1a\x1e.backpropagate.v1.ExportResult\x12`\n\x10\x44ownloadArtifact\x12).backpropagate.v1.DownloadArtifactRequest\x1a\x1f.backpropagate.v1.ArtifactChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,23 +37,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITEXPORTRESPONSE']._serialized_start=221
   _globals['_SUBMITEXPORTRESPONSE']._serialized_end=262
   _globals['_WATCHEXPORTREQUEST']._serialized_start=264
-  _globals['_WATCHEXPORTREQUEST']._serialized_end=303
-  _globals['_GETEXPORTREQUEST']._serialized_start=305
-  _globals['_GETEXPORTREQUEST']._serialized_end=342
-  _globals['_CANCELEXPORTREQUEST']._serialized_start=344
-  _globals['_CANCELEXPORTREQUEST']._serialized_end=384
-  _globals['_EXPORTEVENT']._serialized_start=387
-  _globals['_EXPORTEVENT']._serialized_end=619
-  _globals['_EXPORTVERIFICATION']._serialized_start=622
-  _globals['_EXPORTVERIFICATION']._serialized_end=916
-  _globals['_EXPORTFILE']._serialized_start=918
-  _globals['_EXPORTFILE']._serialized_end=993
-  _globals['_EXPORTRESULT']._serialized_start=996
-  _globals['_EXPORTRESULT']._serialized_end=1483
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=1485
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=1539
-  _globals['_ARTIFACTCHUNK']._serialized_start=1541
-  _globals['_ARTIFACTCHUNK']._serialized_end=1590
-  _globals['_EXPORTSERVICE']._serialized_start=1593
-  _globals['_EXPORTSERVICE']._serialized_end=2055
+  _globals['_WATCHEXPORTREQUEST']._serialized_end=327
+  _globals['_GETEXPORTREQUEST']._serialized_start=329
+  _globals['_GETEXPORTREQUEST']._serialized_end=366
+  _globals['_CANCELEXPORTREQUEST']._serialized_start=368
+  _globals['_CANCELEXPORTREQUEST']._serialized_end=408
+  _globals['_EXPORTEVENT']._serialized_start=411
+  _globals['_EXPORTEVENT']._serialized_end=661
+  _globals['_EXPORTVERIFICATION']._serialized_start=664
+  _globals['_EXPORTVERIFICATION']._serialized_end=958
+  _globals['_EXPORTFILE']._serialized_start=960
+  _globals['_EXPORTFILE']._serialized_end=1035
+  _globals['_EXPORTRESULT']._serialized_start=1038
+  _globals['_EXPORTRESULT']._serialized_end=1525
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=1527
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=1581
+  _globals['_ARTIFACTCHUNK']._serialized_start=1583
+  _globals['_ARTIFACTCHUNK']._serialized_end=1632
+  _globals['_EXPORTSERVICE']._serialized_start=1635
+  _globals['_EXPORTSERVICE']._serialized_end=2097
 # @@protoc_insertion_point(module_scope)

@@ -83,15 +83,19 @@ class WatchExportRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EXPORT_ID_FIELD_NUMBER: _builtins.int
+    AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
     export_id: _builtins.str
+    after_event_id: _builtins.str
+    """as WatchRunRequest's: go on after this event"""
     def __init__(
         self,
         *,
         export_id: _builtins.str = ...,
+        after_event_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["export_id", b"export_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "export_id", b"export_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -148,6 +152,7 @@ class ExportEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     TIMESTAMP_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
     export_id: _builtins.str
     run_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
@@ -157,6 +162,8 @@ class ExportEvent(_message.Message):
     stage_count: _builtins.int
     message: _builtins.str
     timestamp: _builtins.float
+    event_id: _builtins.str
+    """its place in the export's events (after_event_id)"""
     @_builtins.property
     def error(self) -> _common_pb2.ErrorDetail: ...
     def __init__(
@@ -171,10 +178,11 @@ class ExportEvent(_message.Message):
         message: _builtins.str = ...,
         error: _common_pb2.ErrorDetail | None = ...,
         timestamp: _builtins.float = ...,
+        event_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "export_id", b"export_id", "message", b"message", "run_id", b"run_id", "stage", b"stage", "stage_count", b"stage_count", "stage_index", b"stage_index", "status", b"status", "timestamp", b"timestamp"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event_id", b"event_id", "export_id", b"export_id", "message", b"message", "run_id", b"run_id", "stage", b"stage", "stage_count", b"stage_count", "stage_index", b"stage_index", "status", b"status", "timestamp", b"timestamp"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -475,15 +475,21 @@ class WatchRunRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_ID_FIELD_NUMBER: _builtins.int
+    AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
+    after_event_id: _builtins.str
+    """Go on after this event (a RunEvent's event_id): a watch that ended idle, or a dropped
+    connection, is taken up without repeating what was seen. Empty: from the first event.
+    """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
+        after_event_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -516,6 +522,7 @@ class RunEvent(_message.Message):
     CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
     CAMPAIGN_RUN_FIELD_NUMBER: _builtins.int
     MERGE_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     step: _builtins.int
@@ -550,6 +557,8 @@ class RunEvent(_message.Message):
     """Campaigns: a child run's events carry its place; the campaign's "merged" events the merge."""
     campaign_run: _builtins.int
     """1-based"""
+    event_id: _builtins.str
+    """its place in the run's events (WatchRunRequest.after_event_id)"""
     @_builtins.property
     def error(self) -> _common_pb2.ErrorDetail:
         """set when status is FAILED"""
@@ -582,10 +591,11 @@ class RunEvent(_message.Message):
         campaign_id: _builtins.str = ...,
         campaign_run: _builtins.int = ...,
         merge: Global___MergePoint | None = ...,
+        event_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "merge", b"merge"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch_size", b"batch_size", "campaign_id", b"campaign_id", "campaign_run", b"campaign_run", "epoch", b"epoch", "error", b"error", "eta_seconds", b"eta_seconds", "eval_loss", b"eval_loss", "gradient_accumulation", b"gradient_accumulation", "kind", b"kind", "learning_rate", b"learning_rate", "loss", b"loss", "merge", b"merge", "message", b"message", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "safety_level", b"safety_level", "status", b"status", "step", b"step", "timestamp", b"timestamp", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch_size", b"batch_size", "campaign_id", b"campaign_id", "campaign_run", b"campaign_run", "epoch", b"epoch", "error", b"error", "eta_seconds", b"eta_seconds", "eval_loss", b"eval_loss", "event_id", b"event_id", "gradient_accumulation", b"gradient_accumulation", "kind", b"kind", "learning_rate", b"learning_rate", "loss", b"loss", "merge", b"merge", "message", b"message", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "safety_level", b"safety_level", "status", b"status", "step", b"step", "timestamp", b"timestamp", "tokens_per_second", b"tokens_per_second", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,144 @@
+"""What every server checks before a call reaches a servicer: the caller's token, and that the
+server has room for one more call.
+
+Health checks pass both: orchestrators probe without credentials, and a server full of watches
+must still say it is alive. The checks are interceptors, so no servicer can forget them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from backpropagate_services.common.errors import (
+    AuthFailedError,
+    BackpropagateError,
+    ServerBusyError,
+)
+from backpropagate_services.common.grpc_errors import error_to_status
+
+HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
+AUTHORIZATION = "authorization"
+
+Handler = Any  # grpc.RpcMethodHandler: grpc ships no type hints
+
+
+def _handler_kind(handler: Handler) -> str:
+    streams_in = "stream" if handler.request_streaming else "unary"
+    streams_out = "stream" if handler.response_streaming else "unary"
+    return f"{streams_in}_{streams_out}"
+
+
+def _rejecting(handler: Handler, error: BackpropagateError) -> Handler:
+    """A handler of `handler`'s shape that answers every call with `error`."""
+
+    def reject(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort_with_status(error_to_status(error))
+
+    kind = _handler_kind(handler)
+    make = getattr(grpc, f"{kind}_rpc_method_handler")
+    return make(  # type: ignore[no-any-return]
+        reject,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Every call but a health check carries `authorization: Bearer <token>`, or is refused
+    with INPUT_AUTH_FAILED (UNAUTHENTICATED) before any servicer code runs."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = continuation(details)
+        if handler is None or details.method.startswith(HEALTH_METHOD_PREFIX):
+            return handler
+        given = dict(details.invocation_metadata or ()).get(AUTHORIZATION, "")
+        if hmac.compare_digest(str(given).encode(), self._expected):
+            return handler
+        reason = "carries no token" if not given else "carries a token that is not this stack's"
+        return _rejecting(handler, AuthFailedError(f"The call to {details.method} {reason}."))
+
+
+class CallLimits(grpc.ServerInterceptor):  # type: ignore[misc]
+    """At most `calls` calls at once, of them at most `streams` server-streaming ones (watches,
+    downloads); beyond that a call is refused at once with RUNTIME_SERVER_BUSY
+    (RESOURCE_EXHAUSTED).
+
+    A call takes its slots when it starts running and gives them back when it returns, or for
+    a streaming call when its stream ends or the client leaves. The server's thread pool is
+    larger than `calls` (see `grpc_server`), so threads stay free for health checks and for
+    refusing: a hundred watches cannot wedge a server."""
+
+    def __init__(self, calls: int, streams: int) -> None:
+        self.limits = (calls, min(streams, calls))
+        self.calls = threading.BoundedSemaphore(self.limits[0])
+        self.streams = threading.BoundedSemaphore(self.limits[1])
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = continuation(details)
+        if handler is None or details.method.startswith(HEALTH_METHOD_PREFIX):
+            return handler
+        kind = _handler_kind(handler)
+        behaviour = getattr(handler, kind)
+        streaming = bool(handler.response_streaming)
+
+        if streaming:
+
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                taken = self._take(True, details.method, context)
+                try:
+                    yield from behaviour(request, context)
+                finally:
+                    _release(taken)
+
+        else:
+
+            def call(request: Any, context: grpc.ServicerContext) -> Any:  # type: ignore[misc]
+                taken = self._take(False, details.method, context)
+                try:
+                    return behaviour(request, context)
+                finally:
+                    _release(taken)
+
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        return make(  # type: ignore[no-any-return]
+            call,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _take(
+        self, streaming: bool, method: str, context: grpc.ServicerContext
+    ) -> list[threading.BoundedSemaphore]:
+        """This call's slots, or the call aborted as RUNTIME_SERVER_BUSY."""
+        slots = [self.calls, self.streams] if streaming else [self.calls]
+        taken = [slot for slot in slots if slot.acquire(blocking=False)]
+        if len(taken) < len(slots):
+            _release(taken)
+            limit = self.limits[1] if streaming else self.limits[0]
+            what = "streaming calls" if streaming else "calls"
+            error = ServerBusyError(
+                f"The server already runs {limit} {what}; {method} was refused.", limit=limit
+            )
+            context.abort_with_status(error_to_status(error))  # raises
+        return taken
+
+
+def _release(taken: list[threading.BoundedSemaphore]) -> None:
+    for slot in taken:
+        slot.release()
