@@ -36,9 +36,17 @@ CSV_COLUMNS = ("run_id", "created_at", *METRICS)
 def list_runs(
     connection: Connection, *, status: str = "", limit: int = 0
 ) -> list[trainer_pb2.RunRecord]:
-    """Newest first; `status` is a status name as `runs list` shows it (e.g. "failed")."""
-    request = trainer_pb2.ListRunsRequest(limit=limit, status=parse_status(status))
-    return list(connection.call("trainer", connection.trainer.ListRuns, request).runs)
+    """Newest first, `limit` of them (0: all), a page at a time; `status` is a status name as
+    `runs list` shows it (e.g. "failed")."""
+    request = trainer_pb2.ListRunsRequest(status=parse_status(status))
+    runs: list[trainer_pb2.RunRecord] = []
+    while True:
+        request.limit = limit - len(runs) if limit else 0
+        page = connection.call("trainer", connection.trainer.ListRuns, request)
+        runs.extend(page.runs)
+        if not page.next_page_token or (limit and len(runs) >= limit):
+            return runs
+        request.page_token = page.next_page_token
 
 
 def parse_status(status: str) -> common_pb2.JobStatus.ValueType:

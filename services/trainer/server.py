@@ -59,6 +59,7 @@ from backpropagate_services.trainer.memory_estimate import (
     read_tokenizer,
 )
 from backpropagate_services.trainer.preference import check_method
+from backpropagate_services.trainer.run_listing import list_runs_page
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
 from backpropagate_services.trainer.token_stats import token_stats
 from backpropagate_services.trainer.tracking import resolve_report_to
@@ -214,14 +215,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def ListRuns(
         self, request: trainer_pb2.ListRunsRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.ListRunsResponse:
-        keys = [key for key in self.store.list("runs/") if key.endswith("/run.json")]
-        records = [load_record(self.store, key, trainer_pb2.RunRecord, "run") for key in keys]
-        if request.status:
-            records = [record for record in records if record.status == request.status]
-        records.sort(key=lambda record: record.created_at, reverse=True)
-        if request.limit > 0:
-            records = records[: request.limit]
-        return trainer_pb2.ListRunsResponse(runs=records)
+        return list_runs_page(self.store, request)
 
     @translate_errors
     def ImportAdapter(
