@@ -36,6 +36,12 @@ class QueueSettings(BaseModel):
     visibility_timeout_seconds: float = Field(
         60.0, description="A claimed job not acked or touched for this long is redelivered."
     )
+    events_ttl_seconds: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="A job's event channel with no new event for this long is deleted (its "
+        "record stays): a long-lived stack does not grow without bound.",
+    )
     max_attempts: int = Field(
         3,
         ge=1,

@@ -14,7 +14,7 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
-from servers import LOOPBACK, free_port
+from servers import LOOPBACK, free_port, wait_until
 
 from backpropagate_services.common.errors import QueueUnavailableError
 from backpropagate_services.common.queue.base import JobQueue
@@ -26,7 +26,7 @@ VISIBILITY_TIMEOUT = 0.5
 GENEROUS = 5.0
 
 
-Opener = Callable[[], JobQueue]
+Opener = Callable[..., JobQueue]
 
 
 @contextmanager
@@ -36,18 +36,20 @@ def fresh_queue(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> It
     namespace = f"test-{uuid4().hex}"
     opened: list[JobQueue] = []
 
-    def open_handle() -> JobQueue:
+    def open_handle(**options: float) -> JobQueue:
+        """`options`: the implementations' own (events_ttl)."""
         handle: JobQueue
         if kind == "redis":
             handle = RedisStreamsQueue(
                 request.getfixturevalue("redis_url"),
                 namespace=namespace,
                 visibility_timeout=VISIBILITY_TIMEOUT,
+                **options,
             )
         else:
             in_memory = kind == "embedded-in-memory"
             path = None if in_memory else tmp_path / "queue.sqlite3"
-            handle = EmbeddedQueue(visibility_timeout=VISIBILITY_TIMEOUT, path=path)
+            handle = EmbeddedQueue(visibility_timeout=VISIBILITY_TIMEOUT, path=path, **options)
         opened.append(handle)
         return handle
 
@@ -450,3 +452,18 @@ def test_unreachable_redis_raises_queue_unavailable_naming_the_address() -> None
 
     with pytest.raises(QueueUnavailableError, match=f"{LOOPBACK}:{port}"):
         RedisStreamsQueue(f"redis://{LOOPBACK}:{port}/0", namespace="bp", visibility_timeout=1)
+
+
+def test_a_channel_without_new_events_for_its_ttl_goes_whole(open_queue: Opener) -> None:
+    queue = open_queue(events_ttl=1.0)
+    queue.publish("run-quiet", {"step": 1})
+    queue.publish("run-busy", {"step": 1})
+    for step in (2, 3, 4):  # the busy channel's events keep it alive
+        time.sleep(0.5)
+        queue.publish("run-busy", {"step": step})
+    # Redis expires on its own clock; the embedded queue when an event is published.
+    wait_until(lambda: not queue.read("run-quiet", "", 0), what="expiry", timeout=5)
+    assert [event.data["step"] for event in queue.read("run-busy", "", 0)] == [1, 2, 3, 4]
+    assert queue.read("run-quiet", "", 0) == []
+    queue.publish("run-quiet", {"step": 9})  # a channel that comes back starts afresh
+    assert [event.data["step"] for event in queue.read("run-quiet", "", 0)] == [9]

@@ -23,6 +23,9 @@ JsonDict = dict[str, Any]
 # Both implementations keep only this many of a channel's newest events: a late reader replays a
 # run's history, but a long-lived channel must not grow without bound.
 EVENTS_KEPT_PER_CHANNEL = 10_000
+# And a channel without a new event for this long goes whole (QueueSettings.events_ttl_seconds):
+# the record of a job outlives its events, and a stack that ran many jobs holds only recent ones.
+EVENTS_TTL_SECONDS = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -127,10 +130,12 @@ def make_queue(settings: Settings) -> JobQueue:
             settings.queue.redis_url,
             namespace=settings.queue.namespace,
             visibility_timeout=settings.queue.visibility_timeout_seconds,
+            events_ttl=settings.queue.events_ttl_seconds,
         )
     from backpropagate_services.common.queue.embedded import EmbeddedQueue
 
     return EmbeddedQueue(
         visibility_timeout=settings.queue.visibility_timeout_seconds,
         path=settings.queue.embedded_path or settings.home / "queue.sqlite3",
+        events_ttl=settings.queue.events_ttl_seconds,
     )

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from backpropagate_services.common.queue.base import (
     EVENTS_KEPT_PER_CHANNEL,
+    EVENTS_TTL_SECONDS,
     DeadLetter,
     Event,
     Job,
@@ -56,8 +57,14 @@ def _held(job: Job, consumer: str) -> tuple[str, int, str]:
 
 
 class EmbeddedQueue(JobQueue):
-    def __init__(self, visibility_timeout: float, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        visibility_timeout: float,
+        path: Path | None = None,
+        events_ttl: float = EVENTS_TTL_SECONDS,
+    ) -> None:
         self._visibility_timeout = visibility_timeout
+        self._events_ttl = events_ttl
         self._where = str(path) if path is not None else ":memory:"
         # One lock guards the connection and wakes this process's waiters; `_writes` counts the
         # commits that changed something, so a waiter tells a real change from a timeout.
@@ -209,6 +216,18 @@ class EmbeddedQueue(JobQueue):
                 "WHERE channel = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
                 (channel, channel, EVENTS_KEPT_PER_CHANNEL),
             )
+            # This channel lives on; those quiet for events_ttl go whole, as Redis expires them.
+            now = time.time()
+            db.execute(
+                "INSERT INTO channels (channel, last_event) VALUES (?, ?) "
+                "ON CONFLICT (channel) DO UPDATE SET last_event = excluded.last_event",
+                (channel, now),
+            )
+            expired = "SELECT channel FROM channels WHERE last_event < ?"
+            db.execute(
+                f"DELETE FROM events WHERE channel IN ({expired})", (now - self._events_ttl,)
+            )
+            db.execute("DELETE FROM channels WHERE last_event < ?", (now - self._events_ttl,))
         return _identifier(number)
 
     def read(self, channel: str, after: str, timeout: float) -> list[Event]:

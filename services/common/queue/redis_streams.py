@@ -27,6 +27,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 from backpropagate_services.common.errors import QueueUnavailableError
 from backpropagate_services.common.queue.base import (
     EVENTS_KEPT_PER_CHANNEL,
+    EVENTS_TTL_SECONDS,
     DeadLetter,
     Event,
     Job,
@@ -118,8 +119,16 @@ def _stream_entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
 
 
 class RedisStreamsQueue(JobQueue):
-    def __init__(self, redis_url: str, *, namespace: str, visibility_timeout: float) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        namespace: str,
+        visibility_timeout: float,
+        events_ttl: float = EVENTS_TTL_SECONDS,
+    ) -> None:
         self._namespace = namespace
+        self._events_ttl_ms = max(int(events_ttl * 1000), 1)
         self._visibility_timeout = visibility_timeout
         self._min_idle_ms = int(visibility_timeout * 1000)  # idle longer: the worker is gone
         self._client = redis.Redis.from_url(
@@ -270,13 +279,14 @@ class RedisStreamsQueue(JobQueue):
             return bool(self._client.xrange(self._jobs_key(queue), job_id, job_id))
 
     def publish(self, channel: str, data: JsonDict) -> str:
+        key = self._events_key(channel)
         with self._reachable():
-            event_id = self._client.xadd(
-                self._events_key(channel),
-                {FIELD: json.dumps(data)},
-                maxlen=EVENTS_KEPT_PER_CHANNEL,
-                approximate=True,
+            pipeline = self._client.pipeline()  # MULTI/EXEC: no event without its expiry
+            pipeline.xadd(
+                key, {FIELD: json.dumps(data)}, maxlen=EVENTS_KEPT_PER_CHANNEL, approximate=True
             )
+            pipeline.pexpire(key, self._events_ttl_ms)  # each event renews the channel's life
+            event_id, _ = pipeline.execute()
             return str(event_id)
 
     def read(self, channel: str, after: str, timeout: float) -> list[Event]:

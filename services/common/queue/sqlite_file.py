@@ -42,6 +42,12 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_channel ON events (channel, id);
+-- When each channel last had an event (wall-clock): quiet ones expire (EVENTS_TTL_SECONDS).
+CREATE TABLE IF NOT EXISTS channels (
+    channel TEXT PRIMARY KEY,
+    last_event REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS channels_by_last_event ON channels (last_event);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     queue TEXT NOT NULL,
