@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from backpropagate.v1 import common_pb2
 from backpropagate_services.common.errors import DependencyError, NotFoundError
 from backpropagate_services.common.queue import JobQueue
+from backpropagate_services.common.redaction import redact
 from backpropagate_services.common.store import ArtifactStore
 
 M = TypeVar("M", bound=Message)
@@ -40,7 +41,19 @@ def from_json(data: dict[str, object], cls: type[M]) -> M:
 
 
 def save_record(store: ArtifactStore, key: str, record: Message) -> None:
-    store.put_json(key, to_json(record))
+    """Store `record` with every string in it redacted: a credential a caller put in a config
+    field (a token in a URL, `api_key=...`) never reaches the store, nor `runs show`."""
+    store.put_json(key, _redacted(to_json(record)))
+
+
+def _redacted(value: object) -> object:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_redacted(item) for item in value]
+    if isinstance(value, dict):
+        return {name: _redacted(item) for name, item in value.items()}
+    return value
 
 
 def load_record(store: ArtifactStore, key: str, cls: type[M], what: str) -> M:

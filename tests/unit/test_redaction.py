@@ -8,15 +8,19 @@ import io
 import logging
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
 
 import backpropagate  # noqa: F401  # the client first: grpc_errors imports its generated code
+from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.errors import NotFoundError
 from backpropagate_services.common.grpc_errors import error_from_rpc, translate_errors
 from backpropagate_services.common.logs import LOG_FORMAT, RedactingFormatter, RunIdFilter
+from backpropagate_services.common.records import load_record, save_record
 from backpropagate_services.common.redaction import redact
+from backpropagate_services.common.store.local import LocalDirStore
 
 # (text holding a secret, the secret itself, what redaction leaves)
 SECRETS = [
@@ -135,3 +139,25 @@ def test_an_unexpected_exception_reaches_the_client_as_a_code_and_a_log_referenc
     assert reference in error.message
     [logged] = [record for record in caplog.records if reference in record.getMessage()]
     assert logged.exc_info is not None  # the whole story is in the log, under that reference
+
+
+@pytest.mark.parametrize(("text", "secret", "left"), SECRETS, ids=IDS)
+def test_a_stored_record_holds_no_secret_a_caller_put_in_its_config(
+    text: str, secret: str, left: str, tmp_path: Path
+) -> None:
+    store = LocalDirStore(tmp_path)
+    record = trainer_pb2.RunRecord(
+        run_id="run-20261206T130000-abcdef",
+        base_model=text,
+        config=trainer_pb2.TrainConfig(base_model=text, target_modules=["q_proj", text]),
+        error=common_pb2.ErrorDetail(message=text, context={"field": text}),
+    )
+    save_record(store, "runs/run-20261206T130000-abcdef/run.json", record)
+
+    stored = (tmp_path / "runs/run-20261206T130000-abcdef/run.json").read_text()
+    assert secret not in stored
+    loaded = load_record(
+        store, "runs/run-20261206T130000-abcdef/run.json", trainer_pb2.RunRecord, "run"
+    )
+    assert left in loaded.config.base_model and left in loaded.config.target_modules[1]
+    assert loaded.config.target_modules[0] == "q_proj" and loaded.run_id == record.run_id
