@@ -18,6 +18,7 @@ from backpropagate_services.common.errors import (
     AuthFailedError,
     BackpropagateError,
     ServerBusyError,
+    UserError,
 )
 from backpropagate_services.common.grpc_errors import error_to_status
 
@@ -27,10 +28,27 @@ AUTHORIZATION = "authorization"
 Handler = Any  # grpc.RpcMethodHandler: grpc ships no type hints
 
 
-def _handler_kind(handler: Handler) -> str:
+def _behaviour(handler: Handler) -> Callable[..., Any]:
+    """The servicer function `handler` calls (unary_unary, stream_unary, ...)."""
     streams_in = "stream" if handler.request_streaming else "unary"
     streams_out = "stream" if handler.response_streaming else "unary"
-    return f"{streams_in}_{streams_out}"
+    return getattr(handler, f"{streams_in}_{streams_out}")  # type: ignore[no-any-return]
+
+
+def _rebuilt(
+    handler: Handler,
+    behaviour: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> Handler:
+    """A handler of `handler`'s shape that calls `behaviour` instead."""
+    streams_in = "stream" if handler.request_streaming else "unary"
+    streams_out = "stream" if handler.response_streaming else "unary"
+    make = getattr(grpc, f"{streams_in}_{streams_out}_rpc_method_handler")
+    return make(
+        behaviour,
+        request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _rejecting(handler: Handler, error: BackpropagateError) -> Handler:
@@ -39,13 +57,7 @@ def _rejecting(handler: Handler, error: BackpropagateError) -> Handler:
     def reject(_request: Any, context: grpc.ServicerContext) -> Any:
         context.abort_with_status(error_to_status(error))
 
-    kind = _handler_kind(handler)
-    make = getattr(grpc, f"{kind}_rpc_method_handler")
-    return make(  # type: ignore[no-any-return]
-        reject,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return _rebuilt(handler, reject)
 
 
 class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -93,11 +105,9 @@ class CallLimits(grpc.ServerInterceptor):  # type: ignore[misc]
         handler = continuation(details)
         if handler is None or details.method.startswith(HEALTH_METHOD_PREFIX):
             return handler
-        kind = _handler_kind(handler)
-        behaviour = getattr(handler, kind)
-        streaming = bool(handler.response_streaming)
+        behaviour = _behaviour(handler)
 
-        if streaming:
+        if handler.response_streaming:
 
             def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 taken = self._take(True, details.method, context)
@@ -115,12 +125,7 @@ class CallLimits(grpc.ServerInterceptor):  # type: ignore[misc]
                 finally:
                     _release(taken)
 
-        make = getattr(grpc, f"{kind}_rpc_method_handler")
-        return make(  # type: ignore[no-any-return]
-            call,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return _rebuilt(handler, call)
 
     def _take(
         self, streaming: bool, method: str, context: grpc.ServicerContext
@@ -142,3 +147,52 @@ class CallLimits(grpc.ServerInterceptor):  # type: ignore[misc]
 def _release(taken: list[threading.BoundedSemaphore]) -> None:
     for slot in taken:
         slot.release()
+
+
+class _Unreadable:
+    """What a request that is not its method's message deserialises to (see ReadableRequests)."""
+
+    def __init__(self, method: str, error: Exception) -> None:
+        self.error = UserError(
+            f"The request to {method} is not a valid message of its type: {error}.",
+            hint="Send the request the method's proto defines (backpropagate/v1).",
+        )
+
+
+class ReadableRequests(grpc.ServerInterceptor):  # type: ignore[misc]
+    """A request whose bytes are no message of its type is INPUT_INVALID (INVALID_ARGUMENT)
+    from the servicer's own error path, not gRPC's bare INTERNAL: a unary call is refused
+    before the servicer runs; a client stream raises the error where the servicer reads the
+    bad message, so what it did before is undone as for any other bad input."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        behaviour = _behaviour(handler)
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:  # protobuf's DecodeError, or any parser's
+                return _Unreadable(details.method, exc)
+
+        def checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
+            for request in requests:
+                if isinstance(request, _Unreadable):
+                    raise request.error
+                yield request
+
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            if handler.request_streaming:
+                return behaviour(checked_stream(request), context)
+            if isinstance(request, _Unreadable):
+                context.abort_with_status(error_to_status(request.error))
+            return behaviour(request, context)
+
+        return _rebuilt(handler, call, deserialize)

@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from backpropagate_services.common.channels import is_loopback, server_credentials
 from backpropagate_services.common.errors import AuthRequiredError, ConfigError
-from backpropagate_services.common.grpc_guards import CallLimits, TokenAuth
+from backpropagate_services.common.grpc_guards import CallLimits, ReadableRequests, TokenAuth
 from backpropagate_services.common.settings import Settings
 
 # Threads beyond the call limit: for health checks and for refusing calls over it.
@@ -35,7 +35,8 @@ def bind_server(address: str, settings: Settings) -> tuple[grpc.Server, int]:
         )
     limits = settings.server
     interceptors: list[grpc.ServerInterceptor] = [
-        CallLimits(limits.max_concurrent_calls, limits.max_concurrent_streams)
+        CallLimits(limits.max_concurrent_calls, limits.max_concurrent_streams),
+        ReadableRequests(),
     ]
     if token:
         interceptors.insert(0, TokenAuth(token))

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,12 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+# Longer than any path Linux opens or any Hub id: refused before the filesystem is asked.
+MAX_SPEC_LENGTH = 4096
+# A Hugging Face repo id as the Hub allows it: [owner/]name, letters, digits, '-', '_', '.'.
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
+
+
 def resolve_model(spec: str, default: str = "auto") -> ModelSource:
     """Turn what the user typed into a source, failing early with a clear error."""
     spec = (spec or default or "auto").strip()
@@ -76,6 +83,28 @@ def resolve_model(spec: str, default: str = "auto") -> ModelSource:
         return ModelSource(
             "gguf", str(smollm2_gguf_path()), "SmolLM2-135M-Instruct", OFFLINE_DEFAULT_ALIAS
         )
+    if len(spec) > MAX_SPEC_LENGTH:
+        raise ModelNotFoundError(
+            f"A model name of {len(spec):,} characters names no model.", model=spec[:200]
+        )
+    try:
+        local = _local_model(spec)
+    except OSError as exc:  # a name no filesystem holds (a part over 255 bytes, ...)
+        raise ModelNotFoundError(
+            f"Model path not usable: {spec[:200]} ({exc.strerror}).", model=spec[:200]
+        ) from None
+    if local is not None:
+        return local
+    if not HUB_ID.fullmatch(spec):
+        raise ModelNotFoundError(
+            f"{spec[:200]!r} is neither a local model nor a Hugging Face id (owner/name).",
+            model=spec[:200],
+        )
+    return ModelSource("hub", spec, spec.split("/")[-1], spec)
+
+
+def _local_model(spec: str) -> ModelSource | None:
+    """The GGUF file or HF directory `spec` names; None for what can only be a hub id."""
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -89,8 +118,8 @@ def resolve_model(spec: str, default: str = "auto") -> ModelSource:
             )
         return ModelSource("hf_dir", str(path.resolve()), path.resolve().name, str(path.resolve()))
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
-        raise ModelNotFoundError(f"Model path not found: {spec}", model=spec)
-    return ModelSource("hub", spec, spec.split("/")[-1], spec)
+        raise ModelNotFoundError(f"Model path not found: {spec[:200]}", model=spec[:200])
+    return None
 
 
 def check_model_allowed(source: ModelSource, caller: str, allowed_dirs: Sequence[Path]) -> None:
