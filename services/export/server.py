@@ -34,6 +34,11 @@ from backpropagate_services.export.worker import ExportWorker
 SERVICE_NAME = export_pb2.DESCRIPTOR.services_by_name["ExportService"].full_name
 
 
+# The smoke test asks the exported model one short question; a prompt longer than this would
+# only fill the model's context (and the worker's time) late, after the merge and conversion.
+MAX_SMOKE_PROMPT_CHARS = 4000
+
+
 class ExportServicer(export_pb2_grpc.ExportServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self.store = runtime.store
@@ -48,6 +53,13 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
         self, request: export_pb2.SubmitExportRequest, context: grpc.ServicerContext
     ) -> export_pb2.SubmitExportResponse:
         export_format = check_format(request.format)
+        if len(request.smoke_prompt) > MAX_SMOKE_PROMPT_CHARS:
+            raise ConfigError(
+                f"The smoke prompt is {len(request.smoke_prompt):,} characters; at most "
+                f"{MAX_SMOKE_PROMPT_CHARS:,} are taken.",
+                hint="A short question is all the smoke test needs.",
+                fields="smoke_prompt",
+            )
         if request.quantization:
             check_quantization(request.quantization)
         if request.hub_repo:

@@ -209,6 +209,10 @@ def hostile_requests(stack: Stack) -> dict[str, tuple[Callable[[], object], str]
             connection.stream("export", connection.export.DownloadArtifact, request)
         )
 
+    def export(**fields: object) -> Callable[[], object]:
+        request = export_pb2.SubmitExportRequest(run_id="run-20261206T000000-000000", **fields)  # type: ignore[arg-type]
+        return lambda: connection.call("export", connection.export.SubmitExport, request)
+
     def import_adapter(messages: list[trainer_pb2.ImportAdapterRequest]) -> Callable[[], object]:
         return lambda: connection.call("trainer", trainer.ImportAdapter, iter(messages))
 
@@ -289,6 +293,10 @@ def hostile_requests(stack: Stack) -> dict[str, tuple[Callable[[], object], str]
             download(key="../../etc/passwd"),
             "INPUT_ARTIFACT_NOT_DOWNLOADABLE",
         ),
+        "export in an unknown format": (export(format="exe"), config),
+        "export at an unknown quantisation": (export(quantization="q1_evil"), config),
+        "export with a megabyte smoke prompt": (export(smoke_prompt="why? " * 200_000), config),
+        "push to a Hub repo named ../evil": (export(format="adapter", hub_repo="../evil"), config),
         "safety watch every -1 s": (
             lambda: list(
                 connection.stream(
