@@ -52,6 +52,7 @@ bench: setup
 	$(PY) bench/trainer_methods.py
 	$(PY) bench/upload_memory.py
 	$(PY) bench/dedup_speed.py
+	$(PY) bench/train_speed.py
 	$(PY) bench/slao.py
 
 lint: setup

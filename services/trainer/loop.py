@@ -31,6 +31,7 @@ from backpropagate_services.trainer.adapter_factors import as_parameters
 from backpropagate_services.trainer.checkpoints import TrainingState
 from backpropagate_services.trainer.data_selection import select_examples
 from backpropagate_services.trainer.lora import apply_adapter
+from backpropagate_services.trainer.packing import Batch, packed_batches, packing_works
 from backpropagate_services.trainer.slao import Adapter
 from backpropagate_services.trainer.templating import (
     IGNORE_INDEX,
@@ -171,11 +172,14 @@ class LoraTraining:
         oom_drill_step: int | None = None,
         eval_conversations: Sequence[SftRow] = (),
         start: Adapter | None = None,
+        packing: bool = True,
     ) -> None:
         """`eval_conversations`: held out; their mean token loss is measured every
         `eval_every` steps, the best weights by it are the ones the run ends with, and early
         stopping watches it. `start`: LoRA factors to start from instead of LoRA's
-        initialisation (a campaign's run goes on from the last: see `slao`).
+        initialisation (a campaign's run goes on from the last: see `slao`). `packing`:
+        several conversations a row where the model honours position resets (`packing`);
+        False pads each conversation's row to the micro-batch's longest.
         `oom_drill_step`: a fault drill, raising a real out-of-memory
         error inside that step (once) so the recovery path runs for real."""
         self.config = config.validate()
@@ -201,6 +205,11 @@ class LoraTraining:
         self.oom_recovery = oom_recovery
         self.oom_drill_step = oom_drill_step
         self._select_examples(model)
+        # Logits of a packed row match those of its parts to ~1e-5 in fp32; bf16 rounds more.
+        tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 1e-1
+        self.packing = packing and packing_works(model, tolerance)
+        if packing and not self.packing:
+            log.warning("this model's attention ignores position resets: rows are padded")
 
         torch.manual_seed(config.seed)  # LoRA init and dropout; data order has its own Random
         self.model = apply_adapter(model, config)
@@ -415,14 +424,22 @@ class LoraTraining:
         """Mean cross-entropy over every trained token of the eval set (dropout off)."""
         self.model.eval()
         total, tokens = 0.0, 0
-        examples = self.eval_examples
-        for start in range(0, len(examples), self.micro_batch_size):
-            input_ids, attention_mask, labels = collate(
-                examples[start : start + self.micro_batch_size], self.pad_id, self.device
-            )
-            total += float(summed_token_loss(self.model, input_ids, attention_mask, labels))
-            tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+        for batch in self._micro_batches(self.eval_examples):
+            total += float(summed_token_loss(self.model, batch))
+            tokens += int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
         return total / max(tokens, 1)
+
+    def _micro_batches(self, examples: Sequence[TokenizedExample]) -> list[Batch]:
+        """`examples` as micro-batches of `micro_batch_size` rows: packed (`packing`) where the
+        model honours position resets, else one conversation a row, padded."""
+        if not examples:
+            return []
+        if self.packing:
+            return packed_batches(examples, self.micro_batch_size, self.pad_id, self.device)
+        return [
+            collate(examples[start : start + self.micro_batch_size], self.pad_id, self.device)
+            for start in range(0, len(examples), self.micro_batch_size)
+        ]
 
     def _step_with_oom_recovery(
         self, step: int, indices: list[int], hooks: TrainingHooks
@@ -467,21 +484,17 @@ class LoraTraining:
 
     def _step(self, step: int, indices: list[int]) -> tuple[float, int, float]:
         """One optimizer step over `indices`: (mean loss, trained tokens, learning rate)."""
-        examples = [self.dataset.examples[i] for i in indices]
-        micro_batches = [
-            collate(examples[i : i + self.micro_batch_size], self.pad_id, self.device)
-            for i in range(0, len(examples), self.micro_batch_size)
-        ]
+        micro_batches = self._micro_batches([self.dataset.examples[i] for i in indices])
         # Position t predicts token t + 1; only positions whose next token is trained count.
         trained_tokens = sum(
-            int((labels[:, 1:] != IGNORE_INDEX).sum()) for *_, labels in micro_batches
+            int((batch.labels[:, 1:] != IGNORE_INDEX).sum()) for batch in micro_batches
         )
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for input_ids, attention_mask, labels in micro_batches:
-            if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
+        for batch in micro_batches:
+            if not bool((batch.labels[:, 1:] != IGNORE_INDEX).any()):
                 continue
-            summed = summed_token_loss(self.model, input_ids, attention_mask, labels)
+            summed = summed_token_loss(self.model, batch)
             if step == self.oom_drill_step:
                 self.oom_drill_step = None  # once
                 raise torch.OutOfMemoryError(f"Fault drill: out of memory at step {step}.")
@@ -567,19 +580,15 @@ class BatchSampler:
         self.pending = list(state["pending"])
 
 
-def summed_token_loss(
-    model: PreTrainedModel | PeftModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    labels: torch.Tensor,
-) -> torch.Tensor:
+def summed_token_loss(model: PreTrainedModel | PeftModel, batch: Batch) -> torch.Tensor:
     """The loss, in plain sight: cross-entropy of the logits at position t against the token at
-    t + 1, summed over the trained (assistant) tokens of one micro-batch."""
-    targets = labels[:, 1:]
+    t + 1, summed over the trained (assistant) tokens of one micro-batch (padded or packed)."""
+    targets = batch.labels[:, 1:]
     predicts = F.pad(targets != IGNORE_INDEX, (0, 1), value=False)
     logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
         logits_to_keep=predicts,
         use_cache=False,  # a KV cache is for generation
     ).logits
@@ -597,7 +606,7 @@ def example_perplexities(
     device = next(model.parameters()).device
     scores = []
     for example in examples:
-        summed = summed_token_loss(model, *collate([example], pad_id, device))
+        summed = summed_token_loss(model, collate([example], pad_id, device))
         loss = float(summed) / max(example.trained_tokens, 1)
         scores.append(math.exp(min(loss, 50.0)))  # e^50: past any row worth keeping
     model.train(was_training)
@@ -621,9 +630,7 @@ def split_for_eval(
     )
 
 
-def collate(
-    examples: Sequence[TokenizedExample], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.device) -> Batch:
     """Right-pad to the longest row of this batch: input_ids, attention_mask, labels (-100)."""
     longest = max(len(example.input_ids) for example in examples)
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
@@ -634,4 +641,4 @@ def collate(
         input_ids[row, :length] = torch.tensor(example.input_ids)
         attention_mask[row, :length] = 1
         labels[row, :length] = torch.tensor(example.labels)
-    return input_ids.to(device), attention_mask.to(device), labels.to(device)
+    return Batch(input_ids.to(device), attention_mask.to(device), labels.to(device))

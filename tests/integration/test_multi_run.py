@@ -131,7 +131,7 @@ def test_the_merged_adapter_learnt_both_runs_data(trainer, campaign, datasets):
         examples = tokenize_conversations(rows, tokenizer, 64).examples
         batch = collate(examples, tokenizer.pad_token_id or 0, torch.device("cpu"))
         with torch.no_grad():
-            total = float(summed_token_loss(model, *batch))
+            total = float(summed_token_loss(model, batch))
         return total / sum(example.trained_tokens for example in examples)
 
     base = [loss(model, path) for path in datasets]

@@ -208,8 +208,11 @@ def test_a_restored_sampler_draws_the_batches_the_original_would_have():
 def test_collate_pads_to_the_longest_row_with_pad_id_masked_out():
     rows = [TokenizedExample([5, 6, 7], [-100, 6, 7]), TokenizedExample([5, 8], [-100, 8])]
 
-    input_ids, attention_mask, labels = collate(rows, pad_id=2, device=torch.device("cpu"))
+    input_ids, attention_mask, labels, position_ids = collate(
+        rows, pad_id=2, device=torch.device("cpu")
+    )
 
+    assert position_ids is None and attention_mask is not None
     assert input_ids.tolist() == [[5, 6, 7], [5, 8, 2]]
     assert attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
     assert labels.tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, 8, IGNORE_INDEX]]

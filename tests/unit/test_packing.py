@@ -1,0 +1,165 @@
+"""Packed rows train exactly as padded ones: every conversation lands once in a row no longer
+than the longest, attention never crosses conversations, and the loss, its gradients and a short
+run's loss history match those of padding (within float tolerance) on a tiny Llama."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_training_loop import tiny_llama
+from transformers import PreTrainedTokenizerBase
+
+from backpropagate_services.common.training import TrainingConfig
+from backpropagate_services.trainer.loop import LoraTraining, collate, summed_token_loss
+from backpropagate_services.trainer.lora import apply_adapter
+from backpropagate_services.trainer.packing import pack_rows, packed_batches, packing_works
+from backpropagate_services.trainer.templating import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    tokenize_conversations,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CPU = torch.device("cpu")
+
+
+def conversations(count: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Questions and answers of a long-tailed mix of lengths, as real chat data has."""
+    rng = random.Random(seed)
+    words = [
+        "river",
+        "stone",
+        "cloud",
+        "apple",
+        "north",
+        "quiet",
+        "bright",
+        "seven",
+        "garden",
+        "paper",
+    ]
+    rows = []
+    for index in range(count):
+        length = min(int(rng.lognormvariate(2.0, 0.9)) + 1, 60)
+        answer = " ".join(rng.choice(words) for _ in range(length))
+        rows.append(
+            [
+                {"role": "user", "content": f"Tell me thing {index}."},
+                {"role": "assistant", "content": answer},
+            ]
+        )
+    return rows
+
+
+def examples_of(tokenizer: PreTrainedTokenizerBase, count: int) -> list[TokenizedExample]:
+    return tokenize_conversations(conversations(count), tokenizer, 256).examples
+
+
+def test_every_example_lands_once_in_a_row_no_longer_than_the_longest() -> None:
+    lengths = [10, 3, 3, 4, 9, 1, 7, 2]
+    examples = [TokenizedExample([1] * n, [1] * n) for n in lengths]
+
+    rows = pack_rows(examples)
+
+    assert sorted(index for row in rows for index in row) == list(range(len(lengths)))
+    assert all(sum(lengths[index] for index in row) <= max(lengths) for row in rows)
+    assert len(rows) == 4  # 39 tokens in rows of 10: the fewest there can be
+
+
+def test_a_packed_row_restarts_positions_and_never_trains_across_conversations() -> None:
+    first = TokenizedExample([11, 12, 13, 14], [IGNORE_INDEX, IGNORE_INDEX, 13, 14])
+    second = TokenizedExample([21, 22], [21, 22])  # labels on its first token too
+    third = TokenizedExample([31, 32, 33, 34, 35, 36], [IGNORE_INDEX, 32, 33, 34, 35, 36])
+    fourth = TokenizedExample([41], [41])
+
+    [batch] = packed_batches([first, second, third, fourth], 3, pad_id=0, device=CPU)
+
+    assert batch.attention_mask is None and batch.position_ids is not None
+    assert batch.input_ids.tolist() == [
+        [31, 32, 33, 34, 35, 36],
+        [11, 12, 13, 14, 21, 22],
+        [41, 0, 0, 0, 0, 0],
+    ]
+    assert batch.position_ids.tolist() == [
+        [0, 1, 2, 3, 4, 5],
+        [0, 1, 2, 3, 0, 1],
+        [0, 0, 1, 2, 3, 4],  # the padding is a sequence of its own
+    ]
+    assert batch.labels.tolist() == [
+        [IGNORE_INDEX, 32, 33, 34, 35, 36],
+        [IGNORE_INDEX, IGNORE_INDEX, 13, 14, IGNORE_INDEX, 22],  # 21 is no target of 14
+        [IGNORE_INDEX] * 6,
+    ]
+
+
+def loss_and_gradients(model: torch.nn.Module, batches: list) -> tuple[float, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    total = sum(summed_token_loss(model, batch) for batch in batches)
+    total.backward()
+    gradients = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return float(total), gradients
+
+
+def test_packed_loss_and_gradients_equal_padded_ones(
+    smollm2_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    examples = examples_of(smollm2_tokenizer, 12)
+    pad_id = smollm2_tokenizer.pad_token_id or 0
+    torch.manual_seed(0)
+    model = apply_adapter(tiny_llama(smollm2_tokenizer), TrainingConfig(lora_dropout=0.0))
+    with torch.no_grad():  # LoRA's B starts at zero: give the adapter gradients of its own
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+
+    padded_batches = [collate(examples[i : i + 4], pad_id, CPU) for i in range(0, 12, 4)]
+    padded_loss, padded = loss_and_gradients(model, padded_batches)
+    packed = packed_batches(examples, 2, pad_id, CPU)
+    packed_loss, packed_gradients = loss_and_gradients(model, packed)
+
+    positions = [sum(b.input_ids.numel() for b in batches) for batches in (packed, padded_batches)]
+    assert positions[0] < positions[1]  # less padding
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-5)
+    for mine, theirs in zip(packed_gradients, padded, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_a_short_run_has_the_same_losses_packed_and_padded(
+    smollm2_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    config = TrainingConfig(steps=6, batch_size=6, learning_rate=1e-2, lora_dropout=0.0)
+    histories = []
+    for packing in (True, False):
+        training = LoraTraining(
+            tiny_llama(smollm2_tokenizer),
+            smollm2_tokenizer,
+            conversations(18),
+            config,
+            packing=packing,
+        )
+        assert training.packing is packing
+        _, outcome = training.run()
+        histories.append(outcome.loss_history)
+
+    assert histories[0] == pytest.approx(histories[1], rel=1e-4)
+
+
+class BagOfTokens(torch.nn.Module):
+    """A causal model that ignores position ids: each position sees the sum of all before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 8)
+
+    def forward(self, input_ids: torch.Tensor, **_: object) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.embed(input_ids).cumsum(dim=1))
+
+
+def test_the_packing_check_tells_a_model_that_honours_resets_from_one_that_does_not(
+    smollm2_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    assert packing_works(tiny_llama(smollm2_tokenizer), tolerance=1e-3)
+    assert not packing_works(BagOfTokens(), tolerance=1e-3)
