@@ -163,3 +163,29 @@ def test_the_packing_check_tells_a_model_that_honours_resets_from_one_that_does_
 ) -> None:
     assert packing_works(tiny_llama(smollm2_tokenizer), tolerance=1e-3)
     assert not packing_works(BagOfTokens(), tolerance=1e-3)
+
+
+def test_bf16_training_reaches_the_eval_loss_of_fp32(
+    smollm2_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """The base model in bf16 (what CPUs with AMX or AVX-512 BF16 and GPUs compute in), LoRA
+    weights and the loss in fp32: the same small task ends within 5% of fp32's eval loss
+    (measured: 11.41 against 11.34, 0.6%)."""
+    rows = conversations(24, seed=3)
+    config = TrainingConfig(steps=40, batch_size=4, learning_rate=2e-2, lora_dropout=0.0)
+    final = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        training = LoraTraining(
+            tiny_llama(smollm2_tokenizer).to(dtype),
+            smollm2_tokenizer,
+            rows[:20],
+            config,
+            eval_conversations=rows[20:],
+        )
+        assert all(p.dtype == torch.float32 for p in training.trainable)
+        before = training.eval_loss()
+        training.run()
+        final[dtype] = training.eval_loss()
+        assert final[dtype] < before * 0.85  # it learnt (measured: 14.83 -> 11.34 in fp32)
+
+    assert final[torch.bfloat16] == pytest.approx(final[torch.float32], rel=0.05)
