@@ -227,6 +227,7 @@ class PreferenceTraining(LoraTraining):
                 self.dataset.truncated,
             )
         self.selection = Selection.everything(len(self.dataset.examples))  # pairs as given
+        self.packing = False  # trl's collators pad pairs; SFT rows are what packing is for
         self.start_optimisation()
         # Eval loss is SFT's token loss: a preference run has no eval set.
         self.eval_examples: list[TokenizedExample] = []
