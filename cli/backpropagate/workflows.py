@@ -160,46 +160,43 @@ def resume_run(
 
 
 E = TypeVar("E", trainer_pb2.RunEvent, export_pb2.ExportEvent)
+R = TypeVar("R", trainer_pb2.RunRecord, export_pb2.ExportResult)
 
 
-def watched(
+def followed_to_end(
     connection: Connection,
     service: str,
     watch: Callable[[Any], Iterator[E]],
     request_after: Callable[[str], Any],
-    has_ended: Callable[[], bool],
-) -> Iterator[E]:
-    """Every event of a job once, in order, until it ends: a watch the server ended early
-    (idle for its watch timeout, or restarted) is taken up after the last event seen."""
+    fetch_record: Callable[[], R],
+    on_event: Callable[[E], None] | None,
+) -> R:
+    """Pass every event of a job to `on_event` once, in order, and return its record once it is
+    terminal: a watch the server ended early (idle for its watch timeout, or restarted) is taken
+    up after the last event seen."""
     after = ""
     while True:
         for event in connection.stream(service, watch, request_after(after)):
             after = event.event_id or after
-            yield event
-        if has_ended():
-            return
+            if on_event is not None:
+                on_event(event)
+        record = fetch_record()
+        if record.status in TERMINAL_STATUSES:
+            return record
 
 
 def follow_run(
     connection: Connection, run_id: str, on_event: RunEventHandler | None = None
 ) -> RunResult:
     stub = connection.trainer
-    request = trainer_pb2.GetRunRequest(run_id=run_id)
-    record = trainer_pb2.RunRecord()
-
-    def has_ended() -> bool:
-        record.CopyFrom(connection.call("trainer", stub.GetRun, request))
-        return record.status in TERMINAL_STATUSES
-
-    for event in watched(
+    record = followed_to_end(
         connection,
         "trainer",
         stub.WatchRun,
         lambda after: trainer_pb2.WatchRunRequest(run_id=run_id, after_event_id=after),
-        has_ended,
-    ):
-        if on_event is not None:
-            on_event(event)
+        lambda: connection.call("trainer", stub.GetRun, trainer_pb2.GetRunRequest(run_id=run_id)),
+        on_event,
+    )
     _raise_if_failed(record.status, record.error, f"Run {run_id}")
     return RunResult.from_proto(record)
 
@@ -277,22 +274,15 @@ def _finished_export(
     error)."""
     stub = connection.export
     export_id = connection.call("export", stub.SubmitExport, request).export_id
-    result = export_pb2.ExportResult()
-
-    def has_ended() -> bool:
-        asked = export_pb2.GetExportRequest(export_id=export_id)
-        result.CopyFrom(connection.call("export", stub.GetExport, asked))
-        return result.status in TERMINAL_STATUSES
-
-    for event in watched(
+    asked = export_pb2.GetExportRequest(export_id=export_id)
+    result = followed_to_end(
         connection,
         "export",
         stub.WatchExport,
         lambda after: export_pb2.WatchExportRequest(export_id=export_id, after_event_id=after),
-        has_ended,
-    ):
-        if on_event is not None:
-            on_event(event)
+        lambda: connection.call("export", stub.GetExport, asked),
+        on_event,
+    )
     _raise_if_failed(result.status, result.error, f"Export {export_id}")
     return result
 

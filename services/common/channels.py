@@ -19,6 +19,11 @@ from backpropagate_services.common.settings import Settings, TlsSettings
 AUTHORIZATION = "authorization"
 
 
+def bearer(token: str) -> str:
+    """The `authorization` metadata value that carries `token` (grpc_guards.TokenAuth)."""
+    return f"Bearer {token}"
+
+
 def address_host(address: str) -> str:
     """The host of "host:port" ("[::1]:50051" gives "::1")."""
     host = address.rsplit(":", 1)[0] if ":" in address else address
@@ -63,7 +68,7 @@ class _BearerToken(
     """Adds `authorization: Bearer <token>` to every call of a channel."""
 
     def __init__(self, token: str) -> None:
-        self.header = (AUTHORIZATION, f"Bearer {token}")
+        self.header = (AUTHORIZATION, bearer(token))
 
     def _call(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         """Any call shape: `request` is the message, or the iterator of a client stream."""

@@ -1,19 +1,21 @@
-"""What every server checks before a call reaches a servicer: the caller's token, and that the
-server has room for one more call.
+"""What every server checks before a call reaches a servicer: the caller's token, that the
+server has room for one more call, and that the request's bytes are a message of its type.
 
-Health checks pass both: orchestrators probe without credentials, and a server full of watches
-must still say it is alive. The checks are interceptors, so no servicer can forget them.
+Health checks pass the first two: orchestrators probe without credentials, and a server full of
+watches must still say it is alive. The checks are interceptors, so no servicer can forget them.
 """
 
 from __future__ import annotations
 
 import hmac
 import threading
+from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
+from backpropagate_services.common.channels import AUTHORIZATION, bearer
 from backpropagate_services.common.errors import (
     AuthFailedError,
     BackpropagateError,
@@ -23,16 +25,21 @@ from backpropagate_services.common.errors import (
 from backpropagate_services.common.grpc_errors import error_to_status
 
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
-AUTHORIZATION = "authorization"
 
 Handler = Any  # grpc.RpcMethodHandler: grpc ships no type hints
 
 
-def _behaviour(handler: Handler) -> Callable[..., Any]:
-    """The servicer function `handler` calls (unary_unary, stream_unary, ...)."""
+def _shape(handler: Handler) -> str:
+    """unary_unary, unary_stream, stream_unary or stream_stream: gRPC's name for the call's
+    shape, in its handler's fields and its handler factories."""
     streams_in = "stream" if handler.request_streaming else "unary"
     streams_out = "stream" if handler.response_streaming else "unary"
-    return getattr(handler, f"{streams_in}_{streams_out}")  # type: ignore[no-any-return]
+    return f"{streams_in}_{streams_out}"
+
+
+def _behaviour(handler: Handler) -> Callable[..., Any]:
+    """The servicer function `handler` calls."""
+    return getattr(handler, _shape(handler))  # type: ignore[no-any-return]
 
 
 def _rebuilt(
@@ -41,9 +48,7 @@ def _rebuilt(
     request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> Handler:
     """A handler of `handler`'s shape that calls `behaviour` instead."""
-    streams_in = "stream" if handler.request_streaming else "unary"
-    streams_out = "stream" if handler.response_streaming else "unary"
-    make = getattr(grpc, f"{streams_in}_{streams_out}_rpc_method_handler")
+    make = getattr(grpc, f"{_shape(handler)}_rpc_method_handler")
     return make(
         behaviour,
         request_deserializer=request_deserializer or handler.request_deserializer,
@@ -60,12 +65,8 @@ def _rejecting(handler: Handler, error: BackpropagateError) -> Handler:
     return _rebuilt(handler, reject)
 
 
-class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Every call but a health check carries `authorization: Bearer <token>`, or is refused
-    with INPUT_AUTH_FAILED (UNAUTHENTICATED) before any servicer code runs."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+class _AllButHealth(grpc.ServerInterceptor):  # type: ignore[misc]
+    """An interceptor that guards every method of the server but the health checks."""
 
     def intercept_service(
         self,
@@ -75,6 +76,21 @@ class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
         handler = continuation(details)
         if handler is None or details.method.startswith(HEALTH_METHOD_PREFIX):
             return handler
+        return self.guarded(handler, details)
+
+    @abstractmethod
+    def guarded(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
+        """`handler`, or a handler of its shape that checks first."""
+
+
+class TokenAuth(_AllButHealth):
+    """Every call but a health check carries `authorization: Bearer <token>`, or is refused
+    with INPUT_AUTH_FAILED (UNAUTHENTICATED) before any servicer code runs."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = bearer(token).encode()
+
+    def guarded(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         given = dict(details.invocation_metadata or ()).get(AUTHORIZATION, "")
         if hmac.compare_digest(str(given).encode(), self._expected):
             return handler
@@ -82,7 +98,7 @@ class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
         return _rejecting(handler, AuthFailedError(f"The call to {details.method} {reason}."))
 
 
-class CallLimits(grpc.ServerInterceptor):  # type: ignore[misc]
+class CallLimits(_AllButHealth):
     """At most `calls` calls at once, of them at most `streams` server-streaming ones (watches,
     downloads); beyond that a call is refused at once with RUNTIME_SERVER_BUSY
     (RESOURCE_EXHAUSTED).
@@ -97,14 +113,7 @@ class CallLimits(grpc.ServerInterceptor):  # type: ignore[misc]
         self.calls = threading.BoundedSemaphore(self.limits[0])
         self.streams = threading.BoundedSemaphore(self.limits[1])
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = continuation(details)
-        if handler is None or details.method.startswith(HEALTH_METHOD_PREFIX):
-            return handler
+    def guarded(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         behaviour = _behaviour(handler)
 
         if handler.response_streaming:
