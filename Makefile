@@ -52,7 +52,9 @@ bench: setup
 	$(PY) bench/trainer_methods.py
 	$(PY) bench/upload_memory.py
 	$(PY) bench/dedup_speed.py
-	$(PY) bench/train_speed.py
+	$(PY) bench/train_speed.py --levers
+	$(PY) bench/dataprep_speed.py
+	$(PY) bench/stack_overhead.py
 	$(PY) bench/slao.py
 
 lint: setup

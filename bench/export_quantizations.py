@@ -1,4 +1,5 @@
-"""Every export quantisation of SmolLM2, through the real pipeline: agreement, KL, size, time.
+"""Every export quantisation of SmolLM2, through the real pipeline: agreement, KL, size, time,
+and the time of each stage (merge, convert, quantize, verify, smoke).
 
 Fine-tunes nothing: a small random LoRA adapter (r=8, lora_B ~ N(0, 0.01)) stands in for a
 trained one, so the merge is real and the figures describe what a user's export gets. Prints a
@@ -36,6 +37,12 @@ def gentle_adapter(base_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def stage_durations(starts: list[tuple[str, float]], ended: float) -> dict[str, float]:
+    """Seconds in each stage: from its start to the next one's (the last one's to `ended`)."""
+    ends = [at for _, at in starts[1:]] + [ended]
+    return {stage: round(end - at, 1) for (stage, at), end in zip(starts, ends, strict=True)}
+
+
 def main() -> None:
     from backpropagate_services.common.models import (
         OFFLINE_DEFAULT_ALIAS,
@@ -58,6 +65,7 @@ def main() -> None:
         for quantization in args.quantization or QUANTIZATIONS:
             work = Path(tmp) / quantization
             started = time.monotonic()
+            stage_starts: list[tuple[str, float]] = []
             outcome = export_model(
                 base,
                 adapter,
@@ -67,7 +75,9 @@ def main() -> None:
                 prompt="What is the capital of France? Answer in one sentence.",
                 cache_dir=cache,
                 settings=ExportSettings(threads=args.threads),
-                on_stage=lambda *_: None,
+                on_stage=lambda stage, *_, starts=stage_starts: starts.append(
+                    (stage, time.monotonic())
+                ),
             )
             verification = outcome.verification
             assert verification is not None
@@ -82,6 +92,7 @@ def main() -> None:
                 "passed": verification.passed,
                 "warning": bool(verification.warning),
                 "seconds": round(time.monotonic() - started, 1),
+                "stage_seconds": stage_durations(stage_starts, time.monotonic()),
                 "answer": outcome.smoke_answer,
             }
             rows.append(row)
@@ -92,15 +103,20 @@ def main() -> None:
         if line.startswith("model name")
     )
     print(f"CPU: {cpu} ({os.cpu_count()} cores); llama.cpp backend: {cpu_backend().variant}")
+    stages = list(rows[0]["stage_seconds"])
     print(
-        "| quant | size MiB | top-1 (decisive) | top-1 (all) | mean KL | ppl gguf/torch | time s |"
+        "| quant | size MiB | top-1 (decisive) | top-1 (all) | mean KL | ppl gguf/torch | time s | "
+        + " | ".join(f"{stage} s" for stage in stages)
+        + " |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---" * (7 + len(stages)) + "|")
     for row in rows:
         print(
             f"| {row['quantization']} | {row['size_mib']} | {row['top1_decisive']:.1%} | "
             f"{row['top1_all']:.1%} | {row['mean_kl']:.5f} | "
-            f"{row['perplexity_gguf']}/{row['perplexity_torch']} | {row['seconds']} |"
+            f"{row['perplexity_gguf']}/{row['perplexity_torch']} | {row['seconds']} | "
+            + " | ".join(str(row["stage_seconds"].get(stage, "-")) for stage in stages)
+            + " |"
         )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=2) + "\n")

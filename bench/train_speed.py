@@ -37,6 +37,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 VARIANTS = ("baseline", "ours-padded", "ours")
+# Levers tried on top of "ours", one at a time (--levers): what each gives on this machine.
+LEVERS = {
+    "ours+peft-dropout": "peft's own LoRA dropout: a mask per adapted layer, not per input",
+    "ours+checkpointing": "gradient checkpointing: activations recomputed in the backward pass",
+    "ours+compile": "torch.compile of the model (dynamic shapes)",
+    "ours+1-thread": "one torch thread instead of one per core",
+}
 BATCH, MAX_LENGTH, LORA_R, LORA_ALPHA, LEARNING_RATE = 8, 256, 16, 32, 2e-4
 # Filler words: any text does for timing; these tokenise to one or two tokens each.
 WORDS = [
@@ -91,6 +98,12 @@ def measure(variant: str, steps: int, warmup: int) -> dict[str, Any]:
     from backpropagate_services.common.settings import get_settings
     from backpropagate_services.common.training import TrainingConfig
 
+    if variant == "ours+1-thread":
+        torch.set_num_threads(1)
+    if variant == "ours+peft-dropout":
+        from backpropagate_services.trainer import lora
+
+        lora.share_lora_dropout = lambda model: 0  # type: ignore[assignment]
     hardware = detect(get_settings().trainer.cpu_dtype)
     model, tokenizer = load_model(
         resolve_model(OFFLINE_DEFAULT_ALIAS),
@@ -113,7 +126,7 @@ def measure(variant: str, steps: int, warmup: int) -> dict[str, Any]:
     step_seconds, step_tokens = (
         baseline_steps(model, tokenizer, rows, config)
         if variant == "baseline"
-        else our_steps(model, tokenizer, rows, config, packing=variant == "ours")
+        else our_steps(model, tokenizer, rows, config, variant)
     )
     seconds, tokens = sum(step_seconds[warmup:]), sum(step_tokens[warmup:])
     return {
@@ -128,11 +141,15 @@ def measure(variant: str, steps: int, warmup: int) -> dict[str, Any]:
 
 
 def our_steps(
-    model: Any, tokenizer: Any, rows: list, config: Any, packing: bool
+    model: Any, tokenizer: Any, rows: list, config: Any, variant: str
 ) -> tuple[list[float], list[int]]:
     from backpropagate_services.trainer.loop import LoraTraining, TrainingHooks
 
-    training = LoraTraining(model, tokenizer, rows, config, packing=packing)
+    training = LoraTraining(model, tokenizer, rows, config, packing=variant != "ours-padded")
+    if variant == "ours+checkpointing":
+        training.model.gradient_checkpointing_enable({"use_reentrant": False})
+    if variant == "ours+compile":
+        training.model.compile(dynamic=True)
     seconds: list[float] = []
     tokens: list[int] = []
 
@@ -239,12 +256,14 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     names = [r["variant"] for r in results]
     axes[0].bar(names, [r["useful_tokens_per_second"] for r in results], color="#4c72b0")
     axes[0].set_title("useful tokens / s (higher is better)")
     axes[1].bar(names, [r["peak_rss_bytes"] / 2**30 for r in results], color="#dd8452")
     axes[1].set_title("peak RSS, GiB (lower is better)")
+    for axis in axes:
+        axis.tick_params(axis="x", labelrotation=35)
     figure.tight_layout()
     partial = path.with_suffix(".partial.png")
     figure.savefig(partial, dpi=120)
@@ -257,6 +276,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--levers", action="store_true", help="also: " + "; ".join(LEVERS.values()))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one variant
     args = parser.parse_args()
     if args.one:
@@ -268,7 +288,7 @@ def main() -> None:
     peak = matmul_peak(dtype)
     runs: dict[str, list[dict[str, Any]]] = {}
     for repeat in range(args.repeats):
-        for variant in args.variants.split(","):
+        for variant in args.variants.split(",") + (list(LEVERS) if args.levers else []):
             child = subprocess.run(
                 [
                     *(sys.executable, __file__, "--one", variant),
@@ -292,13 +312,13 @@ def main() -> None:
     print(f"machine: {cpu_name()} ({', '.join(flags)}); {dtype}, {peak / 1e9:.1f} GFLOP/s matmul")
     print(f"{args.steps} steps of {BATCH} rows, {args.warmup} left out; medians of {args.repeats}")
     header = ("variant", "tokens/s", "x base", "MFU", "s/step", "peak RSS", "x base")
-    print("{:12} {:>9} {:>7} {:>6} {:>7} {:>9} {:>7}".format(*header))
+    print("{:18} {:>9} {:>7} {:>6} {:>7} {:>9} {:>7}".format(*header))
     for r in results:
         r["speed_ratio"] = r["useful_tokens_per_second"] / baseline["useful_tokens_per_second"]
         r["rss_ratio"] = r["peak_rss_bytes"] / baseline["peak_rss_bytes"]
         r["mfu"] = r["useful_tokens_per_second"] * r["flops_per_token"] / peak
         print(
-            f"{r['variant']:12} {r['useful_tokens_per_second']:9.0f} {r['speed_ratio']:7.2f} "
+            f"{r['variant']:18} {r['useful_tokens_per_second']:9.0f} {r['speed_ratio']:7.2f} "
             f"{r['mfu']:6.1%} {r['step_seconds_median']:7.2f} "
             f"{r['peak_rss_bytes'] / 2**30:8.2f}G {r['rss_ratio']:7.2f}"
         )

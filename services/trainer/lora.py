@@ -2,8 +2,9 @@
 
 LoRA (Hu et al., 2021) freezes the base weight W and learns a low-rank update:
 h = W x + (lora_alpha / r) * lora_B(lora_A(dropout(x))), with lora_A (r x in) random and lora_B
-(out x r) zero, so training starts from the base model exactly. Only lora_A and lora_B train:
-about 5 M parameters for SmolLM2-135M at r=16 on every linear layer.
+(out x r) zero (dropout: one mask per input tensor, see `lora_dropout`), so training starts
+from the base model exactly. Only lora_A and lora_B train: about 5 M parameters for SmolLM2-135M
+at r=16 on every linear layer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from backpropagate_services.common.errors import (
     MissingDependencyError,
 )
 from backpropagate_services.common.training import TrainingConfig
+from backpropagate_services.trainer.lora_dropout import share_lora_dropout
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -94,7 +96,9 @@ def apply_adapter(model: PreTrainedModel, config: TrainingConfig) -> PreTrainedM
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora_config)  # type: ignore[return-value]
+    peft_model = get_peft_model(model, lora_config)
+    share_lora_dropout(peft_model)
+    return peft_model  # type: ignore[return-value]
 
 
 FP8_ALIGNMENT = 16  # FP8 matmuls take dimensions in multiples of 16

@@ -17,8 +17,11 @@ Where each number comes from (B: bytes of the compute dtype, 4 for fp32, 2 for b
   Mistral), counted with `torch.autograd.graph.saved_tensors_hooks` on SmolLM2:
   the two RMSNorms' fp32 input and 1/rms, 2(h + 1) x 4; SDPA's q, k, v, output and fp32
   log-sum-exp, (2 q_dim + 2 kv_dim) B + 4 heads; the gated MLP's gate, SiLU and up outputs, 3i B;
-  for each LoRA layer its dropout mask and output and lora_A's output, fp32 (in + in + r) x 4
-  (no dropout: in x 4); a frozen linear layer saves nothing but its weight. DoRA also keeps the
+  for each LoRA layer lora_A's fp32 input (the dropped-out copy, or the input itself without
+  dropout), in x 4, dropout's boolean mask, in x 1, and lora_A's output, r x 4. Layers that read
+  one tensor (q/k/v, gate/up) share the input and the mask where the base computes in fp32, as
+  the adapters do (`lora_dropout`); on a bf16 base each casts its own copy. A frozen linear
+  layer saves nothing but its weight. DoRA also keeps the
   base and LoRA outputs, out x (B + 4); a full fine-tune the inputs of every linear layer and
   the normalised RMSNorm outputs, (4h + q_dim + i) B. Plus SDPA's boolean padding mask,
   rows x T x T bytes.
@@ -308,7 +311,7 @@ def estimate_memory(
 
     rows = batch.rows * (2 if config.method in PAIRED_METHODS else 1)
     tokens = rows * batch.length
-    saved = tokens * _saved_bytes_per_token(shape, config, size, cuda)
+    saved = tokens * _saved_bytes_per_token(shape, config, size)
     slack = 1.0 if cuda else CPU_ALLOCATOR_SLACK
     # trl's preference losses take logits at every position, not only at the trained ones.
     positions = tokens if config.method != "sft" else batch.trained_positions
@@ -335,7 +338,7 @@ def estimate_memory(
     )
 
 
-def _saved_bytes_per_token(shape: ModelShape, config: TrainingConfig, size: int, cuda: bool) -> int:
+def _saved_bytes_per_token(shape: ModelShape, config: TrainingConfig, size: int) -> int:
     """Bytes autograd keeps for the backward pass per token, over all decoder layers."""
     h, i = shape.hidden_size, shape.intermediate_size
     q_dim = shape.num_heads * shape.head_dim
@@ -349,14 +352,33 @@ def _saved_bytes_per_token(shape: ModelShape, config: TrainingConfig, size: int,
     if config.adapter == "full":
         per_layer += (4 * h + q_dim + i) * size  # linear inputs, normalised RMSNorm outputs
         return shape.num_layers * per_layer + (h + 1) * 4
-    # torch's CPU dropout keeps its mask as a tensor of the input's dtype; CUDA's a bool one.
-    mask = (1 if cuda else ADAPTER_BYTES) if config.lora_dropout > 0 else 0
-    lora = 0
-    for layer in targeted_layers(shape, config.target_modules):
-        lora += layer.in_features * (mask + ADAPTER_BYTES) + config.lora_r * ADAPTER_BYTES
+    mask = 1 if config.lora_dropout > 0 else 0  # a boolean mask
+    layers = targeted_layers(shape, config.target_modules)
+    # Without a cast (fp32 base) layers reading one tensor share lora_A's input and the mask.
+    inputs = {_input_of(layer) if size == ADAPTER_BYTES else layer.name: layer for layer in layers}
+    lora = sum(layer.in_features * (ADAPTER_BYTES + mask) for layer in inputs.values())
+    for layer in layers:
+        lora += config.lora_r * ADAPTER_BYTES
         if config.adapter == "dora":
             lora += layer.out_features * (size + ADAPTER_BYTES)
     return shape.num_layers * per_layer + (h + 1) * 4 + lora
+
+
+# Projections that read the same tensor in a Llama-style layer: attention's input, the MLP's.
+SHARED_INPUTS = {
+    "q_proj": "qkv",
+    "k_proj": "qkv",
+    "v_proj": "qkv",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+}
+
+
+def _input_of(layer: LinearLayer) -> str:
+    """A name for the tensor `layer` reads: its own name unless it shares its input."""
+    parent, _, last = layer.name.rpartition(".")
+    block = parent.rpartition(".")[0]
+    return f"{block}.{SHARED_INPUTS[last]}" if last in SHARED_INPUTS else layer.name
 
 
 def micro_batch_rows(

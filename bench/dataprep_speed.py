@@ -1,0 +1,118 @@
+"""Data preparation throughput: a JSONL chat file to training-ready token ids and loss masks,
+ours against the naive per-row `datasets.map` a tutorial writes.
+
+- ours: the dataprep parser (format detection, validation) and the trainer's templating
+  (`tokenize_conversations`: the chat template, assistant-only labels, max_length), as a run
+  prepares its data;
+- naive: `datasets.load_dataset("json")` and `.map` of a function over one row at a time that
+  renders the chat template twice (the whole conversation, and its prompt for the mask),
+  in a fresh cache directory, as the first run of a tutorial script does.
+
+Rows come from the training benchmark's generator (bench/train_speed.py: a long-tailed mix of
+lengths), written in the openai "messages" format. Medians over `--repeats`.
+
+    .venv/bin/python bench/dataprep_speed.py [--rows 10000] [--repeats 3]
+
+Prints rows/s and the ratio; writes bench/results/dataprep_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import conversations
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "dataprep_speed.json"
+MAX_LENGTH = 512
+IGNORE_INDEX = -100
+
+
+def ours(path: Path, tokenizer: Any) -> int:
+    from backpropagate_services.dataprep.formats import parse_jsonl
+    from backpropagate_services.trainer.templating import tokenize_conversations
+
+    with path.open(encoding="utf-8") as lines:
+        parsed = parse_jsonl(lines, path.name)
+    return len(tokenize_conversations(parsed.conversations, tokenizer, MAX_LENGTH).examples)
+
+
+def naive(path: Path, tokenizer: Any, cache_dir: Path) -> int:
+    from datasets import load_dataset
+
+    def tokenize(row: dict[str, Any]) -> dict[str, list[int]]:
+        messages = row["messages"]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        labels = [IGNORE_INDEX] * len(prompt) + list(ids[len(prompt) :])
+        return {"input_ids": list(ids)[:MAX_LENGTH], "labels": labels[:MAX_LENGTH]}
+
+    dataset = load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache_dir))
+    return len(dataset.map(tokenize, remove_columns=["messages"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    from backpropagate_services.common.hardware import cpu_flags, cpu_name
+    from backpropagate_services.common.models import (
+        OFFLINE_DEFAULT_ALIAS,
+        hf_location,
+        resolve_model,
+    )
+    from backpropagate_services.common.settings import get_settings
+
+    location = hf_location(resolve_model(OFFLINE_DEFAULT_ALIAS), get_settings().model_cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    seconds: dict[str, list[float]] = {"naive": [], "ours": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "chats.jsonl"
+        with path.open("w", encoding="utf-8") as out:
+            for messages in conversations(args.rows):
+                out.write(json.dumps({"messages": messages}) + "\n")
+        for repeat in range(args.repeats):
+            started = time.perf_counter()
+            kept = naive(path, tokenizer, Path(tmp) / f"cache-{repeat}")
+            seconds["naive"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            assert ours(path, tokenizer) == kept == args.rows
+            seconds["ours"].append(time.perf_counter() - started)
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    print(f"machine: {cpu_name()} ({', '.join(flags)}), {os.cpu_count()} cores")
+    print(f"{args.rows} chat rows to token ids and masks; medians of {args.repeats}")
+    results = []
+    naive_rate = args.rows / statistics.median(seconds["naive"])
+    for variant, times in seconds.items():
+        rate = args.rows / statistics.median(times)
+        results.append(
+            {
+                "variant": variant,
+                "seconds": times,
+                "rows_per_second": rate,
+                "ratio": rate / naive_rate,
+            }
+        )
+        print(f"{variant:6} {rate:9.0f} rows/s {rate / naive_rate:6.2f}x")
+    partial = RESULTS.with_suffix(".partial")
+    summary = {"machine": cpu_name(), "cpu_flags": flags, "rows": args.rows, "results": results}
+    partial.write_text(json.dumps(summary, indent=2) + "\n")
+    partial.replace(RESULTS)
+
+
+if __name__ == "__main__":
+    main()
