@@ -8,7 +8,9 @@ limit, as real chat data has). Variants, each in a fresh process so that its pea
 - baseline: `transformers.Trainer` + `peft.get_peft_model`, a collator padding to the longest row
   of each batch (labels -100 on prompts and padding), the Trainer's own loop;
 - ours-padded: our loop (services/trainer/loop.py) with packing off;
-- ours: our loop as runs get it (packing on where the model honours position resets).
+- ours: our loop as runs get it (packing on where the model honours position resets);
+- with --levers, "ours" with one lever changed (LEVERS): what each gives on this machine. A
+  lever that cannot run here (torch.compile without a compiler) is reported as failed.
 
 Useful tokens are the real (non-padding) tokens a step processes; the first steps are warm-up
 and left out. MFU = useful tokens/s x FLOPs per token / the matmul throughput this script
@@ -16,7 +18,7 @@ measures first, in the dtype training computes in, with the threads training use
 token: 4 x the base model's parameters (a forward pass, and the backward pass through frozen
 weights to the adapters; LoRA's own and attention's FLOPs left out, so MFU is a lower bound).
 
-    .venv/bin/python bench/train_speed.py [--steps 12] [--warmup 3] [--repeats 2]
+    .venv/bin/python bench/train_speed.py [--steps 12] [--warmup 3] [--repeats 2] [--levers]
 
 Prints the machine (CPU model and flags), a table of medians over repeats, and writes
 bench/results/train_speed.json and train_speed.png.
@@ -103,7 +105,7 @@ def measure(variant: str, steps: int, warmup: int) -> dict[str, Any]:
     if variant == "ours+peft-dropout":
         from backpropagate_services.trainer import lora
 
-        lora.share_lora_dropout = lambda model: 0  # type: ignore[assignment]
+        lora.share_lora_dropout = lambda model: None  # type: ignore[assignment]
     hardware = detect(get_settings().trainer.cpu_dtype)
     model, tokenizer = load_model(
         resolve_model(OFFLINE_DEFAULT_ALIAS),
@@ -287,17 +289,27 @@ def main() -> None:
     dtype = detect().compute_dtype
     peak = matmul_peak(dtype)
     runs: dict[str, list[dict[str, Any]]] = {}
+    failed: dict[str, str] = {}
     for repeat in range(args.repeats):
         for variant in args.variants.split(",") + (list(LEVERS) if args.levers else []):
-            child = subprocess.run(
-                [
-                    *(sys.executable, __file__, "--one", variant),
-                    *("--steps", str(args.steps), "--warmup", str(args.warmup)),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
+            if variant in failed:
+                continue
+            argv = [
+                *(sys.executable, __file__, "--one", variant),
+                *("--steps", str(args.steps), "--warmup", str(args.warmup)),
+            ]
+            if variant not in LEVERS:
+                child = subprocess.run(argv, capture_output=True, text=True, check=True)
+            else:  # a lever that fails or hangs here is reported, not fatal
+                try:
+                    child = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+                    if child.returncode:
+                        failed[variant] = child.stderr.strip().splitlines()[-1][:200]
+                except subprocess.TimeoutExpired:
+                    failed[variant] = "took over 15 minutes"
+                if variant in failed:
+                    print(f"{variant} failed: {failed[variant]}", file=sys.stderr)
+                    continue
             runs.setdefault(variant, []).append(json.loads(child.stdout.strip().splitlines()[-1]))
             print(f"measured {variant} (repeat {repeat + 1})", file=sys.stderr)
     results = []
@@ -322,6 +334,8 @@ def main() -> None:
             f"{r['mfu']:6.1%} {r['step_seconds_median']:7.2f} "
             f"{r['peak_rss_bytes'] / 2**30:8.2f}G {r['rss_ratio']:7.2f}"
         )
+    for variant, why in failed.items():
+        print(f"{variant:18} failed: {why}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     summary = {
         "machine": cpu_name(),
@@ -331,6 +345,7 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "results": results,
+        "failed": failed,
     }
     (RESULTS / "train_speed.json").write_text(json.dumps(summary, indent=2) + "\n")
     chart(results, RESULTS / "train_speed.png")

@@ -79,11 +79,10 @@ def keep_mask(tensor: torch.Tensor, p: float) -> torch.Tensor:
     return torch.from_numpy(draws >= round(p * MASK_LEVELS)).view(tensor.shape)
 
 
-def share_lora_dropout(model: nn.Module) -> int:
+def share_lora_dropout(model: nn.Module) -> None:
     """Replace every peft LoRA dropout of `model` by an `InputDropout` sharing one memo, in
-    place; the number replaced."""
+    place."""
     last = _LastMasked()
-    replaced = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if not isinstance(dropouts, nn.ModuleDict):
@@ -91,5 +90,3 @@ def share_lora_dropout(model: nn.Module) -> int:
         for name, dropout in dropouts.items():
             if isinstance(dropout, nn.Dropout) and dropout.p > 0:
                 dropouts[name] = InputDropout(dropout.p, last)
-                replaced += 1
-    return replaced
