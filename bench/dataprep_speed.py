@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -31,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import described, speed_flags
 from train_speed import conversations
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "dataprep_speed.json"
 MAX_LENGTH = 512
-IGNORE_INDEX = -100
 
 
 def ours(path: Path, tokenizer: Any) -> int:
@@ -50,6 +49,8 @@ def ours(path: Path, tokenizer: Any) -> int:
 
 def naive(path: Path, tokenizer: Any, cache_dir: Path) -> int:
     from datasets import load_dataset
+
+    from backpropagate_services.trainer.templating import IGNORE_INDEX
 
     def tokenize(row: dict[str, Any]) -> dict[str, list[int]]:
         messages = row["messages"]
@@ -82,7 +83,8 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from backpropagate_services.common.hardware import cpu_flags, cpu_name
+    from backpropagate_services.common.atomic import staged
+    from backpropagate_services.common.hardware import cpu_name
     from backpropagate_services.common.models import (
         OFFLINE_DEFAULT_ALIAS,
         hf_location,
@@ -108,8 +110,7 @@ def main() -> None:
             started = time.perf_counter()
             assert tokenizer_bound(path, tokenizer) == args.rows
             seconds["tokenizer-bound"].append(time.perf_counter() - started)
-    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
-    print(f"machine: {cpu_name()} ({', '.join(flags)}), {os.cpu_count()} cores")
+    print(f"machine: {described()}")
     print(f"{args.rows} chat rows to token ids and masks; medians of {args.repeats}")
     results = []
     naive_rate = args.rows / statistics.median(seconds["naive"])
@@ -124,10 +125,14 @@ def main() -> None:
             }
         )
         print(f"{variant:15} {rate:9.0f} rows/s {rate / naive_rate:6.2f}x")
-    partial = RESULTS.with_suffix(".partial")
-    summary = {"machine": cpu_name(), "cpu_flags": flags, "rows": args.rows, "results": results}
-    partial.write_text(json.dumps(summary, indent=2) + "\n")
-    partial.replace(RESULTS)
+    summary = {
+        "machine": cpu_name(),
+        "cpu_flags": speed_flags(),
+        "rows": args.rows,
+        "results": results,
+    }
+    with staged(RESULTS) as partial:
+        partial.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import described, speed_flags
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "stack_overhead.json"
 DATA = REPO / "examples" / "quickstart.jsonl"
@@ -138,15 +141,15 @@ def main() -> None:
     if args.direct:
         direct(args.steps, args.direct)
         return
-    from backpropagate_services.common.hardware import cpu_flags, cpu_name
+    from backpropagate_services.common.atomic import staged
+    from backpropagate_services.common.hardware import cpu_name
 
     with tempfile.TemporaryDirectory() as tmp, services_stack(Path(tmp)) as client_env:
         whole = job_times(args.steps, args.repeats, Path(tmp), client_env)
         fixed = job_times(1, args.fixed_repeats, Path(tmp), client_env)
     floor = statistics.median(whole["direct"])
     fixed_floor = statistics.median(fixed["direct"])
-    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
-    print(f"machine: {cpu_name()} ({', '.join(flags)}), {os.cpu_count()} cores")
+    print(f"machine: {described()}")
     print(
         f"job: default model, {DATA.name}, {args.steps} steps (medians of {args.repeats}, "
         f"min-max) and 1 step (fixed costs; medians of {args.fixed_repeats})"
@@ -174,14 +177,13 @@ def main() -> None:
         )
     summary = {
         "machine": cpu_name(),
-        "cpu_flags": flags,
+        "cpu_flags": speed_flags(),
         "steps": args.steps,
         "job": JOB,
         "results": rows,
     }
-    partial = RESULTS.with_suffix(".partial")
-    partial.write_text(json.dumps(summary, indent=2) + "\n")
-    partial.replace(RESULTS)
+    with staged(RESULTS) as partial:
+        partial.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -284,7 +284,9 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, args.steps, args.warmup)))
         return
-    from backpropagate_services.common.hardware import cpu_flags, cpu_name, detect
+    from machine import described, speed_flags
+
+    from backpropagate_services.common.hardware import cpu_name, detect
 
     dtype = detect().compute_dtype
     peak = matmul_peak(dtype)
@@ -320,8 +322,7 @@ def main() -> None:
         }
         results.append({**measured[0], **median, "repeats": len(measured)})
     baseline = next(r for r in results if r["variant"] == "baseline")
-    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-    print(f"machine: {cpu_name()} ({', '.join(flags)}); {dtype}, {peak / 1e9:.1f} GFLOP/s matmul")
+    print(f"machine: {described()}; {dtype}, {peak / 1e9:.1f} GFLOP/s matmul")
     print(f"{args.steps} steps of {BATCH} rows, {args.warmup} left out; medians of {args.repeats}")
     header = ("variant", "tokens/s", "x base", "MFU", "s/step", "peak RSS", "x base")
     print("{:18} {:>9} {:>7} {:>6} {:>7} {:>9} {:>7}".format(*header))
@@ -339,7 +340,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     summary = {
         "machine": cpu_name(),
-        "cpu_flags": flags,
+        "cpu_flags": speed_flags(),
         "dtype": dtype,
         "matmul_peak_flops": peak,
         "steps": args.steps,
