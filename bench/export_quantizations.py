@@ -44,6 +44,7 @@ def stage_durations(starts: list[tuple[str, float]], ended: float) -> dict[str, 
 
 
 def main() -> None:
+    from backpropagate_services.common.hardware import cpu_name
     from backpropagate_services.common.models import (
         OFFLINE_DEFAULT_ALIAS,
         hf_location,
@@ -97,11 +98,7 @@ def main() -> None:
             }
             rows.append(row)
             outcome.main_file.unlink()
-    cpu = next(
-        line.split(":", 1)[1].strip()
-        for line in Path("/proc/cpuinfo").read_text().splitlines()
-        if line.startswith("model name")
-    )
+    cpu = cpu_name()
     print(f"CPU: {cpu} ({os.cpu_count()} cores); llama.cpp backend: {cpu_backend().variant}")
     stages = list(rows[0]["stage_seconds"])
     print(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -65,13 +64,6 @@ def run_variant(variant: str, gguf: str, threads: int) -> dict[str, float] | Non
     return json.loads(result.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def default_ggufs(work: Path) -> list[Path]:
     from backpropagate_services.common.models import (
         OFFLINE_DEFAULT_ALIAS,
@@ -97,7 +89,9 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.measure, args.threads)))
         return
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), {args.threads} threads")
+    from backpropagate_services.common.hardware import cpu_name
+
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} cores), {args.threads} threads")
     with tempfile.TemporaryDirectory() as tmp:
         ggufs = [Path(g) for g in args.gguf] or default_ggufs(Path(tmp))
         print(
