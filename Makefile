@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-stamp
 # llama-cpp-python, built portable (every CPU variant, chosen at run time; no AMX crash): the
-# script and its pinned version decide the build, so a change to either rebuilds it.
+# scripts and its pinned version decide the build, so a change to any reinstalls it.
 LLAMA_STAMP := $(VENV)/.llama-cpp-stamp
-LLAMA_BUILD := deploy/llama-cpp/build-wheel.sh services/export/requirements-llama.txt
+LLAMA_BUILD := $(addprefix deploy/llama-cpp/,build-wheel.sh add_cpu_variants.py cpu_variants.py) \
+	services/export/requirements-llama.txt
 REQUIREMENTS := pyproject.toml cli/requirements.txt requirements-dev.txt \
 	$(wildcard services/*/requirements*.txt)
 

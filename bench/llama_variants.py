@@ -1,9 +1,10 @@
 """How fast each llama.cpp CPU variant runs on this machine: prompt and generation tokens/s.
 
-The portable build ships one CPU backend per x86-64 feature level and picks the best one this
-CPU supports (services/export/llama_runtime.py). This measures what that choice is worth against
-the baseline levels, on the same GGUFs, in the same run, each variant in a fresh process (a
-process registers one backend). Prints a table of medians and ratios to the x64 baseline.
+The portable build ships one CPU backend per x86-64 feature level and, when llama_cpp is
+imported, picks the best one this CPU supports (deploy/llama-cpp/cpu_variants.py). This measures
+what that choice is worth against the baseline levels, on the same GGUFs, in the same run, each
+variant in a fresh process (a process registers one backend). Prints a table of medians and
+ratios to the x64 baseline.
 
     .venv/bin/python bench/llama_variants.py [--gguf FILE ...] [--repeats 3] [--threads 2]
 

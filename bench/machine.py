@@ -1,5 +1,6 @@
 """The machine a benchmark ran on, named the same way in every script's output and results:
-the CPU model and the instruction sets that decide its speed (AVX2, AVX-512, bf16, AMX)."""
+the CPU model and the instruction sets that decide its speed (AVX2, AVX-512, bf16, AMX), and
+what the trainer's dtype probe measures there."""
 
 from __future__ import annotations
 
@@ -20,3 +21,14 @@ def described() -> str:
     from backpropagate_services.common.hardware import cpu_name
 
     return f"{cpu_name()} ({', '.join(speed_flags())}), {os.cpu_count()} cores"
+
+
+def dtype_verdict() -> dict[str, object]:
+    """A fresh run of the trainer's CPU dtype probe on the offline model's shapes (never the
+    cached verdict): fp32's and bf16's GFLOP/s here and the dtype they decide. A CPU without
+    bf16 instructions is measured too, though the trainer takes fp32 there unmeasured."""
+    from dataclasses import asdict
+
+    from backpropagate_services.common.dtype_probe import DEFAULT_SHAPES, probe
+
+    return asdict(probe(DEFAULT_SHAPES))

@@ -12,16 +12,22 @@ limit, as real chat data has). Variants, each in a fresh process so that its pea
 - with --levers, "ours" with one lever changed (LEVERS): what each gives on this machine. A
   lever that cannot run here (torch.compile without a compiler) is reported as failed.
 
+Every variant runs in fp32 and in bf16 (--dtypes), whatever this CPU is: whether bf16 pays off
+is a property of the machine (AVX-512 BF16 is fast on a Zen 4 EPYC, half fp32's speed on a Xeon
+without AMX), and the table shows it beside the trainer's dtype probe's verdict for this machine.
+"x base" compares with the baseline in the same dtype, "x fp32" with the same variant in fp32.
+
 Useful tokens are the real (non-padding) tokens a step processes; the first steps are warm-up
 and left out. MFU = useful tokens/s x FLOPs per token / the matmul throughput this script
-measures first, in the dtype training computes in, with the threads training uses. FLOPs per
+measures first, in the variant's dtype, with the threads training uses. FLOPs per
 token: 4 x the base model's parameters (a forward pass, and the backward pass through frozen
 weights to the adapters; LoRA's own and attention's FLOPs left out, so MFU is a lower bound).
 
     .venv/bin/python bench/train_speed.py [--steps 12] [--warmup 3] [--repeats 2] [--levers]
+        [--dtypes float32,bfloat16]
 
-Prints the machine (CPU model and flags), a table of medians over repeats, and writes
-bench/results/train_speed.json and train_speed.png.
+Prints the machine (CPU model and flags), the dtype probe's verdict, a table of medians over
+repeats, and writes bench/results/train_speed.json and train_speed.png.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 VARIANTS = ("baseline", "ours-padded", "ours")
+DTYPES = ("float32", "bfloat16")
 # Levers tried on top of "ours", one at a time (--levers): what each gives on this machine.
 LEVERS = {
     "ours+peft-dropout": "peft's own LoRA dropout: a mask per adapted layer, not per input",
@@ -87,8 +94,9 @@ def matmul_peak(dtype_name: str, seconds: float = 2.0) -> float:
     return 2 * 1024**3 * runs / (time.perf_counter() - started)
 
 
-def measure(variant: str, steps: int, warmup: int) -> dict[str, Any]:
-    """Train `variant` for `steps` steps in this process: step times, useful tokens, peak RSS."""
+def measure(variant: str, dtype: str, steps: int, warmup: int) -> dict[str, Any]:
+    """Train `variant` in `dtype` for `steps` steps in this process: step times, useful tokens,
+    peak RSS."""
     import torch
 
     from backpropagate_services.common.hardware import detect, peak_rss_bytes
@@ -106,7 +114,7 @@ def measure(variant: str, steps: int, warmup: int) -> dict[str, Any]:
         from backpropagate_services.trainer import lora
 
         lora.share_lora_dropout = lambda model: None  # type: ignore[assignment]
-    hardware = detect(get_settings().trainer.cpu_dtype)
+    hardware = detect(dtype)
     model, tokenizer = load_model(
         resolve_model(OFFLINE_DEFAULT_ALIAS),
         get_settings().model_cache_dir,
@@ -258,8 +266,8 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    names = [r["variant"] for r in results]
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = [f"{r['variant']} {r['dtype']}" for r in results]
     axes[0].bar(names, [r["useful_tokens_per_second"] for r in results], color="#4c72b0")
     axes[0].set_title("useful tokens / s (higher is better)")
     axes[1].bar(names, [r["peak_rss_bytes"] / 2**30 for r in results], color="#dd8452")
@@ -272,48 +280,63 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
     partial.replace(path)
 
 
+def measured_runs(
+    variants: list[str], dtypes: list[str], args: argparse.Namespace
+) -> tuple[dict[tuple[str, str], list[dict[str, Any]]], dict[str, str]]:
+    """Each (variant, dtype) measured `args.repeats` times, each time in a fresh process; a
+    lever that fails or hangs here is reported, not fatal."""
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    failed: dict[str, str] = {}
+    for repeat in range(args.repeats):
+        for dtype in dtypes:
+            for variant in variants:
+                name = f"{variant} {dtype}"
+                if name in failed:
+                    continue
+                argv = [
+                    *(sys.executable, __file__, "--one", variant, "--dtypes", dtype),
+                    *("--steps", str(args.steps), "--warmup", str(args.warmup)),
+                ]
+                if variant not in LEVERS:
+                    child = subprocess.run(argv, capture_output=True, text=True, check=True)
+                else:
+                    try:
+                        child = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+                        if child.returncode:
+                            failed[name] = child.stderr.strip().splitlines()[-1][:200]
+                    except subprocess.TimeoutExpired:
+                        failed[name] = "took over 15 minutes"
+                    if name in failed:
+                        print(f"{name} failed: {failed[name]}", file=sys.stderr)
+                        continue
+                result = json.loads(child.stdout.strip().splitlines()[-1])
+                runs.setdefault((variant, dtype), []).append(result)
+                print(f"measured {name} (repeat {repeat + 1})", file=sys.stderr)
+    return runs, failed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--levers", action="store_true", help="also: " + "; ".join(LEVERS.values()))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one variant
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.steps, args.warmup)))
+        print(json.dumps(measure(args.one, args.dtypes, args.steps, args.warmup)))
         return
-    from machine import described, speed_flags
+    from machine import described, dtype_verdict, speed_flags
 
-    from backpropagate_services.common.hardware import cpu_name, detect
+    from backpropagate_services.common.hardware import cpu_name
 
-    dtype = detect().compute_dtype
-    peak = matmul_peak(dtype)
-    runs: dict[str, list[dict[str, Any]]] = {}
-    failed: dict[str, str] = {}
-    for repeat in range(args.repeats):
-        for variant in args.variants.split(",") + (list(LEVERS) if args.levers else []):
-            if variant in failed:
-                continue
-            argv = [
-                *(sys.executable, __file__, "--one", variant),
-                *("--steps", str(args.steps), "--warmup", str(args.warmup)),
-            ]
-            if variant not in LEVERS:
-                child = subprocess.run(argv, capture_output=True, text=True, check=True)
-            else:  # a lever that fails or hangs here is reported, not fatal
-                try:
-                    child = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-                    if child.returncode:
-                        failed[variant] = child.stderr.strip().splitlines()[-1][:200]
-                except subprocess.TimeoutExpired:
-                    failed[variant] = "took over 15 minutes"
-                if variant in failed:
-                    print(f"{variant} failed: {failed[variant]}", file=sys.stderr)
-                    continue
-            runs.setdefault(variant, []).append(json.loads(child.stdout.strip().splitlines()[-1]))
-            print(f"measured {variant} (repeat {repeat + 1})", file=sys.stderr)
+    dtypes = args.dtypes.split(",")
+    verdict = dtype_verdict()
+    peaks = {dtype: matmul_peak(dtype) for dtype in dtypes}
+    variants = args.variants.split(",") + (list(LEVERS) if args.levers else [])
+    runs, failed = measured_runs(variants, dtypes, args)
     results = []
     for measured in runs.values():
         median = {
@@ -321,28 +344,37 @@ def main() -> None:
             for key in ("useful_tokens_per_second", "step_seconds_median", "peak_rss_bytes")
         }
         results.append({**measured[0], **median, "repeats": len(measured)})
-    baseline = next(r for r in results if r["variant"] == "baseline")
-    print(f"machine: {described()}; {dtype}, {peak / 1e9:.1f} GFLOP/s matmul")
+    by_name = {(r["variant"], r["dtype"]): r for r in results}
+    print(f"machine: {described()}")
+    print(
+        "matmul peak: "
+        + ", ".join(f"{dtype} {peaks[dtype] / 1e9:.1f} GFLOP/s" for dtype in dtypes)
+        + f"; dtype probe: {verdict['dtype']}, {verdict['reason']}"
+    )
     print(f"{args.steps} steps of {BATCH} rows, {args.warmup} left out; medians of {args.repeats}")
-    header = ("variant", "tokens/s", "x base", "MFU", "s/step", "peak RSS", "x base")
-    print("{:18} {:>9} {:>7} {:>6} {:>7} {:>9} {:>7}".format(*header))
+    header = ("variant", "dtype", "tokens/s", "x base", "x fp32", "MFU", "s/step", "RSS", "x base")
+    print("{:18} {:9} {:>9} {:>7} {:>7} {:>6} {:>7} {:>9} {:>7}".format(*header))
     for r in results:
+        baseline = by_name.get(("baseline", r["dtype"]), r)
+        fp32 = by_name.get((r["variant"], "float32"), r)
         r["speed_ratio"] = r["useful_tokens_per_second"] / baseline["useful_tokens_per_second"]
+        r["fp32_ratio"] = r["useful_tokens_per_second"] / fp32["useful_tokens_per_second"]
         r["rss_ratio"] = r["peak_rss_bytes"] / baseline["peak_rss_bytes"]
-        r["mfu"] = r["useful_tokens_per_second"] * r["flops_per_token"] / peak
+        r["mfu"] = r["useful_tokens_per_second"] * r["flops_per_token"] / peaks[r["dtype"]]
         print(
-            f"{r['variant']:18} {r['useful_tokens_per_second']:9.0f} {r['speed_ratio']:7.2f} "
-            f"{r['mfu']:6.1%} {r['step_seconds_median']:7.2f} "
-            f"{r['peak_rss_bytes'] / 2**30:8.2f}G {r['rss_ratio']:7.2f}"
+            f"{r['variant']:18} {r['dtype']:9} {r['useful_tokens_per_second']:9.0f} "
+            f"{r['speed_ratio']:7.2f} {r['fp32_ratio']:7.2f} {r['mfu']:6.1%} "
+            f"{r['step_seconds_median']:7.2f} {r['peak_rss_bytes'] / 2**30:8.2f}G "
+            f"{r['rss_ratio']:7.2f}"
         )
-    for variant, why in failed.items():
-        print(f"{variant:18} failed: {why}")
+    for name, why in failed.items():
+        print(f"{name:28} failed: {why}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     summary = {
         "machine": cpu_name(),
         "cpu_flags": speed_flags(),
-        "dtype": dtype,
-        "matmul_peak_flops": peak,
+        "dtype_probe": verdict,
+        "matmul_peak_flops": peaks,
         "steps": args.steps,
         "warmup": args.warmup,
         "results": results,

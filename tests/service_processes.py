@@ -60,6 +60,8 @@ def stack_env(
         "BACKPROPAGATE_STORE__BACKEND": "s3",
         "BACKPROPAGATE_STORE__S3_ENDPOINT": s3_endpoint,
         "BACKPROPAGATE_STORE__S3_BUCKET": f"it-{uuid.uuid4().hex[:8]}",
+        "BACKPROPAGATE_STORE__S3_ACCESS_KEY": "test-access-key",  # moto takes any pair
+        "BACKPROPAGATE_STORE__S3_SECRET_KEY": "test-secret-key",
         **{f"BACKPROPAGATE_{name}": value for name, value in settings.items()},
     }
 

@@ -425,7 +425,15 @@ def info() -> None:
             f"{snapshot.host.memory_total_mb / 1024:.1f} GiB",
         ),
     ]
-    rows += [(f"GPU {gpu.index}", f"{gpu.name} {gpu.temperature_c:.0f} C") for gpu in snapshot.gpus]
+    rows += [
+        (
+            f"GPU {gpu.index}",
+            f"{gpu.name} {gpu.temperature_c:.0f} C"
+            if gpu.HasField("temperature_c")
+            else f"{gpu.name} (no temperature reported)",
+        )
+        for gpu in snapshot.gpus
+    ]
     for label, value in rows:
         table.add_row(f"[bold]{label}[/]", value)
     console.print(table)
@@ -437,10 +445,6 @@ def serve(
         str, typer.Argument(help="all, dataprep, trainer, safety or export.")
     ] = "all",
     listen: Annotated[str, typer.Option(help="host:port to bind (default: settings).")] = "",
-    until_idle: Annotated[
-        float,
-        typer.Option(help="Exit once no job has run for this many seconds (0: run until stopped)."),
-    ] = 0.0,
 ) -> None:
     """Run one service, or all of them in one process, until interrupted."""
     from backpropagate_services.common.logs import configure_logging
@@ -453,11 +457,7 @@ def serve(
     signal.signal(signal.SIGTERM, lambda *_: stack.stop())
     err_console.print(f"serving {', '.join(services)} on {stack.address}")
     try:
-        if until_idle:
-            stack.wait_until_idle(until_idle)
-            stack.stop()
-        else:
-            stack.wait()
+        stack.wait()
     except KeyboardInterrupt:
         stack.stop()
 

@@ -25,8 +25,9 @@ from backpropagate.v1 import (
     safety_pb2_grpc,
     trainer_pb2_grpc,
 )
-from backpropagate_services.common.channels import open_channel
+from backpropagate_services.common.channels import check_token_destination, open_channel
 from backpropagate_services.common.grpc_errors import error_from_rpc
+from backpropagate_services.common.private_files import private_home
 from backpropagate_services.common.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -47,7 +48,8 @@ def embedded_stack(settings: Settings, workers: bool = True) -> RunningStack:
     the machine; only a process that does jobs (train, resume, export) runs workers, so that
     `runs list` in another terminal never takes a job it would drop on exit. It listens on
     loopback with a token of its own (random, unless BACKPROPAGATE_TOKEN sets one): other
-    users of this machine can reach the port but not call it.
+    users of this machine can reach the port but not call it, nor read the home directory
+    (0700; the store's, queue's and logs' files 0600).
     """
     home = settings.home.resolve()
     with _embedded_lock:
@@ -56,6 +58,7 @@ def embedded_stack(settings: Settings, workers: bool = True) -> RunningStack:
             from backpropagate_services.common.logs import configure_logging
             from backpropagate_services.stack import SERVICES, start_stack
 
+            private_home(settings.home)
             configure_logging(settings.log_level, settings.home / "logs" / "embedded.log")
             # A run this process trains is left interrupted on exit, not handed to whatever
             # `backprop` command runs next: `backprop runs resume` goes on with it.
@@ -93,6 +96,7 @@ class Connection:
         settings = settings or get_settings()
         services = ("dataprep", "trainer", "safety", "export")
         configured = {name: settings.endpoint_of(name) for name in services}
+        check_token_destination(settings, [name for name, address in configured.items() if address])
         embedded = any(address is None for address in configured.values())
         if not embedded:
             remote = {name: str(address) for name, address in configured.items()}

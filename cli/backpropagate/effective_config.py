@@ -8,7 +8,6 @@ a preset named by the settings, the setting itself, or the trainer's built-in de
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -16,6 +15,8 @@ from pydantic import BaseModel, SecretStr
 from rich.table import Table
 
 from backpropagate.render import JsonOption, console
+from backpropagate_services.common.redaction import redact
+from backpropagate_services.common.setting_sources import source_of
 from backpropagate_services.common.settings import LORA_FIELD_NAMES, Settings, get_settings
 from backpropagate_services.common.training import LORA_PRESETS, TRAINING_PRESETS, TrainingConfig
 
@@ -34,10 +35,15 @@ class Entry:
     source: str
 
 
-def _source(key: str, explicitly_set: bool) -> str:
-    if key in os.environ or key.lower() in {name.lower() for name in os.environ}:
-        return "environment"
-    return ".env file" if explicitly_set else "default"
+def _source(key: str) -> str:
+    return source_of(key) or "default"
+
+
+def _shown(value: Any) -> Any:
+    """What may be printed of a value: never a secret, nor a password inside a URL."""
+    if isinstance(value, SecretStr):
+        return "********"
+    return redact(value) if isinstance(value, str) else value
 
 
 def settings_entries(model: BaseModel, prefix: str = PREFIX) -> list[Entry]:
@@ -48,8 +54,7 @@ def settings_entries(model: BaseModel, prefix: str = PREFIX) -> list[Entry]:
         if isinstance(value, BaseModel):
             entries += settings_entries(value, key + "__")
             continue
-        shown = "********" if isinstance(value, SecretStr) else value
-        entries.append(Entry(key, shown, _source(key, name in model.model_fields_set)))
+        entries.append(Entry(key, _shown(value), _source(key)))
     return entries
 
 
@@ -77,7 +82,7 @@ def training_entries(settings: Settings) -> list[Entry]:
         )
         key = f"{PREFIX}{group}__{setting.upper()}"
         if name in configured:
-            entries.append(Entry(key, configured[name], _source(key, True)))
+            entries.append(Entry(key, configured[name], _source(key)))
             continue
         preset = next(((label, values) for label, values in presets if name in values), None)
         if preset is not None:

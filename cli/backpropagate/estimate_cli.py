@@ -36,6 +36,8 @@ def print_estimate(estimate: MemoryEstimateResult) -> None:
     table.add_row("[bold]predicted peak[/]", f"[bold]{size(estimate.total_bytes)}[/]")
     table.add_row("available now", size(estimate.available_bytes))
     console.print(table)
+    if estimate.plan:
+        console.print(f"fitted to the GPU: {estimate.plan}")
     if estimate.fits:
         console.print("[green]fits[/]")
     else:

@@ -62,6 +62,7 @@ def print_run(run: RunResult) -> None:
             "by length or perplexity",
         ),
         ("duration", f"{run.duration_seconds:.1f}s"),
+        *([("memory plan", run.memory_plan)] if run.memory_plan else []),
         *_hardware_rows(run),
         ("adapter", run.output),
         ("attempts", str(run.attempts)),
@@ -127,8 +128,11 @@ def _eval_rows(run: RunResult) -> list[tuple[str, str]]:
 def _hardware_rows(run: RunResult) -> list[tuple[str, str]]:
     if not run.device:
         return []
+    rows = [("device", f"{run.device} ({run.compute_dtype})")]
+    if run.compute_dtype_reason:  # records written before the reason was kept have none
+        rows.append((f"why {run.compute_dtype}", run.compute_dtype_reason))
     return [
-        ("device", f"{run.device} ({run.compute_dtype})"),
+        *rows,
         ("trainable", f"{run.trainable_parameters / 1e6:.2f} M parameters"),
         ("speed", f"{run.tokens_per_second:.0f} trained tokens/s"),
         ("peak memory", f"{run.peak_memory_bytes / 2**30:.2f} GiB"),
@@ -192,12 +196,15 @@ def print_dataset(info: dataprep_pb2.DatasetInfo) -> None:
             "examples",
             f"{info.num_examples:,} of {info.rows_read:,} rows ({info.num_turns:,} turns)",
         ),
-        ("left out", f"{len(info.rejections):,} invalid, {len(info.removed):,} duplicates"),
+        ("left out", f"{info.rows_rejected:,} invalid, {info.rows_removed:,} duplicates"),
     ]:
         table.add_row(f"[bold]{label}[/]", value)
     console.print(table)
-    for title, rows in (("left out", info.rejections), ("duplicates", info.removed)):
-        for line in listed(rows):
+    for title, rows, count in (
+        ("left out", info.rejections, info.rows_rejected),
+        ("duplicates", info.removed, info.rows_removed),
+    ):
+        for line in listed(rows, count):
             console.print(f"  {title}: {line}", markup=False)
     console.print("[bold]first example[/]")
     console.print_json(info.preview_json)

@@ -58,6 +58,8 @@ class RunResult:
     budget_reason: str = ""  # why this many steps, when the trainer chose
     device: str = ""
     compute_dtype: str = ""
+    compute_dtype_reason: str = ""  # a setting, the GPU, or the CPU's measured speeds
+    memory_plan: str = ""  # on a GPU: how the trainer fitted the run to it, and why
     trainable_parameters: int = 0
     peak_memory_bytes: int = 0
     tokens_per_second: float = 0.0
@@ -107,6 +109,8 @@ class RunResult:
             budget_reason=record.budget_reason,
             device=record.device,
             compute_dtype=record.compute_dtype,
+            compute_dtype_reason=record.compute_dtype_reason,
+            memory_plan=record.memory_plan.reason,
             trainable_parameters=record.trainable_parameters,
             peak_memory_bytes=record.peak_memory_bytes,
             tokens_per_second=record.tokens_per_second,
@@ -193,6 +197,7 @@ class MemoryEstimateResult:
     fits: bool
     parameters: int  # of the base model
     trainable_parameters: int
+    plan: str = ""  # on a GPU: how the run would be fitted to it (adapter, micro-batch), and why
     # The estimate as JSON has it, proto field names, every field (False and 0 too).
     record: dict[str, object] = field(default_factory=dict)
 
@@ -209,6 +214,7 @@ class MemoryEstimateResult:
             fits=estimate.fits,
             parameters=estimate.parameters,
             trainable_parameters=estimate.trainable_parameters,
+            plan=estimate.plan.reason,
             record=MessageToDict(
                 estimate,
                 preserving_proto_field_name=True,

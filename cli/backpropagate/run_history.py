@@ -35,17 +35,18 @@ CSV_COLUMNS = ("run_id", "created_at", *METRICS)
 
 def list_runs(
     connection: Connection, *, status: str = "", limit: int = 0
-) -> list[trainer_pb2.RunRecord]:
-    """Newest first, `limit` of them (0: all), a page at a time; `status` is a status name as
-    `runs list` shows it (e.g. "failed")."""
+) -> trainer_pb2.ListRunsResponse:
+    """Newest first, `limit` of them (0: all), a page at a time, as one answer (with every
+    page's unreadable records); `status` is a status name as `runs list` shows it ("failed")."""
     request = trainer_pb2.ListRunsRequest(status=parse_status(status))
-    runs: list[trainer_pb2.RunRecord] = []
+    listing = trainer_pb2.ListRunsResponse()
     while True:
-        request.limit = limit - len(runs) if limit else 0
+        request.limit = limit - len(listing.runs) if limit else 0
         page = connection.call("trainer", connection.trainer.ListRuns, request)
-        runs.extend(page.runs)
-        if not page.next_page_token or (limit and len(runs) >= limit):
-            return runs
+        listing.runs.extend(page.runs)
+        listing.unreadable_records.extend(page.unreadable_records)
+        if not page.next_page_token or (limit and len(listing.runs) >= limit):
+            return listing
         request.page_token = page.next_page_token
 
 
@@ -65,7 +66,7 @@ def parse_status(status: str) -> common_pb2.JobStatus.ValueType:
 
 def resolve_run_id(connection: Connection, text: str) -> str:
     """The run `text` names: its id, or a part of exactly one run's id."""
-    matches = [record.run_id for record in list_runs(connection) if text in record.run_id]
+    matches = [record.run_id for record in list_runs(connection).runs if text in record.run_id]
     if text in matches:
         return text
     if len(matches) == 1:

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from backpropagate.connection import Connection
-from backpropagate.render import JsonOption, console, print_json, print_run
+from backpropagate.render import JsonOption, console, err_console, print_json, print_run
 from backpropagate.results import RunResult, status_name
 from backpropagate.run_history import (
     as_csv,
@@ -47,12 +48,16 @@ def runs_list(
     as_json: JsonOption = False,
 ) -> None:
     """List training runs, newest first."""
-    runs = list_runs(Connection.open(workers=False), status=status, limit=limit)
+    listing = list_runs(Connection.open(workers=False), status=status, limit=limit)
     if as_json:
-        print_json(trainer_pb2.ListRunsResponse(runs=runs))
+        print_json(listing)
         return
+    for key in listing.unreadable_records:
+        err_console.print(
+            f"[bold yellow]warning[/]: left out {escape(key)}: not a readable run record"
+        )
     table = Table("run", "status", "model", "steps", "final loss", "created")
-    for record in runs:
+    for record in listing.runs:
         table.add_row(
             record.run_id,
             status_name(record.status),
@@ -125,7 +130,7 @@ def runs_export(
         raise UserError(
             f"Unknown export format {export_format!r}.", hint="Use --format jsonl or --format csv."
         )
-    text = render(list_runs(Connection.open(workers=False), status=status))
+    text = render(list_runs(Connection.open(workers=False), status=status).runs)
     if output is None:
         print(text, end="")  # raw: rich would wrap long lines
     else:

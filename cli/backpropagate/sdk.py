@@ -283,7 +283,8 @@ class Trainer:
         embedded default a background worker process trains it)."""
         if not wait:
             if connection.embedded:
-                start_background_worker((self.settings or get_settings()).home)
+                # This Trainer's settings, not the environment's: its home holds the run.
+                start_background_worker(self.settings or get_settings())
             self.last_run = self.run(run_id)
             return self.last_run
         return self.watch(run_id, callback=callback)
@@ -423,15 +424,15 @@ class Trainer:
             f"examples ([dim]{dataset.dataset_id[:12]}[/])"
             + (", prepared before" if dataset.reused else "")
         )
-        if dataset.removed:
-            self.console.print(f"{len(dataset.removed)} duplicate rows removed")
-        if not dataset.rejections:
+        if dataset.rows_removed:
+            self.console.print(f"{dataset.rows_removed} duplicate rows removed")
+        if not dataset.rows_rejected:
             return
         self.console.print(
-            f"[yellow]{len(dataset.rejections)} of {dataset.rows_read} rows left out[/] "
+            f"[yellow]{dataset.rows_rejected} of {dataset.rows_read} rows left out[/] "
             "(--strict fails on the first instead):"
         )
-        for line in listed(dataset.rejections):
+        for line in listed(dataset.rejections, dataset.rows_rejected):
             self.console.print(f"  {line}", markup=False)
 
     def estimate_memory(

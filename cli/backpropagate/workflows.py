@@ -23,6 +23,7 @@ from backpropagate_services.common.errors import (
     RunInterruptedError,
 )
 from backpropagate_services.common.grpc_errors import detail_to_error
+from backpropagate_services.common.local_names import path_inside
 from backpropagate_services.common.records import TERMINAL_STATUSES
 from backpropagate_services.common.store.base import sha256_file
 
@@ -83,12 +84,13 @@ def upload_dataset(
     languages: Sequence[str] = (),
 ) -> dataprep_pb2.DatasetInfo:
     """Upload and validate a dataset file (JSON Lines, CSV, TSV or Parquet, by its name). Bad
-    rows are left out and listed in the answer's `rejections` (up to 10% of the rows); `strict`:
-    the first bad row fails the upload. `columns` renames a table's columns to the fields of a
-    format ({"question": "instruction", "answer": "output"}). `dedup`: "exact" or "near" removes
-    repeated rows (listed in the answer's `removed`), as does `languages` ("en", ...) for rows
-    detected in another language. A file prepared before with the same
-    options is not sent again: its record comes back with `reused` set."""
+    rows are left out (up to 10% of the rows), counted in the answer's `rows_rejected` and the
+    first 100 listed in `rejections`; `strict`: the first bad row fails the upload. `columns`
+    renames a table's columns to the fields of a format ({"question": "instruction", "answer":
+    "output"}). `dedup`: "exact" or "near" removes repeated rows (`rows_removed`, the first 100
+    in `removed`), as does `languages` ("en", ...) for rows detected in another language. A
+    file prepared before with the same options is not sent again: its record comes back with
+    `reused` set."""
     require_dataset_file(path)
     stub = connection.dataprep
     header = dataprep_pb2.UploadDatasetHeader(
@@ -213,7 +215,12 @@ def _same_files(root: Path, files: list[export_pb2.ExportFile], top: str) -> boo
 def download_plan(result: export_pb2.ExportResult, output_dir: Path) -> dict[str, Path]:
     """Where each file of the export goes. A top-level name (a file, or the directory of an hf
     export) that already holds something else gets the export's own suffix, so one export never
-    overwrites another's files; one that holds these very files is reused."""
+    overwrites another's files; one that holds these very files is reused.
+
+    The names come from the server (and its store): one that would leave `output_dir` (an
+    absolute path, `..`) is PathOutsideDirectoryError, before any file is looked at."""
+    for file in result.files:
+        path_inside(output_dir, file.name)
     suffix = result.export_id.rsplit("-", 1)[-1]
     renamed: dict[str, str] = {}
     for file in result.files:
@@ -228,7 +235,8 @@ def download_plan(result: export_pb2.ExportResult, output_dir: Path) -> dict[str
     plan = {}
     for file in result.files:
         top, _, rest = file.name.partition("/")
-        plan[file.key] = output_dir / renamed[top] / rest if rest else output_dir / renamed[top]
+        # The suffix is the server's too (its export id): the renamed name is checked again.
+        plan[file.key] = path_inside(output_dir, f"{renamed[top]}/{rest}" if rest else renamed[top])
     return plan
 
 

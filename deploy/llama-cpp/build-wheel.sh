@@ -9,8 +9,10 @@
 #
 # What this builds instead is what llama.cpp's own release builds do: the CPU backend as loadable
 # modules, one per x86-64 feature level (x64, sse42, ..., haswell, skylakex, icelake, zen4, ...),
-# and libggml chooses at run time. backpropagate_services.export.llama_runtime registers the best
-# variant the CPU supports, leaving out the AMX one (sapphirerapids).
+# and the best one this CPU supports is chosen at run time, leaving out the AMX one
+# (sapphirerapids). llama-cpp-python never loads such a module by itself: add_cpu_variants.py adds
+# cpu_variants.py to the wheel, which registers the variant whenever `llama_cpp` is imported, so
+# the library works on its own, for our code and anyone else's.
 #
 # pip's wheel cache keys wheels by name and version only, so a cached native wheel would be reused
 # whatever CMAKE_ARGS say: this script keeps its own cache, keyed by version and build flags.
@@ -52,12 +54,17 @@ if ! compgen -G "${WHEEL_DIR}/*.whl" >/dev/null; then
     fi
     mv "${WHEEL_DIR}.partial" "${WHEEL_DIR}"
 fi
+# The cache holds the compiled wheel; adding the registration takes seconds, so it is redone on
+# every run and a change to it never costs a rebuild.
+FINISHED=$(mktemp -d)
+trap 'rm -rf "${FINISHED}"' EXIT
+"${PYTHON}" "${HERE}/add_cpu_variants.py" "${WHEEL_DIR}"/*.whl "${FINISHED}" >/dev/null
 if [[ -n "${COPY_TO}" ]]; then
     mkdir -p "${COPY_TO}"
-    cp "${WHEEL_DIR}"/*.whl "${COPY_TO}/"
+    cp "${FINISHED}"/*.whl "${COPY_TO}/"
 else
     # Replace whatever llama-cpp-python is there (a native build, say), then add its own
     # dependencies (numpy, diskcache, jinja2) without touching the ones already installed.
-    "${PYTHON}" -m pip install --quiet --no-deps --force-reinstall "${WHEEL_DIR}"/*.whl
-    "${PYTHON}" -m pip install --quiet "${WHEEL_DIR}"/*.whl
+    "${PYTHON}" -m pip install --quiet --no-deps --force-reinstall "${FINISHED}"/*.whl
+    "${PYTHON}" -m pip install --quiet "${FINISHED}"/*.whl
 fi

@@ -18,7 +18,7 @@ import hashlib
 import json
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +39,15 @@ PAIRED_FORMAT = "preference"
 UNPAIRED_FORMAT = "kto"
 PREFERENCE_FORMATS = (PAIRED_FORMAT, UNPAIRED_FORMAT)
 TEXT_FORMAT = "text"
-# Rows left out of an upload that a message lists; the dataset's record (DatasetInfo) has all.
+# Rows left out of an upload that a message lists.
 SHOWN_REJECTIONS = 20
+# Rows left out that a dataset's record (info.json, DatasetInfo) keeps as examples: it counts
+# the rest. A file of a million repeated rows must not make a record of a million lines.
+KEPT_ROW_EXAMPLES = 100
+# The preview of a dataset's first row: each text cut to this many characters, each list to
+# this many items, so a row of megabytes does not make a record (or an answer) of megabytes.
+PREVIEW_CHARACTERS = 1000
+PREVIEW_ITEMS = 20
 
 
 @dataclass(frozen=True)
@@ -53,12 +60,27 @@ class RowRejection:
     reason: str
 
 
-def listed(rows: Sequence[Any]) -> list[str]:
+@dataclass
+class LeftOut:
+    """Rows left out of a dataset for one kind of reason (invalid, or a filter's): how many, and
+    the first KEPT_ROW_EXAMPLES of them, whatever the file holds."""
+
+    count: int = 0
+    examples: list[RowRejection] = field(default_factory=list)
+
+    def add(self, row: RowRejection) -> None:
+        self.count += 1
+        if len(self.examples) < KEPT_ROW_EXAMPLES:
+            self.examples.append(row)
+
+
+def listed(rows: Sequence[Any], count: int | None = None) -> list[str]:
     """Rows left out (RowRejection, or its proto) as a message shows them: "line N: reason" for
-    the first SHOWN_REJECTIONS, then how many more there are."""
+    the first SHOWN_REJECTIONS, then how many more there are of `count` (default: all listed)."""
+    count = len(rows) if count is None else count
     lines = [f"line {row.line}: {row.reason}" for row in rows[:SHOWN_REJECTIONS]]
-    if len(rows) > SHOWN_REJECTIONS:
-        lines.append(f"... and {len(rows) - SHOWN_REJECTIONS} more")
+    if count > len(lines):
+        lines.append(f"... and {count - len(lines)} more")
     return lines
 
 
@@ -70,15 +92,19 @@ class DatasetRecord:
     num_turns: int
     size_bytes: int
     filename: str
-    preview: Conversation | dict[str, Any]  # the first row, as stored (chat rows: the messages)
+    # The first row, as stored (chat rows: the messages), shortened (`shortened`).
+    preview: Conversation | dict[str, Any]
     rows_read: int = 0  # non-blank lines; 0 in records written before rows were counted
-    rejections: tuple[RowRejection, ...] = ()  # rows left out, in file order
-    removed: tuple[RowRejection, ...] = ()  # good rows a filter took out (duplicates)
+    rejections: tuple[RowRejection, ...] = ()  # the first rows left out, in file order
+    removed: tuple[RowRejection, ...] = ()  # the first good rows a filter took out (duplicates)
+    rows_rejected: int = 0  # rows left out in all
+    rows_removed: int = 0  # rows filters took out in all
 
 
 # Bumped when parsing or normalising changes what a file prepares to: an id made by older code
-# must not stand for what newer code would store.
-PREPARATION_VERSION = 1
+# must not stand for what newer code would store. 2: OpenAI content parts are kept as text, not
+# left out; records count the rows left out.
+PREPARATION_VERSION = 2
 
 
 def prepared_dataset_id(content_sha256: str, header: dataprep_pb2.UploadDatasetHeader) -> str:
@@ -151,13 +177,13 @@ class DatasetWriter:
         source_format: str,
         filename: str,
         size_bytes: int,
-        rejections: Iterable[RowRejection] = (),
-        removed: Iterable[RowRejection] = (),
+        rejected: LeftOut | None = None,
+        removed: LeftOut | None = None,
     ) -> DatasetRecord:
         """Store the rows, then info.json: a reader that finds info.json finds all the data."""
         self._file.close()
         assert self.first is not None, "a dataset has rows"
-        rejections, removed = tuple(rejections), tuple(removed)
+        rejected, removed = rejected or LeftOut(), removed or LeftOut()
         record = DatasetRecord(
             dataset_id=dataset_id,
             format=source_format,
@@ -165,14 +191,29 @@ class DatasetWriter:
             num_turns=self.turns,
             size_bytes=size_bytes,
             filename=filename,
-            preview=self.first.get("messages", self.first),
-            rows_read=self.rows + len(rejections) + len(removed),
-            rejections=rejections,
-            removed=removed,
+            preview=shortened(self.first.get("messages", self.first)),
+            rows_read=self.rows + rejected.count + removed.count,
+            rejections=tuple(rejected.examples),
+            removed=tuple(removed.examples),
+            rows_rejected=rejected.count,
+            rows_removed=removed.count,
         )
         store.put_file(f"{_prefix(dataset_id)}/data.jsonl", self.path)
         store.put_json(f"{_prefix(dataset_id)}/info.json", asdict(record))
         return record
+
+
+def shortened(value: Any) -> Any:
+    """`value` with each string cut to PREVIEW_CHARACTERS (saying how much more there is) and
+    each list to its first PREVIEW_ITEMS: a preview of a row, never the whole of a huge one."""
+    if isinstance(value, str) and len(value) > PREVIEW_CHARACTERS:
+        rest = len(value) - PREVIEW_CHARACTERS
+        return f"{value[:PREVIEW_CHARACTERS]}... ({rest:,} more characters)"
+    if isinstance(value, list):
+        return [shortened(item) for item in value[:PREVIEW_ITEMS]]
+    if isinstance(value, dict):
+        return {key: shortened(item) for key, item in value.items()}
+    return value
 
 
 def save_dataset(
@@ -207,8 +248,9 @@ def load_record(store: ArtifactStore, dataset_id: str) -> DatasetRecord:
             dataset_id=dataset_id,
         )
     stored = store.get_json(key)
-    for name in ("rejections", "removed"):
+    for name, count in (("rejections", "rows_rejected"), ("removed", "rows_removed")):
         stored[name] = tuple(RowRejection(**row) for row in stored.get(name, ()))
+        stored.setdefault(count, len(stored[name]))  # a record from before rows were counted
     return DatasetRecord(**stored)
 
 

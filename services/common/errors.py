@@ -17,6 +17,21 @@ EXIT_RUNTIME_ERROR = 2
 EXIT_PARTIAL_FAILURE = 3
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
+# How much of a caller's input a message quotes: enough to recognise it, never so much that an
+# answer grows with the input (a refusal travels in trailers, which gRPC caps at 8 KiB).
+QUOTED_CHARS = 60
+
+
+def quoted(value: object, limit: int = QUOTED_CHARS) -> str:
+    """A caller's `value` as a message quotes it: its repr, the first `limit` characters of it
+    and its length when longer, so a 5000-character name is recognised, not echoed whole."""
+    if not isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value):,} characters)"
+
 
 class BackpropagateError(Exception):
     """Base of every error we raise on purpose; anything else is a bug."""
@@ -125,6 +140,16 @@ class ArtifactNotDownloadableError(UserError):
     grpc_status = "PERMISSION_DENIED"
 
 
+class PathOutsideDirectoryError(UserError):
+    code = "INPUT_PATH_OUTSIDE_DIRECTORY"
+    default_hint = (
+        "The stack named a file outside the directory it goes into (an absolute path or '..'), "
+        "so nothing was written. Its export records may have been edited: check the stack you "
+        "point BACKPROPAGATE_ENDPOINT at, or export again."
+    )
+    grpc_status = "PERMISSION_DENIED"
+
+
 class AuthRequiredError(UserError):
     code = "INPUT_AUTH_REQUIRED"
     default_hint = (
@@ -157,6 +182,16 @@ class ModelNotAllowedError(UserError):
     grpc_status = "PERMISSION_DENIED"
 
 
+class StreamIdleError(UserError):
+    code = "INPUT_STREAM_IDLE"
+    default_hint = (
+        "Send the upload or import again without pausing: a service ends one that sends nothing "
+        "for BACKPROPAGATE_SERVER__WATCH_IDLE_SECONDS (default 600)."
+    )
+    retryable = True
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
 # -- runtime errors: the machine or the job failed ----------------------------------------------
 
 
@@ -169,6 +204,7 @@ class GpuOutOfMemoryError(RuntimeFailure):
     code = "RUNTIME_GPU_OOM"
     default_hint = "Lower --batch-size or --max-length, or use a smaller model."
     retryable = True
+    grpc_status = "RESOURCE_EXHAUSTED"  # also a run refused at submit: it fits no setup
 
 
 class GpuTemperatureCriticalError(RuntimeFailure):
@@ -218,6 +254,17 @@ class JobAttemptsExhaustedError(RuntimeFailure):
     )
 
 
+class DiskFullError(RuntimeFailure):
+    code = "RUNTIME_DISK_FULL"
+    default_hint = (
+        "Free space on the disk the job writes to (or raise its quota), then run the command "
+        "again (`backprop runs resume RUN` goes on from the run's last checkpoint); nothing "
+        "half-written was kept."
+    )
+    retryable = True
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
 class CheckpointInvalidError(RuntimeFailure):
     code = "STATE_CHECKPOINT_INVALID"
     default_hint = (
@@ -232,6 +279,14 @@ class ArtifactInvalidError(RuntimeFailure):
         "A stored artifact does not match its manifest (damaged or tampered with): nothing was "
         "written outside the destination. Write the artifact again (train or export again), or "
         "restore the store from a backup."
+    )
+
+
+class QueueCorruptError(RuntimeFailure):
+    code = "STATE_QUEUE_CORRUPT"
+    default_hint = (
+        "The embedded queue's SQLite file is damaged: move it aside (the message names it) and "
+        "run the command again; runs and exports stay in the store."
     )
 
 

@@ -21,6 +21,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from backpropagate.v1 import common_pb2
+from backpropagate_services.common.disk_full import disk_full_error, is_disk_full
 from backpropagate_services.common.errors import (
     BackpropagateError,
     DependencyError,
@@ -48,23 +49,47 @@ def detail_to_error(detail: common_pb2.ErrorDetail) -> BackpropagateError:
     return rebuild_error(detail.code, detail.message, detail.hint, dict(detail.context))
 
 
+# What a status may take of each text, in UTF-8 bytes. It travels in trailers, which gRPC
+# clients cap at 8 KiB (and refuse whole beyond), with the message twice: percent-encoded in
+# grpc-message and base64-encoded in the details. Messages quote inputs short (`quoted`); these
+# bounds hold for any error, so a refusal always arrives as itself.
+STATUS_TEXT_BYTES = {"grpc-message": 1000, "message": 1500, "hint": 600, "context": 200}
+
+
+def _within(text: str, what: str) -> str:
+    """`text`, cut to the bytes `what` may take on the wire, and marked where it was cut."""
+    limit = STATUS_TEXT_BYTES[what]
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 10].decode(errors="ignore") + " [...cut]"
+
+
 def error_to_status(error: BackpropagateError) -> grpc.Status:
+    detail = error_to_detail(error)
+    detail.message = _within(detail.message, "message")
+    detail.hint = _within(detail.hint, "hint")
+    for key in list(detail.context):
+        detail.context[key] = _within(detail.context[key], "context")
     packed = any_pb2.Any()
-    packed.Pack(error_to_detail(error))
+    packed.Pack(detail)
     status = status_pb2.Status(
         code=getattr(grpc.StatusCode, error.grpc_status).value[0],
-        message=str(error),
+        message=_within(str(error), "grpc-message"),
         details=[packed],
     )
     return rpc_status.to_status(status)
 
 
 def as_backpropagate_error(exc: BaseException) -> BackpropagateError:
-    """Any exception as one of ours. An unexpected one becomes INTERNAL with a reference to the
-    log line that holds it in full (redacted): its text, which may quote a request, a path or a
-    credential, never reaches the client."""
+    """Any exception as one of ours. A full disk met outside a staged write (a temporary file)
+    is RUNTIME_DISK_FULL all the same. An unexpected one becomes INTERNAL with a reference to
+    the log line that holds it in full (redacted): its text, which may quote a request, a path
+    or a credential, never reaches the client."""
     if isinstance(exc, BackpropagateError):
         return exc
+    if is_disk_full(exc):
+        return disk_full_error(exc)
     reference = f"ref-{secrets.token_hex(4)}"
     log.error("unexpected error %s", reference, exc_info=exc)
     return BackpropagateError(

@@ -1,5 +1,6 @@
 """What every server checks before a call reaches a servicer: the caller's token, that the
-server has room for one more call, and that the request's bytes are a message of its type.
+server has room for one more call, that the request's bytes are a message of its type, and that
+a client stream keeps sending.
 
 Health checks pass the first two: orchestrators probe without credentials, and a server full of
 watches must still say it is alive. The checks are interceptors, so no servicer can forget them.
@@ -8,23 +9,30 @@ watches must still say it is alive. The checks are interceptors, so no servicer 
 from __future__ import annotations
 
 import hmac
+import queue
 import threading
 from abc import abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import grpc
 
-from backpropagate_services.common.channels import AUTHORIZATION, bearer
+from backpropagate_services.common.channels import AUTHORIZATION, STACK_CALL, bearer
 from backpropagate_services.common.errors import (
     AuthFailedError,
     BackpropagateError,
     ServerBusyError,
+    StreamIdleError,
     UserError,
 )
 from backpropagate_services.common.grpc_errors import error_to_status
 
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
+# Streaming calls kept for the stack's own (the trainer's watch of its safety sidecar), beyond
+# the limit others share: callers holding every other slot must not leave a trainer training
+# without safety levels. A trainer holds one; the rest cover a restarted trainer whose old
+# stream the server has not yet seen go, and a few trainers sharing one sidecar.
+STACK_STREAMS = 4
 
 Handler = Any  # grpc.RpcMethodHandler: grpc ships no type hints
 
@@ -101,25 +109,35 @@ class TokenAuth(_AllButHealth):
 class CallLimits(_AllButHealth):
     """At most `calls` calls at once, of them at most `streams` server-streaming ones (watches,
     downloads); beyond that a call is refused at once with RUNTIME_SERVER_BUSY
-    (RESOURCE_EXHAUSTED).
+    (RESOURCE_EXHAUSTED). A streaming call marked as the stack's own (`channels.STACK_CALL`)
+    takes one of `STACK_STREAMS` slots kept for such calls first, so callers who fill the
+    others cannot keep the trainer from its safety sidecar.
+
+    The mark is no credential: a caller that may call the server at all could send it too, and
+    would then hold those slots as well. It keeps them from callers that fill the others by
+    accident or by plain abuse; one that impersonates the stack holds its token, and could do
+    worse than that.
 
     A call takes its slots when it starts running and gives them back when it returns, or for
     a streaming call when its stream ends or the client leaves. The server's thread pool is
-    larger than `calls` (see `grpc_server`), so threads stay free for health checks and for
-    refusing: a hundred watches cannot wedge a server."""
+    larger than `calls` plus the kept slots (see `grpc_server`), so threads stay free for
+    health checks and for refusing: a hundred watches cannot wedge a server."""
 
-    def __init__(self, calls: int, streams: int) -> None:
+    def __init__(self, calls: int, streams: int, stack_streams: int = STACK_STREAMS) -> None:
         self.limits = (calls, min(streams, calls))
         self.calls = threading.BoundedSemaphore(self.limits[0])
         self.streams = threading.BoundedSemaphore(self.limits[1])
+        self.stack_streams = threading.BoundedSemaphore(stack_streams)
 
     def guarded(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         behaviour = _behaviour(handler)
+        metadata = dict(details.invocation_metadata or ())
+        stack_call = metadata.get(STACK_CALL[0]) == STACK_CALL[1]
 
         if handler.response_streaming:
 
             def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                taken = self._take(True, details.method, context)
+                taken = self._take(True, details.method, context, stack_call)
                 try:
                     yield from behaviour(request, context)
                 finally:
@@ -137,9 +155,15 @@ class CallLimits(_AllButHealth):
         return _rebuilt(handler, call)
 
     def _take(
-        self, streaming: bool, method: str, context: grpc.ServicerContext
+        self,
+        streaming: bool,
+        method: str,
+        context: grpc.ServicerContext,
+        stack_call: bool = False,
     ) -> list[threading.BoundedSemaphore]:
         """This call's slots, or the call aborted as RUNTIME_SERVER_BUSY."""
+        if streaming and stack_call and self.stack_streams.acquire(blocking=False):
+            return [self.stack_streams]
         slots = [self.calls, self.streams] if streaming else [self.calls]
         taken = [slot for slot in slots if slot.acquire(blocking=False)]
         if len(taken) < len(slots):
@@ -205,3 +229,76 @@ class ReadableRequests(grpc.ServerInterceptor):  # type: ignore[misc]
             return behaviour(request, context)
 
         return _rebuilt(handler, call, deserialize)
+
+
+class IdleClientStreams(_AllButHealth):
+    """A client stream (an upload, an adapter import) that sends nothing for `idle_seconds` is
+    ended with INPUT_STREAM_IDLE, as a watch without events ends: a client that sends a header
+    and then stays silent would otherwise hold a call slot and a thread while it stays connected.
+
+    gRPC's request iterator waits without a timeout, so the messages are read on a daemon
+    thread of the call's own and the servicer waits for each at most `idle_seconds`; the error
+    is raised where the servicer reads, so what it did before is undone as for any bad input.
+    Once the call has ended, gRPC ends that thread's read too, and the thread goes."""
+
+    def __init__(self, idle_seconds: float) -> None:
+        self.idle_seconds = idle_seconds
+
+    def guarded(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
+        if not handler.request_streaming:
+            return handler
+        behaviour = _behaviour(handler)
+
+        if handler.response_streaming:
+
+            def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+                stream = self._paced(requests, details.method)
+                try:
+                    yield from behaviour(stream, context)
+                finally:
+                    stream.close()
+
+        else:
+
+            def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:  # type: ignore[misc]
+                stream = self._paced(requests, details.method)
+                try:
+                    return behaviour(stream, context)
+                finally:
+                    stream.close()
+
+        return _rebuilt(handler, call)
+
+    def _paced(self, requests: Iterator[Any], method: str) -> Generator[Any, None, None]:
+        """`requests`, each read on the reader thread when asked for and waited for at most
+        `idle_seconds`; closing it lets the thread go once its read returns."""
+        wanted: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        read: queue.SimpleQueue[tuple[Any, BaseException | None]] = queue.SimpleQueue()
+        end = object()
+
+        def reader() -> None:
+            while wanted.get():
+                try:
+                    read.put((next(requests, end), None))
+                except BaseException as exc:  # the client left: the servicer sees it as before
+                    read.put((end, exc))
+                    return
+
+        threading.Thread(target=reader, name="client-stream", daemon=True).start()
+        try:
+            while True:
+                wanted.put(True)
+                try:
+                    request, error = read.get(timeout=self.idle_seconds)
+                except queue.Empty:
+                    raise StreamIdleError(
+                        f"{method.rsplit('/', 1)[-1]} received no message for "
+                        f"{self.idle_seconds:g} s, so the call was ended."
+                    ) from None
+                if error is not None:
+                    raise error
+                if request is end:
+                    return
+                yield request
+        finally:
+            wanted.put(False)

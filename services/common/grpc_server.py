@@ -12,16 +12,23 @@ from grpc_reflection.v1alpha import reflection
 
 from backpropagate_services.common.channels import is_loopback, server_credentials
 from backpropagate_services.common.errors import AuthRequiredError, ConfigError
-from backpropagate_services.common.grpc_guards import CallLimits, ReadableRequests, TokenAuth
+from backpropagate_services.common.grpc_guards import (
+    STACK_STREAMS,
+    CallLimits,
+    IdleClientStreams,
+    ReadableRequests,
+    TokenAuth,
+)
 from backpropagate_services.common.settings import Settings
 
-# Threads beyond the call limit: for health checks and for refusing calls over it.
+# Threads beyond the call limit and the stack's kept streams: for health checks and for
+# refusing calls over the limit.
 SPARE_THREADS = 8
 
 
 def bind_server(address: str, settings: Settings) -> tuple[grpc.Server, int]:
     """A server listening on `address` (port 0 picks a free one), not started yet, with the
-    token check and the call limits of `settings` in front of every service.
+    token check, the call limits and the idle timeout of `settings` in front of every service.
 
     Binding comes first so the chosen port is known before services are created: the embedded
     stack points its trainer at its own safety service through it.
@@ -37,11 +44,14 @@ def bind_server(address: str, settings: Settings) -> tuple[grpc.Server, int]:
     interceptors: list[grpc.ServerInterceptor] = [
         CallLimits(limits.max_concurrent_calls, limits.max_concurrent_streams),
         ReadableRequests(),
+        IdleClientStreams(limits.watch_idle_seconds),
     ]
     if token:
         interceptors.insert(0, TokenAuth(token))
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=limits.max_concurrent_calls + SPARE_THREADS),
+        futures.ThreadPoolExecutor(
+            max_workers=limits.max_concurrent_calls + STACK_STREAMS + SPARE_THREADS
+        ),
         interceptors=interceptors,
     )
     try:

@@ -1,21 +1,32 @@
 """What this machine trains on: the device, the dtype it computes fast in, and how much fits.
 
-Decided once per run from what the hardware reports, and written into the run record, so a run's
-numbers can be read knowing where they came from. Import-light: torch loads on first use.
+Decided once per run from what the hardware reports (and, for a CPU's dtype, what a short probe
+measures), and written into the run record, so a run's numbers can be read knowing where they
+came from. Import-light: torch loads on first use.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from backpropagate_services.common.dtype_probe import (
+    CACHE_FILE_NAME,
+    DEFAULT_SHAPES,
+    DtypeChoice,
+    MatmulShapes,
+    cached_probe,
+)
+
 GIB = 1024**3
-# CPU flags of the instructions that make bf16 matrix products fast (Intel AMX, AVX-512 BF16 on
-# Intel Cooper Lake+ and AMD Zen 4+). Without them torch emulates bf16 and fp32 is faster.
-FAST_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+# CPU flags of the instructions that multiply bf16 natively (Intel AMX, AVX-512 BF16 on Intel
+# Cooper Lake+ and AMD Zen 4+). Without them torch emulates bf16, several times slower than
+# fp32; with them bf16 may still be the slower one (dtype_probe), so they only allow a probe.
+BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,7 @@ class Hardware:
     cores: int
     fp8: bool  # Hopper / Blackwell: FP8 tensor cores
     note: str = ""  # what a user should know about this choice
+    dtype_reason: str = ""  # why compute_dtype: a setting, the GPU, the CPU's probe
 
     @property
     def is_cuda(self) -> bool:
@@ -56,30 +68,56 @@ def cpu_name() -> str:
     return cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
-def cpu_compute_dtype(setting: str = "auto") -> str:
-    """bf16 where the CPU multiplies it natively (about 1.7x the speed of fp32 on SmolLM2 on a
-    Zen 4 EPYC), fp32 elsewhere; `setting` forces one."""
+def cpu_dtype_choice(
+    setting: str = "auto", shapes: MatmulShapes = DEFAULT_SHAPES, home: Path | None = None
+) -> DtypeChoice:
+    """`setting` where it names a dtype; fp32 on a CPU without bf16 instructions; else what the
+    probe measures for `shapes` with torch's current threads, kept in <home>/cpu-dtype.json
+    (home: the settings' by default)."""
     if setting != "auto":
-        return setting
-    return "bfloat16" if cpu_flags() & FAST_BF16_CPU_FLAGS else "float32"
+        return DtypeChoice(setting, "set by BACKPROPAGATE_TRAINER__CPU_DTYPE")
+    if not cpu_flags() & BF16_CPU_FLAGS:
+        return DtypeChoice("float32", "this CPU has no bf16 instructions (AVX-512 BF16, AMX)")
+    if home is None:
+        from backpropagate_services.common.settings import get_settings
+
+        home = get_settings().home
+    return cached_probe(home / CACHE_FILE_NAME, probe_key(shapes), shapes)
 
 
-def detect(cpu_dtype: str = "auto") -> Hardware:
+def probe_key(shapes: MatmulShapes) -> str:
+    """What a probe's verdict holds for: this CPU (model, flags, cores), torch's threads and
+    version, and the shapes it multiplied."""
+    import torch
+
+    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+    return (
+        f"{cpu_name()}, flags {flags}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; "
+        f"torch {torch.__version__}; {shapes.hidden}x{shapes.intermediate}x{shapes.vocab}"
+    )
+
+
+def detect(
+    cpu_dtype: str = "auto", shapes: MatmulShapes = DEFAULT_SHAPES, home: Path | None = None
+) -> Hardware:
     """The device a run trains on: the first CUDA GPU, else the CPU (Apple's MPS is reported
-    as unsupported, not used)."""
+    as unsupported, not used). On a CPU the dtype is `cpu_dtype_choice`'s for the model of
+    `shapes` (the offline default's where not given)."""
     import torch
 
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(0)
         properties = torch.cuda.get_device_properties(0)
+        bf16 = torch.cuda.is_bf16_supported()
         return Hardware(
             device="cuda:0",
             name=properties.name,
-            compute_dtype="bfloat16" if torch.cuda.is_bf16_supported() else "float16",
+            compute_dtype="bfloat16" if bf16 else "float16",
             total_memory=int(total),
             free_memory=int(free),
             cores=int(properties.multi_processor_count),
             fp8=(properties.major, properties.minor) >= (8, 9),
+            dtype_reason="the GPU computes in bf16" if bf16 else "the GPU has no bf16",
         )
     mps = getattr(torch.backends, "mps", None)
     note = (
@@ -91,25 +129,26 @@ def detect(cpu_dtype: str = "auto") -> Hardware:
     import psutil
 
     memory = psutil.virtual_memory()
+    choice = cpu_dtype_choice(cpu_dtype, shapes, home)
     return Hardware(
         device="cpu",
         name=cpu_name(),
-        compute_dtype=cpu_compute_dtype(cpu_dtype),
+        compute_dtype=choice.dtype,
         total_memory=int(memory.total),
         free_memory=int(memory.available),
         cores=os.cpu_count() or 1,
         fp8=False,
         note=note,
+        dtype_reason=choice.reason,
     )
 
 
 def default_micro_batch(hardware: Hardware) -> int:
-    """Conversations one forward pass takes by default: from free VRAM (>= 24 GB: 4, >= 16 GB:
-    2, else 1); on the CPU from free host memory and cores, since a wider batch only pays off
-    when there are cores to run it and memory to hold its activations."""
+    """Conversations one forward pass takes by default on the CPU: from free host memory and
+    cores, since a wider batch only pays off when there are cores to run it and memory to hold
+    its activations. On a GPU a run's memory plan chooses it from its estimated peak
+    (`trainer.memory_plan`)."""
     free_gib = hardware.free_memory / GIB
-    if hardware.is_cuda:
-        return 4 if free_gib >= 24 else 2 if free_gib >= 16 else 1
     if free_gib >= 8 and hardware.cores >= 2:
         return 4
     return 2 if free_gib >= 4 else 1

@@ -7,7 +7,7 @@ import re
 import secrets
 import time
 
-from backpropagate_services.common.errors import NotFoundError
+from backpropagate_services.common.errors import NotFoundError, quoted
 
 # What new_id makes (and a dataset's sha256): letters, digits, '-' and '_', never '.' or '/',
 # so an id can be placed in a key or a path and never leave it.
@@ -26,7 +26,7 @@ def checked_id(value: str, what: str) -> str:
     (`../../etc/passwd`, `/etc/passwd`) gets the same answer from every store."""
     if not _ID.fullmatch(value):
         raise NotFoundError(
-            f"No {what} with id {value[:200]!r}: that is not an id.",
+            f"No {what} with id {quoted(value)}: that is not an id.",
             hint=f"Use the {what} id as backprop printed it: letters, digits, '-' and '_'.",
             **{f"{what}_id": value[:200]},
         )

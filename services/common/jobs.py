@@ -19,7 +19,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from google.protobuf.message import Message
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
+from tenacity import (
+    before_sleep_log,
+    retry,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate_services.common.errors import (
@@ -43,11 +49,13 @@ log = logging.getLogger(__name__)
 CLAIM_TIMEOUT_SECONDS = 1.0
 
 # Store calls whose failure would lose an outcome ride out an outage of about half a minute
-# (a restarting MinIO, a Redis failover) before the job is left to be delivered again.
+# (a restarting MinIO, a Redis failover) before the job is left to be delivered again. Each wait
+# is logged: a worker that seems stuck says what it waits for.
 durably = retry(
     retry=retry_if_exception_type(DependencyError),
     stop=stop_after_delay(30),
     wait=wait_exponential(multiplier=0.5, max=5),
+    before_sleep=before_sleep_log(log, logging.WARNING),
     reraise=True,
 )
 

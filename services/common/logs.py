@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from backpropagate_services.common.private_files import create_private_file
 from backpropagate_services.common.redaction import redact
 
 _current_run_id: contextvars.ContextVar[str] = contextvars.ContextVar("run_id", default="-")
@@ -76,8 +77,8 @@ def quiet_library_output() -> None:
 def configure_logging(level: str = "INFO", log_file: Path | None = None) -> None:
     """Idempotent: safe to call from every entry point.
 
-    Servers log to stderr; the embedded stack logs to `log_file`, because the user's terminal
-    belongs to the progress bar and the results.
+    Servers log to stderr; the embedded stack logs to `log_file` (readable by its owner only),
+    because the user's terminal belongs to the progress bar and the results.
     """
     root = logging.getLogger()
     if any(isinstance(f, RunIdFilter) for h in root.handlers for f in h.filters):
@@ -87,8 +88,7 @@ def configure_logging(level: str = "INFO", log_file: Path | None = None) -> None
     if log_file is None:
         handler = logging.StreamHandler()
     else:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler = logging.FileHandler(create_private_file(log_file), encoding="utf-8")
     handler.addFilter(RunIdFilter())
     handler.setFormatter(RedactingFormatter(LOG_FORMAT))
     root.addHandler(handler)

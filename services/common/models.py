@@ -122,19 +122,63 @@ def _local_model(spec: str) -> ModelSource | None:
     return None
 
 
-def check_model_allowed(source: ModelSource, caller: str, allowed_dirs: Sequence[Path]) -> None:
-    """Refuse a model path named by a caller on another machine unless it lies in one of
-    `allowed_dirs` (symlinks followed): a remote caller must not make the server read, and
-    train on or export, whatever file it can name. `caller` is gRPC's peer ("ipv4:10.0.0.5:
-    5123"); hub ids, the offline default and callers on this machine pass."""
-    if source.kind == "hub" or source.spec == OFFLINE_DEFAULT_ALIAS or peer_is_local(caller):
-        return
+def resolve_model_for(
+    caller: str, spec: str, default: str, allowed_dirs: Sequence[Path]
+) -> ModelSource:
+    """`resolve_model` for a gRPC caller (its peer, "ipv4:10.0.0.5:5123"), if it may name the
+    model: a caller on another machine must not make the server read, and train on or export,
+    whatever file it can name.
+
+    A caller on this machine names anything; one on another machine a Hub id, the offline
+    default, the stack's own default (`default`, when it names none), or a model under one of
+    `allowed_dirs` (symlinks followed). A path is checked against the list before the filesystem
+    is asked, and a refusal repeats the name as given: whether a path exists, is a directory or a
+    model, and where a symlink leads, stays unsaid to a caller who may not name it.
+    """
+    spec = (spec or "").strip()
+    remote = not peer_is_local(caller)
+    if remote and spec and _names_a_path(spec) and not _lexically_under(spec, allowed_dirs):
+        raise _not_allowed(spec, caller)
+    source = resolve_model(spec, default)
+    if remote and spec and not _may_name(source, allowed_dirs):
+        raise _not_allowed(spec, caller)
+    return source
+
+
+def _names_a_path(spec: str) -> bool:
+    """Whether `spec` can only be a path: a .gguf file, or no Hub id's shape ("auto" and the
+    offline default's alias have one)."""
+    return spec.endswith(".gguf") or not HUB_ID.fullmatch(spec)
+
+
+def _roots(allowed_dirs: Sequence[Path]) -> list[Path]:
+    """Each allowed directory as written and with its symlinks followed."""
+    roots = [Path(os.path.abspath(Path(root).expanduser())) for root in allowed_dirs]
+    return roots + [root.resolve() for root in roots]
+
+
+def _lexically_under(spec: str, allowed_dirs: Sequence[Path]) -> bool:
+    """Whether the path `spec` lies under an allowed directory, `..` folded without asking the
+    filesystem (`_may_name` follows the symlinks once the path is known to be allowed)."""
+    location = Path(os.path.abspath(os.path.expanduser(spec)))
+    return any(location.is_relative_to(root) for root in _roots(allowed_dirs))
+
+
+def _may_name(source: ModelSource, allowed_dirs: Sequence[Path]) -> bool:
+    """Whether a caller on another machine may use `source`: a Hub id, the offline default, or
+    a file or directory that, symlinks followed, lies under an allowed directory."""
+    if source.kind == "hub" or source.spec == OFFLINE_DEFAULT_ALIAS:
+        return True
     location = Path(source.location).resolve()
-    if any(location.is_relative_to(Path(root).expanduser().resolve()) for root in allowed_dirs):
-        return
-    raise ModelNotAllowedError(
-        f"A caller at {caller} may not name the model path {source.spec or source.location}.",
-        model=source.spec or source.location,
+    return any(location.is_relative_to(root) for root in _roots(allowed_dirs))
+
+
+def _not_allowed(spec: str, caller: str) -> ModelNotAllowedError:
+    return ModelNotAllowedError(
+        f"{spec[:200]!r} is not under one of this stack's model directories, so a caller on "
+        "another machine may not name it.",
+        model=spec[:200],
+        caller=caller,
     )
 
 

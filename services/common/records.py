@@ -16,7 +16,13 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from backpropagate.v1 import common_pb2
-from backpropagate_services.common.errors import DependencyError, NotFoundError
+from backpropagate_services.common.errors import (
+    ArtifactInvalidError,
+    DependencyError,
+    NotFoundError,
+    UserError,
+    quoted,
+)
 from backpropagate_services.common.queue import JobQueue
 from backpropagate_services.common.redaction import redact
 from backpropagate_services.common.store import ArtifactStore
@@ -57,9 +63,22 @@ def _redacted(value: object) -> object:
 
 
 def load_record(store: ArtifactStore, key: str, cls: type[M], what: str) -> M:
+    """The record at `key`; NotFoundError if there is none, ArtifactInvalidError if what is
+    there is no `what` record (damaged by a full disk, edited by hand)."""
     if not store.exists(key):
         raise NotFoundError(f"No {what} at {key}.", key=key)
-    return from_json(store.get_json(key), cls)
+    try:
+        data = store.get_json(key)
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        return from_json(data, cls)
+    except (ValueError, json_format.ParseError) as error:
+        raise ArtifactInvalidError(
+            f"{key} is not a readable {what} record: {str(error)[:200]}",
+            hint=f"Restore {key} from a backup, or delete its directory if the {what} is not "
+            "needed any more.",
+            key=key,
+        ) from error
 
 
 def publish(queue: JobQueue, channel: str, event: Message) -> None:
@@ -68,6 +87,18 @@ def publish(queue: JobQueue, channel: str, event: Message) -> None:
 
 # A terminal record with no terminal event after this long: that event is not coming.
 SETTLE_SECONDS = 5.0
+
+
+def checked_cursor(queue: JobQueue, after: str) -> str:
+    """`after`, a watch's after_event_id, if it is empty or an event id of `queue`; else
+    INPUT_INVALID, before the queue is asked (it would fail on it) or the job looked up."""
+    if after and not queue.is_event_id(after):
+        raise UserError(
+            f"after_event_id {quoted(after)} is no event id.",
+            hint="Pass the event_id of an event a watch sent, or none to watch from the first.",
+            fields="after_event_id",
+        )
+    return after
 
 
 def follow(
@@ -83,10 +114,10 @@ def follow(
     poll_seconds: float = 1.0,
     settle_seconds: float = SETTLE_SECONDS,
 ) -> Iterator[M]:
-    """Replay a job's events from the first (or from the one after `after`), each with its
-    `event_id`, then follow until one has a terminal status and `is_final(event)` agrees: a
-    resumed run's history holds the terminal event of an earlier attempt (stopped for safety,
-    cancelled), which must not end the watch.
+    """Replay a job's events from the first (or from the one after `after`, a checked_cursor),
+    each with its `event_id`, then follow until one has a terminal status and `is_final(event)`
+    agrees: a resumed run's history holds the terminal event of an earlier attempt (stopped for
+    safety, cancelled), which must not end the watch.
 
     A watch also ends after `settle_seconds` without an event once `has_ended()` (the job's
     record is terminal): a terminal event that was trimmed away or never published would

@@ -58,8 +58,13 @@ class StoreSettings(BaseModel):
         None, description="Directory of the local store; default <home>/artifacts."
     )
     s3_endpoint: str = Field("127.0.0.1:9000", description="host:port of MinIO / S3.")
-    s3_access_key: SecretStr = Field(SecretStr("minioadmin"), description="S3 access key.")
-    s3_secret_key: SecretStr = Field(SecretStr("minioadmin"), description="S3 secret key.")
+    # No default pair: a well-known one (MinIO's minioadmin) is the first thing anyone tries.
+    s3_access_key: SecretStr | None = Field(
+        None, description="S3 access key; required by the s3 backend."
+    )
+    s3_secret_key: SecretStr | None = Field(
+        None, description="S3 secret key; required by the s3 backend."
+    )
     s3_bucket: str = Field("backpropagate", description="Bucket that holds every artifact.")
     s3_secure: bool = Field(False, description="Use TLS to reach S3.")
     s3_region: str | None = Field(None, description="S3 region, if the server needs one.")
@@ -83,8 +88,9 @@ class ModelSettings(BaseModel):
     allowed_dirs: list[Path] = Field(
         [],
         description="Directories a caller on another machine may name a base model in (a path "
-        "elsewhere is INPUT_MODEL_NOT_ALLOWED); hub ids and the offline default are open to "
-        "every caller, and a caller on this machine may name any path.",
+        "elsewhere is INPUT_MODEL_NOT_ALLOWED, whether it exists or not); hub ids, the offline "
+        "default and model.name are open to every caller, and a caller on this machine may name "
+        "any path.",
     )
 
 
@@ -151,8 +157,9 @@ class DataprepSettings(BaseModel):
     max_upload_bytes: int = Field(
         64 * 2**30,
         ge=1,
-        description="Largest dataset file accepted; a bigger upload fails once past it, before "
-        "it fills the disk.",
+        description="Largest dataset file accepted, as sent and once decompressed or decoded "
+        "(gzip, Parquet); a bigger upload fails once past it, before it fills the disk or the "
+        "memory.",
     )
 
 
@@ -160,8 +167,9 @@ class TrainerSettings(BaseModel):
     workers: int = Field(1, description="Train jobs one trainer process runs at a time.")
     cpu_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
-        description="What the base model computes in on a CPU; auto: bf16 where the CPU has "
-        "AMX or AVX-512 BF16, else fp32.",
+        description="What the base model computes in on a CPU; auto: whichever a short probe "
+        "of the model's matrix products measures faster here (bf16 only on CPUs with AMX or "
+        "AVX-512 BF16), kept in <home>/cpu-dtype.json.",
     )
     threads: int = Field(0, description="torch CPU threads; 0: torch's default.")
     tensorboard_dir: Path | None = Field(
@@ -351,6 +359,18 @@ class FaultSettings(BaseModel):
         description="Drill: training raises a real out-of-memory error inside this step (once "
         "per worker process), so the OOM recovery runs end to end.",
     )
+    hold_at_step: int | None = Field(
+        None,
+        ge=1,
+        description="Drill: a run holds before this step of its job (a campaign's runs counted "
+        "one after another) until it is stopped (Ctrl-C, SIGTERM, a cancel, its lease lost) or "
+        "killed, so a drill's interrupt lands mid-run however fast the machine trains.",
+    )
+    hold_release_file: Path | None = Field(
+        None,
+        description="Drill: the hold of hold_at_step also ends when this file exists, so a "
+        "drill lets the run go on when it chooses (once Redis is cut off, say).",
+    )
 
 
 class TlsSettings(BaseModel):
@@ -401,7 +421,8 @@ class ServerSettings(BaseModel):
         600.0,
         gt=0,
         description="A watch with no event for this long ends; the client watches again "
-        "from its last event.",
+        "from its last event. An upload or import that sends nothing for this long is ended "
+        "with INPUT_STREAM_IDLE.",
     )
 
 

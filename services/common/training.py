@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_services.common.errors import ConfigError, quoted
 
 # Far above any sensible run, far below what would exhaust a worker before its first step.
 MAX_STEPS = 10_000_000
@@ -224,7 +224,7 @@ class TrainingConfig:
             raise ConfigError(
                 "Invalid training config: "
                 + "; ".join(
-                    f"{name} must be {rule}, got {getattr(self, name)!r}"
+                    f"{name} must be {rule}, got {quoted(getattr(self, name))}"
                     for name, rule in bad.items()
                 )
                 + ".",

@@ -13,7 +13,7 @@ import hashlib
 from typing import Any
 
 from backpropagate_services.common.datasets import RowRejection
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_services.common.errors import ConfigError, quoted
 
 MODES = ("none", "exact", "near")
 DEFAULT_THRESHOLD = 0.8
@@ -28,7 +28,7 @@ class DuplicateFilter:
         if mode not in MODES or not 0 < threshold <= 1:
             raise ConfigError(
                 f"dedup must be one of {', '.join(MODES)} with a threshold in (0, 1], got "
-                f"{mode!r} at {threshold:g}.",
+                f"{quoted(mode)} at {threshold:g}.",
                 fields="dedup",
             )
         self.mode = mode

@@ -4,8 +4,9 @@ Windows tools write UTF-8 with a byte-order mark, Notepad and Excel's "Unicode t
 UTF-16 with one, and most write CRLF line ends: all of that is decoded here, line by line (a big
 file is never held whole), so the parsers only see text. A file in any other encoding fails on the
 first line that is not UTF-8, with that line's number. A gzip-compressed file (data.jsonl.gz, as
-datasets are often shipped) is read through gzip, still a line at a time; a ZIP archive is
-refused saying so, since it may hold anything.
+datasets are often shipped) is read through gzip, still a line at a time, and its decompressed
+bytes count against the upload limit (limits.ByteBudget); a ZIP archive is refused saying so,
+since it may hold anything.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from backpropagate_services.common.errors import DatasetParseError
-
-# One row's limit: about two million tokens of text, past any context a model trains on.
-MAX_LINE_BYTES = 8 * 2**20
+from backpropagate_services.dataprep import limits
+from backpropagate_services.dataprep.limits import ByteBudget
 
 # Longest first: UTF-32 LE's mark begins with UTF-16 LE's.
 BYTE_ORDER_MARKS = (
@@ -42,11 +42,13 @@ def uncompressed_name(path: Path, filename: str) -> str:
     return filename.removesuffix(".gz") if _head(path).startswith(GZIP_MAGIC) else filename
 
 
-def text_lines(path: Path, filename: str) -> Iterator[str]:
+def text_lines(path: Path, filename: str, max_bytes: int | None = None) -> Iterator[str]:
     """Each line of the file, decoded, without its line end (LF or CRLF). A line longer than
-    MAX_LINE_BYTES is refused without being read whole."""
+    limits.MAX_ROW_BYTES is refused without being read whole, and a file that decompresses past
+    `max_bytes` once past it (DatasetTooLargeError)."""
+    counted = " once decompressed" if _head(path).startswith(GZIP_MAGIC) else ""
     try:
-        yield from _lines(path, filename)
+        yield from _lines(path, filename, ByteBudget(filename, max_bytes, counted))
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise DatasetParseError(
             f"{filename}: the gzip compression is damaged ({exc or 'cut short'})",
@@ -75,18 +77,19 @@ def _open(path: Path, filename: str) -> BinaryIO:
     return path.open("rb")
 
 
-def _lines(path: Path, filename: str) -> Iterator[str]:
+def _lines(path: Path, filename: str, budget: ByteBudget) -> Iterator[str]:
     with _open(path, filename) as probe:
         head = probe.read(4)
     encoding = next((name for mark, name in BYTE_ORDER_MARKS if head.startswith(mark)), "utf-8")
     if encoding == "utf-16" or encoding == "utf-32":
-        yield from _wide_lines(path, filename, encoding)
+        yield from _wide_lines(path, filename, encoding, budget)
         return
     with _open(path, filename) as handle:
         number = 0
         # Split on LF only, as JSON Lines does: U+2028 and the like may sit inside a string.
-        while raw := handle.readline(MAX_LINE_BYTES + 1):
+        while raw := handle.readline(limits.MAX_ROW_BYTES + 1):
             number += 1
+            budget.spend(len(raw))
             _check_length(len(raw), raw.endswith(b"\n"), filename, number)
             line = raw.removesuffix(b"\n").removesuffix(b"\r")
             if number == 1:
@@ -94,38 +97,35 @@ def _lines(path: Path, filename: str) -> Iterator[str]:
             try:
                 yield line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise _not_decodable(
+                raise not_decodable(
                     filename, number, "UTF-8", f"{exc.reason} at byte {exc.start}"
                 ) from exc
 
 
-def _wide_lines(path: Path, filename: str, encoding: str) -> Iterator[str]:
+def _wide_lines(path: Path, filename: str, encoding: str, budget: ByteBudget) -> Iterator[str]:
     """UTF-16 / UTF-32 lines. Decoded a block at a time, so a bad byte is placed near, not at,
     its line."""
     read = 0
+    unit = 2 if encoding == "utf-16" else 4  # bytes a character takes, at least
     with io.TextIOWrapper(_open(path, filename), encoding=encoding, newline="") as handle:
         try:
-            while line := handle.readline(MAX_LINE_BYTES + 1):  # characters: the bound is looser
+            # Characters: the bound is looser.
+            while line := handle.readline(limits.MAX_ROW_BYTES + 1):
                 read += 1
+                budget.spend(len(line) * unit)
                 _check_length(len(line), line.endswith(("\n", "\r")), filename, read)
                 yield line.removesuffix("\n").removesuffix("\r")
         except UnicodeDecodeError as exc:
-            raise _not_decodable(filename, read + 1, encoding.upper(), "near here") from exc
+            raise not_decodable(filename, read + 1, encoding.upper(), "near here") from exc
 
 
 def _check_length(length: int, ended: bool, filename: str, line: int) -> None:
-    """A read of MAX_LINE_BYTES + 1 that did not reach the line's end: the line is longer."""
-    if length - ended > MAX_LINE_BYTES:
-        raise DatasetParseError(
-            f"{filename} line {line}: longer than {MAX_LINE_BYTES // 2**20} MiB, far more than "
-            "any model trains on in one row",
-            hint="Split the document into rows, or leave it out.",
-            filename=filename,
-            line=line,
-        )
+    """A read of MAX_ROW_BYTES + 1 that did not reach the line's end: the line is longer."""
+    if length - ended > limits.MAX_ROW_BYTES:
+        raise limits.row_too_large(filename, line)
 
 
-def _not_decodable(filename: str, line: int, encoding: str, where: str) -> DatasetParseError:
+def not_decodable(filename: str, line: int, encoding: str, where: str) -> DatasetParseError:
     return DatasetParseError(
         f"{filename} line {line}: not valid {encoding} ({where})",
         hint="Save the file as UTF-8 (in most editors: Save As, Encoding: UTF-8).",

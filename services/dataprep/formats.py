@@ -2,7 +2,8 @@
 
 Accepted JSONL row shapes (one format per file):
 - ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system", "value": "..."}]}
-- OpenAI messages: {"messages": [{"role": "user" | "assistant" | "system", "content": "..."}]}
+- OpenAI messages: {"messages": [{"role": "user" | "assistant" | "system", "content": "..."}]},
+  a content also as a list of text parts [{"type": "text", "text": "..."}], stored joined
 - Alpaca: {"instruction": "...", "input": "..." (optional), "output": "...", "system": "..."
   (optional)}
 - ChatML text: {"text": "<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n...<|im_end|>"}
@@ -33,6 +34,7 @@ from backpropagate_services.common.datasets import (
     TEXT_FORMAT,
     UNPAIRED_FORMAT,
     Conversation,
+    LeftOut,
     PreferenceRow,
     RowRejection,
     listed,
@@ -44,6 +46,7 @@ from backpropagate_services.common.errors import (
     DatasetSchemaError,
     DatasetValidationError,
     UserError,
+    quoted,
 )
 from backpropagate_services.dataprep.records import Record
 
@@ -57,6 +60,9 @@ SHAREGPT_ROLES = {
 OPENAI_ROLES = {"system", "user", "assistant"}
 FORMATS = ("sharegpt", "openai", "alpaca", "chatml", TEXT_FORMAT, *PREFERENCE_FORMATS)
 CHATML_TURN = re.compile(r"<\|im_start\|>([^\n]*)\n(.*?)<\|im_end\|>", re.DOTALL)
+# A JSON escape of half a surrogate pair: a row with one is checked for a half left alone.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+MAX_FIELD_PATH = 100  # characters of a field's path an error names
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,17 @@ class ParsedDataset:
     format: str
     kept: int  # rows that are examples
     rows_read: int  # non-blank lines
-    rejected: list[RowRejection]  # rows left out (not strict)
+    invalid: LeftOut  # rows left out (not strict): how many, and the first of them
     rows: list[dict[str, Any]] = field(default_factory=list)  # as stored, unless `keep` took them
+
+    @property
+    def rejected(self) -> list[RowRejection]:
+        """The first rows left out, in file order."""
+        return self.invalid.examples
+
+    @property
+    def rows_rejected(self) -> int:
+        return self.invalid.count
 
     @property
     def conversations(self) -> list[Conversation]:
@@ -167,10 +182,13 @@ class _TurnFormat:
     text_key: str
     roles: dict[str, str]  # the format's speaker names -> our roles
     speaker_noun: str  # "speaker" or "role", as users of the format call it
+    parts: bool = False  # the text may also be a list of OpenAI content parts
 
 
 SHAREGPT = _TurnFormat("conversations", "from", "value", SHAREGPT_ROLES, "speaker")
-OPENAI = _TurnFormat("messages", "role", "content", {r: r for r in OPENAI_ROLES}, "role")
+OPENAI = _TurnFormat(
+    "messages", "role", "content", {r: r for r in OPENAI_ROLES}, "role", parts=True
+)
 
 
 def _parse_turns(row: _Row, spec: _TurnFormat) -> Conversation:
@@ -194,11 +212,35 @@ def _parse_messages(row: _Row, spec: _TurnFormat) -> Conversation:
         if speaker not in spec.roles:
             raise row.fail(
                 f"{field}.{spec.speaker_key}",
-                f"has unknown {spec.speaker_noun} {speaker!r} (use one of {sorted(spec.roles)})",
+                f"has unknown {spec.speaker_noun} {quoted(speaker)} "
+                f"(use one of {sorted(spec.roles)})",
             )
-        content = row.text(turn, spec.text_key, f"{field}.{spec.text_key}")
+        where = f"{field}.{spec.text_key}"
+        if spec.parts and not isinstance(turn.get(spec.text_key, ""), str):
+            content = _content_parts(row, turn[spec.text_key], where)
+        else:
+            content = row.text(turn, spec.text_key, where)
         conversation.append({"role": spec.roles[speaker], "content": content})
     return conversation
+
+
+def _content_parts(row: _Row, parts: Any, field: str) -> str:
+    """An OpenAI content given as parts, as the text it trains on: its text parts joined by
+    newlines, as llama.cpp's server and vLLM join them for a template that takes strings. Any
+    other part (an image, audio) is refused by its type: a text model learns nothing from it."""
+    if not isinstance(parts, list) or not parts:
+        found = "an empty list" if isinstance(parts, list) else type(parts).__name__
+        raise row.fail(field, f"must be a string or a non-empty list of content parts, not {found}")
+    texts = []
+    for index, part in enumerate(parts):
+        where = f"{field}[{index}]"
+        if not isinstance(part, dict):
+            raise row.fail(where, 'must be an object {"type": "text", "text": ...}')
+        kind = row.text(part, "type", f"{where}.type")
+        if kind != "text":
+            raise row.fail(f"{where}.type", f"is {quoted(kind)}: only text parts train")
+        texts.append(row.text(part, "text", f"{where}.text"))
+    return "\n".join(texts)
 
 
 def _parse_alpaca(row: _Row) -> Conversation:
@@ -224,7 +266,7 @@ def _parse_chatml(row: _Row) -> Conversation:
         if role.strip() not in OPENAI_ROLES:
             raise row.fail(
                 "text",
-                f"turn {index + 1} has unknown role {role.strip()!r} "
+                f"turn {index + 1} has unknown role {quoted(role.strip())} "
                 f"(use one of {sorted(OPENAI_ROLES)})",
             )
         conversation.append({"role": role.strip(), "content": content})
@@ -240,7 +282,8 @@ def _messages_or_text(row: _Row, key: str, roles: set[str], text_role: str) -> C
         return [{"role": text_role, "content": row.text(row.value, key, key)}]
     if not isinstance(row.value[key], list):
         raise row.fail(key, "must be a string or a non-empty list of messages")
-    return _parse_messages(row, _TurnFormat(key, "role", "content", {r: r for r in roles}, "role"))
+    spec = _TurnFormat(key, "role", "content", {r: r for r in roles}, "role", parts=True)
+    return _parse_messages(row, spec)
 
 
 def _prompt(row: _Row) -> Conversation:
@@ -319,7 +362,45 @@ def _row(record: Record, filename: str, number: int) -> _Row:
             filename=filename,
             line=number,
         )
+    if SURROGATE_ESCAPE.search(text) and (found := _lone_surrogate(value)):
+        raise _not_unicode(filename, number, *found)
     return _Row(filename, number, value)
+
+
+def _not_unicode(filename: str, line: int, field: str, problem: str) -> DatasetParseError:
+    if len(field) > MAX_FIELD_PATH:  # keys are the file's: a path may be as long as its row
+        field = f"{field[:MAX_FIELD_PATH]}..."
+    return DatasetParseError(
+        f"{filename} line {line}: field '{field}' is not valid Unicode ({problem})",
+        hint="A JSON escape of half a surrogate pair (\\ud800 to \\udfff) must be followed by "
+        "its other half: export the file again as UTF-8 text.",
+        filename=filename,
+        line=line,
+        field=field,
+    )
+
+
+def _lone_surrogate(value: Any) -> tuple[str, str] | None:
+    """(field, what) of the first string, key or text, that holds half a surrogate pair alone:
+    valid JSON, but no text that can be stored or sent as UTF-8. Walked with a stack, not by
+    recursion: the row may nest as deep as the JSON parser allows."""
+    pending: list[tuple[str, Any]] = [("", value)]
+    while pending:
+        field, item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError as exc:
+                half = ord(item[exc.start])
+                return field, f"a lone surrogate \\u{half:04x} at character {exc.start + 1}"
+        elif isinstance(item, list):
+            pending += reversed([(f"{field}[{index}]", child) for index, child in enumerate(item)])
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                name = key.encode("utf-8", "backslashreplace").decode()
+                where = f"{field}.{name}" if field else name
+                pending += [(where, child), (where, key)]  # the key first
+    return None
 
 
 class _Parser:
@@ -381,19 +462,22 @@ def parse_records(
     """Parse and validate a whole file's rows (records.file_records), each at its line.
 
     strict: the first bad row raises, with its line. Otherwise bad rows are left out and listed
-    in `rejected`, up to MAX_REJECTED_FRACTION of the rows read (DatasetValidationError above,
+    in `invalid`, up to MAX_REJECTED_FRACTION of the rows read (DatasetValidationError above,
     with the list); a file with no good row at all raises its first row's error.
     keep: called with each example as stored and its line, as it is parsed (the file is never
-    held whole); without it the examples are returned in `rows`."""
+    held whole); without it the examples are returned in `rows`. Of the rows left out, the
+    first KEPT_ROW_EXAMPLES are kept and the rest counted (`invalid`)."""
     expected = None if format_hint in ("", "auto") else format_hint
     if expected is not None and expected not in FORMATS:
         raise DatasetFormatUnknownError(
-            f"Unknown dataset format {format_hint!r}; use one of {', '.join(FORMATS)} or auto.",
+            f"Unknown dataset format {quoted(format_hint)}; "
+            f"use one of {', '.join(FORMATS)} or auto.",
             format=format_hint,
         )
     rows: list[dict[str, Any]] = []
     parser = _Parser(filename, expected, keep or (lambda row, _line: rows.append(row)))
-    rejected: list[tuple[RowRejection, UserError]] = []
+    invalid = LeftOut()
+    first_error: UserError | None = None
     rows_read = 0
     for number, record in records:
         if isinstance(record, str) and not record.strip():
@@ -404,15 +488,15 @@ def parse_records(
         except (DatasetParseError, DatasetSchemaError, DatasetFormatUnknownError) as error:
             if strict:
                 raise
-            rejected.append((_rejection(error, number), error))
-    if not parser.kept and rejected:
-        raise rejected[0][1]
+            invalid.add(_rejection(error, number))
+            first_error = first_error or error
+    if not parser.kept and first_error is not None:
+        raise first_error
     if not parser.kept or parser.expected is None:
         raise DatasetEmptyError(f"{filename} has no rows.", filename=filename)
-    rejections = [rejection for rejection, _ in rejected]
-    if len(rejections) > MAX_REJECTED_FRACTION * rows_read:
-        raise _too_many_rejected(filename, rows_read, rejections)
-    return ParsedDataset(parser.expected, parser.kept, rows_read, rejections, rows)
+    if invalid.count > MAX_REJECTED_FRACTION * rows_read:
+        raise _too_many_rejected(filename, rows_read, invalid)
+    return ParsedDataset(parser.expected, parser.kept, rows_read, invalid, rows)
 
 
 MAX_REJECTED_FRACTION = 0.1
@@ -423,14 +507,12 @@ def _rejection(error: UserError, line: int) -> RowRejection:
     return RowRejection(line, error.code, error.context.get("field", ""), reason)
 
 
-def _too_many_rejected(
-    filename: str, rows_read: int, rejections: list[RowRejection]
-) -> DatasetValidationError:
-    shown = "".join(f"\n  {line}" for line in listed(rejections))
+def _too_many_rejected(filename: str, rows_read: int, invalid: LeftOut) -> DatasetValidationError:
+    shown = "".join(f"\n  {line}" for line in listed(invalid.examples, invalid.count))
     return DatasetValidationError(
-        f"{filename}: {len(rejections)} of {rows_read} rows are invalid, more than "
+        f"{filename}: {invalid.count} of {rows_read} rows are invalid, more than "
         f"{MAX_REJECTED_FRACTION:.0%}:{shown}",
         filename=filename,
         rows_read=rows_read,
-        rows_rejected=len(rejections),
+        rows_rejected=invalid.count,
     )

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from backpropagate_services.common.datasets import RowRejection
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_services.common.errors import ConfigError, quoted
 from backpropagate_services.dataprep.duplicates import row_text
 
 MIN_CONFIDENCE = 0.5
@@ -29,7 +29,8 @@ class LanguageFilter:
         wrong = [code for code in self.languages if not LANGUAGE_CODE.fullmatch(code)]
         if wrong:
             raise ConfigError(
-                f"languages takes ISO 639 codes such as en or fr, got {', '.join(wrong)}.",
+                "languages takes ISO 639 codes such as en or fr, "
+                f"got {', '.join(quoted(code) for code in wrong)}.",
                 hint="e.g. --language en,fr",
                 fields="languages",
             )

@@ -16,18 +16,19 @@ from backpropagate.v1 import dataprep_pb2, dataprep_pb2_grpc
 from backpropagate_services.common.datasets import (
     DatasetRecord,
     DatasetWriter,
-    RowRejection,
+    LeftOut,
     find_record,
     load_record,
     prepared_dataset_id,
 )
-from backpropagate_services.common.errors import DatasetTooLargeError, UserError
+from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
 from backpropagate_services.dataprep.duplicates import DuplicateFilter
 from backpropagate_services.dataprep.formats import parse_records
 from backpropagate_services.dataprep.languages import LanguageFilter
+from backpropagate_services.dataprep.limits import ByteBudget
 from backpropagate_services.dataprep.records import file_records
 
 SERVICE_NAME = dataprep_pb2.DESCRIPTOR.services_by_name["DataprepService"].full_name
@@ -48,6 +49,8 @@ def to_proto(record: DatasetRecord, reused: bool = False) -> dataprep_pb2.Datase
         rows_read=record.rows_read,
         rejections=[dataprep_pb2.RowRejection(**asdict(row)) for row in record.rejections],
         removed=[dataprep_pb2.RowRejection(**asdict(row)) for row in record.removed],
+        rows_rejected=record.rows_rejected,
+        rows_removed=record.rows_removed,
     )
 
 
@@ -67,32 +70,27 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
             raise UserError("An upload must start with a header message.")
         header = first.header
         digest = hashlib.sha256()
+        received = ByteBudget(header.filename, self.max_upload_bytes)
         with tempfile.TemporaryDirectory(prefix="bp-upload-") as tmp:
             path = Path(tmp) / "upload.jsonl"
             with path.open("wb") as handle:
                 for message in request_iterator:
+                    received.spend(len(message.chunk))
                     digest.update(message.chunk)
                     handle.write(message.chunk)
-                    if handle.tell() > self.max_upload_bytes:
-                        raise DatasetTooLargeError(
-                            f"{header.filename or 'The dataset'} is larger than the "
-                            f"{self.max_upload_bytes:,} bytes this service accepts.",
-                            filename=header.filename,
-                            limit=self.max_upload_bytes,
-                        )
             dataset_id = prepared_dataset_id(digest.hexdigest(), header)
             prepared = find_record(self.store, dataset_id)
             if prepared is not None:  # the same bytes, prepared the same way: done before
                 return to_proto(prepared, reused=True)
             filename = header.filename or "dataset"
-            records = file_records(path, filename, dict(header.columns))
+            records = file_records(path, filename, dict(header.columns), self.max_upload_bytes)
             # Language first: a row in another language never becomes the kept original that
             # a later duplicate is measured against.
             filters = (
                 LanguageFilter(header.languages),
                 DuplicateFilter(header.dedup, header.near_duplicate_threshold),
             )
-            removed: list[RowRejection] = []
+            removed = LeftOut()
             with DatasetWriter(Path(tmp)) as writer:
 
                 def keep(row: dict[str, Any], line: int) -> None:
@@ -102,7 +100,7 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
                     if removal is None:
                         writer.add(row)
                     else:
-                        removed.append(removal)
+                        removed.add(removal)
 
                 parsed = parse_records(
                     records, filename, header.format, strict=header.strict, keep=keep
@@ -113,7 +111,7 @@ class DataprepServicer(dataprep_pb2_grpc.DataprepServiceServicer):
                     parsed.format,
                     header.filename,
                     path.stat().st_size,
-                    parsed.rejected,
+                    parsed.invalid,
                     removed,
                 )
         return to_proto(record)

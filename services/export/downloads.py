@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from backpropagate.v1 import export_pb2
-from backpropagate_services.common.errors import ArtifactNotDownloadableError, NotFoundError
+from backpropagate_services.common.errors import ArtifactNotDownloadableError, NotFoundError, quoted
 from backpropagate_services.common.ids import ID_PATTERN
 from backpropagate_services.common.layout import export_record_key
 from backpropagate_services.common.records import load_record
@@ -38,4 +38,6 @@ def check_downloadable(store: ArtifactStore, key: str) -> None:
             export = export_pb2.ExportResult()
         if key in {file.key for file in export.files}:
             return
-    raise ArtifactNotDownloadableError(f"{key!r} is not an artifact to download.", key=key[:200])
+    raise ArtifactNotDownloadableError(
+        f"{quoted(key)} is not an artifact to download.", key=key[:200]
+    )

@@ -23,7 +23,7 @@ import re
 import shutil
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -39,6 +39,7 @@ from backpropagate_services.common.errors import (
     HubError,
     HubUnreachableError,
     NotFoundError,
+    quoted,
 )
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def is_hub_repo_id(text: str) -> bool:
 
 def build_model_card(info: ModelCardInfo) -> str:
     """The README.md for the repo: Hub front matter, then the story of this model in sections."""
+    info = replace(info, base_model=_public_base_model(info.base_model))
     tags = ["backpropagate", "lora", "peft" if info.artifact == "adapter" else "merged"]
     data = ModelCardData(
         # The Hub links base_model to that model's page and rejects what is no Hub id, so a local
@@ -162,8 +164,20 @@ def build_model_card(info: ModelCardInfo) -> str:
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n"))
 
 
+def _public_base_model(base_model: str) -> str:
+    """How a published card names the base model: a Hub id as it is, anything else (a run's
+    base is the server's absolute path for a local model) by its last path part only, so the
+    card tells the world the model's name but not the server's directory layout."""
+    return base_model if is_hub_repo_id(base_model) else _last_part(base_model)
+
+
+def _last_part(name: str) -> str:
+    """The last part of a name: "owner/name" and "/a/b/name/" both give "name"."""
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _title_section(info: ModelCardInfo) -> str:
-    base_name = info.base_model.rstrip("/").rsplit("/", 1)[-1]
+    base_name = _last_part(info.base_model)
     title = info.model_name or f"{base_name} {info.method} {info.artifact}"
     what = (
         f"A {info.method} adapter for `{info.base_model}`: load it on top of that base model."
@@ -375,10 +389,10 @@ def validate_repo_id(repo_id: str) -> str:
     """`repo_id` if the Hub would accept it; checked before any token lookup or request."""
     if not is_hub_repo_id(repo_id):
         raise ConfigError(
-            f"{repo_id!r} is not a Hub repo id.",
+            f"{quoted(repo_id)} is not a Hub repo id.",
             hint="Use owner/name: letters, digits, '-', '_' and '.', at most 96 characters each, "
             "no '--' or '..', not starting or ending with '-' or '.'.",
-            repo_id=repo_id,
+            repo_id=repo_id[:200],
         )
     return repo_id
 

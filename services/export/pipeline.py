@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backpropagate_services.common.atomic import remove_path
-from backpropagate_services.common.errors import ConfigError, ExportVerificationError
+from backpropagate_services.common.errors import ConfigError, ExportVerificationError, quoted
 from backpropagate_services.common.models import ModelSource
 from backpropagate_services.common.settings import ExportSettings
 from backpropagate_services.export.adapter_gguf import convert_adapter_to_gguf
@@ -96,7 +96,7 @@ def check_format(export_format: str) -> str:
     canonical = (export_format or "gguf").strip().lower()
     if canonical not in FORMATS:
         raise ConfigError(
-            f"Unknown export format {export_format!r}.",
+            f"Unknown export format {quoted(export_format)}.",
             hint=f"Use one of: {', '.join(FORMATS)}.",
             format=export_format,
         )

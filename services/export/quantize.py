@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from backpropagate_services.common.atomic import staged
-from backpropagate_services.common.errors import ConfigError, ConversionError
+from backpropagate_services.common.errors import ConfigError, ConversionError, quoted
 from backpropagate_services.common.isolation import run_isolated
 from backpropagate_services.export.llama_runtime import load_llama_cpp
 
@@ -48,7 +48,7 @@ def check_quantization(name: str) -> str:
     canonical = name.strip().lower()
     if canonical not in QUANTIZATIONS:
         raise ConfigError(
-            f"Unknown quantization {name!r}.",
+            f"Unknown quantization {quoted(name)}.",
             hint=f"Use one of: {', '.join(QUANTIZATIONS)}.",
             quantization=name,
         )

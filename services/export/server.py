@@ -17,6 +17,7 @@ from backpropagate_services.common.layout import export_events_channel as events
 from backpropagate_services.common.layout import export_record_key as record_key
 from backpropagate_services.common.records import (
     TERMINAL_STATUSES,
+    checked_cursor,
     follow,
     load_record,
     publish,
@@ -104,6 +105,7 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
     def WatchExport(
         self, request: export_pb2.WatchExportRequest, context: grpc.ServicerContext
     ) -> Iterator[export_pb2.ExportEvent]:
+        after = checked_cursor(self.queue, request.after_event_id)
         self._result(request.export_id)
         yield from follow(
             self.queue,
@@ -111,7 +113,7 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
             export_pb2.ExportEvent,
             context.is_active,
             has_ended=lambda: self._result(request.export_id).status in TERMINAL_STATUSES,
-            after=request.after_event_id,
+            after=after,
             idle_seconds=self.watch_idle_seconds,
         )
 

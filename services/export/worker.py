@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate_services.common.datasets import load_record as load_dataset_record
-from backpropagate_services.common.errors import JobCancelledError
+from backpropagate_services.common.errors import DependencyError, JobCancelledError
 from backpropagate_services.common.isolation import cancellable
 from backpropagate_services.common.jobs import (
     JobWorker,
@@ -155,14 +156,7 @@ class ExportWorker(JobWorker):
                 self.push(result, run, outcome, work / "upload")
                 return f"pushed to {result.hub_url}"
             names = download_names(outcome, result.format, source.slug, run.run_id)
-            for name, path in names.items():
-                key = export_file_key(result.export_id, name)
-                self.store.put_file(key, path)
-                result.files.append(
-                    export_pb2.ExportFile(
-                        name=name, key=key, size_bytes=path.stat().st_size, sha256=sha256_file(path)
-                    )
-                )
+            result.files.extend(self.store_files(result.export_id, names))
         main = result.files[0]
         in_directory = "/" in main.name  # hf and adapter: a directory, named by its prefix
         result.artifact_key = main.key.rpartition("/")[0] if in_directory else main.key
@@ -189,6 +183,26 @@ class ExportWorker(JobWorker):
         result.verification.CopyFrom(report)
         result.smoke_answer = outcome.smoke_answer
         return f"exported {result.artifact_key}"
+
+    def store_files(self, export_id: str, names: dict[str, Path]) -> list[export_pb2.ExportFile]:
+        """Put the export's files in the store under their download names, all or none: if one
+        fails (a full disk), those already put are deleted again, so a failed export neither
+        lists nor keeps a file."""
+        stored: list[export_pb2.ExportFile] = []
+        try:
+            for name, path in names.items():
+                key = export_file_key(export_id, name)
+                self.store.put_file(key, path)
+                size, sha256 = path.stat().st_size, sha256_file(path)
+                stored.append(
+                    export_pb2.ExportFile(name=name, key=key, size_bytes=size, sha256=sha256)
+                )
+        except BaseException:
+            with suppress(DependencyError):  # the store is away: the failure is what matters
+                for file in stored:
+                    self.store.delete_prefix(file.key)
+            raise
+        return stored
 
 
 def download_names(

@@ -53,14 +53,17 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class GpuReading:
+    """One GPU. None: a reading this GPU does not report (NVML answers NotSupported for power
+    and utilisation on many consumer and virtualised GPUs, for temperature on some of them)."""
+
     index: int
     name: str
-    temperature_c: float
+    temperature_c: float | None
     memory_used_mb: float
     memory_total_mb: float
-    power_w: float = 0.0
-    power_limit_w: float = 0.0
-    utilization_percent: float = 0.0
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    utilization_percent: float | None = None
 
     @property
     def memory_percent(self) -> float:
@@ -110,9 +113,10 @@ def assess(readings: Readings, thresholds: Thresholds) -> Assessment:
         _check("host memory", readings.host.memory_percent, "%", thresholds.host_memory_percent)
     ]
     for gpu in readings.gpus:
-        checks.append(
-            _check(f"GPU {gpu.index} at", gpu.temperature_c, " C", thresholds.gpu_temperature_c)
-        )
+        if gpu.temperature_c is not None:  # a GPU without a sensor is judged on its VRAM alone
+            checks.append(
+                _check(f"GPU {gpu.index} at", gpu.temperature_c, " C", thresholds.gpu_temperature_c)
+            )
         checks.append(
             _check(f"GPU {gpu.index} VRAM", gpu.memory_percent, "%", thresholds.vram_percent)
         )

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psutil
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -18,6 +20,8 @@ from backpropagate_services.common.errors import ConfigError, MissingDependencyE
 from backpropagate_services.safety.levels import GpuReading, HostReading, Readings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def read_host() -> HostReading:
@@ -45,7 +49,12 @@ class HostSource(ReadingSource):
 
 
 class NvmlSource(ReadingSource):
-    """NVIDIA GPUs through NVML; construction fails where no driver answers."""
+    """NVIDIA GPUs through NVML; construction fails where no driver answers.
+
+    Only memory is read from every GPU: temperature, power and utilisation are left out of the
+    readings of a GPU that answers NotSupported for them (consumer and virtualised GPUs often
+    do), and the levels go on from what it does report.
+    """
 
     name = "nvml"
 
@@ -53,11 +62,22 @@ class NvmlSource(ReadingSource):
         import pynvml
 
         self._nvml = pynvml
+        self._unsupported: set[tuple[int, str]] = set()
         try:
             pynvml.nvmlInit()
             self._count = pynvml.nvmlDeviceGetCount()
         except pynvml.NVMLError as exc:
             raise MissingDependencyError(f"NVML is not available: {exc}") from exc
+
+    def _supported(self, index: int, reading: str, query: Callable[..., T], *args: Any) -> T | None:
+        """`query(*args)`, or None where GPU `index` does not support it (logged once)."""
+        try:
+            return query(*args)
+        except self._nvml.NVMLError_NotSupported:
+            if (index, reading) not in self._unsupported:
+                self._unsupported.add((index, reading))
+                log.info("GPU %d does not report its %s (NVML: Not Supported)", index, reading)
+            return None
 
     def read(self) -> Readings:
         nvml = self._nvml
@@ -66,21 +86,39 @@ class NvmlSource(ReadingSource):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
             name = nvml.nvmlDeviceGetName(handle)
+            temperature = self._supported(
+                index,
+                "temperature",
+                nvml.nvmlDeviceGetTemperature,
+                handle,
+                nvml.NVML_TEMPERATURE_GPU,
+            )
+            power_mw = self._supported(index, "power", nvml.nvmlDeviceGetPowerUsage, handle)
+            limit_mw = self._supported(
+                index, "power limit", nvml.nvmlDeviceGetEnforcedPowerLimit, handle
+            )
+            rates = self._supported(
+                index, "utilisation", nvml.nvmlDeviceGetUtilizationRates, handle
+            )
             gpus.append(
                 GpuReading(
                     index=index,
                     name=name.decode() if isinstance(name, bytes) else str(name),
-                    temperature_c=float(
-                        nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
-                    ),
+                    temperature_c=_as_float(temperature),
                     memory_used_mb=memory.used / 2**20,
                     memory_total_mb=memory.total / 2**20,
-                    power_w=nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
-                    power_limit_w=nvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0,
-                    utilization_percent=float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                    power_w=_as_float(power_mw, 1000.0),
+                    power_limit_w=_as_float(limit_mw, 1000.0),
+                    utilization_percent=None if rates is None else float(rates.gpu),
                 )
             )
         return Readings(source=self.name, host=read_host(), gpus=gpus)
+
+
+def _as_float(value: float | None, divisor: float = 1.0) -> float | None:
+    """`value / divisor` as a float (NVML's milliwatts to watts), None staying None: a reading
+    the GPU does not report."""
+    return None if value is None else float(value) / divisor
 
 
 class ReplayLine(BaseModel):

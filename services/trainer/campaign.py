@@ -151,6 +151,8 @@ class CampaignRunner:
             campaign_id=record.run_id,
             campaign_run=run,
         )
+        if record.HasField("memory_plan"):  # the campaign's plan: its config is that plan's
+            child.memory_plan.CopyFrom(record.memory_plan)
         save_while_held(self.lease, self.store, child)
         campaign.run_ids.append(child.run_id)
         save_while_held(self.lease, self.store, record)

@@ -17,9 +17,11 @@ import random
 from dataclasses import dataclass
 
 from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import ConfigError
-from backpropagate_services.common.training import SCALABLE_ADAPTERS
+from backpropagate_services.common.errors import ConfigError, quoted
+from backpropagate_services.common.training import SCALABLE_ADAPTERS, TrainingConfig
 from backpropagate_services.trainer.slao import MERGE_MODES
+
+DEFAULT_ADAPTER = TrainingConfig().adapter
 
 DEFAULT_MERGE = "slao"
 MAX_RUNS = 1000
@@ -73,7 +75,7 @@ def settle_campaign(
     settled.merge = multi_run.merge or DEFAULT_MERGE
     if settled.merge not in MERGE_MODES:
         raise ConfigError(
-            f"Unknown merge mode {settled.merge!r}.",
+            f"Unknown merge mode {quoted(settled.merge)}.",
             hint=f"Use one of {', '.join(MERGE_MODES)} (slao is the default).",
             fields="merge",
         )
@@ -162,7 +164,11 @@ def check_continuable(earlier: trainer_pb2.RunRecord, campaign: trainer_pb2.RunR
     same = {
         "merge": (earlier.campaign.config.merge, campaign.campaign.config.merge),
         "base model": (earlier.base_model, campaign.base_model),
-        "adapter": (earlier.config.adapter, campaign.config.adapter),
+        # "" is the default, lora, which a GPU's memory plan names (memory_plan).
+        "adapter": (
+            earlier.config.adapter or DEFAULT_ADAPTER,
+            campaign.config.adapter or DEFAULT_ADAPTER,
+        ),
         "lora_r": (earlier.config.lora_r, campaign.config.lora_r),
         "target_modules": (
             list(earlier.config.target_modules),
@@ -172,7 +178,7 @@ def check_continuable(earlier: trainer_pb2.RunRecord, campaign: trainer_pb2.RunR
     for what, (before, now) in same.items():
         if before != now:
             raise ConfigError(
-                f"Campaign {earlier.run_id} used {what} {before!r}; this one {now!r}.",
+                f"Campaign {earlier.run_id} used {what} {quoted(before)}; this one {quoted(now)}.",
                 hint=f"Continue with the same {what}.",
                 fields="continue_from",
             )

@@ -9,8 +9,9 @@ uninterrupted run gives.
 
 It is written with the store's `put_dir`, which writes the manifest last: a checkpoint without
 a manifest (the worker died while writing it) is never listed, so a reader sees a whole
-checkpoint or none. `CheckpointPolicy` says which ones to keep: the last K, for resuming, and
-the best N by loss, for keeping the best adapter when a run overfits late.
+checkpoint or none; one whose writing failed (a full disk: RUNTIME_DISK_FULL) is removed at
+once. `CheckpointPolicy` says which ones to keep: the last K, for resuming, and the best N by
+loss, for keeping the best adapter when a run overfits late.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from backpropagate.v1 import trainer_pb2
+from backpropagate_services.common.disk_full import reported_as_disk_full
 from backpropagate_services.common.errors import CheckpointInvalidError, DependencyError
 from backpropagate_services.common.layout import checkpoint_prefix, checkpoints_prefix
 from backpropagate_services.common.store.base import MANIFEST, ArtifactStore
@@ -92,17 +95,34 @@ class CheckpointManager:
         prefix = checkpoint_prefix(self.run_id, state.step, attempt)
         with tempfile.TemporaryDirectory(prefix="bp-checkpoint-") as tmp:
             directory = Path(tmp)
-            torch.save(vars(state), directory / STATE_FILE)
-            size = (directory / STATE_FILE).stat().st_size
-            info = trainer_pb2.CheckpointInfo(
-                step=state.step, loss=state.recent_loss, key=prefix, size_bytes=size
-            )
-            # Written inside the directory too, so listing needs no run record.
-            (directory / INFO_FILE).write_text(json.dumps({"step": state.step, "loss": info.loss}))
-            self.store.put_dir(prefix, directory)
+            with reported_as_disk_full(directory.parent):
+                # Through Python's file object, so a full disk's OSError (its errno) reaches us,
+                # at worst as the context of torch's own error; writing to a path itself, torch
+                # says only "unexpected pos".
+                with (directory / STATE_FILE).open("wb") as handle:
+                    torch.save(vars(state), handle)
+                size = (directory / STATE_FILE).stat().st_size
+                info = trainer_pb2.CheckpointInfo(
+                    step=state.step, loss=state.recent_loss, key=prefix, size_bytes=size
+                )
+                # Written inside the directory too, so listing needs no run record.
+                (directory / INFO_FILE).write_text(
+                    json.dumps({"step": state.step, "loss": info.loss})
+                )
+            self._commit(prefix, directory)
         info.seconds = time.monotonic() - started
         info.created_at = time.time()
         return info
+
+    def _commit(self, prefix: str, directory: Path) -> None:
+        """Upload the checkpoint; if that fails (a full disk), remove what was uploaded, so no
+        part of it stays in the store."""
+        try:
+            self.store.put_dir(prefix, directory)
+        except BaseException:
+            with suppress(DependencyError):  # the store is away: the next prune removes it
+                self.store.delete_prefix(prefix + "/")
+            raise
 
     def complete(self) -> list[str]:
         """Keys of the checkpoints whose manifest is written, in step order."""

@@ -6,6 +6,11 @@ a new run, like the trainer's own output, with a record marked succeeded, so eve
 takes a run id and nothing else needs a second code path. The base model comes from the
 request or from the adapter's own config, and must resolve here, now: an export that fails
 minutes later because the base is missing helps nobody.
+
+What arrives is checked before it is kept: every file path names a file inside the directory
+(never `.`, a NUL, a name longer than a filesystem takes, or a file where another path has a
+directory), and the config is an object whose ranks are within what training allows, since
+peft builds every adapted layer at its configured rank before it loads a single weight.
 """
 
 from __future__ import annotations
@@ -16,27 +21,50 @@ from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
 from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import ConfigError, UserError
+from backpropagate_services.common.errors import QUOTED_CHARS, ConfigError, UserError, quoted
 from backpropagate_services.common.ids import new_id
 from backpropagate_services.common.layout import adapter_prefix
+from backpropagate_services.common.local_names import stays_inside
 from backpropagate_services.common.models import ModelSource, resolve_model
 from backpropagate_services.common.store.base import ArtifactStore
+from backpropagate_services.common.training import MAX_RANK
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # A rank-256 all-linear adapter of a 7B model in fp32 is about 1.3 GB.
 MAX_ADAPTER_BYTES = 8 * 2**30
+# A name of 255 bytes is what Linux filesystems take; a path of 4096 bytes, of which the
+# temporary directory the files land in takes some.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 1024
+# peft writes a few hundred bytes, a rank_pattern for every layer of a large model some 100 KB.
+MAX_CONFIG_BYTES = 2**20
+CONFIG_FILE = "adapter_config.json"
 
 
 def _safe_relative(path: str) -> PurePosixPath:
-    """A relative path that stays inside the adapter directory, or UserError."""
-    relative = PurePosixPath(path)
-    if not path or relative.is_absolute() or ".." in relative.parts or "\\" in path:
+    """A relative path of file names that stays inside the adapter directory, or UserError."""
+    if (
+        not stays_inside(path)
+        or len(path.encode()) > MAX_PATH_BYTES
+        or any(len(name.encode()) > MAX_NAME_BYTES for name in path.split("/"))
+    ):
         raise UserError(
-            f"Refused adapter file path {path!r}: it must be relative and stay inside the "
-            "adapter directory.",
-            path=path,
+            f"Refused adapter file path {quoted(path)}: it must be relative, stay inside the "
+            f"adapter directory and name a file by names of at most {MAX_NAME_BYTES} bytes "
+            "(no '.', '..', empty names, NUL, '\\' or ':').",
+            path=path[:200],
         )
-    return relative
+    return PurePosixPath(path)
+
+
+def _check_not_both(dest: Path, relative: PurePosixPath) -> None:
+    """UserError if `relative` names a directory received as a file, or a file as one."""
+    if (dest / relative).is_dir() or any((dest / parent).is_file() for parent in relative.parents):
+        raise UserError(
+            f"Refused adapter file path {quoted(str(relative))}: the adapter names it, or a "
+            "directory above it, both a file and a directory.",
+            path=str(relative)[:200],
+        )
 
 
 def receive_adapter_files(
@@ -45,7 +73,9 @@ def receive_adapter_files(
     """Write the streamed files under `dest`; UserError for an unsafe path or too many bytes."""
     received = 0
     for chunk in chunks:
-        target = dest / _safe_relative(chunk.path)
+        relative = _safe_relative(chunk.path)
+        _check_not_both(dest, relative)
+        target = dest / relative
         received += len(chunk.data)
         if received > max_bytes:
             raise UserError(
@@ -60,19 +90,16 @@ def receive_adapter_files(
 
 def adapter_base_model(adapter_dir: Path, requested: str) -> str:
     """The base model spec: `requested`, else the adapter config's base_model_name_or_path."""
-    config_file = adapter_dir / "adapter_config.json"
+    config_file = adapter_dir / CONFIG_FILE
     if not config_file.is_file() or not any(
         (adapter_dir / name).is_file() for name in WEIGHT_FILES
     ):
         raise UserError(
-            f"{adapter_dir.name} is no peft adapter directory: it needs adapter_config.json and "
+            f"{adapter_dir.name} is no peft adapter directory: it needs {CONFIG_FILE} and "
             f"{' or '.join(WEIGHT_FILES)}.",
             hint="Point at the directory `trainer.save()` or peft's save_pretrained wrote.",
         )
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"adapter_config.json is not valid JSON: {exc}") from None
+    config = _adapter_config(config_file)
     base = requested or str(config.get("base_model_name_or_path") or "")
     if not base:
         raise ConfigError(
@@ -82,16 +109,42 @@ def adapter_base_model(adapter_dir: Path, requested: str) -> str:
     return base
 
 
+def _adapter_config(config_file: Path) -> dict[str, object]:
+    """The adapter's config, once it is a JSON object of ranks peft can build in bounds."""
+    if config_file.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES // 1024} KiB.")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{CONFIG_FILE} is not a JSON object.")
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise UserError(f"{CONFIG_FILE}'s rank_pattern is not an object of layer ranks.")
+    ranks = [("r", config["r"])] if "r" in config else []  # absent: peft's default
+    ranks += [(f"rank_pattern[{quoted(layer)}]", rank) for layer, rank in pattern.items()]
+    for name, rank in ranks:
+        if type(rank) is not int or not 1 <= rank <= MAX_RANK:
+            raise UserError(
+                f"{CONFIG_FILE} gives {name} = {json.dumps(rank)[:QUOTED_CHARS]}: a LoRA rank "
+                f"is an integer in [1, {MAX_RANK}].",
+                hint="peft builds every adapted layer at its rank before loading the weights: "
+                "import an adapter trained at a rank training allows.",
+                fields=name[:200],
+            )
+    return config
+
+
 def import_adapter(
     store: ArtifactStore,
     adapter_dir: Path,
     requested_base: str,
-    allowed: Callable[[ModelSource], None] = lambda _: None,
+    resolve: Callable[[str], ModelSource] = resolve_model,
 ) -> trainer_pb2.RunRecord:
-    """Store `adapter_dir` as a new succeeded run; the base must resolve on this machine, and
-    `allowed` (which raises) must let the caller name it."""
-    source = resolve_model(adapter_base_model(adapter_dir, requested_base))
-    allowed(source)
+    """Store `adapter_dir` as a new succeeded run; the base must resolve on this machine through
+    `resolve`, which also refuses what the caller may not name (`resolve_model_for`)."""
+    source = resolve(adapter_base_model(adapter_dir, requested_base))
     run_id = new_id("run")
     store.put_dir(adapter_prefix(run_id), adapter_dir)
     return trainer_pb2.RunRecord(

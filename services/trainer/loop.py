@@ -151,6 +151,15 @@ def is_out_of_memory(error: BaseException) -> bool:
     )
 
 
+def recompute_activations(model: PreTrainedModel | PeftModel) -> None:
+    """Gradient checkpointing: each decoder layer keeps only its input and computes the rest
+    again in the backward pass, about a third more compute for a fraction of the activations; a
+    run's memory plan turns it on only where the run fits no other way (`memory_plan`).
+    Non-reentrant, so frozen inputs need no gradient hook, and LoRA dropout draws the same masks
+    again (torch's checkpoint restores the RNG state the layer started from)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 class LoraTraining:
     """One LoRA SFT run, resumable: set up from scratch or from a checkpointed `TrainingState`.
 
@@ -173,6 +182,7 @@ class LoraTraining:
         eval_conversations: Sequence[SftRow] = (),
         start: Adapter | None = None,
         packing: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         """`eval_conversations`: held out; their mean token loss is measured every
         `eval_every` steps, the best weights by it are the ones the run ends with, and early
@@ -180,6 +190,7 @@ class LoraTraining:
         initialisation (a campaign's run goes on from the last: see `slao`). `packing`:
         several conversations a row where the model honours position resets (`packing`);
         False pads each conversation's row to the micro-batch's longest.
+        `gradient_checkpointing`: see `recompute_activations`.
         `oom_drill_step`: a fault drill, raising a real out-of-memory
         error inside that step (once) so the recovery path runs for real."""
         self.config = config.validate()
@@ -213,6 +224,8 @@ class LoraTraining:
 
         torch.manual_seed(config.seed)  # LoRA init and dropout; data order has its own Random
         self.model = apply_adapter(model, config)
+        if gradient_checkpointing:
+            recompute_activations(self.model)
         if start is not None:
             parameters = dict(self.model.named_parameters())
             self.load_trained_weights(as_parameters(start, parameters))

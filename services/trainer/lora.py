@@ -71,7 +71,10 @@ def apply_adapter(model: PreTrainedModel, config: TrainingConfig) -> PreTrainedM
 
     lora: lora_A / lora_B train. dora: the weight's magnitude too, its direction by LoRA
     (Liu et al., 2024). rslora: updates scaled by alpha / sqrt(r) instead of alpha / r, so a high
-    rank keeps learning (Kalajdzievski, 2023). qlora: LoRA on a 4-bit base loaded by `load_model`.
+    rank keeps learning (Kalajdzievski, 2023). qlora: LoRA on a 4-bit base loaded by `load_model`,
+    its other weights (embeddings, norms, output) left in the compute dtype: peft's
+    `prepare_model_for_kbit_training` would upcast them to fp32, and with them every activation
+    of the residual stream (2 GiB more weights alone for Qwen2.5-7B), for no gain in bf16.
     full: every weight trains; no adapter.
     """
     if config.fp8:
@@ -82,10 +85,6 @@ def apply_adapter(model: PreTrainedModel, config: TrainingConfig) -> PreTrainedM
         return model
     from peft import LoraConfig, get_peft_model
 
-    if config.adapter == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora_config = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,

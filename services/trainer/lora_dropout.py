@@ -28,23 +28,24 @@ MASK_LEVELS = 2**16  # a mask value is uniform over 0..65535; p is rounded to 1 
 
 @dataclass
 class _LastMasked:
-    """The tensor masked last and its masked copy, held weakly: autograd keeps them alive
-    while the graph needs them, and no step's activations outlive it here."""
+    """The tensor masked last, held weakly (the layers that read it hold it while they run),
+    and its masked copy, held here: under gradient checkpointing autograd keeps no copy, yet
+    the layers reading the same tensor must share its mask, in the forward pass as in its
+    recomputation, or the two would draw different masks. So one masked input outlives its
+    pass, until the next is masked."""
 
     source: weakref.ref[torch.Tensor] | None = None
     version: int = -1
-    masked: weakref.ref[torch.Tensor] | None = None
+    masked: torch.Tensor | None = None
 
     def get(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        if self.source is None or self.masked is None:
+        if self.source is None or self.source() is not tensor or tensor._version != self.version:
             return None
-        if self.source() is not tensor or tensor._version != self.version:
-            return None
-        return self.masked()
+        return self.masked
 
     def put(self, tensor: torch.Tensor, masked: torch.Tensor) -> None:
         self.source, self.version = weakref.ref(tensor), tensor._version
-        self.masked = weakref.ref(masked)
+        self.masked = masked
 
 
 class InputDropout(nn.Dropout):

@@ -6,8 +6,9 @@ the other); on the CPU the peak of loading a checkpoint into another dtype may b
 
 Where each number comes from (B: bytes of the compute dtype, 4 for fp32, 2 for bf16):
 - weights: every parameter in the compute dtype (`load_model`); qlora's linear layers in NF4
-  with double quantisation, 4.127 bits a weight (Dettmers et al., 2023), and the rest upcast to
-  fp32 by peft's `prepare_model_for_kbit_training`.
+  with double quantisation, 4.127 bits a weight (Dettmers et al., 2023), and the rest in the
+  compute dtype (`apply_adapter` does not upcast them), plus bitsandbytes' compute-dtype copy of
+  the largest 4-bit weight, dequantised for its product while it runs.
 - trainable state: LoRA's A and B (r x in, out x r per targeted linear layer; DoRA adds one
   magnitude per output) are fp32 whatever the base (peft's `autocast_adapter_dtype`), each with a
   gradient and AdamW's two moments: 16 bytes a parameter. A full fine-tune trains the weights
@@ -25,6 +26,9 @@ Where each number comes from (B: bytes of the compute dtype, 4 for fp32, 2 for b
   base and LoRA outputs, out x (B + 4); a full fine-tune the inputs of every linear layer and
   the normalised RMSNorm outputs, (4h + q_dim + i) B. Plus SDPA's boolean padding mask,
   rows x T x T bytes.
+- gradient checkpointing (a run's memory plan turns it on where nothing fits without it): each
+  decoder layer keeps only its input, h B per token, and recomputes the rest in the backward
+  pass, one layer at a time: every layer's input plus one layer's activations as counted above.
 - logits: projected at trained positions only (`logits_to_keep`); at the start of the backward
   pass the logits, cross-entropy's fp32 log-probabilities and both their gradients are alive:
   16 bytes x vocabulary per trained position, whatever the compute dtype.
@@ -42,24 +46,29 @@ Where each number comes from (B: bytes of the compute dtype, 4 for fp32, 2 for b
   less its weights: 433 to 447 MiB measured (Python 3.11, torch 2.13 CPU, transformers 5.23,
   peft 0.21: importing them ~380 MiB, the tokenizer and loading machinery ~60 MiB). CUDA: the
   CUDA context and the cuBLAS workspace outside torch's allocator, about 0.5 GiB on current
-  GPUs with lazy module loading; this figure was not measured on a GPU here.
+  GPUs with lazy module loading. No slack: the caching allocator's fragmentation is left to the
+  margin the memory plan keeps (`memory_plan`).
 
-Not measured: CUDA (no GPU was at hand), qlora, and the preference methods, estimated as trl
-runs them (chosen and rejected rows together, logits at every position, a full fine-tune's
-frozen reference copy for dpo and kto). Not counted: a first run's one-off dequantisation of a
-GGUF, the eval pass (no gradients: smaller than a step), an eager-attention model's scores.
+CUDA was not measured here (no GPU was at hand): the CUDA terms are checked against published
+peak-VRAM figures of LoRA and QLoRA runs of 7B, 8B and 70B models instead, each within 25%
+(tests/unit/test_memory_estimate_published.py cites them). The preference methods are estimated
+as trl runs them (chosen and rejected rows together, logits at every position, a full
+fine-tune's frozen reference copy for dpo and kto). Not counted: a first run's one-off
+dequantisation of a GGUF, the eval pass (no gradients: smaller than a step), an eager-attention
+model's scores.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backpropagate_services.common.datasets import PreferenceRow
+from backpropagate_services.common.dtype_probe import MatmulShapes
 from backpropagate_services.common.errors import DatasetEmptyError, ModelNotFoundError
 from backpropagate_services.common.hardware import Hardware
 from backpropagate_services.common.models import ModelSource, gguf_cache_directory
@@ -214,6 +223,16 @@ def read_tokenizer(source: ModelSource, cache_dir: Path) -> PreTrainedTokenizerB
         ) from exc
 
 
+def matmul_shapes(source: ModelSource, cache_dir: Path) -> MatmulShapes:
+    """The sizes that shape this model's training products, for the CPU's dtype probe."""
+    config = read_model_config(source, cache_dir)
+    return MatmulShapes(int(config.hidden_size), _intermediate_size(config), int(config.vocab_size))
+
+
+def _intermediate_size(config: PretrainedConfig) -> int:
+    return int(getattr(config, "intermediate_size", None) or 4 * int(config.hidden_size))
+
+
 def model_shape(config: PretrainedConfig, *, from_gguf: bool = False) -> ModelShape:
     """The model's sizes, and its linear layers from a weightless copy built on the meta device
     (exact for any architecture, in a fraction of a second even for billions of parameters)."""
@@ -236,7 +255,7 @@ def model_shape(config: PretrainedConfig, *, from_gguf: bool = False) -> ModelSh
     return ModelShape(
         parameters=sum(parameter.numel() for parameter in model.parameters()),
         hidden_size=hidden,
-        intermediate_size=int(getattr(config, "intermediate_size", None) or 4 * hidden),
+        intermediate_size=_intermediate_size(config),
         num_layers=int(config.num_hidden_layers),
         num_heads=heads,
         num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
@@ -291,6 +310,8 @@ def estimate_memory(
     config: TrainingConfig,
     hardware: Hardware,
     batch: MicroBatch,
+    *,
+    gradient_checkpointing: bool = False,
 ) -> MemoryParts:
     """The parts of a run's peak memory on `hardware` (see the module's docstring)."""
     cuda = hardware.is_cuda
@@ -300,7 +321,12 @@ def estimate_memory(
 
     if config.adapter == "qlora":
         quantised = shape.linear_parameters
-        weights = math.ceil(quantised * NF4_BITS / 8) + (shape.parameters - quantised) * 4
+        largest = max(layer.in_features * layer.out_features for layer in shape.linear_layers)
+        weights = (
+            math.ceil(quantised * NF4_BITS / 8)
+            + (shape.parameters - quantised) * size
+            + largest * size  # dequantised for its product
+        )
     else:
         weights = shape.parameters * size
     trainable = trainable_parameters(shape, config)
@@ -311,7 +337,7 @@ def estimate_memory(
 
     rows = batch.rows * (2 if config.method in PAIRED_METHODS else 1)
     tokens = rows * batch.length
-    saved = tokens * _saved_bytes_per_token(shape, config, size)
+    saved = tokens * _saved_bytes_per_token(shape, config, size, gradient_checkpointing)
     slack = 1.0 if cuda else CPU_ALLOCATOR_SLACK
     # trl's preference losses take logits at every position, not only at the trained ones.
     positions = tokens if config.method != "sft" else batch.trained_positions
@@ -338,8 +364,11 @@ def estimate_memory(
     )
 
 
-def _saved_bytes_per_token(shape: ModelShape, config: TrainingConfig, size: int) -> int:
-    """Bytes autograd keeps for the backward pass per token, over all decoder layers."""
+def _saved_bytes_per_token(
+    shape: ModelShape, config: TrainingConfig, size: int, checkpointed: bool
+) -> int:
+    """Bytes autograd keeps for the backward pass per token, over all decoder layers; with
+    gradient checkpointing, every layer's input and the activations of the one recomputed."""
     h, i = shape.hidden_size, shape.intermediate_size
     q_dim = shape.num_heads * shape.head_dim
     kv_dim = shape.num_kv_heads * shape.head_dim
@@ -349,9 +378,18 @@ def _saved_bytes_per_token(shape: ModelShape, config: TrainingConfig, size: int)
         + 4 * shape.num_heads  # SDPA: q, k, v, output, fp32 log-sum-exp
         + 3 * i * size  # gated MLP: gate, SiLU(gate), up
     )
+    final_norm = (h + 1) * 4
     if config.adapter == "full":
         per_layer += (4 * h + q_dim + i) * size  # linear inputs, normalised RMSNorm outputs
-        return shape.num_layers * per_layer + (h + 1) * 4
+    else:
+        per_layer += math.ceil(_lora_saved_bytes(shape, config, size) / shape.num_layers)
+    if checkpointed:
+        return shape.num_layers * h * size + per_layer + final_norm
+    return shape.num_layers * per_layer + final_norm
+
+
+def _lora_saved_bytes(shape: ModelShape, config: TrainingConfig, size: int) -> int:
+    """What the LoRA layers of every decoder layer save per token."""
     mask = 1 if config.lora_dropout > 0 else 0  # a boolean mask
     layers = targeted_layers(shape, config.target_modules)
     # Without a cast (fp32 base) layers reading one tensor share lora_A's input and the mask.
@@ -361,7 +399,7 @@ def _saved_bytes_per_token(shape: ModelShape, config: TrainingConfig, size: int)
         lora += config.lora_r * ADAPTER_BYTES
         if config.adapter == "dora":
             lora += layer.out_features * (size + ADAPTER_BYTES)
-    return shape.num_layers * per_layer + (h + 1) * 4 + lora
+    return lora
 
 
 # Projections that read the same tensor in a Llama-style layer: attention's input, the MLP's.
@@ -415,11 +453,28 @@ def estimate_run_memory(
     """The estimate for a run on `source`: its config read (no weights), and the largest
     micro-batch of `rows` from `conversations` tokenised as training would (None: assume every
     row max_length tokens long)."""
-    shape = model_shape(read_model_config(source, cache_dir), from_gguf=source.kind == "gguf")
+    shape = source_shape(source, cache_dir)
     if config.adapter == "full":
         check_full_fine_tune_size(shape.parameters)
+    largest = largest_micro_batches(source, cache_dir, config, conversations)
+    return estimate_memory(shape, config, hardware, largest(rows))
+
+
+def source_shape(source: ModelSource, cache_dir: Path) -> ModelShape:
+    """The shape of the model `source` names, from its config alone."""
+    return model_shape(read_model_config(source, cache_dir), from_gguf=source.kind == "gguf")
+
+
+def largest_micro_batches(
+    source: ModelSource,
+    cache_dir: Path,
+    config: TrainingConfig,
+    conversations: Sequence[SftRow] | None,
+) -> Callable[[int], MicroBatch]:
+    """The largest micro-batch of a given number of rows: from `conversations` tokenised as
+    training would, or (None) every row max_length tokens long."""
     if conversations is None:
-        return estimate_memory(shape, config, hardware, MicroBatch.assumed(rows, config.max_length))
+        return lambda rows: MicroBatch.assumed(rows, config.max_length)
     tokenizer = read_tokenizer(source, cache_dir)
     examples = tokenize_conversations(conversations, tokenizer, config.max_length).examples
     if not examples:
@@ -428,4 +483,4 @@ def estimate_run_memory(
             f"token within max_length={config.max_length}.",
             hint="Raise --max-length, or check that the rows have assistant turns.",
         )
-    return estimate_memory(shape, config, hardware, MicroBatch.largest(examples, rows))
+    return lambda rows: MicroBatch.largest(examples, rows)

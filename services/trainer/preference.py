@@ -50,6 +50,7 @@ from backpropagate_services.trainer.loop import (
     OomRecovery,
     StepReport,
     TrainingHooks,
+    recompute_activations,
 )
 from backpropagate_services.trainer.lora import apply_adapter
 from backpropagate_services.trainer.templating import TokenizedExample
@@ -196,8 +197,10 @@ class PreferenceTraining(LoraTraining):
         resume: TrainingState | None = None,
         oom_recovery: bool = True,
         oom_drill_step: int | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
-        """`rows`: as `load_preference_rows` gives them. `oom_drill_step`: as LoraTraining's."""
+        """`rows`: as `load_preference_rows` gives them. `oom_drill_step` and
+        `gradient_checkpointing`: as LoraTraining's."""
         self.config = config.validate()
         if not rows:
             raise DatasetEmptyError("No preference rows to train on.")
@@ -209,6 +212,8 @@ class PreferenceTraining(LoraTraining):
 
         torch.manual_seed(config.seed)  # adapter init
         self.model = apply_adapter(model, config)
+        if gradient_checkpointing:
+            recompute_activations(self.model)
         self.device = next(self.model.parameters()).device
         self.objective = build_objective(self.model, tokenizer, rows, config)
         self.dataset = PreferenceDataset.prepared_by(self.objective, rows, config)

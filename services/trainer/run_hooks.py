@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -127,6 +128,8 @@ class RunHooks(TrainingHooks):
         checkpoint_every: int,
         checkpoint_interval: float,
         safety_gate: SafetyGate,
+        hold_at_step: int | None = None,
+        hold_release_file: Path | None = None,
     ) -> None:
         self.record = record
         self.events = events
@@ -138,13 +141,31 @@ class RunHooks(TrainingHooks):
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
         self.gate = safety_gate
+        self.hold_at_step = hold_at_step
+        self.hold_release_file = hold_release_file
         self.safety = events.safety
         self.last_checkpoint_at = time.monotonic()
         self.reward_windows: dict[str, deque[float]] = {}
 
     def before_step(self, step: int, training: LoraTraining) -> None:
         self._stop_if_asked(step, training)
+        self._hold_for_drill(step, training)
         self._obey_safety(step, training)
+
+    def _hold_for_drill(self, step: int, training: LoraTraining) -> None:
+        """Fault drill (`FaultSettings.hold_at_step`): wait before the step, as a paused run
+        does, until the run is stopped or the release file appears, so a drill's kill,
+        interrupt or outage finds it mid-run however fast this machine trains. A campaign's runs
+        count their steps one after another."""
+        job_step = max(self.record.campaign_run - 1, 0) * self.record.steps + step
+        if job_step != self.hold_at_step:
+            return
+        log.warning("fault drill: holding before step %d until the run is stopped", step)
+        release = self.hold_release_file
+        while release is None or not release.exists():
+            time.sleep(PAUSE_POLL_SECONDS)
+            self._stop_if_asked(step, training)
+        log.warning("fault drill: %s released the run before step %d", release, step)
 
     def _stop_if_asked(self, step: int, training: LoraTraining) -> None:
         """Cancelled, the job taken over, the worker shutting down: no further step."""

@@ -17,6 +17,7 @@ import grpc
 from tenacity import Retrying, retry_if_result, wait_exponential
 
 from backpropagate.v1 import common_pb2, safety_pb2, safety_pb2_grpc
+from backpropagate_services.common.channels import STACK_CALL
 from backpropagate_services.common.service import BackgroundWorker
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,11 @@ class SafetyMonitor(BackgroundWorker):
         assert self.endpoint is not None
         delivered = False
         with self.dial(self.endpoint) as channel:
+            # Marked as the stack's own: the sidecar keeps a slot for it that callers cannot
+            # fill (grpc_guards.CallLimits).
             call = safety_pb2_grpc.SafetyServiceStub(channel).Watch(
-                safety_pb2.WatchSafetyRequest(interval_seconds=self.interval_seconds)
+                safety_pb2.WatchSafetyRequest(interval_seconds=self.interval_seconds),
+                metadata=[STACK_CALL],
             )
             with self._changed:
                 self._call = call

@@ -29,11 +29,12 @@ from backpropagate_services.common.layout import run_events_channel as events_ch
 from backpropagate_services.common.layout import run_record_key as record_key
 from backpropagate_services.common.models import (
     ModelSource,
-    check_model_allowed,
     resolve_model,
+    resolve_model_for,
 )
 from backpropagate_services.common.records import (
     TERMINAL_STATUSES,
+    checked_cursor,
     follow,
     load_record,
     publish,
@@ -54,10 +55,12 @@ from backpropagate_services.trainer.imports import import_adapter, receive_adapt
 from backpropagate_services.trainer.lora import check_adapter_supported
 from backpropagate_services.trainer.memory_estimate import (
     estimate_run_memory,
+    matmul_shapes,
     micro_batch_rows,
     preference_conversations,
     read_tokenizer,
 )
+from backpropagate_services.trainer.memory_plan import MemoryPlan, fit_to_gpu
 from backpropagate_services.trainer.preference import check_method
 from backpropagate_services.trainer.run_listing import list_runs_page
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
@@ -88,11 +91,15 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.SubmitTrainRequest, context: grpc.ServicerContext
     ) -> trainer_pb2.SubmitTrainResponse:
         # Every check a user can fail happens here, synchronously, before anything is queued.
-        self._check_model(request.config.base_model, context)
+        source = self._check_model(request.config.base_model, context)
         dataset = load_dataset_record(self.store, request.dataset_id)
-        settled, budget_reason = self._settle(request.config, dataset, dataset.num_examples)
+        settled, budget_reason, memory_plan = self._settle(
+            request.config, dataset, dataset.num_examples, source
+        )
         record = self._new_record("run", request.dataset_id, settled, settled.steps)
         record.budget_reason = budget_reason
+        if memory_plan is not None:
+            record.memory_plan.CopyFrom(memory_plan.record())
         return self._queue(record)
 
     @translate_errors
@@ -101,7 +108,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> trainer_pb2.SubmitTrainResponse:
         if not request.dataset_ids:
             raise ConfigError("A campaign needs a dataset.", hint="Pass --data.", fields="data")
-        self._check_model(request.config.base_model, context)
+        source = self._check_model(request.config.base_model, context)
         datasets = [
             load_dataset_record(self.store, dataset_id) for dataset_id in request.dataset_ids
         ]
@@ -115,11 +122,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         )
         run_rows = len(plan.rows_of(1, datasets[0].num_examples))
         check_campaign_config(request.config)
-        settled, _ = self._settle(request.config, datasets[0], run_rows)
+        settled, _, memory_plan = self._settle(request.config, datasets[0], run_rows, source)
         settled.adapter_scale = 1  # the merge decides what each run keeps
         record = self._new_record(
             "campaign", request.dataset_ids[0], settled, settled.steps * multi_run.runs
         )
+        if memory_plan is not None:
+            record.memory_plan.CopyFrom(memory_plan.record())
         record.campaign.config.CopyFrom(multi_run)
         record.campaign.dataset_ids.extend(request.dataset_ids)
         if multi_run.continue_from:
@@ -129,25 +138,31 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return self._queue(record)
 
     def _check_model(self, spec: str, context: grpc.ServicerContext) -> ModelSource:
-        """The base model `spec` names, if this caller may name it (check_model_allowed)."""
-        settings = self.runtime.settings
-        source = resolve_model(spec, settings.model.name)
-        check_model_allowed(source, context.peer(), settings.model.allowed_dirs)
-        return source
+        """The base model `spec` names, if this caller may name it (resolve_model_for)."""
+        models = self.runtime.settings.model
+        return resolve_model_for(context.peer(), spec, models.name, models.allowed_dirs)
 
     def _settle(
-        self, given: trainer_pb2.TrainConfig, dataset: DatasetRecord, num_examples: int
-    ) -> tuple[trainer_pb2.TrainConfig, str]:
-        """`given` with every default filled in for this dataset, checked as a worker would."""
+        self,
+        given: trainer_pb2.TrainConfig,
+        dataset: DatasetRecord,
+        num_examples: int,
+        source: ModelSource,
+    ) -> tuple[trainer_pb2.TrainConfig, str, MemoryPlan | None]:
+        """`given` with every default filled in for this dataset, checked as a worker would,
+        and on a GPU fitted to it (`memory_plan`): the reason for its budget, and the plan."""
         if given.eval_dataset_id:
             load_dataset_record(self.store, given.eval_dataset_id)
         settled, budget_reason = settle(given, self.runtime.settings, num_examples)
         config = training_config_from_proto(settled)
         check_method(config, dataset, settled.eval_dataset_id)  # chat data for sft, pairs for dpo
         resolve_report_to(settled.report_to)  # a tracker named but not installed: refused now
-        hardware = detect(self.runtime.settings.trainer.cpu_dtype)
+        hardware = detect(self.runtime.settings.trainer.cpu_dtype, home=self.runtime.settings.home)
         check_adapter_supported(config, cuda=hardware.is_cuda, fp8_capable=hardware.fp8)
-        return settled, budget_reason
+        rows = self._training_rows(dataset.dataset_id, config.method) if hardware.is_cuda else None
+        settings = self.runtime.settings
+        memory_plan = fit_to_gpu(settled, source, settings.model_cache_dir, hardware, rows)
+        return settled, budget_reason, memory_plan
 
     def _new_record(
         self, kind: str, dataset_id: str, config: trainer_pb2.TrainConfig, steps: int
@@ -174,7 +189,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 status=record.status,
                 total_steps=record.steps,
                 kind="queued",
-                message="queued",
+                message="queued"
+                + (f"; {record.memory_plan.reason}" if record.HasField("memory_plan") else ""),
                 timestamp=time.time(),
             ),
         )
@@ -185,6 +201,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def WatchRun(
         self, request: trainer_pb2.WatchRunRequest, context: grpc.ServicerContext
     ) -> Iterator[trainer_pb2.RunEvent]:
+        after = checked_cursor(self.queue, request.after_event_id)
         self._record(request.run_id)  # NOT_FOUND for a run that does not exist
 
         def is_final(event: trainer_pb2.RunEvent) -> bool:
@@ -201,7 +218,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             context.is_active,
             is_final,
             has_ended=lambda: self._record(request.run_id).status in TERMINAL_STATUSES,
-            after=request.after_event_id,
+            after=after,
             idle_seconds=self.runtime.settings.server.watch_idle_seconds,
         )
 
@@ -234,9 +251,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 self.store,
                 adapter_dir,
                 first.header.base_model,
-                allowed=lambda source: check_model_allowed(
-                    source, context.peer(), self.runtime.settings.model.allowed_dirs
-                ),
+                resolve=lambda spec: self._check_model(spec, context),
             )
         save_record(self.store, record_key(record.run_id), record)
         return record
@@ -312,18 +327,24 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             dataset = load_dataset_record(self.store, request.dataset_id)
         settled, _ = settle(request.config, settings, dataset.num_examples if dataset else 1)
         config = training_config_from_proto(settled)
-        hardware = detect(settings.trainer.cpu_dtype)
-        check_adapter_supported(config, cuda=hardware.is_cuda, fp8_capable=hardware.fp8)
         source = self._check_model(request.config.base_model, context)
+        shapes = matmul_shapes(source, settings.model_cache_dir)
+        hardware = detect(settings.trainer.cpu_dtype, shapes, settings.home)
+        check_adapter_supported(config, cuda=hardware.is_cuda, fp8_capable=hardware.fp8)
         conversations = None
         if dataset is not None:
             conversations = self._training_rows(dataset.dataset_id, config.method)
-        rows_per_pass = micro_batch_rows(
-            config, hardware, accumulation_given=bool(settled.gradient_accumulation)
-        )
-        parts = estimate_run_memory(
-            source, settings.model_cache_dir, config, hardware, rows_per_pass, conversations
-        )
+        # On a GPU, the run as SubmitTrain would fit it; on a CPU, as the worker would run it.
+        plan = fit_to_gpu(settled, source, settings.model_cache_dir, hardware, conversations)
+        if plan is not None:
+            parts = plan.estimate
+        else:
+            rows_per_pass = micro_batch_rows(
+                config, hardware, accumulation_given=bool(settled.gradient_accumulation)
+            )
+            parts = estimate_run_memory(
+                source, settings.model_cache_dir, config, hardware, rows_per_pass, conversations
+            )
         return trainer_pb2.MemoryEstimate(
             device=parts.device,
             total_bytes=parts.total_bytes,
@@ -335,6 +356,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             fits=parts.fits,
             parameters=parts.parameters,
             trainable_parameters=parts.trainable_parameters,
+            plan=plan.record() if plan is not None else None,
         )
 
     @translate_errors

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from google.protobuf.json_format import MessageToDict
 
 from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import ConfigError, MissingDependencyError
+from backpropagate_services.common.errors import ConfigError, MissingDependencyError, quoted
 from backpropagate_services.common.training import PREFERENCE_METHODS
 
 if TYPE_CHECKING:
@@ -68,7 +68,8 @@ def resolve_report_to(report_to: Sequence[str]) -> list[str]:
     unknown = [name for name in names if name not in TRACKERS]
     if unknown:
         raise ConfigError(
-            f"Unknown experiment tracker(s) in report_to: {', '.join(unknown)}.",
+            "Unknown experiment tracker(s) in report_to: "
+            f"{', '.join(quoted(name) for name in unknown)}.",
             hint=f"Name some of {', '.join(TRACKERS)}, or use {AUTO} or {NONE} on its own.",
             fields="report_to",
         )

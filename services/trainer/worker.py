@@ -41,6 +41,11 @@ from backpropagate_services.trainer.data_selection import Selection
 from backpropagate_services.trainer.defaults import machine_accumulation
 from backpropagate_services.trainer.loop import LoraTraining, split_for_eval
 from backpropagate_services.trainer.lora import check_adapter_supported
+from backpropagate_services.trainer.memory_estimate import (
+    matmul_shapes,
+    preference_conversations,
+)
+from backpropagate_services.trainer.memory_plan import fit_again_if_moved
 from backpropagate_services.trainer.plots import write_loss_curve
 from backpropagate_services.trainer.preference import PreferenceTraining
 from backpropagate_services.trainer.run_hooks import (
@@ -155,24 +160,40 @@ class TrainWorker(JobWorker):
         self.events.emit(record, kind="started", message=STARTED_MESSAGE)
 
         config = training_config_from_proto(record.config)
-        hardware = detect(self.runtime.settings.trainer.cpu_dtype)
-        check_adapter_supported(config, cuda=hardware.is_cuda, fp8_capable=hardware.fp8)
-        if config.method in PREFERENCE_METHODS:  # pairs or labelled answers, for trl's losses
+        settings = self.runtime.settings
+        source = resolve_model(record.base_model)
+        if settings.trainer.threads > 0:  # before the dtype probe, which times these threads
+            torch.set_num_threads(settings.trainer.threads)
+        hardware = detect(
+            settings.trainer.cpu_dtype,
+            matmul_shapes(source, settings.model_cache_dir),
+            settings.home,
+        )
+        preference = config.method in PREFERENCE_METHODS
+        if preference:  # pairs or labelled answers, for trl's losses
             rows = durably(load_preference_rows)(self.store, record.dataset_id, config.method)
         else:
             conversations, eval_conversations = self.training_data(record, config, plan)
-        source = resolve_model(record.base_model)
-        if self.runtime.settings.trainer.threads > 0:
-            torch.set_num_threads(self.runtime.settings.trainer.threads)
+        # Planned for the trainer service's GPU: this worker's may be another.
+        fit_again_if_moved(
+            record,
+            source,
+            settings.model_cache_dir,
+            hardware,
+            preference_conversations(rows) if preference else conversations,
+        )
+        config = training_config_from_proto(record.config)
+        check_adapter_supported(config, cuda=hardware.is_cuda, fp8_capable=hardware.fp8)
         model, tokenizer = load_model(
             source,
-            self.runtime.settings.model_cache_dir,
+            settings.model_cache_dir,
             device=hardware.device,
             dtype=hardware.compute_dtype,
             quantize_4bit=config.adapter == "qlora",
         )
         record.device = hardware.device
         record.compute_dtype = hardware.compute_dtype
+        record.compute_dtype_reason = hardware.dtype_reason
         if not record.config.gradient_accumulation and not resume_from:
             config.gradient_accumulation = machine_accumulation(config, hardware)
         state = durably(checkpoints.load)(last_checkpoint(record).key) if resume_from else None
@@ -187,10 +208,11 @@ class TrainWorker(JobWorker):
             "resume": state,
             "oom_recovery": not record.config.disable_oom_recovery,
             "oom_drill_step": self.runtime.settings.fault.oom_at_step,
+            "gradient_checkpointing": record.memory_plan.gradient_checkpointing,
         }
         training = (
             PreferenceTraining(model, tokenizer, rows, config, **options)
-            if config.method in PREFERENCE_METHODS
+            if preference
             else LoraTraining(
                 model,
                 tokenizer,
@@ -221,10 +243,12 @@ class TrainWorker(JobWorker):
             kind="started",
             step=training.step,
             message=f"training {source.name} ({config.adapter} {config.method}) for "
-            f"{config.steps} steps on {hardware.device} in {hardware.compute_dtype}"
+            f"{config.steps} steps on {hardware.device} in {hardware.compute_dtype} "
+            f"({hardware.dtype_reason})"
             + (f" ({record.budget_reason})" if record.budget_reason else "")
             + (f", resumed from step {resume_from}" if resume_from else "")
-            + (f"; {hardware.note}" if hardware.note else ""),
+            + (f"; {hardware.note}" if hardware.note else "")
+            + (f"; {record.memory_plan.reason}" if record.HasField("memory_plan") else ""),
         )
         hooks = RunHooks(
             record,
@@ -240,6 +264,8 @@ class TrainWorker(JobWorker):
                 self.runtime.settings.safety.resume_after_seconds,
                 configured=self.safety.configured,
             ),
+            hold_at_step=self.runtime.settings.fault.hold_at_step,
+            hold_release_file=self.runtime.settings.fault.hold_release_file,
         )
         peft_model, outcome = training.run(hooks)
 

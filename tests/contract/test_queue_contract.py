@@ -6,6 +6,7 @@ one and not the other is a bug in the implementation.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,8 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
-from servers import LOOPBACK, free_port, wait_until
+import redis
+from servers import LOOPBACK, Restartable, free_port, redis_server, wait_until
 
 from backpropagate_services.common.errors import QueueUnavailableError
 from backpropagate_services.common.queue.base import JobQueue
@@ -27,13 +29,18 @@ GENEROUS = 5.0
 
 
 Opener = Callable[..., JobQueue]
+# Puts a job on a queue behind its back, as a damaged entry, a hand edit or another version's
+# writer would: (queue, payload as stored; None: no payload field at all).
+RawWriter = Callable[[str, str | None], None]
 
 
 @contextmanager
-def fresh_queue(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+def fresh_queue(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, namespace: str = ""
+) -> Iterator[Opener]:
     """Opens handles on one fresh, empty queue, as separate processes would, and closes them
     after the test; Redis ones get their own namespace so tests cannot see each other."""
-    namespace = f"test-{uuid4().hex}"
+    namespace = namespace or f"test-{uuid4().hex}"
     opened: list[JobQueue] = []
 
     def open_handle(**options: float) -> JobQueue:
@@ -69,6 +76,36 @@ def open_queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opene
     """For queues that outlive their handles: an in-memory one is private to its object."""
     with fresh_queue(request.param, request, tmp_path) as open_handle:
         yield open_handle
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def queue_written_behind(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[JobQueue, RawWriter]]:
+    """A queue, and a writer that bypasses it (the embedded file, or the Redis stream)."""
+    namespace = f"test-{uuid4().hex}"
+    with fresh_queue(request.param, request, tmp_path, namespace) as open_handle:
+        handle = open_handle()
+        if request.param == "redis":
+            client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+
+            def write(queue: str, payload: str | None) -> None:
+                fields = {"note": "no payload"} if payload is None else {"json": payload}
+                client.xadd(f"{namespace}:jobs:{queue}", fields)  # type: ignore[arg-type]
+
+            yield handle, write
+            client.close()
+        else:
+            database = sqlite3.connect(tmp_path / "queue.sqlite3", isolation_level=None)
+
+            def write(queue: str, payload: str | None) -> None:
+                # The column cannot be NULL: an empty payload is the nearest there is.
+                database.execute(
+                    "INSERT INTO jobs (queue, payload) VALUES (?, ?)", (queue, payload or "")
+                )
+
+            yield handle, write
+            database.close()
 
 
 def after_a_moment(action: Callable[[], object]) -> threading.Thread:
@@ -220,6 +257,33 @@ def test_a_dead_lettered_job_is_kept_for_an_operator_and_never_delivered_again(
         "killed its worker twice",
     )
     assert queue.dead_letters("export") == []
+
+
+@pytest.mark.parametrize(
+    ("stored", "why"),
+    [
+        ("{'run_id': 'run-1'", "the payload is not JSON"),
+        ('["run-1"]', "the payload is not a JSON object"),
+        (None, "unreadable:"),
+    ],
+)
+def test_a_job_whose_payload_cannot_be_read_is_dead_lettered_and_the_next_one_claimed(
+    queue_written_behind: tuple[JobQueue, RawWriter], stored: str | None, why: str
+) -> None:
+    queue, write_behind = queue_written_behind
+    write_behind("train", stored)
+    valid_id = queue.enqueue("train", {"run_id": "run-2"})
+
+    job = queue.claim("train", "worker-1", timeout=GENEROUS)
+    assert job is not None and (job.job_id, job.payload) == (valid_id, {"run_id": "run-2"})
+    queue.ack(job, "worker-1")
+
+    # Past the visibility timeout: an unreadable job left claimed would be offered again.
+    assert queue.claim("train", "worker-2", timeout=VISIBILITY_TIMEOUT * 2) is None
+    [letter] = queue.dead_letters("train")
+    assert (letter.payload, letter.deliveries) == ({}, 1)
+    assert why in letter.reason
+    assert not queue.is_pending("train", letter.job_id)
 
 
 def test_claim_with_nothing_to_do_returns_none_after_its_timeout(queue: JobQueue) -> None:
@@ -386,6 +450,20 @@ def test_read_with_no_new_events_returns_empty_after_its_timeout(queue: JobQueue
     assert 0.25 <= time.monotonic() - started < GENEROUS
 
 
+def test_the_ids_of_published_events_are_event_ids(queue: JobQueue) -> None:
+    published = [queue.publish("run-1", {"step": step}) for step in range(3)]
+
+    assert all(queue.is_event_id(event_id) for event_id in published)
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    ["evil", "1-2-3", "-1", "1_000", " 1", "1.5", "$", "+", "99999999999999999999999", "9" * 5000],
+)
+def test_a_cursor_no_queue_could_have_made_is_no_event_id(queue: JobQueue, cursor: str) -> None:
+    assert not queue.is_event_id(cursor)
+
+
 # -- handles on one queue (processes) ----------------------------------------------------------
 
 
@@ -467,3 +545,31 @@ def test_a_channel_without_new_events_for_its_ttl_goes_whole(open_queue: Opener)
     assert queue.read("run-quiet", "", 0) == []
     queue.publish("run-quiet", {"step": 9})  # a channel that comes back starts afresh
     assert [event.data["step"] for event in queue.read("run-quiet", "", 0)] == [9]
+
+
+@pytest.mark.parametrize("first_call", ["the holder's", "another worker's claim"])
+def test_a_job_held_when_redis_restarts_without_persistence_stays_with_its_worker(
+    first_call: str,
+) -> None:
+    port = free_port()
+    with Restartable(lambda: redis_server(port)) as server:  # no AOF: a restart forgets all
+        queue = RedisStreamsQueue(server.address, namespace="bp", visibility_timeout=60)
+        queue.enqueue("train", {"run_id": "run-1"})
+        job = queue.claim("train", "holder", timeout=GENEROUS)
+        assert job is not None
+        server.stop()
+        server.start()
+        if first_call == "another worker's claim":  # makes the queue's group again first
+            assert queue.claim("train", "idle-worker", timeout=0.1) is None
+
+        still_held = queue.touch(job, "holder")
+        taken = queue.claim("train", "idle-worker", timeout=0.1)
+        acked = queue.ack(job, "holder")
+        next_id = queue.enqueue("train", {"run_id": "run-2"})
+        following = queue.claim("train", "holder", timeout=GENEROUS)
+        queue.close()
+
+    assert still_held, "the worker would stop a job nobody else can take"
+    assert taken is None
+    assert acked
+    assert following is not None and following.job_id == next_id

@@ -20,6 +20,7 @@ from servers import LOOPBACK, free_port
 
 from backpropagate_services.common.errors import (
     ArtifactInvalidError,
+    ConfigError,
     NotFoundError,
     StoreUnavailableError,
     UserError,
@@ -38,6 +39,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
             backend="s3",
             s3_endpoint=request.getfixturevalue("s3_endpoint"),
             s3_bucket=f"test-{uuid4().hex}",
+            s3_access_key="test-access-key",  # moto takes any pair
+            s3_secret_key="test-secret-key",
         )
         return S3Store.from_settings(settings)
     return LocalDirStore(tmp_path / "store")
@@ -275,3 +278,18 @@ def test_unreachable_s3_raises_store_unavailable() -> None:
 
     with pytest.raises(StoreUnavailableError, match=str(port)):
         S3Store(client, "backpropagate")
+
+
+@pytest.mark.parametrize("given", [{}, {"s3_access_key": "only-the-access-key"}])
+def test_s3_without_credentials_is_refused_naming_the_settings_to_set(
+    s3_endpoint: str, given: dict[str, str]
+) -> None:
+    settings = StoreSettings(backend="s3", s3_endpoint=s3_endpoint, **given)  # type: ignore[arg-type]
+
+    with pytest.raises(ConfigError) as refused:
+        S3Store.from_settings(settings)
+
+    assert refused.value.code == "INPUT_CONFIG_INVALID"
+    assert "BACKPROPAGATE_STORE__S3_SECRET_KEY" in refused.value.message
+    assert ("BACKPROPAGATE_STORE__S3_ACCESS_KEY" in refused.value.message) is (not given)
+    assert "make env" in refused.value.hint

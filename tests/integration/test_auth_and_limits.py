@@ -4,8 +4,11 @@ A server that would listen beyond loopback without a token refuses to start; a s
 token answers every call without it (or with another) UNAUTHENTICATED before any servicer runs,
 while its health check stays open; the embedded default listens on loopback with a token of its
 own. A hundred watches that never read are refused beyond the stream limit, and the health
-check and an ordinary call still answer at once. A stack serving TLS answers only clients that
-trust its CA.
+check and an ordinary call still answer at once; the trainer's own watch of its safety sidecar
+gets a slot kept for it while callers hold all the others. An upload or an adapter import that
+stops sending is ended after the idle timeout and gives its slot back. A stack serving TLS
+answers only clients that trust its CA. A stack on S3 needs its credentials set: the code holds
+no default pair.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,17 +31,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_processes import serve, stack_env
 
 from backpropagate.connection import Connection
-from backpropagate.v1 import dataprep_pb2, safety_pb2, safety_pb2_grpc, trainer_pb2
+from backpropagate.v1 import common_pb2, dataprep_pb2, safety_pb2, safety_pb2_grpc, trainer_pb2
 from backpropagate.workflows import upload_dataset
-from backpropagate_services.common.channels import is_loopback
+from backpropagate_services.common.channels import is_loopback, open_channel
 from backpropagate_services.common.errors import (
     AuthFailedError,
     BackpropagateError,
     ServerBusyError,
     ServiceUnavailableError,
 )
+from backpropagate_services.common.grpc_errors import error_from_rpc
 from backpropagate_services.common.settings import ServerSettings, Settings, TlsSettings
 from backpropagate_services.stack import SERVICES
+from backpropagate_services.trainer.safety_monitor import SafetyMonitor
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -90,6 +96,29 @@ def test_serving_beyond_loopback_without_a_token_refuses_to_start(tmp_path: Path
     assert "Traceback" not in done.stderr
     with socket.socket() as probe:  # never bound
         assert probe.connect_ex((servers.LOOPBACK, port)) != 0
+
+
+def test_a_stack_on_s3_without_credentials_refuses_to_start_naming_the_settings(
+    s3_endpoint: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKPROPAGATE_STORE__")}
+    env |= {
+        "BACKPROPAGATE_HOME": str(tmp_path),
+        "BACKPROPAGATE_STORE__BACKEND": "s3",
+        "BACKPROPAGATE_STORE__S3_ENDPOINT": s3_endpoint,  # moto would take any pair
+    }
+    done = subprocess.run(
+        [backprop(), "serve", "all", "--listen", servers.free_address()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done
+    assert "INPUT_CONFIG_INVALID" in done.stderr, done
+    assert "BACKPROPAGATE_STORE__S3_ACCESS_KEY" in done.stderr, done
+    assert "BACKPROPAGATE_STORE__S3_SECRET_KEY" in done.stderr, done
+    assert "Traceback" not in done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +268,118 @@ def _one_snapshot(connection: Connection) -> bool:
         return True
     except BackpropagateError:
         return False
+
+
+def test_the_trainers_safety_watch_gets_a_slot_while_callers_hold_all_the_others(
+    redis_url: str, s3_endpoint: str, model_cache: Path, tmp_path: Path
+) -> None:
+    env = stack_env(
+        redis_url,
+        s3_endpoint,
+        model_cache,
+        tmp_path,
+        TOKEN=TOKEN,
+        SAFETY__SOURCE="host",
+        SERVER__MAX_CONCURRENT_STREAMS="4",
+    )
+    address = servers.free_address()
+    with serve("safety", address, env, log_path=tmp_path / "serve.log"):
+        # Callers with the stack's token: they may call, but are not the stack's trainer.
+        callers = client(address, TOKEN)
+        watchers = [callers.safety.Watch(safety_pb2.WatchSafetyRequest()) for _ in range(20)]
+        # The trainer's own follower, dialling as the trainer does.
+        monitor = SafetyMonitor(
+            address, 0.2, dial=lambda target: open_channel(target, Settings(token=TOKEN))
+        )
+        try:
+            servers.wait_until(
+                lambda: len(_refused_busy(watchers)) >= 16,
+                what="the callers' watches beyond the limit refused",
+                timeout=10,
+            )
+            monitor.start()
+            servers.wait_until(lambda: monitor.connected, what="the trainer's watch", timeout=15)
+            assert monitor.level != common_pb2.SAFETY_LEVEL_UNSPECIFIED
+            with pytest.raises(ServerBusyError):  # the kept slot is no slot for another caller
+                next(
+                    iter(
+                        callers.stream(
+                            "safety", callers.safety.Watch, safety_pb2.WatchSafetyRequest()
+                        )
+                    )
+                )
+        finally:
+            monitor.stop()
+            for call in watchers:
+                call.cancel()
+            callers.close()
+
+
+def test_an_upload_or_import_that_stops_sending_ends_after_the_idle_timeout_and_frees_its_slot(
+    redis_url: str, s3_endpoint: str, model_cache: Path, tmp_path: Path
+) -> None:
+    env = stack_env(
+        redis_url,
+        s3_endpoint,
+        model_cache,
+        tmp_path,
+        SERVER__MAX_CONCURRENT_CALLS="2",
+        SERVER__WATCH_IDLE_SECONDS="3",
+        # No sidecar answers there: the trainer's watch of it holds no slot of this server.
+        ENDPOINTS__SAFETY=servers.free_address(),
+    )
+    address = servers.free_address()
+    with serve("all", address, env, log_path=tmp_path / "serve.log"):
+        connection = client(address, None)
+        never = threading.Event()
+
+        def header_then_nothing(header: object) -> Iterator[object]:
+            yield header
+            never.wait(60)  # the client is still there, but sends nothing more
+
+        upload_header = dataprep_pb2.UploadDatasetHeader(filename="rows.jsonl")
+        import_header = trainer_pb2.ImportAdapterHeader(base_model="smollm2")
+        started = time.monotonic()
+        stalled = [
+            connection.dataprep.UploadDataset.future(
+                header_then_nothing(dataprep_pb2.UploadDatasetRequest(header=upload_header)),
+                timeout=20,
+            ),
+            connection.trainer.ImportAdapter.future(
+                header_then_nothing(trainer_pb2.ImportAdapterRequest(header=import_header)),
+                timeout=20,
+            ),
+        ]
+        try:
+            servers.wait_until(
+                lambda: _busy(connection), what="the two stalled calls holding both slots"
+            )
+            answers = []
+            for call in stalled:
+                with pytest.raises(grpc.RpcError) as ended:
+                    call.result()
+                answers.append(error_from_rpc(ended.value))
+            assert [answer.code for answer in answers] == ["INPUT_STREAM_IDLE"] * 2
+            assert all("3 s" in answer.message for answer in answers), answers
+            assert time.monotonic() - started < 15
+            runs = connection.call(
+                "trainer", connection.trainer.ListRuns, trainer_pb2.ListRunsRequest()
+            )
+            assert list(runs.runs) == []  # their slots are free again
+        finally:
+            never.set()
+            for call in stalled:
+                call.cancel()
+            connection.close()
+
+
+def _busy(connection: Connection) -> bool:
+    """Whether an ordinary call is refused for want of a slot."""
+    try:
+        connection.call("trainer", connection.trainer.ListRuns, trainer_pb2.ListRunsRequest())
+    except ServerBusyError:
+        return True
+    return False
 
 
 def write_certificates(directory: Path) -> tuple[Path, Path, Path]:

@@ -220,10 +220,28 @@ def hostile_requests(stack: Stack) -> dict[str, tuple[Callable[[], object], str]
         header=trainer_pb2.ImportAdapterHeader(base_model="smollm2")
     )
 
-    def adapter_file(path: str) -> trainer_pb2.ImportAdapterRequest:
+    def adapter_file(path: str, data: bytes = b"{}") -> trainer_pb2.ImportAdapterRequest:
         return trainer_pb2.ImportAdapterRequest(
-            chunk=trainer_pb2.AdapterFileChunk(path=path, data=b"{}")
+            chunk=trainer_pb2.AdapterFileChunk(path=path, data=data)
         )
+
+    def adapter_with_config(config: bytes) -> Callable[[], object]:
+        weights = adapter_file("adapter_model.safetensors", b"")
+        return import_adapter(
+            [adapter_header, adapter_file("adapter_config.json", config), weights]
+        )
+
+    def watch_run(after: str) -> Callable[[], object]:
+        request = trainer_pb2.WatchRunRequest(
+            run_id="run-20261206T000000-000000", after_event_id=after
+        )
+        return lambda: list(connection.stream("trainer", trainer.WatchRun, request))
+
+    def watch_export(after: str) -> Callable[[], object]:
+        request = export_pb2.WatchExportRequest(
+            export_id="export-20261206T000000-000000", after_event_id=after
+        )
+        return lambda: list(connection.stream("export", connection.export.WatchExport, request))
 
     invalid, config, model = "INPUT_INVALID", "INPUT_CONFIG_INVALID", "INPUT_MODEL_NOT_FOUND"
     return {
@@ -285,6 +303,60 @@ def hostile_requests(stack: Stack) -> dict[str, tuple[Callable[[], object], str]
             import_adapter([adapter_header, adapter_file("/etc/passwd")]),
             invalid,
         ),
+        "adapter file named .": (import_adapter([adapter_header, adapter_file(".")]), invalid),
+        "adapter file named with a NUL": (
+            import_adapter([adapter_header, adapter_file("adapter\x00config.json")]),
+            invalid,
+        ),
+        "adapter file name of 300 characters": (
+            import_adapter([adapter_header, adapter_file("x" * 300)]),
+            invalid,
+        ),
+        "adapter file under a file of the same name": (
+            import_adapter([adapter_header, adapter_file("a"), adapter_file("a/b")]),
+            invalid,
+        ),
+        "adapter file where a directory of the same name is": (
+            import_adapter([adapter_header, adapter_file("a/b"), adapter_file("a")]),
+            invalid,
+        ),
+        "adapter config that is a list": (adapter_with_config(b"[]"), invalid),
+        "adapter of rank a million": (adapter_with_config(b'{"r": 1000000}'), invalid),
+        "adapter with a layer of rank a million": (
+            adapter_with_config(b'{"r": 8, "rank_pattern": {"q_proj": 1000000}}'),
+            invalid,
+        ),
+        "adapter of rank 1.5": (adapter_with_config(b'{"r": 1.5}'), invalid),
+        "adapter from a base model of 5000 characters": (
+            import_adapter(
+                [
+                    trainer_pb2.ImportAdapterRequest(
+                        header=trainer_pb2.ImportAdapterHeader(base_model="m" * 5000)
+                    ),
+                    adapter_file("adapter_config.json"),
+                    adapter_file("adapter_model.safetensors", b""),
+                ]
+            ),
+            model,
+        ),
+        # Cursors that are no event id, ids and names far too long to be any.
+        "watch a run after event evil": (watch_run("evil"), invalid),
+        "watch a run after an event id past 2^64": (
+            watch_run("99999999999999999999999-0"),
+            invalid,
+        ),
+        "watch a run after an event id of 5000 digits": (watch_run("1" * 5000), invalid),
+        "watch an export after event 1-2-3": (watch_export("1-2-3"), invalid),
+        "run id of 5000 characters": (
+            lambda: connection.call(
+                "trainer", trainer.GetRun, trainer_pb2.GetRunRequest(run_id="r" * 5000)
+            ),
+            "INPUT_NOT_FOUND",
+        ),
+        "push to a Hub repo of 5000 characters": (
+            export(format="adapter", hub_repo="me/" + "x" * 5000),
+            config,
+        ),
         "download of a dataset's key": (
             download(key=f"datasets/{stack.dataset_id}/rows.jsonl"),
             "INPUT_ARTIFACT_NOT_DOWNLOADABLE",
@@ -310,9 +382,13 @@ def hostile_requests(stack: Stack) -> dict[str, tuple[Callable[[], object], str]
     }
 
 
+# What a refusal may take to say what was wrong: an input far longer is not echoed whole.
+MAX_MESSAGE_CHARS = 600
+
+
 def test_every_hostile_request_gets_its_stable_code_and_changes_nothing(stack: Stack) -> None:
     before = stack.store.list("")
-    answers, expected = {}, {}
+    answers, expected, long_messages = {}, {}, {}
     for name, (call, code) in hostile_requests(stack).items():
         expected[name] = code
         try:
@@ -320,9 +396,12 @@ def test_every_hostile_request_gets_its_stable_code_and_changes_nothing(stack: S
             answers[name] = "(answered)"
         except BackpropagateError as refused:
             answers[name] = refused.code
+            if len(str(refused)) > MAX_MESSAGE_CHARS:
+                long_messages[name] = str(refused)
 
     assert len(expected) >= 30
     assert answers == expected
+    assert long_messages == {}  # a long input is named, not echoed whole
     assert stack.store.list("") == before  # nothing stored, nothing removed
     runs = stack.connection.call(
         "trainer", stack.connection.trainer.ListRuns, trainer_pb2.ListRunsRequest()
@@ -355,3 +434,97 @@ def test_a_client_that_leaves_mid_upload_leaves_nothing_and_the_server_answering
         stack.connection, Path(__file__).parents[2] / "examples" / "quickstart.jsonl"
     )
     assert again.dataset_id == stack.dataset_id and again.reused
+
+
+LONG = "x" * 5000
+
+
+def long_fields(stack: Stack) -> dict[str, tuple[Callable[[], object], str]]:
+    """A request whose one field is 5000 characters, for fields a refusal names; and its code."""
+    connection, trainer = stack.connection, stack.connection.trainer
+
+    def train(**fields: object) -> Callable[[], object]:
+        config = trainer_pb2.TrainConfig(steps=5, **fields)  # type: ignore[arg-type]
+        request = trainer_pb2.SubmitTrainRequest(dataset_id=stack.dataset_id, config=config)
+        return lambda: connection.call("trainer", trainer.SubmitTrain, request)
+
+    def export(**fields: object) -> Callable[[], object]:
+        request = export_pb2.SubmitExportRequest(run_id="run-20261206T000000-000000", **fields)  # type: ignore[arg-type]
+        return lambda: connection.call("export", connection.export.SubmitExport, request)
+
+    def upload_with(**fields: object) -> Callable[[], object]:
+        return upload(connection, [header(**fields), chunk(ROW)])
+
+    campaign = trainer_pb2.SubmitMultiRunRequest(
+        dataset_ids=[stack.dataset_id], multi_run=trainer_pb2.MultiRunConfig(runs=2, merge=LONG)
+    )
+    download = export_pb2.DownloadArtifactRequest(key=LONG)
+    config, invalid = "INPUT_CONFIG_INVALID", "INPUT_INVALID"
+    return {
+        "run id": (
+            lambda: connection.call(
+                "trainer", trainer.GetRun, trainer_pb2.GetRunRequest(run_id=LONG)
+            ),
+            "INPUT_NOT_FOUND",
+        ),
+        "dataset id": (
+            lambda: connection.call(
+                "trainer", trainer.SubmitTrain, trainer_pb2.SubmitTrainRequest(dataset_id=LONG)
+            ),
+            "INPUT_NOT_FOUND",
+        ),
+        "page token": (
+            lambda: connection.call(
+                "trainer", trainer.ListRuns, trainer_pb2.ListRunsRequest(page_token=LONG)
+            ),
+            invalid,
+        ),
+        "watch cursor": (
+            lambda: list(
+                connection.stream(
+                    "trainer",
+                    trainer.WatchRun,
+                    trainer_pb2.WatchRunRequest(run_id=LONG, after_event_id=LONG),
+                )
+            ),
+            invalid,
+        ),
+        "Hub repo": (export(format="adapter", hub_repo=LONG), config),
+        "training method": (train(method=LONG), config),
+        "adapter kind": (train(adapter=LONG), config),
+        "tracker": (train(report_to=[LONG]), config),
+        "campaign merge": (
+            lambda: connection.call("trainer", trainer.SubmitMultiRun, campaign),
+            config,
+        ),
+        "export format": (export(format=LONG), config),
+        "quantisation": (export(quantization=LONG), config),
+        "download key": (
+            lambda: list(connection.stream("export", connection.export.DownloadArtifact, download)),
+            "INPUT_ARTIFACT_NOT_DOWNLOADABLE",
+        ),
+        "dataset format": (upload_with(format=LONG), "INPUT_DATASET_FORMAT_UNKNOWN"),
+        "dedup mode": (upload_with(dedup=LONG), config),
+        "language": (upload_with(languages=[LONG]), config),
+    }
+
+
+def test_a_field_far_too_long_is_refused_with_its_code_in_an_answer_that_fits(
+    stack: Stack,
+) -> None:
+    """gRPC refuses trailers over 8 KiB whole: a refusal that echoed the field would arrive as
+    RESOURCE_EXHAUSTED, not as itself."""
+    answers, expected, sizes = {}, {}, {}
+    for name, (call, code) in long_fields(stack).items():
+        expected[name] = code
+        try:
+            call()
+            answers[name] = "(answered)"
+        except BackpropagateError as refused:
+            answers[name] = refused.code
+            sizes[name] = len(refused.message)
+        except Exception as raw:  # what gRPC gives when the trailers overflow
+            answers[name] = f"{type(raw).__name__}: {str(raw)[:80]}"
+
+    assert answers == expected
+    assert {name: size for name, size in sizes.items() if size > MAX_MESSAGE_CHARS} == {}

@@ -1,5 +1,5 @@
-"""What the drills of `backprop` processes share: running a command, reading a record, and
-stopping a process once a run has checkpointed."""
+"""What the drills of `backprop` processes share: running a command, reading a record, holding
+a run open, and stopping a process once a run has checkpointed."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ def backprop(env: dict[str, str], *args: str, timeout: float = 300) -> str:
     )
     assert done.returncode == 0, f"backprop {' '.join(args)}: {done.stderr[-3000:]}"
     return done.stdout
+
+
+def holding_at(env: dict[str, str], step: int) -> dict[str, str]:
+    """`env` for a process whose run holds before `step` of its job until it is stopped or
+    killed (`FaultSettings.hold_at_step`): a drill waits for an event, a checkpoint or a step,
+    and its signal then finds the run still going, however fast the machine trains."""
+    return {**env, "BACKPROPAGATE_FAULT__HOLD_AT_STEP": str(step)}
 
 
 def run_record(env: dict[str, str], run_id: str) -> dict:

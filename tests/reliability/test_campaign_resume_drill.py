@@ -3,8 +3,9 @@
 stopped (same data, same seeds).
 
 Every command is a real `backprop` process on one home directory. The kill lands after a
-checkpoint of run 2: run 1 must not train again, run 2 must go on from its checkpoint, run 3
-must start from the merge of runs 1 and 2 as the uninterrupted campaign's did.
+checkpoint of run 2, where the run holds until killed: run 1 must not train again, run 2 must go
+on from its checkpoint, run 3 must start from the merge of runs 1 and 2 as the uninterrupted
+campaign's did.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_drills import BACKPROP, backprop, checkpointed_runs, run_record, stop_once_checkpointed
+from cli_drills import (
+    BACKPROP,
+    backprop,
+    checkpointed_runs,
+    holding_at,
+    run_record,
+    stop_once_checkpointed,
+)
 
 from backpropagate_services.trainer.adapter_factors import read_adapter_dir
 
@@ -37,12 +45,15 @@ def test_a_campaign_killed_in_its_second_run_resumes_to_the_same_merged_adapter(
     home_env: dict[str, str], quickstart: Path
 ) -> None:
     home = Path(home_env["BACKPROPAGATE_HOME"])
-    quiet = {"env": home_env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     command = [BACKPROP, "multi-run", "--data", str(quickstart), *CAMPAIGN_ARGS]
 
-    stop_once_checkpointed(subprocess.Popen(command, **quiet), home, 2, signal.SIGKILL, in_run(2))
+    # Held after run 2's first checkpoint (job step STEPS + 3), so the kill finds it there.
+    held = subprocess.Popen(command, env=holding_at(home_env, STEPS + 3), **quiet)
+    stop_once_checkpointed(held, home, 2, signal.SIGKILL, in_run(2))
     [second] = checkpointed_runs(home, 2, in_run(2))
     killed_second = run_record(home_env, second)
+    assert killed_second["last_checkpoint_step"] == len(killed_second["loss_history"]) == 2
     campaign_id = killed_second["campaign_id"]
     killed = run_record(home_env, campaign_id)
     assert killed["status"] == "JOB_STATUS_RUNNING"

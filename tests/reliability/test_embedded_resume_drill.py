@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_drills import BACKPROP, backprop, checkpointed_runs, run_record, stop_once_checkpointed
+from cli_drills import (
+    BACKPROP,
+    backprop,
+    checkpointed_runs,
+    holding_at,
+    run_record,
+    stop_once_checkpointed,
+)
 
 pytestmark = [pytest.mark.model]
 
@@ -27,24 +34,28 @@ def test_cli_killed_then_interrupted_is_finished_by_runs_resume(
     home_env: dict[str, str], quickstart: Path
 ) -> None:
     home = Path(home_env["BACKPROPAGATE_HOME"])
-    quiet = {"env": home_env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     train = [BACKPROP, "train", "--data", str(quickstart), *TRAIN_ARGS, "--checkpoint-every", "2"]
 
-    # SIGKILL: no exit hook runs, as a power cut for the run.
-    stop_once_checkpointed(subprocess.Popen(train, **quiet), home, 4, signal.SIGKILL)
+    # SIGKILL: no exit hook runs, as a power cut for the run. Each run holds after the
+    # checkpoint the drill waits for, so the signal finds it mid-run on a machine of any speed.
+    held = subprocess.Popen(train, env=holding_at(home_env, 5), **quiet)
+    stop_once_checkpointed(held, home, 4, signal.SIGKILL)
     [run_id] = checkpointed_runs(home, 4)
     killed = run_record(home_env, run_id)
     assert killed["status"] == "JOB_STATUS_RUNNING"
-    assert killed["last_checkpoint_step"] >= 4
+    assert killed["last_checkpoint_step"] == len(killed["loss_history"]) == 4
 
     # Ctrl-C of the resuming process: it checkpoints where it is and leaves the run interrupted.
-    resume = subprocess.Popen([BACKPROP, "runs", "resume", run_id], **quiet)
-    exit_code = stop_once_checkpointed(resume, home, 8, signal.SIGINT)
+    resume = [BACKPROP, "runs", "resume", run_id]
+    exit_code = stop_once_checkpointed(
+        subprocess.Popen(resume, env=holding_at(home_env, 9), **quiet), home, 8, signal.SIGINT
+    )
     assert exit_code == 130
     interrupted = run_record(home_env, run_id)
     assert interrupted["status"] == "JOB_STATUS_INTERRUPTED"
     assert interrupted["resumed_from_step"] == killed["last_checkpoint_step"]
-    assert interrupted["last_checkpoint_step"] == len(interrupted["loss_history"]) >= 8
+    assert interrupted["last_checkpoint_step"] == len(interrupted["loss_history"]) == 8
 
     started = time.monotonic()
     backprop(home_env, "runs", "resume", run_id)

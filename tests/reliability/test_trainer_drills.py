@@ -3,17 +3,19 @@
 Each drill runs one short training run on the real model through the stack's API (served from
 the test process, see `control_plane`) while trainer workers are separate `backprop serve
 trainer` processes that the drill kills (SIGKILL), stops (SIGTERM), freezes (SIGSTOP) or cuts
-off from Redis and S3. Each ends on what a user gets: the run's record, its loss history, its
-events and the artifacts in the store.
+off from Redis and S3. A trainer to be killed, stopped or frozen holds its run before the next
+step (`holding_at`), so the signal finds the run where the drill saw it, however fast the
+machine trains. Each ends on what a user gets: the run's record, its loss history, its events
+and the artifacts in the store.
 
 1. A trainer killed mid-run: another one resumes from the last checkpoint.
 2. A trainer told to stop: it checkpoints, releases the job without it counting as a failed
    delivery, and exits in time; another one resumes.
 3. A trainer frozen past the visibility timeout: another one takes the job over; the frozen one,
-   thawed, finds its lease lost and writes nothing (frozen mid-step, or mid-checkpoint: what it
-   finishes writing then is deleted).
+   thawed, finds its lease lost and writes nothing (frozen between steps, or mid-checkpoint: what
+   it finishes writing then is deleted).
 4. A job that kills every trainer: failed and dead-lettered after `max_attempts`.
-5. Redis restarted, S3 away for ten seconds, and an out-of-memory error, all in one run.
+5. Redis restarted, S3 away, and an out-of-memory error, all in one run.
 6. A campaign's trainer killed in its second run: another one finishes the campaign by
    redelivery, from the second run's checkpoint and the merge of the first.
 """
@@ -31,6 +33,7 @@ from subprocess import Popen
 import pytest
 import servers
 import torch
+from cli_drills import holding_at
 from service_processes import ControlPlane, control_plane, serve, stack_env
 
 from backpropagate.v1 import common_pb2, trainer_pb2
@@ -78,6 +81,13 @@ def make_env(
 def trainer(env: Env, log: Path) -> AbstractContextManager[Popen[bytes]]:
     """A trainer worker process, its log kept at `log` (read by the drill, shown on failure)."""
     return serve("trainer", servers.free_address(), env, log_path=log)
+
+
+def wait_for_log(log: Path, text: str, what: str, process: Popen[bytes]) -> None:
+    """Wait until a trainer's log says `text`: what it did, not how long it may have taken."""
+    servers.wait_until(
+        lambda: text in log.read_text(errors="replace"), what=what, timeout=120, process=process
+    )
 
 
 def started(attempt: int) -> EventTest:
@@ -182,7 +192,10 @@ def test_a_killed_trainer_run_is_resumed_from_its_last_checkpoint_by_another(
 ) -> None:
     env = make_env(QUEUE__VISIBILITY_TIMEOUT_SECONDS=VISIBILITY_TIMEOUT_SECONDS)
     started_at = time.monotonic()
-    with control_plane(env) as plane, trainer(env, tmp_path / "first.log") as first:
+    with (
+        control_plane(env) as plane,
+        trainer(holding_at(env, 4), tmp_path / "first.log") as first,
+    ):
         run_id = plane.submit(quickstart, CONFIG)
         plane.wait_for_event(run_id, started(1), "the first trainer's start", process=first)
         # Up meanwhile, idle: the job is the first trainer's as long as it renews its lease.
@@ -228,7 +241,7 @@ def test_a_stopped_trainer_checkpoints_and_releases_its_job_without_spending_an_
     )
     started_at = time.monotonic()
     with control_plane(env) as plane:
-        with trainer(env, tmp_path / "first.log") as first:
+        with trainer(holding_at(env, 4), tmp_path / "first.log") as first:
             run_id = plane.submit(quickstart, CONFIG)
             plane.wait_for_event(run_id, stepped(3), "step 3", process=first)
             first.send_signal(signal.SIGTERM)  # what `docker stop` and Kubernetes send
@@ -272,6 +285,8 @@ def test_a_frozen_trainer_loses_its_job_to_another_and_writes_nothing_once_thawe
     tmp_path: Path,
 ) -> None:
     env = make_env(QUEUE__VISIBILITY_TIMEOUT_SECONDS=VISIBILITY_TIMEOUT_SECONDS)
+    # Between steps: held before step 4. Mid-checkpoint: held by S3, cut, in step 4's.
+    frozen_env = holding_at(env, 4) if frozen_in == "step" else env
     frozen_log = tmp_path / "frozen.log"
     s3_port = servers.free_port()
     started_at = time.monotonic()
@@ -279,14 +294,16 @@ def test_a_frozen_trainer_loses_its_job_to_another_and_writes_nothing_once_thawe
         # The trainer to freeze reaches S3 through a forwarder, to hold it inside a checkpoint.
         servers.Restartable(lambda: servers.tcp_forwarder(s3_port, s3_endpoint)) as its_s3,
         control_plane(env) as plane,
-        trainer({**env, "BACKPROPAGATE_STORE__S3_ENDPOINT": its_s3.address}, frozen_log) as frozen,
+        trainer(
+            {**frozen_env, "BACKPROPAGATE_STORE__S3_ENDPOINT": its_s3.address}, frozen_log
+        ) as frozen,
     ):
         run_id = plane.submit(quickstart, CONFIG)
         plane.wait_for_event(run_id, started(1), "the first trainer's start", process=frozen)
         with trainer(env, tmp_path / "second.log") as second:
             plane.wait_for_event(run_id, stepped(3), "step 3", process=frozen)
-            # Frozen, heartbeat included, as by a stalled VM, a debugger or a swap storm: in
-            # the middle of step 4, or of writing its checkpoint (which waits for S3 meanwhile).
+            # Frozen, heartbeat included, as by a stalled VM, a debugger or a swap storm:
+            # before step 4, or in the middle of writing its checkpoint (waiting for S3).
             if frozen_in == "step":
                 frozen.send_signal(signal.SIGSTOP)
             else:
@@ -299,12 +316,8 @@ def test_a_frozen_trainer_loses_its_job_to_another_and_writes_nothing_once_thawe
                 before_thaw = store_snapshot(plane, run_id), plane.events(run_id)
             finally:
                 frozen.send_signal(signal.SIGCONT)
-            servers.wait_until(
-                lambda: "stopped without writing" in frozen_log.read_text(),
-                what="the thawed trainer giving the job up",
-                timeout=120,  # it first ends what it was frozen in
-                process=frozen,
-            )
+            # It first ends what it was frozen in.
+            wait_for_log(frozen_log, "stopped without writing", "the job given up", frozen)
             after_thaw = store_snapshot(plane, run_id), plane.events(run_id)
         thawed_still_serves = frozen.poll() is None
 
@@ -331,7 +344,7 @@ def test_a_job_that_kills_every_trainer_is_failed_and_dead_lettered(
     with control_plane(env) as plane:
         run_id = plane.submit(quickstart, CONFIG)
         for attempt in range(1, max_attempts + 1):
-            with trainer(env, tmp_path / f"killed-{attempt}.log") as doomed:
+            with trainer(holding_at(env, 1), tmp_path / f"killed-{attempt}.log") as doomed:
                 plane.wait_for_event(run_id, started(attempt), f"start {attempt}", process=doomed)
                 doomed.send_signal(signal.SIGKILL)  # as a job that crashes its worker would
                 doomed.wait()
@@ -375,31 +388,38 @@ def test_a_run_rides_out_a_redis_restart_an_s3_outage_and_an_out_of_memory_error
         # The trainer reaches moto through a forwarder: cut, S3 is away; moto keeps its objects.
         servers.Restartable(lambda: servers.tcp_forwarder(s3_port, s3_endpoint)) as s3,
     ):
+        release = tmp_path / "release"
         env = stack_env(
-            redis.address, s3.address, model_cache, tmp_path / "home", FAULT__OOM_AT_STEP="2"
+            redis.address,
+            s3.address,
+            model_cache,
+            tmp_path / "home",
+            FAULT__OOM_AT_STEP="2",
+            # Held after the checkpoint of step STEPS - 2 until both outages have begun: the
+            # last steps and checkpoint meet them, however fast this machine trains.
+            FAULT__HOLD_AT_STEP=str(STEPS - 1),
+            FAULT__HOLD_RELEASE_FILE=str(release),
         )
         api_env = {**env, "BACKPROPAGATE_STORE__S3_ENDPOINT": s3_endpoint}  # not cut off
         with control_plane(api_env) as plane, trainer(env, log) as worker:
             run_id = plane.submit(quickstart, CONFIG)
-            plane.wait_for_event(run_id, stepped(3), "step 3", process=worker)
-            with redis.down():
-                redis_down_at = time.time()
-                servers.wait_until(
-                    lambda: "events kept" in log.read_text(),
-                    what="the trainer keeping its events while Redis is away",
-                    timeout=120,
-                    process=worker,
-                )
-                time.sleep(3)  # the next checkpoint's lease check waits for Redis meanwhile
-            redis_back_at = time.time()
-
             checkpointed = plane.wait_for_event(
-                run_id, lambda e: e.kind == "checkpoint" and e.step == STEPS - 2, "checkpoint"
+                run_id,
+                lambda e: e.kind == "checkpoint" and e.step == STEPS - 2,
+                "checkpoint",
+                process=worker,
             )
             with s3.down():
-                # Trained on to the end: the last checkpoint and the adapter now wait for S3.
-                plane.wait_for_event(run_id, stepped(STEPS), "the last step", process=worker)
-                time.sleep(10)
+                with redis.down():
+                    redis_down_at = time.time()
+                    release.touch()
+                    # The last steps are trained, their events kept; the last checkpoint's
+                    # lease check then waits for Redis.
+                    wait_for_log(log, "events kept", "events kept while Redis is away", worker)
+                    wait_for_log(log, "QueueUnavailableError", "a wait for Redis", worker)
+                redis_back_at = time.time()
+                # The last checkpoint and the adapter now wait for S3.
+                wait_for_log(log, "StoreUnavailableError", "a wait for S3", worker)
             record = plane.wait_for_end(run_id, process=worker)
             events = plane.events(run_id)
             assert_trained(plane, record)
@@ -413,7 +433,7 @@ def test_a_run_rides_out_a_redis_restart_an_s3_outage_and_an_out_of_memory_error
     late = [
         e for e in events if is_training_step(e) and redis_down_at < e.timestamp < redis_back_at
     ]
-    assert late, "no step was trained while Redis was away"
+    assert [e.step for e in late] == [STEPS - 1, STEPS], "not the steps after the hold"
     checkpoints = [e.step for e in events if e.kind == "checkpoint"]
     assert checkpoints == list(range(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY))
     assert checkpointed.step in checkpoints
@@ -441,7 +461,10 @@ def test_a_killed_trainer_campaign_is_finished_by_another_from_its_second_runs_c
     started_at = time.monotonic()
     campaign = trainer_pb2.MultiRunConfig(runs=3, samples_per_run=3, merge="slao")
     in_second_run = "run 2's step 3"
-    with control_plane(env) as plane, trainer(env, tmp_path / "first.log") as first:
+    with (
+        control_plane(env) as plane,
+        trainer(holding_at(env, STEPS + 4), tmp_path / "first.log") as first,
+    ):
         campaign_id = plane.submit_campaign(quickstart, CONFIG, campaign)
         with trainer(env, tmp_path / "second.log") as second:
             plane.wait_for_event(

@@ -35,6 +35,14 @@ def smollm2_tokenizer(smollm2_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
+@pytest.fixture(scope="session")
+def smollm2_f16_gguf(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 converted to an f16 GGUF by the export's converter, as an export makes it."""
+    from backpropagate_services.export.convert import convert_to_gguf
+
+    return convert_to_gguf(smollm2_dir, tmp_path_factory.mktemp("gguf") / "smollm2-f16.gguf", "f16")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """Module-wide, so shared module fixtures run under it too. With the other core busy, a

@@ -122,13 +122,6 @@ class Adapter:
     gguf: Path
 
 
-@pytest.fixture(scope="module")
-def base_gguf(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from backpropagate_services.export.convert import convert_to_gguf
-
-    return convert_to_gguf(smollm2_dir, tmp_path_factory.mktemp("base") / "base.gguf", "f16")
-
-
 def _smollm2_adapter(smollm2_dir: Path, work: Path, lora_b_std: float, **options: Any) -> Adapter:
     import torch
     from transformers import AutoModelForCausalLM
@@ -152,7 +145,11 @@ def rslora_adapter(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="module")
 def measured(
-    smollm2_dir: Path, smollm2_tokenizer, base_gguf: Path, adapter: Adapter, rslora_adapter: Adapter
+    smollm2_dir: Path,
+    smollm2_tokenizer,
+    smollm2_f16_gguf: Path,
+    adapter: Adapter,
+    rslora_adapter: Adapter,
 ) -> dict[str, Agreement]:
     """Each llama.cpp setup against the merged torch model it should reproduce."""
     chats = scored_chats(smollm2_tokenizer)
@@ -162,7 +159,7 @@ def measured(
     with_adapter, base_alone, with_rslora = run_isolated(
         "test",
         llama_cpp_logits,
-        base_gguf,
+        smollm2_f16_gguf,
         [(adapter.gguf, chats), (None, chats), (rslora_adapter.gguf, rslora_chats)],
     )
     return {
@@ -226,11 +223,11 @@ def test_adapter_gguf_has_the_metadata_and_tensor_pairs_llama_cpp_reads(adapter)
 
 @pytest.mark.model
 def test_lora_b_of_query_and_key_is_permuted_exactly_as_the_converter_permutes_the_base(
-    adapter, base_gguf, smollm2_dir
+    adapter, smollm2_f16_gguf, smollm2_dir
 ):
     from safetensors import safe_open
 
-    base = gguf_tensors(base_gguf, {"blk.0.attn_q.weight", "blk.0.attn_k.weight"})
+    base = gguf_tensors(smollm2_f16_gguf, {"blk.0.attn_q.weight", "blk.0.attn_k.weight"})
     lora = gguf_tensors(adapter.gguf)
     peft = peft_tensors(adapter.directory)
     prefix = "base_model.model.model.layers.0.self_attn"

@@ -57,3 +57,57 @@ def test_a_directory_without_adapter_files_is_no_adapter(tmp_path: Path):
 
     with pytest.raises(UserError, match="no peft adapter"):
         adapter_base_model(tmp_path, "")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [".", "a/.", "./a", "a//b", "a/", "adapter\x00config.json", "x" * 300, "d/" * 600 + "f"],
+    ids=lambda path: repr(path)[:20],
+)
+def test_a_path_that_names_no_file_is_refused(tmp_path: Path, path: str):
+    with pytest.raises(UserError, match="Refused adapter file path") as refused:
+        receive_adapter_files(chunks((path, b"x")), tmp_path / "adapter")
+
+    assert len(refused.value.message) < 400
+
+
+@pytest.mark.parametrize("paths", [("a", "a/b"), ("a/b", "a"), ("a/b/c", "a/b")])
+def test_a_file_and_a_directory_of_the_same_name_are_refused(tmp_path: Path, paths: tuple):
+    with pytest.raises(UserError, match="both a file and a directory"):
+        receive_adapter_files(chunks(*((path, b"x") for path in paths)), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        b"[]",
+        b'"adapter"',
+        b"null",
+        b'{"r": 1000000}',
+        b'{"r": 0}',
+        b'{"r": 1.5}',
+        b'{"r": true}',
+        b'{"r": "8"}',
+        b'{"r": 8, "rank_pattern": {"q_proj": 1000000}}',
+        b'{"r": 8, "rank_pattern": ["q_proj"]}',
+    ],
+)
+def test_an_adapter_config_peft_could_not_build_within_bounds_is_refused(
+    tmp_path: Path, config: bytes
+):
+    """peft builds every layer's factors at the config's rank before it loads the weights: a
+    huge rank is refused before anything is loaded."""
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "adapter_config.json").write_bytes(config)
+
+    with pytest.raises(UserError, match=r"adapter_config\.json"):
+        adapter_base_model(tmp_path, "org/base")
+
+
+def test_an_adapter_within_the_rank_bound_is_taken(tmp_path: Path):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"r": 1024, "rank_pattern": {"q_proj": 64}, "base_model_name_or_path": "o/b"})
+    )
+
+    assert adapter_base_model(tmp_path, "") == "o/b"

@@ -12,7 +12,7 @@ from backpropagate_services.common.errors import (
     FullFineTuneTooLargeError,
     GpuNotAvailableError,
 )
-from backpropagate_services.common.hardware import cpu_compute_dtype
+from backpropagate_services.common.hardware import cpu_dtype_choice
 from backpropagate_services.common.models import load_model, resolve_model
 from backpropagate_services.common.settings import ExportSettings
 from backpropagate_services.common.training import TrainingConfig
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def smollm2(smollm2_dir: Path):
     # In the dtype the trainer picks on this CPU, as a run would.
     return load_model(
-        resolve_model(str(smollm2_dir)), smollm2_dir.parent, "cpu", cpu_compute_dtype()
+        resolve_model(str(smollm2_dir)), smollm2_dir.parent, "cpu", cpu_dtype_choice().dtype
     )
 
 

@@ -114,6 +114,8 @@ def campaign_record(merge: str = "slao", **fields) -> trainer_pb2.RunRecord:
 
 def test_only_a_finished_campaign_of_the_same_merge_and_shape_is_continued():
     check_continuable(campaign_record(), campaign_record())
+    # Submitted without a GPU (the default adapter), continued where a memory plan named it.
+    check_continuable(campaign_record(), campaign_record(config={"adapter": "lora"}))
     single = trainer_pb2.RunRecord(run_id="run-1", status=common_pb2.JOB_STATUS_SUCCEEDED)
     unfinished = campaign_record(status=common_pb2.JOB_STATUS_FAILED)
     for earlier, now, why in [
@@ -121,6 +123,7 @@ def test_only_a_finished_campaign_of_the_same_merge_and_shape_is_continued():
         (unfinished, campaign_record(), "has not finished"),
         (campaign_record("average"), campaign_record(), "merge 'average'"),
         (campaign_record(config={"lora_r": 8}), campaign_record(config={"lora_r": 16}), "lora_r"),
+        (campaign_record(), campaign_record(config={"adapter": "qlora"}), "adapter 'lora'"),
     ]:
         with pytest.raises(ConfigError, match=why):
             check_continuable(earlier, now)

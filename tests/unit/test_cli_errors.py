@@ -130,6 +130,23 @@ def test_showing_an_unknown_run_is_not_found(tmp_path: Path) -> None:
     assert "No run id contains 'run-does-not-exist'" in outcome.stderr
 
 
+def test_a_damaged_queue_file_is_one_error_that_says_which_file_to_move_aside(
+    tmp_path: Path,
+) -> None:
+    queue_file = tmp_path / "state" / "queue.sqlite3"
+    queue_file.parent.mkdir()
+    queue_file.write_bytes(b"a file that was never a queue\n" * 200)
+
+    outcome = backprop(tmp_path, "runs", "list")
+
+    assert "Traceback" not in outcome.stderr, outcome.stderr
+    assert outcome.exit_code == EXIT_RUNTIME_ERROR, outcome.stderr
+    assert f"error STATE_QUEUE_CORRUPT: The queue database {queue_file} is damaged" in (
+        outcome.stderr
+    )
+    assert f"hint: Move {queue_file} aside" in outcome.stderr
+
+
 def test_a_directory_that_is_no_saved_dataset_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "data.jsonl").mkdir()
 

@@ -234,20 +234,10 @@ def test_turn_missing_a_field_is_rejected_with_field(row: dict[str, object], fie
 @pytest.mark.parametrize(
     ("row", "field", "found_type"),
     [
-        (
-            {
-                "messages": [
-                    {"role": "user", "content": ["Hi"]},
-                    {"role": "assistant", "content": "A"},
-                ]
-            },
-            "messages[0].content",
-            "list",
-        ),
         ({"conversations": [{"from": "human", "value": 7}]}, "conversations[0].value", "int"),
         ({"instruction": "Q", "input": None, "output": "A"}, "input", "NoneType"),
     ],
-    ids=["openai-content", "sharegpt-value", "alpaca-input"],
+    ids=["sharegpt-value", "alpaca-input"],
 )
 def test_non_string_text_is_rejected_with_field_and_type(
     row: dict[str, object], field: str, found_type: str
@@ -497,3 +487,95 @@ def test_the_shipped_chatml_example_reads_as_the_quickstarts_conversations() -> 
         parse_jsonl(chatml_rows, "chatml.jsonl").conversations
         == parse_jsonl(sharegpt_rows, "quickstart.jsonl").conversations
     )
+
+
+# --- OpenAI content parts ----------------------------------------------------------------------
+
+
+def parts(*texts: str) -> list[dict[str, str]]:
+    return [{"type": "text", "text": text} for text in texts]
+
+
+def test_openai_content_given_as_text_parts_becomes_their_text_joined_by_newlines() -> None:
+    row = {
+        "messages": [
+            {"role": "system", "content": parts("Be brief.")},
+            {"role": "user", "content": parts("Look at this sum:", "what is 2+2?")},
+            {"role": "assistant", "content": parts("4")},
+        ]
+    }
+
+    parsed = parse_jsonl(jsonl(row), FILENAME)
+
+    assert parsed.format == "openai"
+    assert parsed.conversations == [
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Look at this sum:\nwhat is 2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    ]
+
+
+def test_a_preference_prompt_with_text_parts_becomes_plain_messages() -> None:
+    prompt = [{"role": "user", "content": parts("Capital of", "France?")}]
+    row = {"prompt": prompt, "chosen": "Paris.", "rejected": "London."}
+
+    [parsed] = parse_jsonl(jsonl(row), FILENAME).preference_rows
+
+    assert parsed["prompt"] == [{"role": "user", "content": "Capital of\nFrance?"}]
+
+
+@pytest.mark.parametrize(
+    ("part", "problem"),
+    [
+        ({"type": "image_url", "image_url": {"url": "https://x/cat.png"}}, "'image_url'"),
+        ({"type": "input_audio", "input_audio": {"data": "..."}}, "'input_audio'"),
+    ],
+    ids=["image", "audio"],
+)
+def test_a_content_part_that_is_not_text_is_refused_naming_its_type(part, problem) -> None:
+    row = {
+        "messages": [
+            {"role": "user", "content": [*parts("What is this?"), part]},
+            {"role": "assistant", "content": "A cat."},
+        ]
+    }
+
+    error = rejection(DatasetSchemaError, jsonl(OPENAI_ROW, row))
+
+    assert_points_at(error, line=2, field="messages[0].content[1].type")
+    assert problem in error.message and "only text parts train" in error.message
+
+
+@pytest.mark.parametrize(
+    ("content", "field", "problem"),
+    [
+        ([], "messages[0].content", "must be a string or a non-empty list of content parts"),
+        (7, "messages[0].content", "a non-empty list of content parts, not int"),
+        (["Hi"], "messages[0].content[0]", "must be an object"),
+        ([{"text": "Hi"}], "messages[0].content[0].type", "is missing"),
+        ([{"type": "text"}], "messages[0].content[0].text", "is missing"),
+        ([{"type": "text", "text": 4}], "messages[0].content[0].text", "must be a string"),
+        (parts(" ", "Hi"), "messages[0].content[0].text", "is empty"),
+    ],
+    ids=["no parts", "a number", "a string part", "no type", "no text", "text a number", "blank"],
+)
+def test_a_malformed_content_part_is_refused_with_its_field(content, field, problem) -> None:
+    row = {"messages": [{"role": "user", "content": content}, OPENAI_ROW["messages"][1]]}
+
+    error = rejection(DatasetSchemaError, jsonl(row))
+
+    assert_points_at(error, line=1, field=field)
+    assert problem in error.message
+
+
+def test_sharegpt_values_stay_strings_only() -> None:
+    row = {
+        "conversations": [{"from": "human", "value": parts("Hi")}, SHAREGPT_ROW["conversations"][2]]
+    }
+
+    error = rejection(DatasetSchemaError, jsonl(row))
+
+    assert_points_at(error, line=1, field="conversations[0].value")
+    assert "must be a string, not list" in error.message

@@ -17,9 +17,9 @@ from backpropagate_services.common.datasets import chat_rows, load_sft_rows, sav
 from backpropagate_services.common.errors import DatasetParseError
 from backpropagate_services.common.settings import Settings
 from backpropagate_services.common.store.local import LocalDirStore
-from backpropagate_services.dataprep import encoding
+from backpropagate_services.dataprep import limits
 from backpropagate_services.dataprep.encoding import text_lines
-from backpropagate_services.dataprep.formats import parse_jsonl
+from backpropagate_services.dataprep.formats import parse_jsonl, parse_records
 from backpropagate_services.dataprep.records import file_records
 from backpropagate_services.stack import start_stack
 
@@ -119,7 +119,7 @@ def refusal(tmp_path: Path, saved: bytes) -> DatasetParseError:
 def test_a_line_past_the_limit_is_refused_at_its_line_without_reading_it_whole(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(encoding, "MAX_LINE_BYTES", 1024)
+    monkeypatch.setattr(limits, "MAX_ROW_BYTES", 1024)
     row = {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "y"}]}
     row["messages"][0]["content"] = "x" * (1024 - len(json.dumps(row)))
     at_limit = json.dumps(row).encode()
@@ -170,3 +170,86 @@ def test_a_damaged_gzip_or_a_zip_archive_is_refused_saying_what_it_is(tmp_path, 
 
     with pytest.raises(DatasetParseError, match=problem):
         parsed_conversations(path)
+
+
+# A JSON \u escape may name half of a surrogate pair alone: valid JSON, not valid Unicode.
+LONE_SURROGATE = '{"messages": [{"role": "user", "content": "bad \\ud800 text"}, ' + (
+    '{"role": "assistant", "content": "ok"}]}\n'
+)
+
+
+def test_a_lone_surrogate_escape_is_a_parse_error_at_its_line_and_field(tmp_path):
+    error = refusal(tmp_path, TEXT.encode() + LONE_SURROGATE.encode())
+
+    assert error.context == {
+        "filename": "bad.jsonl",
+        "line": "3",
+        "field": "messages[0].content",
+    }
+    assert "not valid Unicode (a lone surrogate \\ud800 at character 5)" in error.message
+    assert "surrogate" in error.hint
+
+
+@pytest.mark.parametrize(
+    ("row", "field_start"),
+    [
+        ('{"text": "fine", "' + "k" * 5000 + '\\ud800": 1}\n', "kkkk"),
+        ('{"text": ' + "[" * 500 + '"\\udfff"' + "]" * 500 + "}\n", "text[0][0]"),
+    ],
+    ids=["in a long key", "nested deep"],
+)
+def test_a_lone_surrogate_anywhere_in_a_row_is_named_in_a_message_of_bounded_size(
+    tmp_path, row, field_start
+):
+    error = refusal(tmp_path, row.encode())
+
+    assert error.context["line"] == "1" and error.context["field"].startswith(field_start)
+    assert len(error.message) < 300 and error.context["field"].endswith("...")
+
+
+DOCUMENTS = '{"text": "A first document."}\n{"text": "A second one."}\n'
+
+
+@pytest.mark.parametrize(
+    ("good", "bad"),
+    [
+        (TEXT, LONE_SURROGATE),
+        (DOCUMENTS, '{"text": "a lone low half \\udc80"}\n'),
+        (TEXT, '{"\\ud800": "a key of no known format"}\n'),
+    ],
+    ids=["in a message", "in a document", "in a key"],
+)
+def test_a_lone_surrogate_uploads_as_a_parse_error_never_internal(tmp_path, good, bad):
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text(good * 5 + bad, encoding="utf-8")  # 10 good rows, then line 11
+    stack = start_stack(Settings(home=tmp_path / "home"), ["dataprep"], "127.0.0.1:0")
+    connection = Connection({"dataprep": stack.address}, False)
+    try:
+        with pytest.raises(DatasetParseError) as strict:
+            upload_dataset(connection, path, strict=True)
+        lenient = upload_dataset(connection, path)
+    finally:
+        connection.close()
+        stack.stop()
+
+    assert (strict.value.code, strict.value.context["line"]) == ("INPUT_DATASET_PARSE", "11")
+    [rejection] = lenient.rejections
+    assert (rejection.line, rejection.code) == (11, "INPUT_DATASET_PARSE")
+    assert lenient.num_examples == 10
+
+
+def test_a_parquet_text_cell_that_is_not_utf8_is_that_rows_parse_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cells = [f"Document {n}.".encode() for n in range(12)]
+    cells[4] = b"bad \xff\xfe bytes"  # Arrow does not check what a writer put in a string column
+    path = tmp_path / "table.parquet"
+    pq.write_table(pa.table({"text": pa.array(cells, pa.binary()).view(pa.string())}), path)
+
+    parsed = parse_records(file_records(path, path.name), path.name, strict=False)
+
+    [rejection] = parsed.rejected
+    assert (rejection.line, rejection.code) == (5, "INPUT_DATASET_PARSE")
+    assert "not valid UTF-8 (invalid start byte in a text cell)" in rejection.reason
+    assert parsed.kept == 11

@@ -38,7 +38,7 @@ def test_a_row_too_short_to_place_is_kept_and_no_languages_keeps_every_row():
 
 
 def test_a_language_that_is_no_iso_code_is_a_config_error():
-    with pytest.raises(ConfigError, match="ISO 639 codes such as en or fr, got english"):
+    with pytest.raises(ConfigError, match="ISO 639 codes such as en or fr, got 'english'"):
         LanguageFilter(["english"])
 
 

@@ -62,7 +62,7 @@ def read(name: str, data: bytes, strict: bool) -> None:
             assert error.code.startswith("INPUT_"), error.code
             assert error.context.get("filename") == name or "format" in error.context
             return
-        assert parsed.kept > 0 and parsed.kept + len(parsed.rejected) == parsed.rows_read
+        assert parsed.kept > 0 and parsed.kept + parsed.rows_rejected == parsed.rows_read
 
 
 @PROPERTY

@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from backpropagate_services.common.errors import QueueUnavailableError
-from backpropagate_services.common.queue import make_queue
+from backpropagate_services.common.errors import QueueCorruptError, QueueUnavailableError
+from backpropagate_services.common.queue import make_queue, sqlite_file
 from backpropagate_services.common.queue.embedded import EmbeddedQueue
 from backpropagate_services.common.queue.sqlite_file import MACHINE, holder_gone
 from backpropagate_services.common.settings import QueueSettings, Settings
@@ -67,6 +69,24 @@ def test_only_a_holder_on_this_machine_is_known_to_be_gone() -> None:
     assert not holder_gone(MACHINE, 1)  # init is running, whoever owns it
 
 
+def test_asking_whether_a_holder_has_exited_sends_it_no_signal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On Windows `os.kill(pid, 0)` does not ask: it terminates the process. Here the module's
+    `os.kill` records what Windows would kill, while the holder is alive and once it exited."""
+    would_be_killed: list[int] = []
+    windows_os = SimpleNamespace(kill=lambda pid, _signal: would_be_killed.append(pid))
+    monkeypatch.setattr(sqlite_file, "os", windows_os)
+    with subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    ) as holder:
+        alive = holder_gone(MACHINE, holder.pid)
+    exited = holder_gone(MACHINE, holder.pid)
+
+    assert would_be_killed == []
+    assert (alive, exited) == (False, True)
+
+
 def test_in_memory_queues_are_private_to_their_object() -> None:
     first, second = EmbeddedQueue(visibility_timeout=HOUR), EmbeddedQueue(visibility_timeout=HOUR)
     first.enqueue("train", {"run_id": "run-1"})
@@ -89,3 +109,34 @@ def test_a_queue_file_that_cannot_be_created_is_unavailable_naming_it(tmp_path: 
 
     with pytest.raises(QueueUnavailableError, match="not-a-directory"):
         EmbeddedQueue(visibility_timeout=HOUR, path=path)
+
+
+def not_a_database(path: Path) -> None:
+    path.write_bytes(b"a file that was never a queue\n" * 200)
+
+
+def pages_overwritten(path: Path) -> None:
+    """A real queue file whose pages after the first were overwritten (a disk fault)."""
+    queue = EmbeddedQueue(visibility_timeout=HOUR, path=path)
+    for number in range(200):
+        queue.enqueue("train", {"run_id": f"run-{number}", "padding": "x" * 100})
+    queue.close()
+    with path.open("r+b") as handle:
+        handle.seek(4096)
+        handle.write(b"\xff" * (path.stat().st_size - 4096))
+
+
+@pytest.mark.parametrize("damage", [not_a_database, pages_overwritten])
+def test_a_damaged_queue_file_is_corrupt_and_the_hint_says_which_file_to_move_aside(
+    tmp_path: Path, damage: Callable[[Path], None]
+) -> None:
+    path = tmp_path / "queue.sqlite3"
+    damage(path)
+
+    with pytest.raises(QueueCorruptError) as corrupt:
+        EmbeddedQueue(visibility_timeout=HOUR, path=path).claim("train", "worker-1", timeout=0)
+
+    assert corrupt.value.code == "STATE_QUEUE_CORRUPT"
+    assert str(path) in corrupt.value.message
+    assert f"Move {path} aside" in corrupt.value.hint
+    assert not corrupt.value.retryable

@@ -194,11 +194,22 @@ def test_merged_model_card_is_a_transformers_model_loaded_from_the_repo() -> Non
     assert "PeftModel" not in card
 
 
-def test_a_local_base_model_is_named_in_the_text_but_kept_out_of_the_front_matter() -> None:
-    card = build_model_card(adapter_info(base_model="/home/me/models/SmolLM2-135M-Instruct"))
+@pytest.mark.parametrize(
+    ("base_model", "name"),
+    [
+        ("/home/me/models/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"),
+        ("/srv/bp/models/smollm2.Q8_0.gguf", "smollm2.Q8_0.gguf"),
+        ("smollm2-135m-instruct", "smollm2-135m-instruct"),
+    ],
+)
+def test_a_local_base_model_is_named_by_its_name_never_by_the_servers_path(
+    base_model: str, name: str
+) -> None:
+    card = build_model_card(adapter_info(base_model=base_model))
 
     assert card_data(card).base_model is None
-    assert table_row(card, "Base model") == "`/home/me/models/SmolLM2-135M-Instruct`"
+    assert table_row(card, "Base model") == f"`{name}`"
+    assert "/home/" not in card and "/srv/" not in card
 
 
 # -- the staged folder ---------------------------------------------------------------------------

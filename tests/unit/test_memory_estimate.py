@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from rich.console import Console
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -166,16 +167,45 @@ def test_full_fine_tuning_keeps_more_state_than_lora_and_fits_compares_with_what
     )
 
 
-def test_qlora_holds_linear_weights_in_4_bits_and_the_rest_in_fp32_on_a_gpu():
+def test_qlora_holds_linear_weights_in_4_bits_and_the_rest_in_bf16_on_a_gpu():
     shape = model_shape(TINY)
     gpu = replace(CPU, device="cuda:0", compute_dtype="bfloat16")
     qlora = estimate_memory(shape, TrainingConfig(adapter="qlora"), gpu, MicroBatch.assumed(2, 64))
     lora = estimate_memory(shape, TrainingConfig(), gpu, MicroBatch.assumed(2, 64))
 
     rest = shape.parameters - shape.linear_parameters  # embeddings, norms, lm_head
-    assert qlora.weights_bytes == math.ceil(shape.linear_parameters * 4.127 / 8) + 4 * rest
+    dequantised = 2 * TINY.hidden_size * TINY.intermediate_size  # the largest, for its product
+    nf4 = math.ceil(shape.linear_parameters * 4.127 / 8)
+    assert qlora.weights_bytes == nf4 + 2 * rest + dequantised
     assert lora.weights_bytes == 2 * shape.parameters
     assert qlora.loading_peak_bytes < qlora.total_bytes  # the GPU holds no converted copy
+
+
+def test_qlora_keeps_the_weights_it_does_not_quantise_in_the_compute_dtype_as_counted():
+    """peft's prepare_model_for_kbit_training would upcast embeddings, norms and the output to
+    fp32, and every activation of the residual stream with them."""
+    model = LlamaForCausalLM(TINY).to(torch.bfloat16)
+
+    trained = apply_adapter(model, TrainingConfig(adapter="qlora"))
+
+    frozen = {name: p.dtype for name, p in trained.named_parameters() if not p.requires_grad}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen
+
+
+def test_gradient_checkpointing_keeps_each_layer_input_and_one_layer_of_activations():
+    shape = model_shape(TINY)
+    gpu = replace(CPU, device="cuda:0", compute_dtype="bfloat16")
+    batch = MicroBatch(2, 128, 0)  # no logits: the decoder layers' share alone
+
+    kept = estimate_memory(shape, TrainingConfig(), gpu, batch).activations_bytes
+    checkpointed = estimate_memory(
+        shape, TrainingConfig(), gpu, batch, gradient_checkpointing=True
+    ).activations_bytes
+
+    padding_mask = 2 * 128 * 128
+    per_layer = (kept - padding_mask - 256 * (TINY.hidden_size + 1) * 4) / TINY.num_hidden_layers
+    inputs = 256 * TINY.num_hidden_layers * TINY.hidden_size * 2
+    assert checkpointed == pytest.approx(kept - (TINY.num_hidden_layers - 1) * per_layer + inputs)
 
 
 def test_the_table_shows_every_part_the_device_and_whether_it_fits(monkeypatch):
@@ -346,6 +376,7 @@ def test_estimate_vram_prints_the_estimate_as_json_with_proto_field_names(tmp_pa
     assert done.returncode == 0, done.stderr
     estimate = json.loads(done.stdout)
     parts = ("weights_bytes", "trainable_bytes", "activations_bytes", "overhead_bytes")
+    assert estimate["device"] in ("cpu", "cuda:0")
     assert set(estimate) == {
         "device",
         "total_bytes",
@@ -354,8 +385,8 @@ def test_estimate_vram_prints_the_estimate_as_json_with_proto_field_names(tmp_pa
         "fits",
         "parameters",
         "trainable_parameters",
+        *(["plan"] if estimate["device"] == "cuda:0" else []),  # how a GPU run is fitted
     }
-    assert estimate["device"] in ("cpu", "cuda:0")
     assert int(estimate["parameters"]) == 134_515_008  # SmolLM2-135M, tied embeddings once
     # Every part counts, but the gradients only where they outgrow the activations.
     at_least = sum(int(estimate[part]) for part in parts) - int(estimate["trainable_bytes"])

@@ -12,9 +12,8 @@ import pytest
 from backpropagate_services.common.errors import ModelNotAllowedError
 from backpropagate_services.common.models import (
     OFFLINE_DEFAULT_ALIAS,
-    check_model_allowed,
     peer_is_local,
-    resolve_model,
+    resolve_model_for,
 )
 
 REMOTE = "ipv4:10.1.2.3:50123"
@@ -51,19 +50,25 @@ def test_a_remote_caller_names_models_in_the_allowed_directories_only(tmp_path: 
     escape = allowed / "link"
     escape.symlink_to(outside)
 
-    check_model_allowed(resolve_model(str(inside)), REMOTE, [allowed])
-    check_model_allowed(resolve_model("Qwen/Qwen2.5-7B-Instruct"), REMOTE, [])
-    check_model_allowed(resolve_model(OFFLINE_DEFAULT_ALIAS), REMOTE, [])
+    assert resolve_model_for(REMOTE, str(inside), "auto", [allowed]).location == str(inside)
+    resolve_model_for(REMOTE, "Qwen/Qwen2.5-7B-Instruct", "auto", [])
+    resolve_model_for(REMOTE, OFFLINE_DEFAULT_ALIAS, "auto", [])
     for refused in (outside, escape, allowed / ".." / "elsewhere" / "secret-model"):
         with pytest.raises(ModelNotAllowedError) as caught:
-            check_model_allowed(resolve_model(str(refused)), REMOTE, [allowed])
+            resolve_model_for(REMOTE, str(refused), "auto", [allowed])
         assert caught.value.code == "INPUT_MODEL_NOT_ALLOWED"
         assert caught.value.grpc_status == "PERMISSION_DENIED"
         assert "ALLOWED_DIRS" in caught.value.hint
     with pytest.raises(ModelNotAllowedError):
-        check_model_allowed(resolve_model(str(inside)), REMOTE, [])  # none allowed by default
+        resolve_model_for(REMOTE, str(inside), "auto", [])  # none allowed by default
+
+
+def test_a_remote_caller_that_names_no_model_gets_the_stacks_default(tmp_path: Path) -> None:
+    default = hf_dir(tmp_path / "operators-default")
+
+    assert resolve_model_for(REMOTE, "", str(default), []).location == str(default)
 
 
 def test_a_caller_on_this_machine_names_any_path(tmp_path: Path) -> None:
     model = hf_dir(tmp_path / "anywhere")
-    check_model_allowed(resolve_model(str(model)), "ipv4:127.0.0.1:40000", [])
+    resolve_model_for("ipv4:127.0.0.1:40000", str(model), "auto", [])

@@ -38,6 +38,13 @@ SECRETS = [
     ("secret_key=abc123 then more", "abc123", "secret_key=*** then more"),
     ("S3 Access-Key: AKIAXYZ", "AKIAXYZ", "Access-Key: ***"),
     ("password = hunter2", "hunter2", "password = ***"),
+    ("Authorization: Basic dXNlcjpodW50ZXIy", "dXNlcjpodW50ZXIy", "Authorization: Basic ***"),
+    ("client secret=abc123xyz here", "abc123xyz", "secret=*** here"),
+    ("gh ghp_0123456789abcdefghijABCDEFGHIJ012345 ok", "ghp_0123456789abcdefghij", "gh *** ok"),
+    ("slack xoxb-1234567890-0987654321-AbCdEfGhIjKl", "AbCdEfGhIjKl", "slack ***"),
+    ('password="correct horse battery staple"', "horse battery", 'password="***"'),
+    ("token='two words' then", "words", "token='***' then"),
+    ("redis://:p@ssw0rd@cache:6379/0", "ssw0rd", "redis://:***@cache:6379/0"),
 ]
 IDS = [text.split()[0][:12] for text, _, _ in SECRETS]
 
@@ -55,6 +62,8 @@ def test_redact_replaces_each_kind_of_secret(text: str, secret: str, left: str) 
         "tokens per step: 512, see hf_hub docs",
         "max_tokens=512 at https://huggingface.co/HuggingFaceTB/SmolLM2-135M",
         "sk-short and a ASIA trip",
+        "basic settings: batch 4, the secret sauce, ghp_short, xoxb",
+        "user@example.com wrote https://example.com/a@b",
     ],
 )
 def test_redact_leaves_ordinary_text_alone(text: str) -> None:

@@ -1,10 +1,13 @@
 """ListRuns pages through the runs, newest first, over a real gRPC server: the client's
-list_runs walks every page, a status filter and a limit span pages, and a bad page token or an
-unknown status is the caller's error."""
+list_runs walks every page, a status filter and a limit span pages, a bad page token or an
+unknown status is the caller's error, and an unreadable entry in the store is left out and named
+(in the local store and on S3 alike)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from uuid import uuid4
 
 import pytest
 from service_processes import connected, in_process_stack
@@ -12,10 +15,10 @@ from service_processes import connected, in_process_stack
 from backpropagate.connection import Connection
 from backpropagate.run_history import list_runs
 from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import UserError
+from backpropagate_services.common.errors import ArtifactInvalidError, UserError
 from backpropagate_services.common.layout import run_record_key
 from backpropagate_services.common.records import save_record
-from backpropagate_services.common.settings import SafetySettings, Settings
+from backpropagate_services.common.settings import SafetySettings, Settings, StoreSettings
 from backpropagate_services.trainer.run_listing import DEFAULT_PAGE_SIZE
 
 RUNS = 250
@@ -62,14 +65,14 @@ def test_one_call_answers_a_page_and_the_token_of_the_next(connection: Connectio
 
 
 def test_list_runs_walks_every_page_newest_first_whatever_the_kind(connection: Connection) -> None:
-    assert ids(list_runs(connection)) == expected(range(RUNS - 1, -1, -1))
-    assert ids(list_runs(connection, limit=130)) == expected(range(RUNS - 1, RUNS - 131, -1))
+    assert ids(list_runs(connection).runs) == expected(range(RUNS - 1, -1, -1))
+    assert ids(list_runs(connection, limit=130).runs) == expected(range(RUNS - 1, RUNS - 131, -1))
 
 
 def test_a_status_filter_spans_pages(connection: Connection) -> None:
     failed = [i for i in range(RUNS - 1, -1, -1) if i % 3 == 0]
-    assert ids(list_runs(connection, status="failed")) == expected(failed)
-    assert ids(list_runs(connection, status="failed", limit=5)) == expected(failed[:5])
+    assert ids(list_runs(connection, status="failed").runs) == expected(failed)
+    assert ids(list_runs(connection, status="failed", limit=5).runs) == expected(failed[:5])
 
 
 @pytest.mark.parametrize(
@@ -89,3 +92,47 @@ def test_bad_paging_requests_are_the_callers_error(
     with pytest.raises(UserError) as caught:
         connection.call("trainer", connection.trainer.ListRuns, request)
     assert field in caught.value.context["fields"]
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_damaged_record_and_a_misnamed_directory_are_left_out_and_named(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    where = StoreSettings()  # the local store, under home
+    if store == "s3":
+        where = StoreSettings(
+            backend="s3",
+            s3_endpoint=request.getfixturevalue("s3_endpoint"),
+            s3_bucket=f"test-{uuid4().hex}",
+            s3_access_key="test-access-key",  # moto takes any pair
+            s3_secret_key="test-secret-key",
+        )
+    settings = Settings(home=tmp_path, safety=SafetySettings(source="host"), store=where)
+    with in_process_stack(settings, ["trainer"], start_workers=False) as stack:
+        runs = stack.runtime.store
+        for index in range(5):
+            record = trainer_pb2.RunRecord(run_id=run_id(index))
+            save_record(runs, run_record_key(record.run_id), record)
+        damaged = run_record_key(run_id(3))
+        runs.put_bytes(damaged, b'{"run_id": "run-trunc')  # cut short by a full disk
+        runs.put_bytes(run_record_key(run_id(1)), b'["not", "a", "record"]')
+        runs.put_bytes("runs/bad.name/run.json", b"{}")  # copied in by hand
+        with connected(stack.address, ["trainer"]) as client:
+            first = client.call(
+                "trainer", client.trainer.ListRuns, trainer_pb2.ListRunsRequest(page_size=2)
+            )
+            listing = list_runs(client)
+            with pytest.raises(ArtifactInvalidError) as unreadable:
+                client.call(
+                    "trainer", client.trainer.GetRun, trainer_pb2.GetRunRequest(run_id=run_id(3))
+                )
+
+    assert ids(list(first.runs)) == [run_id(4), run_id(2)]
+    assert list(first.unreadable_records) == ["runs/bad.name/run.json", damaged]
+    assert ids(list(listing.runs)) == [run_id(4), run_id(2), run_id(0)]
+    assert list(listing.unreadable_records) == [
+        "runs/bad.name/run.json",
+        damaged,
+        run_record_key(run_id(1)),
+    ]
+    assert unreadable.value.message.startswith(f"{damaged} is not a readable run record")

@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydantic
 import pynvml
@@ -25,6 +26,7 @@ from backpropagate.v1 import common_pb2, safety_pb2
 from backpropagate_services.common.errors import ConfigError, MissingDependencyError
 from backpropagate_services.common.settings import SafetySettings, Settings, get_settings
 from backpropagate_services.safety.levels import (
+    Assessment,
     Bands,
     GpuReading,
     HostReading,
@@ -315,6 +317,109 @@ def test_nvml_source_fails_where_no_driver_answers_instead_of_falling_back() -> 
         make_source("nvml")
 
     assert "NVML is not available" in caught.value.message
+
+
+GIB = 2**30
+UNSUPPORTED_ON_CONSUMER_GPUS = (
+    "nvmlDeviceGetPowerUsage",
+    "nvmlDeviceGetEnforcedPowerLimit",
+    "nvmlDeviceGetUtilizationRates",
+)
+
+
+def not_supported(*_: object) -> None:
+    raise pynvml.NVMLError_NotSupported()
+
+
+def nvml_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    temperature_c: int,
+    vram_used_gib: float,
+    unsupported: tuple[str, ...] = UNSUPPORTED_ON_CONSUMER_GPUS,
+) -> None:
+    """NVML answering as one 12 GiB GPU whose `unsupported` queries answer NotSupported, as
+    many consumer and virtualised GPUs do for power and utilisation. pynvml's own functions are
+    replaced: this machine has no GPU to ask."""
+    answers = {
+        "nvmlInit": lambda: None,
+        "nvmlDeviceGetCount": lambda: 1,
+        "nvmlDeviceGetHandleByIndex": lambda index: index,
+        "nvmlDeviceGetName": lambda handle: "NVIDIA GeForce RTX 3060",
+        "nvmlDeviceGetTemperature": lambda handle, sensor: temperature_c,
+        "nvmlDeviceGetMemoryInfo": lambda handle: SimpleNamespace(
+            used=int(vram_used_gib * GIB), total=12 * GIB
+        ),
+    }
+    for name, answer in answers.items():
+        monkeypatch.setattr(pynvml, name, answer)
+    for name in unsupported:
+        monkeypatch.setattr(pynvml, name, not_supported)
+
+
+def test_a_gpu_without_power_or_utilisation_readings_reports_the_rest_and_keeps_its_level(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nvml_gpu(monkeypatch, temperature_c=91, vram_used_gib=6.0)
+
+    readings = NvmlSource().read()
+
+    (reading,) = readings.gpus
+    assert reading.name == "NVIDIA GeForce RTX 3060"
+    assert (reading.temperature_c, reading.memory_used_mb, reading.memory_total_mb) == (
+        91.0,
+        6144.0,
+        12288.0,
+    )
+    assert (reading.power_w, reading.power_limit_w, reading.utilization_percent) == (
+        None,
+        None,
+        None,
+    )
+    assert assess(readings, DEFAULTS) == Assessment(
+        Level.CRITICAL, ["GPU 0 at 91 C (critical at 90 C)"]
+    )
+
+
+def test_a_gpu_without_a_temperature_sensor_is_assessed_on_its_vram(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nvml_gpu(
+        monkeypatch,
+        temperature_c=0,
+        vram_used_gib=11.0,
+        unsupported=(*UNSUPPORTED_ON_CONSUMER_GPUS, "nvmlDeviceGetTemperature"),
+    )
+
+    readings = NvmlSource().read()
+
+    assert readings.gpus[0].temperature_c is None
+    assert assess(readings, DEFAULTS) == Assessment(
+        Level.WARNING, ["GPU 0 VRAM 92% (warning at 90%)"]
+    )
+
+
+def test_the_sidecar_leaves_readings_a_gpu_does_not_report_unset(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    nvml_gpu(monkeypatch, temperature_c=91, vram_used_gib=6.0)
+    safety = SafetySettings(source="nvml")
+    stack = start_stack(Settings(home=tmp_path / "home", safety=safety), ["safety"], "127.0.0.1:0")
+    connection = Connection(addresses={"safety": stack.address}, embedded=False)
+    try:
+        snapshot = connection.call(
+            "safety", connection.safety.Snapshot, safety_pb2.SnapshotRequest()
+        )
+    finally:
+        connection.close()
+        stack.stop(grace=0)
+
+    assert (snapshot.source, snapshot.level) == ("nvml", common_pb2.SAFETY_LEVEL_CRITICAL)
+    (reading,) = snapshot.gpus
+    assert reading.HasField("temperature_c") and reading.temperature_c == 91.0
+    assert not any(
+        reading.HasField(name) for name in ("power_w", "power_limit_w", "utilization_percent")
+    )
 
 
 # --- the Watch stream over gRPC ----------------------------------------------------------------

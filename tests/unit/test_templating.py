@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 from transformers import PreTrainedTokenizerBase
 
 from backpropagate_services.common.errors import ConfigError, DatasetSchemaError
+from backpropagate_services.dataprep.formats import parse_jsonl
 from backpropagate_services.trainer.templating import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -237,3 +239,19 @@ def test_documents_and_conversations_are_cut_and_counted_alike(smollm2_tokenizer
 
     assert len(dataset.examples[0].input_ids) == 64
     assert (len(dataset.examples), dataset.truncated, dataset.dropped) == (3, 1, 0)
+
+
+def test_a_row_of_openai_text_parts_trains_as_its_joined_text(smollm2_tokenizer):
+    """Dataprep stores text parts joined by newlines: the trainer only sees plain messages."""
+    parts = [{"type": "text", "text": "Capital of France?"}, {"type": "text", "text": "One word."}]
+    row = {"messages": [{"role": "user", "content": parts}, assistant("Paris.")]}
+    [stored] = parse_jsonl([json.dumps(row)], "parts.jsonl").conversations
+
+    example = tokenize_conversation(stored, smollm2_tokenizer, max_length=512)
+
+    assert example is not None
+    joined = [user("Capital of France?\nOne word."), assistant("Paris.")]
+    assert smollm2_tokenizer.decode(example.input_ids) == smollm2_tokenizer.apply_chat_template(
+        joined, tokenize=False
+    )
+    assert trained_spans(example, smollm2_tokenizer) == ["Paris." + EOS]

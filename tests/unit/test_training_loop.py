@@ -19,6 +19,7 @@ from backpropagate_services.common.models import load_model, resolve_model
 from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.loop import (
     BatchSampler,
+    LoraTraining,
     StepReport,
     collate,
     train_lora,
@@ -106,6 +107,23 @@ def test_same_seed_gives_the_same_losses(smollm2_tokenizer):
     ]
 
     assert runs[0].loss_history == runs[1].loss_history
+
+
+def test_gradient_checkpointing_trains_the_very_same_steps_lora_dropout_included(
+    smollm2_tokenizer,
+):
+    """Layers computed again in the backward pass draw the dropout masks they drew before."""
+    config = TrainingConfig(steps=3, learning_rate=1e-2, batch_size=2, lora_dropout=0.3)
+
+    def losses(checkpointing: bool) -> list[float]:
+        model = tiny_llama(smollm2_tokenizer)
+        training = LoraTraining(
+            model, smollm2_tokenizer, MEMORISE, config, gradient_checkpointing=checkpointing
+        )
+        assert model.is_activation_checkpointing == checkpointing
+        return training.run()[1].loss_history
+
+    assert losses(True) == pytest.approx(losses(False), rel=1e-5)
 
 
 def test_on_step_reports_every_step_with_warmup_then_linear_decay(smollm2_tokenizer):

@@ -18,6 +18,7 @@ from service_processes import connected, in_process_stack
 from backpropagate.connection import Connection
 from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate.workflows import follow_run
+from backpropagate_services.common.errors import UserError
 from backpropagate_services.common.layout import (
     export_record_key,
     run_events_channel,
@@ -128,6 +129,21 @@ def test_a_watch_goes_on_after_the_event_it_names(
     assert [(event.step, event.event_id) for event in rest] == [
         (event.step, event.event_id) for event in everything[2:]
     ]
+
+
+def test_a_watch_after_an_event_id_the_queue_never_made_is_invalid_input(
+    stack: RunningStack, connection: Connection
+) -> None:
+    run_id = "run-20261206T130000-abcdef"
+    publish(stack, run_id, 1, common_pb2.JOB_STATUS_RUNNING)
+    save_run(stack, run_id, common_pb2.JOB_STATUS_RUNNING)
+    request = trainer_pb2.WatchRunRequest(run_id=run_id, after_event_id="1-0")  # Redis's shape
+
+    with pytest.raises(UserError) as refused:
+        list(connection.stream("trainer", connection.trainer.WatchRun, request))
+
+    assert refused.value.code == "INPUT_INVALID"
+    assert "after_event_id" in refused.value.message
 
 
 @pytest.fixture(scope="module")

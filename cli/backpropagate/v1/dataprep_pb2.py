@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x61\x63kpropagate/v1/dataprep.proto\x12\x10\x62\x61\x63kpropagate.v1\"\x80\x02\n\x13UploadDatasetHeader\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0e\n\x06strict\x18\x03 \x01(\x08\x12\x43\n\x07\x63olumns\x18\x04 \x03(\x0b\x32\x32.backpropagate.v1.UploadDatasetHeader.ColumnsEntry\x12\r\n\x05\x64\x65\x64up\x18\x05 \x01(\t\x12 \n\x18near_duplicate_threshold\x18\x06 \x01(\x01\x12\x11\n\tlanguages\x18\x07 \x03(\t\x1a.\n\x0c\x43olumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x14UploadDatasetRequest\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.backpropagate.v1.UploadDatasetHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"+\n\x15InspectDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\x9e\x02\n\x0b\x44\x61tasetInfo\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x11\n\tnum_turns\x18\x04 \x01(\x03\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x10\n\x08\x66ilename\x18\x06 \x01(\t\x12\x14\n\x0cpreview_json\x18\x07 \x01(\t\x12\x11\n\trows_read\x18\x08 \x01(\x03\x12\x32\n\nrejections\x18\t \x03(\x0b\x32\x1e.backpropagate.v1.RowRejection\x12/\n\x07removed\x18\n \x03(\x0b\x32\x1e.backpropagate.v1.RowRejection\x12\x0e\n\x06reused\x18\x0b \x01(\x08\"I\n\x0cRowRejection\x12\x0c\n\x04line\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t2\xc5\x01\n\x0f\x44\x61taprepService\x12X\n\rUploadDataset\x12&.backpropagate.v1.UploadDatasetRequest\x1a\x1d.backpropagate.v1.DatasetInfo(\x01\x12X\n\x0eInspectDataset\x12\'.backpropagate.v1.InspectDatasetRequest\x1a\x1d.backpropagate.v1.DatasetInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62\x61\x63kpropagate/v1/dataprep.proto\x12\x10\x62\x61\x63kpropagate.v1\"\x80\x02\n\x13UploadDatasetHeader\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0e\n\x06strict\x18\x03 \x01(\x08\x12\x43\n\x07\x63olumns\x18\x04 \x03(\x0b\x32\x32.backpropagate.v1.UploadDatasetHeader.ColumnsEntry\x12\r\n\x05\x64\x65\x64up\x18\x05 \x01(\t\x12 \n\x18near_duplicate_threshold\x18\x06 \x01(\x01\x12\x11\n\tlanguages\x18\x07 \x03(\t\x1a.\n\x0c\x43olumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"k\n\x14UploadDatasetRequest\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.backpropagate.v1.UploadDatasetHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"+\n\x15InspectDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\xcb\x02\n\x0b\x44\x61tasetInfo\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x11\n\tnum_turns\x18\x04 \x01(\x03\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x10\n\x08\x66ilename\x18\x06 \x01(\t\x12\x14\n\x0cpreview_json\x18\x07 \x01(\t\x12\x11\n\trows_read\x18\x08 \x01(\x03\x12\x32\n\nrejections\x18\t \x03(\x0b\x32\x1e.backpropagate.v1.RowRejection\x12/\n\x07removed\x18\n \x03(\x0b\x32\x1e.backpropagate.v1.RowRejection\x12\x0e\n\x06reused\x18\x0b \x01(\x08\x12\x15\n\rrows_rejected\x18\x0c \x01(\x03\x12\x14\n\x0crows_removed\x18\r \x01(\x03\"I\n\x0cRowRejection\x12\x0c\n\x04line\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t2\xc5\x01\n\x0f\x44\x61taprepService\x12X\n\rUploadDataset\x12&.backpropagate.v1.UploadDatasetRequest\x1a\x1d.backpropagate.v1.DatasetInfo(\x01\x12X\n\x0eInspectDataset\x12\'.backpropagate.v1.InspectDatasetRequest\x1a\x1d.backpropagate.v1.DatasetInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,9 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INSPECTDATASETREQUEST']._serialized_start=421
   _globals['_INSPECTDATASETREQUEST']._serialized_end=464
   _globals['_DATASETINFO']._serialized_start=467
-  _globals['_DATASETINFO']._serialized_end=753
-  _globals['_ROWREJECTION']._serialized_start=755
-  _globals['_ROWREJECTION']._serialized_end=828
-  _globals['_DATAPREPSERVICE']._serialized_start=831
-  _globals['_DATAPREPSERVICE']._serialized_end=1028
+  _globals['_DATASETINFO']._serialized_end=798
+  _globals['_ROWREJECTION']._serialized_start=800
+  _globals['_ROWREJECTION']._serialized_end=873
+  _globals['_DATAPREPSERVICE']._serialized_start=876
+  _globals['_DATAPREPSERVICE']._serialized_end=1073
 # @@protoc_insertion_point(module_scope)

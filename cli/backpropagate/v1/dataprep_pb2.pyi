@@ -155,6 +155,8 @@ class DatasetInfo(_message.Message):
     REJECTIONS_FIELD_NUMBER: _builtins.int
     REMOVED_FIELD_NUMBER: _builtins.int
     REUSED_FIELD_NUMBER: _builtins.int
+    ROWS_REJECTED_FIELD_NUMBER: _builtins.int
+    ROWS_REMOVED_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     """sha256 of the uploaded bytes' sha256 and the options that shape what they prepare to
     (common/datasets.py prepared_dataset_id): the same file prepared the same way, the same id
@@ -167,18 +169,24 @@ class DatasetInfo(_message.Message):
     size_bytes: _builtins.int
     filename: _builtins.str
     preview_json: _builtins.str
-    """the first normalised example, as JSON"""
+    """the first normalised example, as JSON, its texts shortened"""
     rows_read: _builtins.int
     """non-blank lines of the file"""
     reused: _builtins.bool
     """prepared before, returned as it was: nothing parsed again"""
+    rows_rejected: _builtins.int
+    """rows left out"""
+    rows_removed: _builtins.int
+    """rows filters took out"""
     @_builtins.property
     def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___RowRejection]:
-        """rows left out, in file order"""
+        """The first 100 rows left out, in file order; rows_rejected counts them all."""
 
     @_builtins.property
     def removed(self) -> _containers.RepeatedCompositeFieldContainer[Global___RowRejection]:
-        """good rows a filter took out (code FILTER_DUPLICATE)"""
+        """The first 100 good rows a filter took out (FILTER_DUPLICATE, FILTER_LANGUAGE); rows_removed
+        counts them all.
+        """
 
     def __init__(
         self,
@@ -194,10 +202,12 @@ class DatasetInfo(_message.Message):
         rejections: _abc.Iterable[Global___RowRejection] | None = ...,
         removed: _abc.Iterable[Global___RowRejection] | None = ...,
         reused: _builtins.bool = ...,
+        rows_rejected: _builtins.int = ...,
+        rows_removed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "filename", b"filename", "format", b"format", "num_examples", b"num_examples", "num_turns", b"num_turns", "preview_json", b"preview_json", "rejections", b"rejections", "removed", b"removed", "reused", b"reused", "rows_read", b"rows_read", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "filename", b"filename", "format", b"format", "num_examples", b"num_examples", "num_turns", b"num_turns", "preview_json", b"preview_json", "rejections", b"rejections", "removed", b"removed", "reused", b"reused", "rows_read", b"rows_read", "rows_rejected", b"rows_rejected", "rows_removed", b"rows_removed", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from backpropagate.v1 import common_pb2 as backpropagate_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61\x63kpropagate/v1/safety.proto\x12\x10\x62\x61\x63kpropagate.v1\x1a\x1d\x62\x61\x63kpropagate/v1/common.proto\"\x11\n\x0fSnapshotRequest\".\n\x12WatchSafetyRequest\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01\"\xb6\x01\n\nGpuReading\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rtemperature_c\x18\x03 \x01(\x01\x12\x16\n\x0ememory_used_mb\x18\x04 \x01(\x01\x12\x17\n\x0fmemory_total_mb\x18\x05 \x01(\x01\x12\x0f\n\x07power_w\x18\x06 \x01(\x01\x12\x15\n\rpower_limit_w\x18\x07 \x01(\x01\x12\x1b\n\x13utilization_percent\x18\x08 \x01(\x01\"k\n\x0bHostReading\x12\x16\n\x0ememory_used_mb\x18\x01 \x01(\x01\x12\x17\n\x0fmemory_total_mb\x18\x02 \x01(\x01\x12\x16\n\x0ememory_percent\x18\x03 \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\x04 \x01(\x01\"\xcb\x01\n\x0eSafetySnapshot\x12,\n\x05level\x18\x01 \x01(\x0e\x32\x1d.backpropagate.v1.SafetyLevel\x12\x0e\n\x06source\x18\x02 \x01(\t\x12*\n\x04gpus\x18\x03 \x03(\x0b\x32\x1c.backpropagate.v1.GpuReading\x12+\n\x04host\x18\x04 \x01(\x0b\x32\x1d.backpropagate.v1.HostReading\x12\x0f\n\x07reasons\x18\x05 \x03(\t\x12\x11\n\ttimestamp\x18\x06 \x01(\x01\x32\xb3\x01\n\rSafetyService\x12O\n\x08Snapshot\x12!.backpropagate.v1.SnapshotRequest\x1a .backpropagate.v1.SafetySnapshot\x12Q\n\x05Watch\x12$.backpropagate.v1.WatchSafetyRequest\x1a .backpropagate.v1.SafetySnapshot0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x62\x61\x63kpropagate/v1/safety.proto\x12\x10\x62\x61\x63kpropagate.v1\x1a\x1d\x62\x61\x63kpropagate/v1/common.proto\"\x11\n\x0fSnapshotRequest\".\n\x12WatchSafetyRequest\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01\"\x92\x02\n\nGpuReading\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1a\n\rtemperature_c\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0ememory_used_mb\x18\x04 \x01(\x01\x12\x17\n\x0fmemory_total_mb\x18\x05 \x01(\x01\x12\x14\n\x07power_w\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rpower_limit_w\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12 \n\x13utilization_percent\x18\x08 \x01(\x01H\x03\x88\x01\x01\x42\x10\n\x0e_temperature_cB\n\n\x08_power_wB\x10\n\x0e_power_limit_wB\x16\n\x14_utilization_percent\"k\n\x0bHostReading\x12\x16\n\x0ememory_used_mb\x18\x01 \x01(\x01\x12\x17\n\x0fmemory_total_mb\x18\x02 \x01(\x01\x12\x16\n\x0ememory_percent\x18\x03 \x01(\x01\x12\x13\n\x0b\x63pu_percent\x18\x04 \x01(\x01\"\xcb\x01\n\x0eSafetySnapshot\x12,\n\x05level\x18\x01 \x01(\x0e\x32\x1d.backpropagate.v1.SafetyLevel\x12\x0e\n\x06source\x18\x02 \x01(\t\x12*\n\x04gpus\x18\x03 \x03(\x0b\x32\x1c.backpropagate.v1.GpuReading\x12+\n\x04host\x18\x04 \x01(\x0b\x32\x1d.backpropagate.v1.HostReading\x12\x0f\n\x07reasons\x18\x05 \x03(\t\x12\x11\n\ttimestamp\x18\x06 \x01(\x01\x32\xb3\x01\n\rSafetyService\x12O\n\x08Snapshot\x12!.backpropagate.v1.SnapshotRequest\x1a .backpropagate.v1.SafetySnapshot\x12Q\n\x05Watch\x12$.backpropagate.v1.WatchSafetyRequest\x1a .backpropagate.v1.SafetySnapshot0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,11 +37,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHSAFETYREQUEST']._serialized_start=101
   _globals['_WATCHSAFETYREQUEST']._serialized_end=147
   _globals['_GPUREADING']._serialized_start=150
-  _globals['_GPUREADING']._serialized_end=332
-  _globals['_HOSTREADING']._serialized_start=334
-  _globals['_HOSTREADING']._serialized_end=441
-  _globals['_SAFETYSNAPSHOT']._serialized_start=444
-  _globals['_SAFETYSNAPSHOT']._serialized_end=647
-  _globals['_SAFETYSERVICE']._serialized_start=650
-  _globals['_SAFETYSERVICE']._serialized_end=829
+  _globals['_GPUREADING']._serialized_end=424
+  _globals['_HOSTREADING']._serialized_start=426
+  _globals['_HOSTREADING']._serialized_end=533
+  _globals['_SAFETYSNAPSHOT']._serialized_start=536
+  _globals['_SAFETYSNAPSHOT']._serialized_end=739
+  _globals['_SAFETYSERVICE']._serialized_start=742
+  _globals['_SAFETYSERVICE']._serialized_end=921
 # @@protoc_insertion_point(module_scope)

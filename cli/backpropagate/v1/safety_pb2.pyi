@@ -56,6 +56,10 @@ Global___WatchSafetyRequest: _TypeAlias = WatchSafetyRequest  # noqa: Y015
 
 @_typing.final
 class GpuReading(_message.Message):
+    """Unset temperature, power and utilisation: this GPU does not report them (NVML answers
+    NotSupported on many consumer and virtualised GPUs).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     INDEX_FIELD_NUMBER: _builtins.int
@@ -79,18 +83,33 @@ class GpuReading(_message.Message):
         *,
         index: _builtins.int = ...,
         name: _builtins.str = ...,
-        temperature_c: _builtins.float = ...,
+        temperature_c: _builtins.float | None = ...,
         memory_used_mb: _builtins.float = ...,
         memory_total_mb: _builtins.float = ...,
-        power_w: _builtins.float = ...,
-        power_limit_w: _builtins.float = ...,
-        utilization_percent: _builtins.float = ...,
+        power_w: _builtins.float | None = ...,
+        power_limit_w: _builtins.float | None = ...,
+        utilization_percent: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_power_limit_w", b"_power_limit_w", "_power_w", b"_power_w", "_temperature_c", b"_temperature_c", "_utilization_percent", b"_utilization_percent", "power_limit_w", b"power_limit_w", "power_w", b"power_w", "temperature_c", b"temperature_c", "utilization_percent", b"utilization_percent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "memory_total_mb", b"memory_total_mb", "memory_used_mb", b"memory_used_mb", "name", b"name", "power_limit_w", b"power_limit_w", "power_w", b"power_w", "temperature_c", b"temperature_c", "utilization_percent", b"utilization_percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_power_limit_w", b"_power_limit_w", "_power_w", b"_power_w", "_temperature_c", b"_temperature_c", "_utilization_percent", b"_utilization_percent", "index", b"index", "memory_total_mb", b"memory_total_mb", "memory_used_mb", b"memory_used_mb", "name", b"name", "power_limit_w", b"power_limit_w", "power_w", b"power_w", "temperature_c", b"temperature_c", "utilization_percent", b"utilization_percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__power_limit_w: _TypeAlias = _typing.Literal["power_limit_w"]  # noqa: Y015
+    _WhichOneofArgType__power_limit_w: _TypeAlias = _typing.Literal["_power_limit_w", b"_power_limit_w"]  # noqa: Y015
+    _WhichOneofReturnType__power_w: _TypeAlias = _typing.Literal["power_w"]  # noqa: Y015
+    _WhichOneofArgType__power_w: _TypeAlias = _typing.Literal["_power_w", b"_power_w"]  # noqa: Y015
+    _WhichOneofReturnType__temperature_c: _TypeAlias = _typing.Literal["temperature_c"]  # noqa: Y015
+    _WhichOneofArgType__temperature_c: _TypeAlias = _typing.Literal["_temperature_c", b"_temperature_c"]  # noqa: Y015
+    _WhichOneofReturnType__utilization_percent: _TypeAlias = _typing.Literal["utilization_percent"]  # noqa: Y015
+    _WhichOneofArgType__utilization_percent: _TypeAlias = _typing.Literal["_utilization_percent", b"_utilization_percent"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__power_limit_w) -> _WhichOneofReturnType__power_limit_w | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__power_w) -> _WhichOneofReturnType__power_w | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature_c) -> _WhichOneofReturnType__temperature_c | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__utilization_percent) -> _WhichOneofReturnType__utilization_percent | None: ...
 
 Global___GpuReading: _TypeAlias = GpuReading  # noqa: Y015
 

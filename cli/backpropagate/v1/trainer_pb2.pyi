@@ -688,6 +688,7 @@ class RunRecord(_message.Message):
     BUDGET_REASON_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     COMPUTE_DTYPE_FIELD_NUMBER: _builtins.int
+    COMPUTE_DTYPE_REASON_FIELD_NUMBER: _builtins.int
     TRAINABLE_PARAMETERS_FIELD_NUMBER: _builtins.int
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
@@ -697,6 +698,7 @@ class RunRecord(_message.Message):
     CAMPAIGN_FIELD_NUMBER: _builtins.int
     CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
     CAMPAIGN_RUN_FIELD_NUMBER: _builtins.int
+    MEMORY_PLAN_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     dataset_id: _builtins.str
@@ -741,6 +743,8 @@ class RunRecord(_message.Message):
     """"cuda:0", "cpu" """
     compute_dtype: _builtins.str
     """"bfloat16", "float32", ...: what the model computed in"""
+    compute_dtype_reason: _builtins.str
+    """why that dtype: a setting, the GPU, the CPU's measured speeds"""
     trainable_parameters: _builtins.int
     peak_memory_bytes: _builtins.int
     """GPU peak allocated on CUDA, the process's peak RSS on CPU"""
@@ -771,6 +775,10 @@ class RunRecord(_message.Message):
     @_builtins.property
     def campaign(self) -> Global___CampaignInfo:
         """set on a campaign (multi-run) record"""
+
+    @_builtins.property
+    def memory_plan(self) -> Global___MemoryPlan:
+        """how the run was fitted to its GPU; unset on a CPU"""
 
     def __init__(
         self,
@@ -807,6 +815,7 @@ class RunRecord(_message.Message):
         budget_reason: _builtins.str = ...,
         device: _builtins.str = ...,
         compute_dtype: _builtins.str = ...,
+        compute_dtype_reason: _builtins.str = ...,
         trainable_parameters: _builtins.int = ...,
         peak_memory_bytes: _builtins.int = ...,
         tokens_per_second: _builtins.float = ...,
@@ -816,14 +825,70 @@ class RunRecord(_message.Message):
         campaign: Global___CampaignInfo | None = ...,
         campaign_id: _builtins.str = ...,
         campaign_run: _builtins.int = ...,
+        memory_plan: Global___MemoryPlan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "config", b"config", "error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "config", b"config", "error", b"error", "memory_plan", b"memory_plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "best_eval_loss", b"best_eval_loss", "best_step", b"best_step", "budget_reason", b"budget_reason", "campaign", b"campaign", "campaign_id", b"campaign_id", "campaign_run", b"campaign_run", "checkpoints", b"checkpoints", "compute_dtype", b"compute_dtype", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "device", b"device", "duration_seconds", b"duration_seconds", "epochs_completed", b"epochs_completed", "error", b"error", "evals", b"evals", "examples_dropped", b"examples_dropped", "examples_left_out", b"examples_left_out", "examples_trained", b"examples_trained", "examples_truncated", b"examples_truncated", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "oom_recoveries", b"oom_recoveries", "output", b"output", "peak_memory_bytes", b"peak_memory_bytes", "resumed_from_step", b"resumed_from_step", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps", "stopped_early", b"stopped_early", "tokens_per_second", b"tokens_per_second", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "best_eval_loss", b"best_eval_loss", "best_step", b"best_step", "budget_reason", b"budget_reason", "campaign", b"campaign", "campaign_id", b"campaign_id", "campaign_run", b"campaign_run", "checkpoints", b"checkpoints", "compute_dtype", b"compute_dtype", "compute_dtype_reason", b"compute_dtype_reason", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "device", b"device", "duration_seconds", b"duration_seconds", "epochs_completed", b"epochs_completed", "error", b"error", "evals", b"evals", "examples_dropped", b"examples_dropped", "examples_left_out", b"examples_left_out", "examples_trained", b"examples_trained", "examples_truncated", b"examples_truncated", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "memory_plan", b"memory_plan", "oom_recoveries", b"oom_recoveries", "output", b"output", "peak_memory_bytes", b"peak_memory_bytes", "resumed_from_step", b"resumed_from_step", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps", "stopped_early", b"stopped_early", "tokens_per_second", b"tokens_per_second", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunRecord: _TypeAlias = RunRecord  # noqa: Y015
+
+@_typing.final
+class MemoryPlan(_message.Message):
+    """How the trainer fitted a run to a GPU before anything loaded (memory_plan): what it chose of
+    what the run left unset, from the estimated peak against the GPU's free memory.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    DEVICE_NAME_FIELD_NUMBER: _builtins.int
+    DEVICE_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    ESTIMATE_BYTES_FIELD_NUMBER: _builtins.int
+    ADAPTER_CHOSEN_FIELD_NUMBER: _builtins.int
+    ACCUMULATION_CHOSEN_FIELD_NUMBER: _builtins.int
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """"cuda:0" """
+    device_name: _builtins.str
+    """the GPU's name: a worker with another GPU plans again"""
+    device_total_bytes: _builtins.int
+    available_bytes: _builtins.int
+    """free on the GPU when planned"""
+    estimate_bytes: _builtins.int
+    """the predicted peak of the run as planned"""
+    adapter_chosen: _builtins.bool
+    """config.adapter is the trainer's choice (lora, or qlora)"""
+    accumulation_chosen: _builtins.bool
+    """config.gradient_accumulation is the trainer's choice"""
+    gradient_checkpointing: _builtins.bool
+    """on: nothing fitted without it"""
+    reason: _builtins.str
+    """what was chosen and why, as `runs show` and events say it"""
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        device_name: _builtins.str = ...,
+        device_total_bytes: _builtins.int = ...,
+        available_bytes: _builtins.int = ...,
+        estimate_bytes: _builtins.int = ...,
+        adapter_chosen: _builtins.bool = ...,
+        accumulation_chosen: _builtins.bool = ...,
+        gradient_checkpointing: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accumulation_chosen", b"accumulation_chosen", "adapter_chosen", b"adapter_chosen", "available_bytes", b"available_bytes", "device", b"device", "device_name", b"device_name", "device_total_bytes", b"device_total_bytes", "estimate_bytes", b"estimate_bytes", "gradient_checkpointing", b"gradient_checkpointing", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoryPlan: _TypeAlias = MemoryPlan  # noqa: Y015
 
 @_typing.final
 class EvalPoint(_message.Message):
@@ -887,6 +952,7 @@ class MemoryEstimate(_message.Message):
     FITS_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     TRAINABLE_PARAMETERS_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """where the run would train: "cuda:0" or "cpu" """
     total_bytes: _builtins.int
@@ -905,6 +971,10 @@ class MemoryEstimate(_message.Message):
     parameters: _builtins.int
     """of the base model"""
     trainable_parameters: _builtins.int
+    @_builtins.property
+    def plan(self) -> Global___MemoryPlan:
+        """on a GPU: how the run would be fitted to it (the parts above)"""
+
     def __init__(
         self,
         *,
@@ -918,10 +988,11 @@ class MemoryEstimate(_message.Message):
         fits: _builtins.bool = ...,
         parameters: _builtins.int = ...,
         trainable_parameters: _builtins.int = ...,
+        plan: Global___MemoryPlan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations_bytes", b"activations_bytes", "available_bytes", b"available_bytes", "device", b"device", "fits", b"fits", "overhead_bytes", b"overhead_bytes", "parameters", b"parameters", "total_bytes", b"total_bytes", "trainable_bytes", b"trainable_bytes", "trainable_parameters", b"trainable_parameters", "weights_bytes", b"weights_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations_bytes", b"activations_bytes", "available_bytes", b"available_bytes", "device", b"device", "fits", b"fits", "overhead_bytes", b"overhead_bytes", "parameters", b"parameters", "plan", b"plan", "total_bytes", b"total_bytes", "trainable_bytes", b"trainable_bytes", "trainable_parameters", b"trainable_parameters", "weights_bytes", b"weights_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1112,21 +1183,29 @@ class ListRunsResponse(_message.Message):
 
     RUNS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    UNREADABLE_RECORDS_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """set while older runs remain: ask again with it"""
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunRecord]:
         """newest first"""
 
+    @_builtins.property
+    def unreadable_records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Store keys under runs/ that hold no readable run record (damaged, or under a name no run
+        has): left out of runs, and logged by the trainer.
+        """
+
     def __init__(
         self,
         *,
         runs: _abc.Iterable[Global___RunRecord] | None = ...,
         next_page_token: _builtins.str = ...,
+        unreadable_records: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "runs", b"runs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "runs", b"runs", "unreadable_records", b"unreadable_records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

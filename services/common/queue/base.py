@@ -6,18 +6,26 @@ job at a time), `touch`es it while working on it, and `ack`s it when done. A job
 `deliveries` count raised, so no job is lost with its worker. A worker asked to stop `release`s
 its job instead: the next `claim` gets it at once, and a shutdown is not counted as a failure.
 
+A job whose stored payload cannot be read (not a JSON object: a damaged entry, a hand edit, a
+writer of another version) can never be handled, whoever claims it: `claim` dead-letters it on
+sight and goes on to the next job, instead of handing it out for ever ahead of valid ones.
+
 Events: `publish` appends an event to a named channel; `read` returns the events after a cursor
 and waits for new ones, so a late subscriber replays a run's whole history, then follows it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from backpropagate_services.common.settings import Settings
+
+log = logging.getLogger(__name__)
 
 JsonDict = dict[str, Any]
 # Both implementations keep only this many of a channel's newest events: a late reader replays a
@@ -26,6 +34,46 @@ EVENTS_KEPT_PER_CHANNEL = 10_000
 # And a channel without a new event for this long goes whole (QueueSettings.events_ttl_seconds):
 # the record of a job outlives its events, and a stack that ran many jobs holds only recent ones.
 EVENTS_TTL_SECONDS = 7 * 24 * 3600.0
+
+
+# How much of an unreadable payload a dead letter's reason quotes, for an operator to recognise it.
+QUOTED_CHARACTERS = 200
+
+
+class UnreadablePayload(ValueError):
+    """A job's stored payload is not a JSON object; the message, the dead letter's reason, says
+    what is wrong with it."""
+
+
+def parse_payload(text: str | None) -> JsonDict:
+    """The payload of a job as stored (None: the entry has none); UnreadablePayload if it is not
+    a JSON object."""
+    if text is None:
+        raise UnreadablePayload("unreadable: the entry has no payload")
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UnreadablePayload(
+            f"unreadable: the payload is not JSON ({error}): {text[:QUOTED_CHARACTERS]!r}"
+        ) from error
+    if not isinstance(payload, dict):
+        raise UnreadablePayload(
+            f"unreadable: the payload is not a JSON object: {text[:QUOTED_CHARACTERS]!r}"
+        )
+    return payload
+
+
+def log_unreadable(queue: str, job_id: str, reason: str) -> None:
+    """Say that `claim` dead-lettered an unreadable job: no worker ever sees it to say so."""
+    log.error("job %s of queue %s dead-lettered: %s", job_id, queue, reason)
+
+
+def dead_letter_payload(text: str) -> JsonDict:
+    """A dead letter's payload as stored; {} for an unreadable one, which its reason quotes."""
+    try:
+        return parse_payload(text)
+    except UnreadablePayload:
+        return {}
 
 
 @dataclass(frozen=True)
@@ -38,7 +86,8 @@ class Job:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """A job taken out of circulation after too many deliveries, kept for an operator."""
+    """A job taken out of circulation after too many deliveries, or because its payload could
+    not be read ({} here; `reason` quotes it), kept for an operator."""
 
     job_id: str
     payload: JsonDict
@@ -61,7 +110,8 @@ class JobQueue(ABC):
     def claim(self, queue: str, consumer: str, timeout: float) -> Job | None:
         """Take the next job: a dead worker's expired job first, else a new one.
 
-        Waits up to `timeout` seconds; None when there is nothing to do.
+        Waits up to `timeout` seconds; None when there is nothing to do. A job whose payload
+        cannot be read is dead-lettered on the way, never returned.
         """
 
     @abstractmethod
@@ -116,6 +166,11 @@ class JobQueue(ABC):
 
         Returns at once when there are some, else waits up to `timeout` seconds for one.
         """
+
+    @abstractmethod
+    def is_event_id(self, text: str) -> bool:
+        """Whether `text` has the form of the ids `publish` returns: the only cursors `read`
+        takes. A caller's cursor (a watch's after_event_id) is checked with it first."""
 
     def close(self) -> None:  # noqa: B027  # optional for implementations holding nothing
         """Release connections."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -32,6 +33,10 @@ from backpropagate_services.common.queue.base import (
     Job,
     JobQueue,
     JsonDict,
+    UnreadablePayload,
+    dead_letter_payload,
+    log_unreadable,
+    parse_payload,
 )
 from backpropagate_services.common.queue.sqlite_file import MACHINE, available, connect
 
@@ -48,12 +53,33 @@ def _identifier(number: int) -> str:
     return f"{number:020d}"
 
 
+# What `_identifier` makes of a row id, which SQLite keeps below 2^63.
+_IDENTIFIER = re.compile(r"[0-9]{20}")
+
+
 def _number(identifier: str) -> int:
     return int(identifier) if identifier else 0
 
 
 def _held(job: Job, consumer: str) -> tuple[str, int, str]:
     return job.queue, _number(job.job_id), consumer
+
+
+def _bury(db: sqlite3.Connection, queue: str, number: int, consumer: str, reason: str) -> bool:
+    """Move job `number` to the dead letters if `consumer` holds it, in the caller's
+    transaction; False (nothing changed) if it does not."""
+    rows = db.execute(
+        f"DELETE FROM jobs {_HELD} RETURNING payload, deliveries", (queue, number, consumer)
+    ).fetchall()
+    if not rows:
+        return False
+    [(payload, deliveries)] = rows
+    db.execute(
+        "INSERT INTO dead_letters (queue, job_id, payload, deliveries, reason) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (queue, _identifier(number), payload, deliveries, reason),
+    )
+    return True
 
 
 class EmbeddedQueue(JobQueue):
@@ -124,27 +150,34 @@ class EmbeddedQueue(JobQueue):
     def _claim_now(self, queue: str, consumer: str) -> Job | None:
         """Take the oldest job nobody holds: one never delivered, released, or whose holder
         timed out or exited. Every job ever delivered is older than every new one, so this is
-        the expired one first, as with Redis."""
+        the expired one first, as with Redis. One whose payload cannot be read is dead-lettered
+        in the same transaction, and the next one taken."""
         now = time.time()
         with self._transaction() as db:
-            rows = db.execute(
-                """
-                UPDATE jobs
-                SET consumer = ?, machine = ?, pid = ?, last_seen = ?, deliveries = deliveries + 1
-                WHERE id = (
-                    SELECT id FROM jobs
-                    WHERE queue = ?
-                      AND (consumer IS NULL OR last_seen <= ? OR holder_gone(machine, pid))
-                    ORDER BY id LIMIT 1
-                )
-                RETURNING id, payload, deliveries
-                """,
-                (consumer, MACHINE, os.getpid(), now, queue, now - self._visibility_timeout),
-            ).fetchall()
-        if not rows:
-            return None
-        [(number, payload, deliveries)] = rows
-        return Job(_identifier(number), queue, json.loads(payload), deliveries)
+            while True:
+                rows = db.execute(
+                    """
+                    UPDATE jobs
+                    SET consumer = ?, machine = ?, pid = ?, last_seen = ?,
+                        deliveries = deliveries + 1
+                    WHERE id = (
+                        SELECT id FROM jobs
+                        WHERE queue = ?
+                          AND (consumer IS NULL OR last_seen <= ? OR holder_gone(machine, pid))
+                        ORDER BY id LIMIT 1
+                    )
+                    RETURNING id, payload, deliveries
+                    """,
+                    (consumer, MACHINE, os.getpid(), now, queue, now - self._visibility_timeout),
+                ).fetchall()
+                if not rows:
+                    return None
+                [(number, text, deliveries)] = rows
+                try:
+                    return Job(_identifier(number), queue, parse_payload(text), deliveries)
+                except UnreadablePayload as unreadable:
+                    _bury(db, queue, number, consumer, str(unreadable))
+                    log_unreadable(queue, _identifier(number), str(unreadable))
 
     def touch(self, job: Job, consumer: str) -> bool:
         with self._transaction() as db:
@@ -169,18 +202,7 @@ class EmbeddedQueue(JobQueue):
 
     def dead_letter(self, job: Job, consumer: str, reason: str) -> bool:
         with self._transaction() as db:
-            rows = db.execute(
-                f"DELETE FROM jobs {_HELD} RETURNING payload, deliveries", _held(job, consumer)
-            ).fetchall()
-            if not rows:
-                return False
-            [(payload, deliveries)] = rows
-            db.execute(
-                "INSERT INTO dead_letters (queue, job_id, payload, deliveries, reason) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (job.queue, job.job_id, payload, deliveries, reason),
-            )
-        return True
+            return _bury(db, job.queue, _number(job.job_id), consumer, reason)
 
     def dead_letters(self, queue: str) -> list[DeadLetter]:
         rows = self._query(
@@ -189,7 +211,7 @@ class EmbeddedQueue(JobQueue):
             queue,
         )
         return [
-            DeadLetter(job_id, json.loads(payload), deliveries, reason)
+            DeadLetter(job_id, dead_letter_payload(payload), deliveries, reason)
             for job_id, payload, deliveries, reason in rows
         ]
 
@@ -240,6 +262,9 @@ class EmbeddedQueue(JobQueue):
             _number(after),
         )
         return [Event(_identifier(number), json.loads(data)) for number, data in rows]
+
+    def is_event_id(self, text: str) -> bool:
+        return _IDENTIFIER.fullmatch(text) is not None and int(text) < 2**63
 
     def close(self) -> None:
         with self._changed:

@@ -16,7 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from backpropagate_services.common.errors import QueueUnavailableError
+import psutil
+
+from backpropagate_services.common.errors import QueueCorruptError, QueueUnavailableError
+from backpropagate_services.common.private_files import create_private_file
 
 BUSY_TIMEOUT_SECONDS = 30.0
 
@@ -74,40 +77,62 @@ MACHINE = _this_machine()
 
 
 def holder_gone(machine: str | None, pid: int | None) -> bool:
-    """Whether a claim's holder process has exited: only knowable for one on this machine."""
+    """Whether a claim's holder process has exited: only knowable for one on this machine.
+
+    Asked through psutil, never `os.kill(pid, 0)`: on Windows that call terminates the process.
+    """
     if machine != MACHINE or pid is None:
         return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # it exists, run by another user
-        return False
-    return False
+    return not psutil.pid_exists(pid)
+
+
+# SQLite's primary result codes for a file that is damaged, or not a database at all.
+_DAMAGED = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 @contextmanager
 def available(where: str) -> Iterator[None]:
-    """The file's failures (cannot open it, lock held past the busy timeout, disk full) as the
-    queue being unavailable: retryable, and naming the file."""
+    """The file's failures as our errors, naming the file: a damaged file as corrupt (no retry
+    mends it: the hint says how to start afresh), the rest (cannot open it, lock held past the
+    busy timeout, disk full) as the queue being unavailable, which is retryable."""
     try:
         yield
-    except (sqlite3.OperationalError, OSError) as error:
-        raise QueueUnavailableError(
-            f"Cannot use the queue database {where}: {error}",
-            hint="Check that the file is on a local disk and writable, or set "
-            "BACKPROPAGATE_QUEUE__EMBEDDED_PATH to one that is.",
-            where=where,
-        ) from error
+    except sqlite3.DatabaseError as error:
+        # Only errors from SQLite itself carry a result code (not "closed database").
+        if getattr(error, "sqlite_errorcode", 0) & 0xFF in _DAMAGED:
+            raise QueueCorruptError(
+                f"The queue database {where} is damaged: {error}",
+                hint=f"Move {where} aside (with its -wal and -shm files, if any): the next "
+                "command starts an empty queue there. Runs and exports stay in the store; the "
+                "jobs waiting in the queue are lost: `backprop runs resume RUN` goes on with a "
+                "run that had started, train again for one that had not.",
+                where=where,
+            ) from error
+        if isinstance(error, sqlite3.OperationalError):
+            raise _unavailable(where, error) from error
+        raise
+    except OSError as error:
+        raise _unavailable(where, error) from error
+
+
+def _unavailable(where: str, error: Exception) -> QueueUnavailableError:
+    return QueueUnavailableError(
+        f"Cannot use the queue database {where}: {error}",
+        hint="Check that the file is on a local disk and writable, or set "
+        "BACKPROPAGATE_QUEUE__EMBEDDED_PATH to one that is.",
+        where=where,
+    )
 
 
 def connect(path: Path | None) -> sqlite3.Connection:
     """Open (creating it if needed) the queue file; None: a private in-memory database.
 
     One connection, used under the caller's lock from any thread; transactions are explicit.
+    The file is its owner's only (0600), as are the WAL and shared-memory files SQLite makes
+    beside it with its mode.
     """
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        create_private_file(path)
     db = sqlite3.connect(
         ":memory:" if path is None else path,
         timeout=BUSY_TIMEOUT_SECONDS,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from backpropagate_services.common.atomic import staged
 from backpropagate_services.common.errors import ArtifactInvalidError, NotFoundError
+from backpropagate_services.common.local_names import stays_inside
 
 if TYPE_CHECKING:
     from backpropagate_services.common.settings import Settings
@@ -122,10 +123,7 @@ def _manifest_files(manifest: Any, prefix: str) -> dict[str, dict[str, Any]]:
     if not isinstance(files, dict):
         raise ArtifactInvalidError(f"{prefix}/{MANIFEST} lists no files.", key=prefix)
     for relative, entry in files.items():
-        parts = relative.split("/") if isinstance(relative, str) else [""]
-        inside = not relative.startswith("/") and all(
-            part not in ("", ".", "..") and "\\" not in part and ":" not in part for part in parts
-        )
+        inside = isinstance(relative, str) and stays_inside(relative)
         described = (
             isinstance(entry, dict)
             and isinstance(entry.get("size"), int)

@@ -2,7 +2,8 @@
 
 A key is a relative path under the root. Every write goes to a temporary file beside its target
 and is renamed over it, so a reader sees the old object or the new one, never a torn one, even
-when a writer dies mid-copy.
+when a writer dies mid-copy. Files are 0600 and directories 0700: what the store holds is its
+owner's only.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import BinaryIO
 
 from backpropagate_services.common.atomic import is_partial, staged
 from backpropagate_services.common.errors import NotFoundError, UserError
+from backpropagate_services.common.private_files import private_directory, private_opener
 from backpropagate_services.common.store.base import CHUNK_SIZE, ArtifactStore
 
 
 class LocalDirStore(ArtifactStore):
     def __init__(self, root: Path) -> None:
         self._root = root
-        root.mkdir(parents=True, exist_ok=True)
+        private_directory(root)
 
     def _path(self, key: str) -> Path:
         """The file of a key; refuses keys that would reach outside the root."""
@@ -34,8 +36,14 @@ class LocalDirStore(ArtifactStore):
         return self._root.joinpath(*relative.parts)
 
     def _write_atomically(self, key: str, write: Callable[[BinaryIO], object]) -> None:
-        with staged(self._path(key)) as staging, staging.open("wb") as handle:
-            write(handle)
+        path = self._path(key)
+        try:
+            private_directory(path.parent)
+            with staged(path) as staging, open(staging, "wb", opener=private_opener) as handle:
+                write(handle)
+        except BaseException:
+            self._remove_empty_parents(path)  # and the directories made for it: no husks
+            raise
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write_atomically(key, lambda handle: handle.write(data))

@@ -17,11 +17,19 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error, ServerError
 
-from backpropagate_services.common.errors import NotFoundError, StoreUnavailableError
+from backpropagate_services.common.disk_full import no_space_error
+from backpropagate_services.common.errors import (
+    ConfigError,
+    NotFoundError,
+    StoreUnavailableError,
+)
 from backpropagate_services.common.store.base import CHUNK_SIZE, ArtifactStore
 
 if TYPE_CHECKING:
     from backpropagate_services.common.settings import StoreSettings
+
+# MinIO's answer (HTTP 507) to a write once its drives reach their free-space threshold.
+MINIO_STORAGE_FULL = "XMinioStorageFull"
 
 
 class S3Store(ArtifactStore):
@@ -40,10 +48,11 @@ class S3Store(ArtifactStore):
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> S3Store:
+        access_key, secret_key = _credentials(settings)
         client = Minio(
             settings.s3_endpoint,
-            access_key=settings.s3_access_key.get_secret_value(),
-            secret_key=settings.s3_secret_key.get_secret_value(),
+            access_key=access_key,
+            secret_key=secret_key,
             secure=settings.s3_secure,
             region=settings.s3_region,
         )
@@ -57,6 +66,12 @@ class S3Store(ArtifactStore):
         except S3Error as error:
             if error.code == "NoSuchKey":
                 raise NotFoundError(f"No artifact at {key}.", key=key) from error
+            if error.code == MINIO_STORAGE_FULL:
+                raise no_space_error(
+                    f"S3 bucket {self._bucket!r} (its server's drives)",
+                    str(error.message),
+                    bucket=self._bucket,
+                ) from error
             raise
         except (urllib3.exceptions.HTTPError, ServerError) as error:
             # urllib3's message names the host and port; it never carries the credentials.
@@ -114,3 +129,20 @@ class S3Store(ArtifactStore):
                 f"first {first.name}: {first.code} {first.message}",
                 bucket=self._bucket,
             )
+
+
+def _credentials(settings: StoreSettings) -> tuple[str, str]:
+    """The access and secret key; ConfigError naming each one unset, since the code assumes no
+    pair (a stack must not run on a well-known default like MinIO's minioadmin)."""
+    keys = {"ACCESS_KEY": settings.s3_access_key, "SECRET_KEY": settings.s3_secret_key}
+    values = {name: key.get_secret_value() if key else "" for name, key in keys.items()}
+    missing = [f"BACKPROPAGATE_STORE__S3_{name}" for name, value in values.items() if not value]
+    if missing:
+        raise ConfigError(
+            f"The S3 store has no default credentials: set {' and '.join(missing)}.",
+            hint="Set them to the S3 / MinIO key pair, in the environment or .env (`make env` "
+            "writes MinIO's as MINIO_ROOT_USER and MINIO_ROOT_PASSWORD, which "
+            "docker-compose.yml passes on), or use BACKPROPAGATE_STORE__BACKEND=local.",
+            fields=", ".join(missing),
+        )
+    return values["ACCESS_KEY"], values["SECRET_KEY"]
