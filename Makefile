@@ -10,7 +10,8 @@ STAMP := $(VENV)/.setup-stamp
 LLAMA_STAMP := $(VENV)/.llama-cpp-stamp
 LLAMA_BUILD := $(addprefix deploy/llama-cpp/,build-wheel.sh add_cpu_variants.py cpu_variants.py) \
 	services/export/requirements-llama.txt
-REQUIREMENTS := pyproject.toml cli/requirements.txt requirements-dev.txt \
+REQUIREMENTS := pyproject.toml setup.py cli/requirements.txt proto/backpropagate_api/requirements.txt \
+	requirements-dev.txt \
 	$(wildcard services/*/requirements*.txt)
 
 .PHONY: setup proto proto-check demo test bench lint format clean env
@@ -37,7 +38,7 @@ env:
 	bash deploy/write-env.sh
 
 proto: setup
-	$(PY) -m backpropagate_services.common.protogen cli
+	$(PY) -m backpropagate_services.common.protogen
 
 demo: setup
 	$(VENV)/bin/backprop demo
@@ -61,7 +62,7 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services/common cli/backpropagate services/stack.py
+	$(VENV)/bin/mypy proto/backpropagate_api services/common cli/backpropagate services/stack.py
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -25,15 +25,15 @@ RESULTS = REPO / "bench" / "results" / "checkpoint_cost.json"
 def main() -> None:
     import torch
 
+    from backpropagate_api.settings import get_settings
+    from backpropagate_api.training import TrainingConfig
     from backpropagate_services.common.hardware import cpu_name
     from backpropagate_services.common.models import (
         OFFLINE_DEFAULT_ALIAS,
         load_model,
         resolve_model,
     )
-    from backpropagate_services.common.settings import get_settings
     from backpropagate_services.common.store.local import LocalDirStore
-    from backpropagate_services.common.training import TrainingConfig
     from backpropagate_services.dataprep.formats import parse_jsonl
     from backpropagate_services.trainer.checkpoints import CheckpointManager, CheckpointPolicy
     from backpropagate_services.trainer.loop import LoraTraining, StepReport, TrainingHooks

@@ -83,6 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
+    from backpropagate_api.settings import get_settings
     from backpropagate_services.common.atomic import staged
     from backpropagate_services.common.hardware import cpu_name
     from backpropagate_services.common.models import (
@@ -90,7 +91,6 @@ def main() -> None:
         hf_location,
         resolve_model,
     )
-    from backpropagate_services.common.settings import get_settings
 
     location = hf_location(resolve_model(OFFLINE_DEFAULT_ALIAS), get_settings().model_cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(location)

@@ -44,13 +44,13 @@ def stage_durations(starts: list[tuple[str, float]], ended: float) -> dict[str, 
 
 
 def main() -> None:
+    from backpropagate_api.settings import ExportSettings, get_settings
     from backpropagate_services.common.hardware import cpu_name
     from backpropagate_services.common.models import (
         OFFLINE_DEFAULT_ALIAS,
         hf_location,
         resolve_model,
     )
-    from backpropagate_services.common.settings import ExportSettings, get_settings
     from backpropagate_services.export.llama_runtime import cpu_backend
     from backpropagate_services.export.pipeline import export_model
 

@@ -66,12 +66,12 @@ def run_variant(variant: str, gguf: str, threads: int) -> dict[str, float] | Non
 
 
 def default_ggufs(work: Path) -> list[Path]:
+    from backpropagate_api.settings import get_settings
     from backpropagate_services.common.models import (
         OFFLINE_DEFAULT_ALIAS,
         hf_location,
         resolve_model,
     )
-    from backpropagate_services.common.settings import get_settings
     from backpropagate_services.export.convert import convert_to_gguf
     from backpropagate_services.export.quantize import quantize_gguf
 

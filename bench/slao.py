@@ -43,14 +43,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slao_tasks import Task, make_tasks, row, training_rows
 
+from backpropagate_api.settings import get_settings
+from backpropagate_api.training import TrainingConfig
 from backpropagate_services.common.hardware import detect
 from backpropagate_services.common.models import (
     OFFLINE_DEFAULT_ALIAS,
     load_model,
     resolve_model,
 )
-from backpropagate_services.common.settings import get_settings
-from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.adapter_factors import as_parameters, factors
 from backpropagate_services.trainer.loop import LoraTraining
 from backpropagate_services.trainer.slao import (

@@ -50,14 +50,14 @@ VARIANTS = ("direct", "embedded", "services")
 
 def direct(steps: int, out_dir: Path) -> None:
     """The job with no stack: what a script calling our training code would do."""
+    from backpropagate_api.settings import get_settings
+    from backpropagate_api.training import TrainingConfig
     from backpropagate_services.common.hardware import detect
     from backpropagate_services.common.models import (
         OFFLINE_DEFAULT_ALIAS,
         load_model,
         resolve_model,
     )
-    from backpropagate_services.common.settings import get_settings
-    from backpropagate_services.common.training import TrainingConfig
     from backpropagate_services.dataprep.formats import parse_jsonl
     from backpropagate_services.trainer.loop import LoraTraining
 
@@ -91,7 +91,7 @@ def services_stack(home: Path) -> Iterator[dict[str, str]]:
     import servers  # the tests' process helpers: one way to start and stop a server
     from service_processes import serve, stack_env
 
-    from backpropagate_services.common.settings import Settings
+    from backpropagate_api.settings import Settings
     from backpropagate_services.stack import SERVICES
 
     with ExitStack() as stack:

@@ -99,14 +99,14 @@ def measure(variant: str, dtype: str, steps: int, warmup: int) -> dict[str, Any]
     peak RSS."""
     import torch
 
+    from backpropagate_api.settings import get_settings
+    from backpropagate_api.training import TrainingConfig
     from backpropagate_services.common.hardware import detect, peak_rss_bytes
     from backpropagate_services.common.models import (
         OFFLINE_DEFAULT_ALIAS,
         load_model,
         resolve_model,
     )
-    from backpropagate_services.common.settings import get_settings
-    from backpropagate_services.common.training import TrainingConfig
 
     if variant == "ours+1-thread":
         torch.set_num_threads(1)

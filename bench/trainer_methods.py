@@ -39,14 +39,14 @@ METHODS = [
 
 def measure_one(name: str, steps: int) -> dict[str, object]:
     """Train `name` for `steps` steps in this process; its speed and this process's peak RSS."""
+    from backpropagate_api.settings import get_settings
+    from backpropagate_api.training import TrainingConfig
     from backpropagate_services.common.hardware import detect, peak_rss_bytes
     from backpropagate_services.common.models import (
         OFFLINE_DEFAULT_ALIAS,
         load_model,
         resolve_model,
     )
-    from backpropagate_services.common.settings import get_settings
-    from backpropagate_services.common.training import TrainingConfig
     from backpropagate_services.dataprep.formats import parse_jsonl
     from backpropagate_services.trainer.loop import LoraTraining, StepReport, TrainingHooks
     from backpropagate_services.trainer.preference import PreferenceTraining

@@ -28,7 +28,7 @@ from pathlib import Path
 from backpropagate.connection import Connection
 from backpropagate.workflows import upload_dataset
 from backpropagate_services.common.hardware import peak_rss_bytes
-from backpropagate_services.common.settings import Settings
+from backpropagate_api.settings import Settings
 from backpropagate_services.stack import start_stack
 
 data, home = Path(sys.argv[1]), Path(sys.argv[2])

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_api.errors import ConfigError
+from backpropagate_api.settings import Settings
 from backpropagate_services.common.grpc_server import add_standard_services, bind_server
 from backpropagate_services.common.jobs import JobWorker
 from backpropagate_services.common.logs import quiet_library_output
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
-from backpropagate_services.common.settings import Settings
 
 log = logging.getLogger(__name__)
 

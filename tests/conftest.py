@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import servers
 
-from backpropagate_services.common.settings import Settings
+from backpropagate_api.settings import Settings
 
 
 def pytest_configure(config: pytest.Config) -> None:

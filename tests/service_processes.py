@@ -22,13 +22,14 @@ import servers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from backpropagate.connection import Connection
-from backpropagate.v1 import trainer_pb2
 from backpropagate.workflows import submit_multi_run, submit_train, upload_dataset
-from backpropagate_services.common.errors import DependencyError
-from backpropagate_services.common.layout import run_events_channel
-from backpropagate_services.common.records import TERMINAL_STATUSES, from_json
+from backpropagate_api.errors import DependencyError
+from backpropagate_api.layout import run_events_channel
+from backpropagate_api.settings import Settings
+from backpropagate_api.statuses import TERMINAL_STATUSES
+from backpropagate_api.v1 import trainer_pb2
+from backpropagate_services.common.records import from_json
 from backpropagate_services.common.runtime import Runtime
-from backpropagate_services.common.settings import Settings
 from backpropagate_services.stack import SERVICES, RunningStack, start_stack
 
 T = TypeVar("T")

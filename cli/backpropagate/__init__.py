@@ -9,7 +9,7 @@ from typing import Any
 from backpropagate.callbacks import TrainingCallback
 from backpropagate.results import ExportResult, RunResult
 from backpropagate.sdk import Trainer
-from backpropagate_services.common.errors import BackpropagateError
+from backpropagate_api.errors import BackpropagateError
 
 TrainingRun = RunResult  # what train() returns, by the name the product's documentation uses
 

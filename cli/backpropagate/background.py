@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backpropagate.connection import embedded_stack
-from backpropagate_services.common.private_files import (
+from backpropagate_api.private_files import (
     private_directory,
     private_home,
     private_opener,
 )
-from backpropagate_services.common.settings import Settings
+from backpropagate_api.settings import Settings
 
 IDLE_EXIT_SECONDS = 30
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from backpropagate.results import RunResult
-from backpropagate.v1 import trainer_pb2
 from backpropagate.workflows import RunEventHandler
-from backpropagate_services.common.layout import checkpoint_prefix
+from backpropagate_api.layout import checkpoint_prefix
+from backpropagate_api.v1 import trainer_pb2
 
 log = logging.getLogger(__name__)
 

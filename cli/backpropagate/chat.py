@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from backpropagate_services.common.errors import NotFoundError
-from backpropagate_services.common.settings import Settings
-from backpropagate_services.export.chat import ChatReply, chat_reply
+from backpropagate.in_process import EXPORT_EXTRAS, services_needed
+from backpropagate_api.errors import NotFoundError
+from backpropagate_api.settings import Settings
+
+with services_needed("backprop chat", EXPORT_EXTRAS):
+    from backpropagate_services.export.chat import ChatReply, chat_reply
 
 EXIT_WORDS = {"/exit", "/quit", "/bye"}
 

@@ -24,6 +24,7 @@ from backpropagate.connection import Connection
 from backpropagate.data_cli import column_mapping, data_app, language_codes
 from backpropagate.effective_config import config_command
 from backpropagate.estimate_cli import estimate_vram_command
+from backpropagate.in_process import STACK_EXTRAS, services_needed
 from backpropagate.multi_run_cli import multi_run_command
 from backpropagate.progress import safety_label
 from backpropagate.render import (
@@ -39,15 +40,15 @@ from backpropagate.render import (
 from backpropagate.results import status_name
 from backpropagate.runs_cli import add_run_aliases, runs_app, runs_resume
 from backpropagate.sdk import Trainer, adapter_of_mode
-from backpropagate.v1 import export_pb2, safety_pb2
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     EXIT_INTERRUPTED,
     EXIT_PARTIAL_FAILURE,
     BackpropagateError,
     ConfigError,
     UserError,
 )
-from backpropagate_services.common.settings import get_settings
+from backpropagate_api.settings import get_settings
+from backpropagate_api.v1 import export_pb2, safety_pb2
 
 app = typer.Typer(
     help="Fine-tune a LoRA on a JSONL file, export a verified GGUF, chat with it.",
@@ -447,13 +448,14 @@ def serve(
     listen: Annotated[str, typer.Option(help="host:port to bind (default: settings).")] = "",
 ) -> None:
     """Run one service, or all of them in one process, until interrupted."""
-    from backpropagate_services.common.logs import configure_logging
-    from backpropagate_services.stack import SERVICES, start_stack
+    with services_needed("backprop serve", STACK_EXTRAS):
+        from backpropagate_services.common.logs import configure_logging
+        from backpropagate_services.stack import SERVICES, start_stack
 
-    settings = get_settings()
-    configure_logging(settings.log_level)
-    services = list(SERVICES) if service == "all" else [service]
-    stack = start_stack(settings, services, listen or settings.listen)
+        settings = get_settings()
+        configure_logging(settings.log_level)
+        services = list(SERVICES) if service == "all" else [service]
+        stack = start_stack(settings, services, listen or settings.listen)
     signal.signal(signal.SIGTERM, lambda *_: stack.stop())
     err_console.print(f"serving {', '.join(services)} on {stack.address}")
     try:
@@ -540,8 +542,9 @@ def main() -> None:
     try:
         app()
     except BackpropagateError as exc:
-        err_console.print(f"[bold red]error {exc.code}[/]: {exc.message}")
-        err_console.print(f"[dim]hint:[/] {exc.hint}")
+        # Whole lines (the terminal wraps them), so a hint's command can be copied or grepped.
+        err_console.print(f"[bold red]error {exc.code}[/]: {escape(exc.message)}", soft_wrap=True)
+        err_console.print(f"[dim]hint:[/] {escape(exc.hint)}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except PartialFailure as exc:
         err_console.print(f"[bold yellow]partial failure[/]: {exc}")
@@ -557,8 +560,11 @@ def main() -> None:
         if os.environ.get("BACKPROPAGATE_DEBUG"):
             raise
         bug = BackpropagateError(f"{type(exc).__name__}: {exc}")
-        err_console.print(f"[bold red]error {bug.code}[/]: {escape(bug.message)}")
-        err_console.print(f"[dim]hint:[/] {bug.hint} (BACKPROPAGATE_DEBUG=1 shows the traceback)")
+        err_console.print(f"[bold red]error {bug.code}[/]: {escape(bug.message)}", soft_wrap=True)
+        err_console.print(
+            f"[dim]hint:[/] {escape(bug.hint)} (BACKPROPAGATE_DEBUG=1 shows the traceback)",
+            soft_wrap=True,
+        )
         sys.exit(bug.exit_code)
 
 

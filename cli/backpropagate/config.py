@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backpropagate_services.common.errors import ConfigError
-from backpropagate_services.common.training import TRAINING_PRESETS
+from backpropagate_api.errors import ConfigError
+from backpropagate_api.training import TRAINING_PRESETS
 
 
 @dataclass(frozen=True)

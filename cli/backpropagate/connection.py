@@ -19,16 +19,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from pydantic import SecretStr
 
-from backpropagate.v1 import (
+from backpropagate.in_process import STACK_EXTRAS, services_needed
+from backpropagate_api.channels import check_token_destination, open_channel
+from backpropagate_api.grpc_errors import error_from_rpc
+from backpropagate_api.private_files import private_home
+from backpropagate_api.settings import Settings, get_settings
+from backpropagate_api.v1 import (
     dataprep_pb2_grpc,
     export_pb2_grpc,
     safety_pb2_grpc,
     trainer_pb2_grpc,
 )
-from backpropagate_services.common.channels import check_token_destination, open_channel
-from backpropagate_services.common.grpc_errors import error_from_rpc
-from backpropagate_services.common.private_files import private_home
-from backpropagate_services.common.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from backpropagate_services.stack import RunningStack
@@ -55,21 +56,24 @@ def embedded_stack(settings: Settings, workers: bool = True) -> RunningStack:
     with _embedded_lock:
         stack = _embedded_stacks.get(home)
         if stack is None:
-            from backpropagate_services.common.logs import configure_logging
-            from backpropagate_services.stack import SERVICES, start_stack
+            with services_needed(
+                "With no endpoint set, Backpropagate", STACK_EXTRAS, or_endpoint=True
+            ):
+                from backpropagate_services.common.logs import configure_logging
+                from backpropagate_services.stack import SERVICES, start_stack
 
-            private_home(settings.home)
-            configure_logging(settings.log_level, settings.home / "logs" / "embedded.log")
-            # A run this process trains is left interrupted on exit, not handed to whatever
-            # `backprop` command runs next: `backprop runs resume` goes on with it.
-            interrupt = settings.trainer.model_copy(update={"release_on_shutdown": False})
-            token = settings.token or SecretStr(secrets.token_urlsafe(32))
-            stack = start_stack(
-                settings.model_copy(update={"trainer": interrupt, "token": token}),
-                list(SERVICES),
-                "127.0.0.1:0",
-                start_workers=False,
-            )
+                private_home(settings.home)
+                configure_logging(settings.log_level, settings.home / "logs" / "embedded.log")
+                # A run this process trains is left interrupted on exit, not handed to whatever
+                # `backprop` command runs next: `backprop runs resume` goes on with it.
+                interrupt = settings.trainer.model_copy(update={"release_on_shutdown": False})
+                token = settings.token or SecretStr(secrets.token_urlsafe(32))
+                stack = start_stack(
+                    settings.model_copy(update={"trainer": interrupt, "token": token}),
+                    list(SERVICES),
+                    "127.0.0.1:0",
+                    start_workers=False,
+                )
             _embedded_stacks[home] = stack
             # At exit, concurrent.futures joins the gRPC server's threads before atexit
             # handlers run, and the trainer's own safety Watch stream keeps one of them busy

@@ -18,7 +18,7 @@ from backpropagate.render import (
     record_dict,
 )
 from backpropagate.sdk import Trainer
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_api.errors import ConfigError
 
 
 def column_mapping(text: str) -> dict[str, str]:

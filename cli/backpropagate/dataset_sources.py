@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     ConfigError,
     HubUnreachableError,
     MissingDependencyError,

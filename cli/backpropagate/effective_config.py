@@ -15,10 +15,10 @@ from pydantic import BaseModel, SecretStr
 from rich.table import Table
 
 from backpropagate.render import JsonOption, console
-from backpropagate_services.common.redaction import redact
-from backpropagate_services.common.setting_sources import source_of
-from backpropagate_services.common.settings import LORA_FIELD_NAMES, Settings, get_settings
-from backpropagate_services.common.training import LORA_PRESETS, TRAINING_PRESETS, TrainingConfig
+from backpropagate_api.redaction import redact
+from backpropagate_api.setting_sources import source_of
+from backpropagate_api.settings import LORA_FIELD_NAMES, Settings, get_settings
+from backpropagate_api.training import LORA_PRESETS, TRAINING_PRESETS, TrainingConfig
 
 PREFIX = "BACKPROPAGATE_"
 # Built-in defaults worked out per run.

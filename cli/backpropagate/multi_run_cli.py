@@ -17,7 +17,7 @@ from backpropagate.render import (
 )
 from backpropagate.runs_cli import get_run
 from backpropagate.sdk import Trainer
-from backpropagate_services.common.errors import UserError
+from backpropagate_api.errors import UserError
 
 
 def multi_run_command(

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backpropagate_services.export.convert import read_gguf_summary
-from backpropagate_services.export.modelfile import render_modelfile, write_modelfile
-from backpropagate_services.export.ollama import OllamaModel
-from backpropagate_services.export.ollama import register_with_ollama as _register
+from backpropagate.in_process import EXPORT_EXTRAS, services_needed
+
+with services_needed("Handing a GGUF to Ollama", EXPORT_EXTRAS):
+    from backpropagate_services.export.convert import read_gguf_summary
+    from backpropagate_services.export.modelfile import render_modelfile, write_modelfile
+    from backpropagate_services.export.ollama import OllamaModel
+    from backpropagate_services.export.ollama import register_with_ollama as _register
 
 DEFAULT_NUM_CTX = 4096
 

@@ -8,7 +8,7 @@ from typing import Self
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
+from backpropagate_api.v1 import common_pb2, export_pb2, trainer_pb2
 
 SAFETY_STYLE: dict[int, str] = {
     common_pb2.SAFETY_LEVEL_SAFE: "green",

@@ -12,8 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from backpropagate.results import ExportResult, RunResult
-from backpropagate.v1 import dataprep_pb2, trainer_pb2
-from backpropagate_services.common.datasets import listed
+from backpropagate_api.uploads import listed
+from backpropagate_api.v1 import dataprep_pb2, trainer_pb2
 
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print the record as JSON (proto field names).")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
-from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
+from backpropagate_api.v1 import common_pb2, export_pb2, trainer_pb2
 
 
 def status_name(status: int) -> str:

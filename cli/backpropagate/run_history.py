@@ -12,8 +12,8 @@ from google.protobuf.json_format import MessageToDict
 
 from backpropagate.connection import Connection
 from backpropagate.results import status_name
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import NotFoundError, UserError
+from backpropagate_api.errors import NotFoundError, UserError
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 
 # What `diff` and the CSV export show of a run, beside its config.
 METRICS = (

@@ -27,10 +27,10 @@ from backpropagate.run_history import (
     resolve_run_id,
 )
 from backpropagate.sdk import Trainer
-from backpropagate.v1 import trainer_pb2
 from backpropagate.workflows import download_artifact
-from backpropagate_services.common.errors import UserError
-from backpropagate_services.common.layout import loss_curve_key
+from backpropagate_api.errors import UserError
+from backpropagate_api.layout import loss_curve_key
+from backpropagate_api.v1 import trainer_pb2
 
 runs_app = typer.Typer(
     help="The run history; follow, resume, replay and cancel training runs.", no_args_is_help=True

@@ -23,7 +23,6 @@ from backpropagate.connection import Connection
 from backpropagate.dataset_sources import DataSource, check_source, dataset_file
 from backpropagate.progress import ExportProgress, TrainProgress
 from backpropagate.results import ExportResult, MemoryEstimateResult, RunResult
-from backpropagate.v1 import dataprep_pb2, trainer_pb2
 from backpropagate.workflows import (
     estimate_memory,
     export,
@@ -35,9 +34,10 @@ from backpropagate.workflows import (
     submit_train,
     upload_dataset,
 )
-from backpropagate_services.common.datasets import listed
-from backpropagate_services.common.errors import UserError
-from backpropagate_services.common.settings import Settings, get_settings
+from backpropagate_api.errors import UserError
+from backpropagate_api.settings import Settings, get_settings
+from backpropagate_api.uploads import listed
+from backpropagate_api.v1 import dataprep_pb2, trainer_pb2
 
 
 def _batch_size(value: int | Literal["auto"]) -> int:

@@ -14,18 +14,17 @@ from typing import Any, TypeVar
 from backpropagate.connection import Connection
 from backpropagate.dataset_sources import missing_file
 from backpropagate.results import ExportResult, RunResult
-from backpropagate.v1 import common_pb2, dataprep_pb2, export_pb2, trainer_pb2
-from backpropagate_services.common.datasets import prepared_dataset_id
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     ExportVerificationError,
     JobCancelledError,
     NotFoundError,
     RunInterruptedError,
 )
-from backpropagate_services.common.grpc_errors import detail_to_error
-from backpropagate_services.common.local_names import path_inside
-from backpropagate_services.common.records import TERMINAL_STATUSES
-from backpropagate_services.common.store.base import sha256_file
+from backpropagate_api.grpc_errors import detail_to_error
+from backpropagate_api.local_names import path_inside
+from backpropagate_api.statuses import TERMINAL_STATUSES
+from backpropagate_api.uploads import prepared_dataset_id, sha256_file
+from backpropagate_api.v1 import common_pb2, dataprep_pb2, export_pb2, trainer_pb2
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 

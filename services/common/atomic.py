@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from backpropagate_services.common.disk_full import reported_as_disk_full
+from backpropagate_api.disk_full import reported_as_disk_full
 
 PARTIAL_SUFFIX = ".partial"
 

@@ -14,20 +14,19 @@ info.json always finds the complete data. A line of data.jsonl is, by the datase
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backpropagate_services.common.errors import ConfigError, NotFoundError
-from backpropagate_services.common.ids import checked_id
+from backpropagate_api.errors import ConfigError, NotFoundError
+from backpropagate_api.ids import checked_id
 from backpropagate_services.common.store import ArtifactStore
 
 if TYPE_CHECKING:  # importing backpropagate loads the SDK, which imports this module
-    from backpropagate.v1 import dataprep_pb2
+    pass
 
 Conversation = list[dict[str, str]]
 # What supervised fine-tuning trains on: a conversation, or a document of plain text.
@@ -39,8 +38,6 @@ PAIRED_FORMAT = "preference"
 UNPAIRED_FORMAT = "kto"
 PREFERENCE_FORMATS = (PAIRED_FORMAT, UNPAIRED_FORMAT)
 TEXT_FORMAT = "text"
-# Rows left out of an upload that a message lists.
-SHOWN_REJECTIONS = 20
 # Rows left out that a dataset's record (info.json, DatasetInfo) keeps as examples: it counts
 # the rest. A file of a million repeated rows must not make a record of a million lines.
 KEPT_ROW_EXAMPLES = 100
@@ -74,16 +71,6 @@ class LeftOut:
             self.examples.append(row)
 
 
-def listed(rows: Sequence[Any], count: int | None = None) -> list[str]:
-    """Rows left out (RowRejection, or its proto) as a message shows them: "line N: reason" for
-    the first SHOWN_REJECTIONS, then how many more there are of `count` (default: all listed)."""
-    count = len(rows) if count is None else count
-    lines = [f"line {row.line}: {row.reason}" for row in rows[:SHOWN_REJECTIONS]]
-    if count > len(lines):
-        lines.append(f"... and {count - len(lines)} more")
-    return lines
-
-
 @dataclass(frozen=True)
 class DatasetRecord:
     dataset_id: str
@@ -99,37 +86,6 @@ class DatasetRecord:
     removed: tuple[RowRejection, ...] = ()  # the first good rows a filter took out (duplicates)
     rows_rejected: int = 0  # rows left out in all
     rows_removed: int = 0  # rows filters took out in all
-
-
-# Bumped when parsing or normalising changes what a file prepares to: an id made by older code
-# must not stand for what newer code would store. 2: OpenAI content parts are kept as text, not
-# left out; records count the rows left out.
-PREPARATION_VERSION = 2
-
-
-def prepared_dataset_id(content_sha256: str, header: dataprep_pb2.UploadDatasetHeader) -> str:
-    """The id of `header`'s preparation of bytes whose sha256 is `content_sha256`: every upload
-    option that changes the stored rows is in it (the file's kind by its name's extension, the
-    format, column names, deduplication, strictness, languages), the file's name otherwise is
-    not."""
-    options = {
-        "content": content_sha256,
-        "version": PREPARATION_VERSION,
-        "kind": _kind(header.filename),
-        "format": header.format if header.format not in ("", "auto") else "auto",
-        "columns": dict(sorted(header.columns.items())),
-        "dedup": header.dedup or "none",
-        "near_duplicate_threshold": header.near_duplicate_threshold,
-        "strict": header.strict,
-        "languages": sorted(header.languages),
-    }
-    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
-
-
-def _kind(filename: str) -> str:
-    """The extensions that decide how a file is read: its own, and the one under a .gz."""
-    name = Path(filename.lower())
-    return "".join(name.suffixes[-2:]) if name.suffix == ".gz" else name.suffix
 
 
 def find_record(store: ArtifactStore, dataset_id: str) -> DatasetRecord | None:

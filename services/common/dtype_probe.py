@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backpropagate_api.errors import BackpropagateError
 from backpropagate_services.common.atomic import staged
-from backpropagate_services.common.errors import BackpropagateError
 
 if TYPE_CHECKING:
     import torch

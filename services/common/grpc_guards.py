@@ -17,15 +17,15 @@ from typing import Any
 
 import grpc
 
-from backpropagate_services.common.channels import AUTHORIZATION, STACK_CALL, bearer
-from backpropagate_services.common.errors import (
+from backpropagate_api.channels import AUTHORIZATION, STACK_CALL, bearer
+from backpropagate_api.errors import (
     AuthFailedError,
     BackpropagateError,
     ServerBusyError,
     StreamIdleError,
     UserError,
 )
-from backpropagate_services.common.grpc_errors import error_to_status
+from backpropagate_api.grpc_errors import error_to_status
 
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
 # Streaming calls kept for the stack's own (the trainer's watch of its safety sidecar), beyond
@@ -188,7 +188,7 @@ class _Unreadable:
     def __init__(self, method: str, error: Exception) -> None:
         self.error = UserError(
             f"The request to {method} is not a valid message of its type: {error}.",
-            hint="Send the request the method's proto defines (backpropagate/v1).",
+            hint="Send the request the method's proto defines (proto/backpropagate_api/v1).",
         )
 
 

@@ -10,8 +10,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from backpropagate_services.common.channels import is_loopback, server_credentials
-from backpropagate_services.common.errors import AuthRequiredError, ConfigError
+from backpropagate_api.channels import is_loopback, server_credentials
+from backpropagate_api.errors import AuthRequiredError, ConfigError
+from backpropagate_api.settings import Settings
 from backpropagate_services.common.grpc_guards import (
     STACK_STREAMS,
     CallLimits,
@@ -19,7 +20,6 @@ from backpropagate_services.common.grpc_guards import (
     ReadableRequests,
     TokenAuth,
 )
-from backpropagate_services.common.settings import Settings
 
 # Threads beyond the call limit and the stack's kept streams: for health checks and for
 # refusing calls over the limit.

@@ -79,7 +79,7 @@ def cpu_dtype_choice(
     if not cpu_flags() & BF16_CPU_FLAGS:
         return DtypeChoice("float32", "this CPU has no bf16 instructions (AVX-512 BF16, AMX)")
     if home is None:
-        from backpropagate_services.common.settings import get_settings
+        from backpropagate_api.settings import get_settings
 
         home = get_settings().home
     return cached_probe(home / CACHE_FILE_NAME, probe_key(shapes), shapes)

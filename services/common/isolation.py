@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, ParamSpec, TypeVar
 
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     BackpropagateError,
     JobCancelledError,
     NativeCrashError,
@@ -117,7 +117,7 @@ def _child_main() -> None:
     results = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.path[:] = pickle.load(sys.stdin.buffer)
-    from backpropagate_services.common.settings import get_settings
+    from backpropagate_api.settings import get_settings
 
     outcome: tuple[str, Any]
     try:

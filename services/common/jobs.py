@@ -27,8 +27,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     BackpropagateError,
     DependencyError,
     JobAttemptsExhaustedError,
@@ -37,10 +36,12 @@ from backpropagate_services.common.errors import (
     StoreUnavailableError,
     UserError,
 )
-from backpropagate_services.common.grpc_errors import as_backpropagate_error, error_to_detail
-from backpropagate_services.common.layout import cancel_channel
+from backpropagate_api.grpc_errors import as_backpropagate_error, error_to_detail
+from backpropagate_api.layout import cancel_channel
+from backpropagate_api.statuses import TERMINAL_STATUSES
+from backpropagate_api.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate_services.common.queue import Job, JobQueue
-from backpropagate_services.common.records import TERMINAL_STATUSES, publish, save_record
+from backpropagate_services.common.records import publish, save_record
 from backpropagate_services.common.service import BackgroundWorker
 from backpropagate_services.common.store.base import ArtifactStore
 

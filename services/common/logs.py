@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from backpropagate_services.common.private_files import create_private_file
-from backpropagate_services.common.redaction import redact
+from backpropagate_api.private_files import create_private_file
+from backpropagate_api.redaction import redact
 
 _current_run_id: contextvars.ContextVar[str] = contextvars.ContextVar("run_id", default="-")
 

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote
 
-from backpropagate_services.common.atomic import staged
-from backpropagate_services.common.channels import is_loopback
-from backpropagate_services.common.errors import (
+from backpropagate_api.channels import is_loopback
+from backpropagate_api.errors import (
     MissingDependencyError,
     ModelNotAllowedError,
     ModelNotFoundError,
 )
+from backpropagate_services.common.atomic import staged
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

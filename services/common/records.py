@@ -15,27 +15,20 @@ from typing import TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from backpropagate.v1 import common_pb2
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     ArtifactInvalidError,
     DependencyError,
     NotFoundError,
     UserError,
     quoted,
 )
+from backpropagate_api.redaction import redact
+from backpropagate_api.statuses import TERMINAL_STATUSES
 from backpropagate_services.common.queue import JobQueue
-from backpropagate_services.common.redaction import redact
 from backpropagate_services.common.store import ArtifactStore
 
 M = TypeVar("M", bound=Message)
 log = logging.getLogger(__name__)
-
-TERMINAL_STATUSES = (
-    common_pb2.JOB_STATUS_SUCCEEDED,
-    common_pb2.JOB_STATUS_FAILED,
-    common_pb2.JOB_STATUS_CANCELLED,
-    common_pb2.JOB_STATUS_INTERRUPTED,
-)
 
 
 def to_json(message: Message) -> dict[str, object]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from backpropagate_api.settings import Settings
 from backpropagate_services.common.queue import JobQueue, make_queue
-from backpropagate_services.common.settings import Settings
 from backpropagate_services.common.store import ArtifactStore, make_store
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from backpropagate_api.errors import ConfigError, quoted
 from backpropagate_services.common.datasets import RowRejection
-from backpropagate_services.common.errors import ConfigError, quoted
 
 MODES = ("none", "exact", "near")
 DEFAULT_THRESHOLD = 0.8

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from backpropagate_services.common.errors import DatasetParseError
+from backpropagate_api.errors import DatasetParseError
 from backpropagate_services.dataprep import limits
 from backpropagate_services.dataprep.limits import ByteBudget
 

@@ -28,6 +28,16 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from backpropagate_api.errors import (
+    DatasetEmptyError,
+    DatasetFormatUnknownError,
+    DatasetParseError,
+    DatasetSchemaError,
+    DatasetValidationError,
+    UserError,
+    quoted,
+)
+from backpropagate_api.uploads import listed
 from backpropagate_services.common.datasets import (
     PAIRED_FORMAT,
     PREFERENCE_FORMATS,
@@ -37,16 +47,6 @@ from backpropagate_services.common.datasets import (
     LeftOut,
     PreferenceRow,
     RowRejection,
-    listed,
-)
-from backpropagate_services.common.errors import (
-    DatasetEmptyError,
-    DatasetFormatUnknownError,
-    DatasetParseError,
-    DatasetSchemaError,
-    DatasetValidationError,
-    UserError,
-    quoted,
 )
 from backpropagate_services.dataprep.records import Record
 

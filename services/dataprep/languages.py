@@ -14,8 +14,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from backpropagate_api.errors import ConfigError, quoted
 from backpropagate_services.common.datasets import RowRejection
-from backpropagate_services.common.errors import ConfigError, quoted
 from backpropagate_services.dataprep.duplicates import row_text
 
 MIN_CONFIDENCE = 0.5

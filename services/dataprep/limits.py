@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from backpropagate_services.common.errors import DatasetParseError, DatasetTooLargeError
+from backpropagate_api.errors import DatasetParseError, DatasetTooLargeError
 
 MiB = 2**20
 # One row's limit: about two million tokens of text, past any context a model trains on.

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeAlias
 
-from backpropagate_services.common.errors import DatasetParseError
+from backpropagate_api.errors import DatasetParseError
 from backpropagate_services.dataprep import limits
 from backpropagate_services.dataprep.encoding import not_decodable, text_lines, uncompressed_name
 from backpropagate_services.dataprep.limits import ByteBudget

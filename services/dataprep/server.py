@@ -12,17 +12,17 @@ from typing import Any
 
 import grpc
 
-from backpropagate.v1 import dataprep_pb2, dataprep_pb2_grpc
+from backpropagate_api.errors import UserError
+from backpropagate_api.grpc_errors import translate_errors
+from backpropagate_api.uploads import prepared_dataset_id
+from backpropagate_api.v1 import dataprep_pb2, dataprep_pb2_grpc
 from backpropagate_services.common.datasets import (
     DatasetRecord,
     DatasetWriter,
     LeftOut,
     find_record,
     load_record,
-    prepared_dataset_id,
 )
-from backpropagate_services.common.errors import UserError
-from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
 from backpropagate_services.dataprep.duplicates import DuplicateFilter

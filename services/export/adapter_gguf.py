@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backpropagate_api.errors import ConversionError
 from backpropagate_services.common.atomic import staged
-from backpropagate_services.common.errors import ConversionError
 
 if TYPE_CHECKING:
     import numpy as np

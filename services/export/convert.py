@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from backpropagate_api.errors import ConversionError, MissingDependencyError
 from backpropagate_services.common.atomic import staged
-from backpropagate_services.common.errors import ConversionError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 

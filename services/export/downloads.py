@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 
-from backpropagate.v1 import export_pb2
-from backpropagate_services.common.errors import ArtifactNotDownloadableError, NotFoundError, quoted
-from backpropagate_services.common.ids import ID_PATTERN
-from backpropagate_services.common.layout import export_record_key
+from backpropagate_api.errors import ArtifactNotDownloadableError, NotFoundError, quoted
+from backpropagate_api.ids import ID_PATTERN
+from backpropagate_api.layout import export_record_key
+from backpropagate_api.v1 import export_pb2
 from backpropagate_services.common.records import load_record
 from backpropagate_services.common.store.base import ArtifactStore
 

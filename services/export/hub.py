@@ -31,8 +31,7 @@ import httpx2  # huggingface_hub's HTTP client: its transport errors mean "no ne
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-from backpropagate_services.common.atomic import staged
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     ConfigError,
     HubAuthFailedError,
     HubAuthRequiredError,
@@ -41,6 +40,7 @@ from backpropagate_services.common.errors import (
     NotFoundError,
     quoted,
 )
+from backpropagate_services.common.atomic import staged
 
 log = logging.getLogger(__name__)
 

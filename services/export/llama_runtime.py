@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from backpropagate_services.common.errors import MissingDependencyError, ModelLoadError
+from backpropagate_api.errors import MissingDependencyError, ModelLoadError
 
 if TYPE_CHECKING:
     import llama_cpp
@@ -38,7 +38,7 @@ def cpu_backend() -> CpuBackend:
     or was not built by build-wheel.sh (a -march=native build may crash on this CPU), or if the
     variant asked for does not run here.
     """
-    from backpropagate_services.common.settings import get_settings
+    from backpropagate_api.settings import get_settings
 
     requested = get_settings().export.llama_cpu_variant
     if requested and "llama_cpp" not in sys.modules:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backpropagate_api.errors import ConfigError, ExportMergeError, NotFoundError
 from backpropagate_services.common.atomic import staged
-from backpropagate_services.common.errors import ConfigError, ExportMergeError, NotFoundError
 from backpropagate_services.common.models import ModelSource, load_model, local_directory
 from backpropagate_services.export.reference import ScoredChat, reference_logits, scored_chats
 

@@ -31,8 +31,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from backpropagate_api.errors import ConfigError
 from backpropagate_services.common.atomic import staged
-from backpropagate_services.common.errors import ConfigError
 
 MODELFILE_NAME = "Modelfile"
 

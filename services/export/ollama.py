@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 import requests
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from backpropagate_services.common.errors import ConfigError, OllamaRegistrationError
-from backpropagate_services.common.store.base import sha256_file
+from backpropagate_api.errors import ConfigError, OllamaRegistrationError
+from backpropagate_api.uploads import sha256_file
 from backpropagate_services.export.modelfile import detect_template_family, ollama_parameters
 
 _DEFAULT_PORT = "11434"  # on 127.0.0.1 when OLLAMA_HOST is unset

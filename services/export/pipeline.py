@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from backpropagate_api.errors import ConfigError, ExportVerificationError, quoted
+from backpropagate_api.settings import ExportSettings
 from backpropagate_services.common.atomic import remove_path
-from backpropagate_services.common.errors import ConfigError, ExportVerificationError, quoted
 from backpropagate_services.common.models import ModelSource
-from backpropagate_services.common.settings import ExportSettings
 from backpropagate_services.export.adapter_gguf import convert_adapter_to_gguf
 from backpropagate_services.export.convert import convert_to_gguf
 from backpropagate_services.export.merge import is_full_model, merge_adapter

@@ -12,8 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+from backpropagate_api.errors import ConfigError, ConversionError, quoted
 from backpropagate_services.common.atomic import staged
-from backpropagate_services.common.errors import ConfigError, ConversionError, quoted
 from backpropagate_services.common.isolation import run_isolated
 from backpropagate_services.export.llama_runtime import load_llama_cpp
 

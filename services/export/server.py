@@ -7,16 +7,16 @@ from collections.abc import Iterator
 
 import grpc
 
-from backpropagate.v1 import common_pb2, export_pb2, export_pb2_grpc, trainer_pb2
-from backpropagate_services.common.errors import ConfigError, UserError
-from backpropagate_services.common.grpc_errors import translate_errors
-from backpropagate_services.common.ids import new_id
+from backpropagate_api.errors import ConfigError, UserError
+from backpropagate_api.grpc_errors import translate_errors
+from backpropagate_api.ids import new_id
+from backpropagate_api.layout import EXPORT_QUEUE, run_record_key
+from backpropagate_api.layout import export_events_channel as events_channel
+from backpropagate_api.layout import export_record_key as record_key
+from backpropagate_api.statuses import TERMINAL_STATUSES
+from backpropagate_api.v1 import common_pb2, export_pb2, export_pb2_grpc, trainer_pb2
 from backpropagate_services.common.jobs import cancel_job
-from backpropagate_services.common.layout import EXPORT_QUEUE, run_record_key
-from backpropagate_services.common.layout import export_events_channel as events_channel
-from backpropagate_services.common.layout import export_record_key as record_key
 from backpropagate_services.common.records import (
-    TERMINAL_STATUSES,
     checked_cursor,
     follow,
     load_record,

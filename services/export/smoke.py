@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backpropagate_services.common.errors import ExportSmokeTestError, ModelLoadError
+from backpropagate_api.errors import ExportSmokeTestError, ModelLoadError
 from backpropagate_services.export.chat import ChatReply, chat_reply
 
 # A question any chat model answers in a sentence, so that a missing end-of-turn shows.

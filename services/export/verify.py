@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backpropagate_services.common.errors import ExportVerificationError
+from backpropagate_api.errors import ExportVerificationError
 from backpropagate_services.common.isolation import run_isolated
 from backpropagate_services.export.llama_runtime import open_gguf
 from backpropagate_services.export.quantize import HIGH_BIT, UNQUANTIZED, check_quantization
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from backpropagate_services.common.settings import ExportSettings
+    from backpropagate_api.settings import ExportSettings
 
 log = logging.getLogger(__name__)
 

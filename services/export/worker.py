@@ -7,9 +7,19 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
+from backpropagate_api.errors import DependencyError, JobCancelledError
+from backpropagate_api.layout import (
+    EXPORT_QUEUE,
+    adapter_prefix,
+    export_file_key,
+    run_record_key,
+)
+from backpropagate_api.layout import export_events_channel as events_channel
+from backpropagate_api.layout import export_record_key as record_key
+from backpropagate_api.statuses import TERMINAL_STATUSES
+from backpropagate_api.uploads import sha256_file
+from backpropagate_api.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate_services.common.datasets import load_record as load_dataset_record
-from backpropagate_services.common.errors import DependencyError, JobCancelledError
 from backpropagate_services.common.isolation import cancellable
 from backpropagate_services.common.jobs import (
     JobWorker,
@@ -17,25 +27,11 @@ from backpropagate_services.common.jobs import (
     durably,
     run_recorded,
 )
-from backpropagate_services.common.layout import (
-    EXPORT_QUEUE,
-    adapter_prefix,
-    export_file_key,
-    run_record_key,
-)
-from backpropagate_services.common.layout import export_events_channel as events_channel
-from backpropagate_services.common.layout import export_record_key as record_key
 from backpropagate_services.common.logs import run_context
 from backpropagate_services.common.models import resolve_model
 from backpropagate_services.common.queue import Job
-from backpropagate_services.common.records import (
-    TERMINAL_STATUSES,
-    load_record,
-    publish,
-    save_record,
-)
+from backpropagate_services.common.records import load_record, publish, save_record
 from backpropagate_services.common.runtime import Runtime
-from backpropagate_services.common.store.base import sha256_file
 from backpropagate_services.export.hub import (
     ModelCardInfo,
     build_model_card,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NamedTuple
 
-from backpropagate_services.common.settings import SafetySettings
+from backpropagate_api.settings import SafetySettings
 
 
 class Level(IntEnum):

@@ -9,9 +9,9 @@ from dataclasses import asdict
 
 import grpc
 
-from backpropagate.v1 import common_pb2, safety_pb2, safety_pb2_grpc
-from backpropagate_services.common.errors import ConfigError
-from backpropagate_services.common.grpc_errors import translate_errors
+from backpropagate_api.errors import ConfigError
+from backpropagate_api.grpc_errors import translate_errors
+from backpropagate_api.v1 import common_pb2, safety_pb2, safety_pb2_grpc
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
 from backpropagate_services.safety.levels import Thresholds, assess

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import psutil
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from backpropagate_services.common.errors import ConfigError, MissingDependencyError
+from backpropagate_api.errors import ConfigError, MissingDependencyError
 from backpropagate_services.safety.levels import GpuReading, HostReading, Readings
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_api.errors import ConfigError
 from backpropagate_services.trainer.slao import Adapter, LayerLora
 
 WEIGHTS_FILE = "adapter_model.safetensors"

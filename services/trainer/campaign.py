@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from google.protobuf.json_format import MessageToDict, ParseDict
 
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import JobCancelledError, NotFoundError
-from backpropagate_services.common.grpc_errors import detail_to_error
-from backpropagate_services.common.ids import new_id
+from backpropagate_api.errors import JobCancelledError, NotFoundError
+from backpropagate_api.grpc_errors import detail_to_error
+from backpropagate_api.ids import new_id
+from backpropagate_api.layout import adapter_prefix, loss_curve_key, merge_state_key
+from backpropagate_api.layout import run_record_key as record_key
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.jobs import Lease, StoppedForLater, durably, run_recorded
-from backpropagate_services.common.layout import adapter_prefix, loss_curve_key, merge_state_key
-from backpropagate_services.common.layout import run_record_key as record_key
 from backpropagate_services.common.queue import Job
 from backpropagate_services.common.records import load_record
 from backpropagate_services.common.store.base import ArtifactStore

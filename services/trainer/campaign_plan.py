@@ -16,9 +16,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import ConfigError, quoted
-from backpropagate_services.common.training import SCALABLE_ADAPTERS, TrainingConfig
+from backpropagate_api.errors import ConfigError, quoted
+from backpropagate_api.training import SCALABLE_ADAPTERS, TrainingConfig
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.trainer.slao import MERGE_MODES
 
 DEFAULT_ADAPTER = TrainingConfig().adapter

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from backpropagate.v1 import trainer_pb2
-from backpropagate_services.common.disk_full import reported_as_disk_full
-from backpropagate_services.common.errors import CheckpointInvalidError, DependencyError
-from backpropagate_services.common.layout import checkpoint_prefix, checkpoints_prefix
+from backpropagate_api.disk_full import reported_as_disk_full
+from backpropagate_api.errors import CheckpointInvalidError, DependencyError
+from backpropagate_api.layout import checkpoint_prefix, checkpoints_prefix
+from backpropagate_api.v1 import trainer_pb2
 from backpropagate_services.common.store.base import MANIFEST, ArtifactStore
 
 STATE_FILE = "state.pt"

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from backpropagate.v1 import trainer_pb2
-from backpropagate_services.common.errors import ConfigError
-from backpropagate_services.common.training import TrainingConfig
+from backpropagate_api.errors import ConfigError
+from backpropagate_api.training import TrainingConfig
+from backpropagate_api.v1 import trainer_pb2
 
 ZERO_IS_DEFAULT = (
     "steps",

@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from backpropagate_services.common.training import TrainingConfig
+from backpropagate_api.training import TrainingConfig
 from backpropagate_services.trainer.templating import TokenizedExample
 
 

@@ -16,16 +16,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from backpropagate.v1 import trainer_pb2
-from backpropagate_services.common.errors import ConfigError
-from backpropagate_services.common.hardware import Hardware, default_micro_batch
-from backpropagate_services.common.settings import Settings
-from backpropagate_services.common.training import (
+from backpropagate_api.errors import ConfigError
+from backpropagate_api.settings import Settings
+from backpropagate_api.training import (
     LORA_PRESETS,
     SCALABLE_ADAPTERS,
     TRAINING_PRESETS,
     TrainingConfig,
 )
+from backpropagate_api.v1 import trainer_pb2
+from backpropagate_services.common.hardware import Hardware, default_micro_batch
 from backpropagate_services.trainer.config import is_set, with_budget
 
 # The data-driven budget: passes over the data by its size, and at least MIN_EXAMPLES_SEEN rows

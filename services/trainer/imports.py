@@ -20,14 +20,14 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import QUOTED_CHARS, ConfigError, UserError, quoted
-from backpropagate_services.common.ids import new_id
-from backpropagate_services.common.layout import adapter_prefix
-from backpropagate_services.common.local_names import stays_inside
+from backpropagate_api.errors import QUOTED_CHARS, ConfigError, UserError, quoted
+from backpropagate_api.ids import new_id
+from backpropagate_api.layout import adapter_prefix
+from backpropagate_api.local_names import stays_inside
+from backpropagate_api.training import MAX_RANK
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.models import ModelSource, resolve_model
 from backpropagate_services.common.store.base import ArtifactStore
-from backpropagate_services.common.training import MAX_RANK
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # A rank-256 all-linear adapter of a 7B model in fp32 is about 1.3 GB.

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     DatasetEmptyError,
     GpuOutOfMemoryError,
     JobCancelledError,
 )
-from backpropagate_services.common.training import TrainingConfig
+from backpropagate_api.training import TrainingConfig
 from backpropagate_services.trainer.adapter_factors import as_parameters
 from backpropagate_services.trainer.checkpoints import TrainingState
 from backpropagate_services.trainer.data_selection import select_examples

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     ConfigError,
     FullFineTuneTooLargeError,
     GpuNotAvailableError,
     MissingDependencyError,
 )
-from backpropagate_services.common.training import TrainingConfig
+from backpropagate_api.training import TrainingConfig
 from backpropagate_services.trainer.lora_dropout import share_lora_dropout
 
 if TYPE_CHECKING:

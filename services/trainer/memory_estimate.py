@@ -67,12 +67,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backpropagate_api.errors import DatasetEmptyError, ModelNotFoundError
+from backpropagate_api.training import TrainingConfig
 from backpropagate_services.common.datasets import PreferenceRow
 from backpropagate_services.common.dtype_probe import MatmulShapes
-from backpropagate_services.common.errors import DatasetEmptyError, ModelNotFoundError
 from backpropagate_services.common.hardware import Hardware
 from backpropagate_services.common.models import ModelSource, gguf_cache_directory
-from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.defaults import machine_accumulation
 from backpropagate_services.trainer.lora import check_full_fine_tune_size
 from backpropagate_services.trainer.templating import (

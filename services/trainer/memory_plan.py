@@ -28,12 +28,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from backpropagate.v1 import trainer_pb2
+from backpropagate_api.errors import GpuOutOfMemoryError
+from backpropagate_api.training import TrainingConfig
+from backpropagate_api.v1 import trainer_pb2
 from backpropagate_services.common.datasets import SftRow
-from backpropagate_services.common.errors import GpuOutOfMemoryError
 from backpropagate_services.common.hardware import GIB, Hardware
 from backpropagate_services.common.models import ModelSource
-from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.config import is_set, training_config_from_proto
 from backpropagate_services.trainer.lora import check_full_fine_tune_size
 from backpropagate_services.trainer.memory_estimate import (

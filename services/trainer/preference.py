@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from backpropagate_api.errors import ConfigError, DatasetEmptyError
+from backpropagate_api.training import PREFERENCE_METHODS, TrainingConfig
 from backpropagate_services.common.datasets import (
     PAIRED_FORMAT,
     UNPAIRED_FORMAT,
@@ -40,8 +42,6 @@ from backpropagate_services.common.datasets import (
     PreferenceRow,
     check_method_fits,
 )
-from backpropagate_services.common.errors import ConfigError, DatasetEmptyError
-from backpropagate_services.common.training import PREFERENCE_METHODS, TrainingConfig
 from backpropagate_services.trainer.checkpoints import TrainingState
 from backpropagate_services.trainer.data_selection import Selection
 from backpropagate_services.trainer.loop import (

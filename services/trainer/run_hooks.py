@@ -20,8 +20,11 @@ from typing import Protocol
 
 import torch
 
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import DependencyError, JobCancelledError
+from backpropagate_api.errors import DependencyError, JobCancelledError
+from backpropagate_api.layout import cancel_channel
+from backpropagate_api.layout import run_events_channel as events_channel
+from backpropagate_api.layout import run_record_key as record_key
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.jobs import (
     Lease,
     LeaseLost,
@@ -29,9 +32,6 @@ from backpropagate_services.common.jobs import (
     StoppedForLater,
     durably,
 )
-from backpropagate_services.common.layout import cancel_channel
-from backpropagate_services.common.layout import run_events_channel as events_channel
-from backpropagate_services.common.layout import run_record_key as record_key
 from backpropagate_services.common.queue import JobQueue
 from backpropagate_services.common.records import BufferedPublisher, save_record
 from backpropagate_services.common.store.base import ArtifactStore

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     ArtifactInvalidError,
     NotFoundError,
     UserError,
     quoted,
 )
-from backpropagate_services.common.ids import checked_id
-from backpropagate_services.common.layout import run_record_key
+from backpropagate_api.ids import checked_id
+from backpropagate_api.layout import run_record_key
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.records import load_record
 from backpropagate_services.common.store import ArtifactStore
 

@@ -22,13 +22,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from backpropagate.v1 import common_pb2
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     GpuOutOfMemoryError,
     GpuTemperatureCriticalError,
     HostMemoryCriticalError,
     RuntimeFailure,
 )
+from backpropagate_api.v1 import common_pb2
 
 UNSPECIFIED = common_pb2.SAFETY_LEVEL_UNSPECIFIED
 WARNING = common_pb2.SAFETY_LEVEL_WARNING

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import grpc
 from tenacity import Retrying, retry_if_result, wait_exponential
 
-from backpropagate.v1 import common_pb2, safety_pb2, safety_pb2_grpc
-from backpropagate_services.common.channels import STACK_CALL
+from backpropagate_api.channels import STACK_CALL
+from backpropagate_api.v1 import common_pb2, safety_pb2, safety_pb2_grpc
 from backpropagate_services.common.service import BackgroundWorker
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,15 @@ from pathlib import Path
 
 import grpc
 
-from backpropagate.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
-from backpropagate_services.common.channels import open_channel
+from backpropagate_api.channels import open_channel
+from backpropagate_api.errors import ConfigError, UserError
+from backpropagate_api.grpc_errors import translate_errors
+from backpropagate_api.ids import new_id
+from backpropagate_api.layout import TRAIN_QUEUE
+from backpropagate_api.layout import run_events_channel as events_channel
+from backpropagate_api.layout import run_record_key as record_key
+from backpropagate_api.statuses import TERMINAL_STATUSES
+from backpropagate_api.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 from backpropagate_services.common.datasets import (
     DatasetRecord,
     SftRow,
@@ -19,21 +26,14 @@ from backpropagate_services.common.datasets import (
     load_sft_rows,
 )
 from backpropagate_services.common.datasets import load_record as load_dataset_record
-from backpropagate_services.common.errors import ConfigError, UserError
-from backpropagate_services.common.grpc_errors import translate_errors
 from backpropagate_services.common.hardware import detect
-from backpropagate_services.common.ids import new_id
 from backpropagate_services.common.jobs import cancel_job
-from backpropagate_services.common.layout import TRAIN_QUEUE
-from backpropagate_services.common.layout import run_events_channel as events_channel
-from backpropagate_services.common.layout import run_record_key as record_key
 from backpropagate_services.common.models import (
     ModelSource,
     resolve_model,
     resolve_model_for,
 )
 from backpropagate_services.common.records import (
-    TERMINAL_STATUSES,
     checked_cursor,
     follow,
     load_record,

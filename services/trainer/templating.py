@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 from jinja2 import TemplateError
 
+from backpropagate_api.errors import ConfigError, DatasetSchemaError
 from backpropagate_services.common.datasets import SftRow
-from backpropagate_services.common.errors import ConfigError, DatasetSchemaError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

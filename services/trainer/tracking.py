@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf.json_format import MessageToDict
 
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import ConfigError, MissingDependencyError, quoted
-from backpropagate_services.common.training import PREFERENCE_METHODS
+from backpropagate_api.errors import ConfigError, MissingDependencyError, quoted
+from backpropagate_api.training import PREFERENCE_METHODS
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 
 if TYPE_CHECKING:
     from backpropagate_services.trainer.run_hooks import RunEvents

@@ -15,9 +15,13 @@ from typing import Any
 
 import torch
 
-from backpropagate.v1 import common_pb2, trainer_pb2
+from backpropagate_api.errors import CheckpointInvalidError
+from backpropagate_api.layout import TRAIN_QUEUE, adapter_prefix, loss_curve_key
+from backpropagate_api.layout import run_record_key as record_key
+from backpropagate_api.statuses import TERMINAL_STATUSES
+from backpropagate_api.training import PREFERENCE_METHODS, TrainingConfig
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.datasets import SftRow, load_preference_rows, load_sft_rows
-from backpropagate_services.common.errors import CheckpointInvalidError
 from backpropagate_services.common.hardware import detect, limit_malloc_arenas, peak_memory_bytes
 from backpropagate_services.common.jobs import (
     JobWorker,
@@ -25,14 +29,11 @@ from backpropagate_services.common.jobs import (
     durably,
     run_recorded,
 )
-from backpropagate_services.common.layout import TRAIN_QUEUE, adapter_prefix, loss_curve_key
-from backpropagate_services.common.layout import run_record_key as record_key
 from backpropagate_services.common.logs import run_context
 from backpropagate_services.common.models import load_model, resolve_model
 from backpropagate_services.common.queue import Job
-from backpropagate_services.common.records import TERMINAL_STATUSES, load_record, save_record
+from backpropagate_services.common.records import load_record, save_record
 from backpropagate_services.common.runtime import Runtime
-from backpropagate_services.common.training import PREFERENCE_METHODS, TrainingConfig
 from backpropagate_services.trainer.campaign import CampaignRunner
 from backpropagate_services.trainer.campaign_plan import CampaignPlan
 from backpropagate_services.trainer.checkpoints import CheckpointManager, CheckpointPolicy

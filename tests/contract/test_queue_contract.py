@@ -18,7 +18,7 @@ import pytest
 import redis
 from servers import LOOPBACK, Restartable, free_port, redis_server, wait_until
 
-from backpropagate_services.common.errors import QueueUnavailableError
+from backpropagate_api.errors import QueueUnavailableError
 from backpropagate_services.common.queue.base import JobQueue
 from backpropagate_services.common.queue.embedded import EmbeddedQueue
 from backpropagate_services.common.queue.redis_streams import RedisStreamsQueue

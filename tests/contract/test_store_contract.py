@@ -18,15 +18,16 @@ import urllib3
 from minio import Minio
 from servers import LOOPBACK, free_port
 
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     ArtifactInvalidError,
     ConfigError,
     NotFoundError,
     StoreUnavailableError,
     UserError,
 )
-from backpropagate_services.common.settings import StoreSettings
-from backpropagate_services.common.store.base import MANIFEST, ArtifactStore, sha256_file
+from backpropagate_api.settings import StoreSettings
+from backpropagate_api.uploads import sha256_file
+from backpropagate_services.common.store.base import MANIFEST, ArtifactStore
 from backpropagate_services.common.store.local import LocalDirStore
 from backpropagate_services.common.store.s3 import S3Store
 

@@ -17,15 +17,15 @@ import pytest
 
 from backpropagate import Trainer
 from backpropagate.results import ExportResult
-from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate.workflows import download_artifact, follow_run
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     DatasetSchemaError,
     DatasetValidationError,
     ExportVerificationError,
     GpuNotAvailableError,
 )
-from backpropagate_services.common.layout import loss_curve_key
+from backpropagate_api.layout import loss_curve_key
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.export.smoke import smoke_answer
 
 TRAIN_STEPS = 3

@@ -31,17 +31,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_processes import serve, stack_env
 
 from backpropagate.connection import Connection
-from backpropagate.v1 import common_pb2, dataprep_pb2, safety_pb2, safety_pb2_grpc, trainer_pb2
 from backpropagate.workflows import upload_dataset
-from backpropagate_services.common.channels import is_loopback, open_channel
-from backpropagate_services.common.errors import (
+from backpropagate_api.channels import is_loopback, open_channel
+from backpropagate_api.errors import (
     AuthFailedError,
     BackpropagateError,
     ServerBusyError,
     ServiceUnavailableError,
 )
-from backpropagate_services.common.grpc_errors import error_from_rpc
-from backpropagate_services.common.settings import ServerSettings, Settings, TlsSettings
+from backpropagate_api.grpc_errors import error_from_rpc
+from backpropagate_api.settings import ServerSettings, Settings, TlsSettings
+from backpropagate_api.v1 import common_pb2, dataprep_pb2, safety_pb2, safety_pb2_grpc, trainer_pb2
 from backpropagate_services.stack import SERVICES
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor
 

@@ -15,16 +15,16 @@ from main_job import check_main_job, check_malformed_dataset_is_rejected
 from ollama_test_server import running_ollama_test_server
 
 from backpropagate import Trainer, register_with_ollama
-from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate.workflows import follow_run, upload_dataset
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     ConfigError,
     HubAuthRequiredError,
     JobCancelledError,
     OllamaRegistrationError,
     UserError,
 )
-from backpropagate_services.common.settings import Settings
+from backpropagate_api.settings import Settings
+from backpropagate_api.v1 import common_pb2, export_pb2, trainer_pb2
 
 pytestmark = [pytest.mark.model, pytest.mark.llama]
 

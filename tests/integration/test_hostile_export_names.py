@@ -23,19 +23,19 @@ import pytest
 from service_processes import in_process_stack
 
 from backpropagate import Trainer
-from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
-from backpropagate_services.common.errors import PathOutsideDirectoryError
-from backpropagate_services.common.ids import new_id
-from backpropagate_services.common.layout import (
+from backpropagate_api.errors import PathOutsideDirectoryError
+from backpropagate_api.ids import new_id
+from backpropagate_api.layout import (
     EXPORT_QUEUE,
     export_events_channel,
     export_file_key,
     export_record_key,
     run_record_key,
 )
+from backpropagate_api.settings import SafetySettings, Settings
+from backpropagate_api.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate_services.common.records import load_record, publish, save_record
 from backpropagate_services.common.runtime import Runtime
-from backpropagate_services.common.settings import SafetySettings, Settings
 
 BACKPROP = str(Path(sys.executable).parent / "backprop")
 WORKER = "hostile-export-worker"

@@ -20,10 +20,10 @@ import servers
 from service_processes import serve, settings_of, stack_env
 
 from backpropagate.connection import Connection
-from backpropagate.v1 import dataprep_pb2, export_pb2, safety_pb2, trainer_pb2
 from backpropagate.workflows import upload_dataset
-from backpropagate_services.common.errors import BackpropagateError
-from backpropagate_services.common.grpc_errors import error_from_rpc
+from backpropagate_api.errors import BackpropagateError
+from backpropagate_api.grpc_errors import error_from_rpc
+from backpropagate_api.v1 import dataprep_pb2, export_pb2, safety_pb2, trainer_pb2
 from backpropagate_services.common.store.base import ArtifactStore, make_store
 from backpropagate_services.stack import SERVICES
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from backpropagate import Trainer
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import ConfigError
-from backpropagate_services.common.settings import Settings
+from backpropagate_api.errors import ConfigError
+from backpropagate_api.settings import Settings
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.trainer.adapter_factors import read_adapter_dir
 from backpropagate_services.trainer.slao import Adapter
 

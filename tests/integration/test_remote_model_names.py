@@ -24,10 +24,10 @@ import servers
 from service_processes import serve
 
 from backpropagate.connection import Connection
-from backpropagate.v1 import trainer_pb2
 from backpropagate.workflows import import_adapter
-from backpropagate_services.common.errors import BackpropagateError
-from backpropagate_services.common.settings import Settings
+from backpropagate_api.errors import BackpropagateError
+from backpropagate_api.settings import Settings
+from backpropagate_api.v1 import trainer_pb2
 from backpropagate_services.stack import SERVICES
 
 TOKEN = "remote-caller-token-0123456789abcdef"

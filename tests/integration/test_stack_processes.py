@@ -16,7 +16,7 @@ from main_job import (
 from service_processes import serve, stack_env
 
 from backpropagate import Trainer
-from backpropagate_services.common.settings import EndpointSettings, Settings
+from backpropagate_api.settings import EndpointSettings, Settings
 from backpropagate_services.stack import SERVICES
 
 pytestmark = [pytest.mark.model, pytest.mark.llama]

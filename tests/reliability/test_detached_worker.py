@@ -21,9 +21,9 @@ import servers
 
 from backpropagate import Trainer
 from backpropagate.background import DetachedWorker, start_background_worker
-from backpropagate.v1 import dataprep_pb2, dataprep_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from backpropagate_services.common.grpc_errors import error_from_rpc
-from backpropagate_services.common.settings import SafetySettings, Settings
+from backpropagate_api.grpc_errors import error_from_rpc
+from backpropagate_api.settings import SafetySettings, Settings
+from backpropagate_api.v1 import dataprep_pb2, dataprep_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 SERVING = re.compile(r"serving .* on (\S+:\d+)")
 

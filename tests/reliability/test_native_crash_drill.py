@@ -14,10 +14,10 @@ import servers
 from service_processes import serve, serving, stack_env
 
 from backpropagate import Trainer
-from backpropagate.v1 import common_pb2, export_pb2
-from backpropagate_services.common.errors import NativeCrashError
-from backpropagate_services.common.grpc_errors import detail_to_error
-from backpropagate_services.common.settings import EndpointSettings, Settings
+from backpropagate_api.errors import NativeCrashError
+from backpropagate_api.grpc_errors import detail_to_error
+from backpropagate_api.settings import EndpointSettings, Settings
+from backpropagate_api.v1 import common_pb2, export_pb2
 
 pytestmark = [pytest.mark.model, pytest.mark.llama]
 

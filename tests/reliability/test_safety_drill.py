@@ -20,9 +20,9 @@ import servers
 from service_processes import serve, stack_env
 
 from backpropagate.connection import Connection
-from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate.workflows import submit_train, upload_dataset
-from backpropagate_services.common.settings import EndpointSettings, Settings
+from backpropagate_api.settings import EndpointSettings, Settings
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 
 pytestmark = [pytest.mark.model]
 

@@ -36,15 +36,15 @@ import torch
 from cli_drills import holding_at
 from service_processes import ControlPlane, control_plane, serve, stack_env
 
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.layout import (
+from backpropagate_api.layout import (
     TRAIN_QUEUE,
     adapter_prefix,
     checkpoint_prefix,
     checkpoints_prefix,
     loss_curve_key,
 )
-from backpropagate_services.common.settings import TrainerSettings
+from backpropagate_api.settings import TrainerSettings
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.store.base import MANIFEST
 from backpropagate_services.trainer.adapter_factors import read_adapter_dir
 from backpropagate_services.trainer.checkpoints import LOSS_WINDOW

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
+from backpropagate_api.settings import Settings
 from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS, hf_location, resolve_model
-from backpropagate_services.common.settings import Settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

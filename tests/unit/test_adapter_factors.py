@@ -10,7 +10,7 @@ import pytest
 import torch
 from lora_adapters import save_random_lora, tiny_llama
 
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_api.errors import ConfigError
 from backpropagate_services.trainer.adapter_factors import (
     as_parameters,
     factors,

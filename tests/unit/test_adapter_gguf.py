@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from lora_adapters import save_random_lora
 
-from backpropagate_services.common.errors import ConversionError
+from backpropagate_api.errors import ConversionError
 from backpropagate_services.common.isolation import run_isolated
 from backpropagate_services.export.adapter_gguf import convert_adapter_to_gguf, permute_for_rope
 from backpropagate_services.export.llama_runtime import open_gguf

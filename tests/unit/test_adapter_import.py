@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from backpropagate.v1 import trainer_pb2
-from backpropagate_services.common.errors import ConfigError, UserError
+from backpropagate_api.errors import ConfigError, UserError
+from backpropagate_api.v1 import trainer_pb2
 from backpropagate_services.trainer.imports import adapter_base_model, receive_adapter_files
 
 

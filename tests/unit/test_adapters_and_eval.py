@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     ConfigError,
     FullFineTuneTooLargeError,
     GpuNotAvailableError,
 )
+from backpropagate_api.settings import ExportSettings
+from backpropagate_api.training import TrainingConfig
 from backpropagate_services.common.hardware import cpu_dtype_choice
 from backpropagate_services.common.models import load_model, resolve_model
-from backpropagate_services.common.settings import ExportSettings
-from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.export.merge import merge_adapter
 from backpropagate_services.export.pipeline import export_model
 from backpropagate_services.export.reference import reference_logits

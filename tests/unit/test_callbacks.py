@@ -14,8 +14,8 @@ import pytest
 from test_tracking import record_of, trainer_on_its_own_stack
 
 from backpropagate import RunResult, Trainer, TrainingCallback
-from backpropagate_services.common.errors import DatasetEmptyError, UserError
-from backpropagate_services.common.layout import checkpoint_prefix
+from backpropagate_api.errors import DatasetEmptyError, UserError
+from backpropagate_api.layout import checkpoint_prefix
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_api.errors import ConfigError
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.trainer.campaign_plan import (
     CampaignPlan,
     check_campaign_config,

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from backpropagate import cli
-from backpropagate_services.common.errors import EXIT_RUNTIME_ERROR
-from backpropagate_services.common.settings import SafetySettings, Settings
+from backpropagate_api.errors import EXIT_RUNTIME_ERROR
+from backpropagate_api.settings import SafetySettings, Settings
 from backpropagate_services.stack import RunningStack, start_stack
 
 BACKPROP = Path(sys.executable).parent / "backprop"

@@ -24,6 +24,12 @@ def test_ruff_format_leaves_every_file_unchanged() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_mypy_passes_on_common_and_the_client() -> None:
-    result = run(str(BIN / "mypy"), "services/common", "cli/backpropagate", "services/stack.py")
+def test_mypy_passes_on_the_api_common_and_the_client() -> None:
+    result = run(
+        str(BIN / "mypy"),
+        "proto/backpropagate_api",
+        "services/common",
+        "cli/backpropagate",
+        "services/stack.py",
+    )
     assert result.returncode == 0, result.stdout + result.stderr

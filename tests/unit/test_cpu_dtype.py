@@ -14,8 +14,9 @@ from service_processes import connected, in_process_stack
 from test_training_loop import tiny_llama
 
 from backpropagate.render import print_run
-from backpropagate.v1 import trainer_pb2
 from backpropagate.workflows import follow_run, submit_train, upload_dataset
+from backpropagate_api.settings import SafetySettings, Settings
+from backpropagate_api.v1 import trainer_pb2
 from backpropagate_services.common.dtype_probe import (
     CACHE_FILE_NAME,
     DTYPES,
@@ -30,7 +31,6 @@ from backpropagate_services.common.hardware import (
     detect,
     probe_key,
 )
-from backpropagate_services.common.settings import SafetySettings, Settings
 from backpropagate_services.stack import SERVICES
 
 # Small enough that a real probe takes a fraction of a second even on a busy machine.

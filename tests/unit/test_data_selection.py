@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from backpropagate.v1 import trainer_pb2
-from backpropagate_services.common.errors import ConfigError
-from backpropagate_services.common.training import TrainingConfig
+from backpropagate_api.errors import ConfigError
+from backpropagate_api.training import TrainingConfig
+from backpropagate_api.v1 import trainer_pb2
 from backpropagate_services.trainer.data_selection import select_examples
 from backpropagate_services.trainer.loop import BatchSampler, LoraTraining
 from backpropagate_services.trainer.templating import TokenizedExample

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     BackpropagateError,
     DatasetEmptyError,
     DatasetFormatUnknownError,

@@ -11,9 +11,9 @@ from test_cli_errors import backprop
 
 from backpropagate.connection import Connection
 from backpropagate.workflows import upload_dataset
+from backpropagate_api.errors import ConfigError
+from backpropagate_api.settings import Settings
 from backpropagate_services.common.datasets import load_record, load_sft_rows
-from backpropagate_services.common.errors import ConfigError
-from backpropagate_services.common.settings import Settings
 from backpropagate_services.common.store.local import LocalDirStore
 from backpropagate_services.dataprep.duplicates import DuplicateFilter
 from backpropagate_services.stack import start_stack

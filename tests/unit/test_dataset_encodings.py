@@ -13,9 +13,9 @@ import pytest
 
 from backpropagate.connection import Connection
 from backpropagate.workflows import upload_dataset
+from backpropagate_api.errors import DatasetParseError
+from backpropagate_api.settings import Settings
 from backpropagate_services.common.datasets import chat_rows, load_sft_rows, save_dataset
-from backpropagate_services.common.errors import DatasetParseError
-from backpropagate_services.common.settings import Settings
 from backpropagate_services.common.store.local import LocalDirStore
 from backpropagate_services.dataprep import limits
 from backpropagate_services.dataprep.encoding import text_lines

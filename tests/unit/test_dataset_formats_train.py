@@ -11,10 +11,10 @@ import pytest
 
 from backpropagate.connection import Connection
 from backpropagate.dataset_sources import dataset_file
-from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate.workflows import follow_run, submit_train, upload_dataset
+from backpropagate_api.settings import Settings
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS
-from backpropagate_services.common.settings import Settings
 from backpropagate_services.stack import RunningStack, start_stack
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

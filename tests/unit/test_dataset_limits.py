@@ -19,10 +19,10 @@ import pytest
 
 from backpropagate.connection import Connection
 from backpropagate.workflows import upload_dataset
+from backpropagate_api.errors import DatasetParseError, DatasetTooLargeError
+from backpropagate_api.settings import Settings
 from backpropagate_services.common import datasets
 from backpropagate_services.common.datasets import load_record
-from backpropagate_services.common.errors import DatasetParseError, DatasetTooLargeError
-from backpropagate_services.common.settings import Settings
 from backpropagate_services.common.store.local import LocalDirStore
 from backpropagate_services.dataprep import limits, parquet_pages
 from backpropagate_services.dataprep.formats import parse_jsonl, parse_records

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backpropagate_services.common.errors import UserError
+from backpropagate_api.errors import UserError
 from backpropagate_services.dataprep.formats import parse_records
 from backpropagate_services.dataprep.records import file_records
 

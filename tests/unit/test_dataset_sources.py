@@ -9,8 +9,8 @@ import pytest
 from backpropagate.connection import Connection
 from backpropagate.dataset_sources import check_source, dataset_file
 from backpropagate.workflows import upload_dataset
-from backpropagate_services.common.errors import ConfigError, HubUnreachableError, NotFoundError
-from backpropagate_services.common.settings import Settings
+from backpropagate_api.errors import ConfigError, HubUnreachableError, NotFoundError
+from backpropagate_api.settings import Settings
 from backpropagate_services.dataprep.formats import parse_records
 from backpropagate_services.dataprep.records import file_records
 from backpropagate_services.stack import start_stack

@@ -13,13 +13,13 @@ import pytest
 from backpropagate.connection import Connection
 from backpropagate.data_cli import column_mapping
 from backpropagate.workflows import upload_dataset
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     ConfigError,
     DatasetFormatUnknownError,
     DatasetParseError,
     DatasetSchemaError,
 )
-from backpropagate_services.common.settings import Settings
+from backpropagate_api.settings import Settings
 from backpropagate_services.dataprep.formats import parse_records
 from backpropagate_services.dataprep.records import file_records
 from backpropagate_services.stack import start_stack

@@ -12,14 +12,14 @@ from rich.console import Console
 from backpropagate import Trainer
 from backpropagate.connection import Connection
 from backpropagate.workflows import upload_dataset
-from backpropagate_services.common.datasets import load_record, load_sft_rows
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     DatasetFormatUnknownError,
     DatasetSchemaError,
     DatasetTooLargeError,
     DatasetValidationError,
 )
-from backpropagate_services.common.settings import Settings
+from backpropagate_api.settings import Settings
+from backpropagate_services.common.datasets import load_record, load_sft_rows
 from backpropagate_services.common.store.local import LocalDirStore
 from backpropagate_services.dataprep.formats import parse_jsonl
 from backpropagate_services.stack import start_stack

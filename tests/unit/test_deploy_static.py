@@ -37,8 +37,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from pydantic import BaseModel
 
+from backpropagate_api.settings import Settings
 from backpropagate_services.common import healthcheck
-from backpropagate_services.common.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -47,7 +47,7 @@ HEALTHCHECK_MODULE = "backpropagate_services.common.healthcheck"
 LOOPBACK = {"127.0.0.1", "::1"}
 SERVICES = sorted(
     path.stem
-    for path in (REPO / "proto" / "backpropagate" / "v1").glob("*.proto")
+    for path in (REPO / "proto" / "backpropagate_api" / "v1").glob("*.proto")
     if re.search(r"^service \w+", path.read_text(), re.MULTILINE)
 )
 DOCKERFILES = {service: REPO / "deploy" / service / "Dockerfile" for service in SERVICES}
@@ -679,7 +679,7 @@ def rebuild_image_source(service: str, into: Path) -> ImageSource:
     return ImageSource(site, requirements)
 
 
-FIRST_PARTY = {"backpropagate", "backpropagate_services"}
+FIRST_PARTY = {"backpropagate", "backpropagate_api", "backpropagate_services"}
 
 
 @dataclass(frozen=True)
@@ -859,7 +859,7 @@ def test_image_holds_the_code_and_packages_that_its_service_imports(
 def test_dockerignore_keeps_local_state_and_models_out_of_the_context() -> None:
     for path in [".venv/bin/python", ".git/HEAD", "model.gguf", "exports/run/model.gguf", ".env"]:
         assert is_dockerignored(path), path
-    for path in ["pyproject.toml", "services/common/settings.py", ".env.example"]:
+    for path in ["pyproject.toml", "proto/backpropagate_api/settings.py", ".env.example"]:
         assert not is_dockerignored(path), path
 
 

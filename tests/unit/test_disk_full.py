@@ -28,7 +28,6 @@ from service_processes import connected, in_process_stack
 from test_training_loop import tiny_llama
 
 from backpropagate.connection import Connection
-from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate.workflows import (
     export,
     follow_run,
@@ -36,12 +35,13 @@ from backpropagate.workflows import (
     submit_train,
     upload_dataset,
 )
+from backpropagate_api.errors import BackpropagateError
+from backpropagate_api.grpc_errors import as_backpropagate_error
+from backpropagate_api.layout import adapter_prefix, checkpoints_prefix
+from backpropagate_api.settings import SafetySettings, Settings
+from backpropagate_api.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate_services.common.atomic import PARTIAL_SUFFIX
-from backpropagate_services.common.errors import BackpropagateError
-from backpropagate_services.common.grpc_errors import as_backpropagate_error
-from backpropagate_services.common.layout import adapter_prefix, checkpoints_prefix
 from backpropagate_services.common.records import from_json
-from backpropagate_services.common.settings import SafetySettings, Settings
 from backpropagate_services.common.store.base import MANIFEST
 from backpropagate_services.common.store.local import LocalDirStore
 from backpropagate_services.common.store.s3 import S3Store

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from backpropagate.v1 import export_pb2
 from backpropagate.workflows import download_plan
-from backpropagate_services.common.errors import PathOutsideDirectoryError
+from backpropagate_api.errors import PathOutsideDirectoryError
+from backpropagate_api.v1 import export_pb2
 
 
 def export_of(*files: tuple[str, bytes]) -> export_pb2.ExportResult:

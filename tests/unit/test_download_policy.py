@@ -14,17 +14,17 @@ import pytest
 from service_processes import connected, in_process_stack
 
 from backpropagate.connection import Connection
-from backpropagate.v1 import export_pb2
 from backpropagate.workflows import download_artifact
-from backpropagate_services.common.errors import ArtifactNotDownloadableError
-from backpropagate_services.common.layout import (
+from backpropagate_api.errors import ArtifactNotDownloadableError
+from backpropagate_api.layout import (
     export_file_key,
     export_record_key,
     loss_curve_key,
     run_record_key,
 )
+from backpropagate_api.settings import SafetySettings, Settings
+from backpropagate_api.v1 import export_pb2
 from backpropagate_services.common.records import save_record
-from backpropagate_services.common.settings import SafetySettings, Settings
 from backpropagate_services.stack import RunningStack
 
 EXPORT_ID = "export-20261206T120000-abcdef"

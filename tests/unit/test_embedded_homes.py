@@ -7,7 +7,7 @@ from pathlib import Path
 
 from backpropagate.connection import Connection
 from backpropagate.workflows import upload_dataset
-from backpropagate_services.common.settings import SafetySettings, Settings
+from backpropagate_api.settings import SafetySettings, Settings
 
 
 def test_two_homes_in_one_process_get_a_stack_and_a_store_each(

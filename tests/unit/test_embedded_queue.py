@@ -16,11 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from backpropagate_services.common.errors import QueueCorruptError, QueueUnavailableError
+from backpropagate_api.errors import QueueCorruptError, QueueUnavailableError
+from backpropagate_api.settings import QueueSettings, Settings
 from backpropagate_services.common.queue import make_queue, sqlite_file
 from backpropagate_services.common.queue.embedded import EmbeddedQueue
 from backpropagate_services.common.queue.sqlite_file import MACHINE, holder_gone
-from backpropagate_services.common.settings import QueueSettings, Settings
 
 # Only a dead holder's claim can be taken in these tests, never an expired one.
 HOUR = 3600.0

@@ -19,11 +19,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_processes import connected, in_process_stack
 
 from backpropagate.connection import Connection
-from backpropagate.v1 import dataprep_pb2
 from backpropagate.workflows import upload_dataset
-from backpropagate_services.common import errors
-from backpropagate_services.common.datasets import prepared_dataset_id
-from backpropagate_services.common.errors import (
+from backpropagate_api import errors
+from backpropagate_api.errors import (
     EXIT_PARTIAL_FAILURE,
     EXIT_RUNTIME_ERROR,
     EXIT_USER_ERROR,
@@ -34,7 +32,9 @@ from backpropagate_services.common.errors import (
     all_error_classes,
     rebuild_error,
 )
-from backpropagate_services.common.settings import SafetySettings, Settings
+from backpropagate_api.settings import SafetySettings, Settings
+from backpropagate_api.uploads import prepared_dataset_id
+from backpropagate_api.v1 import dataprep_pb2
 from backpropagate_services.dataprep.server import SERVICE_NAME as DATAPREP_SERVICE
 from backpropagate_services.safety.server import SERVICE_NAME as SAFETY_SERVICE
 from backpropagate_services.stack import RunningStack, start_stack

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from backpropagate.v1 import common_pb2, export_pb2
-from backpropagate_services.common.layout import EXPORT_QUEUE, export_record_key
+from backpropagate_api.layout import EXPORT_QUEUE, export_record_key
+from backpropagate_api.settings import QueueSettings, Settings, StoreSettings
+from backpropagate_api.v1 import common_pb2, export_pb2
 from backpropagate_services.common.records import load_record, save_record
 from backpropagate_services.common.runtime import Runtime
-from backpropagate_services.common.settings import QueueSettings, Settings, StoreSettings
 from backpropagate_services.export.worker import ExportWorker
 
 VISIBILITY_TIMEOUT = 0.3

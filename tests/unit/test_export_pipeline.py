@@ -9,19 +9,19 @@ import torch
 from lora_adapters import save_random_lora
 from safetensors.torch import load_file
 
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     ConfigError,
     ConversionError,
     ExportSmokeTestError,
     ExportVerificationError,
 )
+from backpropagate_api.settings import ExportSettings
 from backpropagate_services.common.models import (
     OFFLINE_DEFAULT_ALIAS,
     ModelSource,
     resolve_model,
     smollm2_gguf_path,
 )
-from backpropagate_services.common.settings import ExportSettings
 from backpropagate_services.export.convert import convert_to_gguf, read_gguf_summary
 from backpropagate_services.export.merge import MergedModel, merge_adapter
 from backpropagate_services.export.pipeline import STAGES, ExportOutcome, export_model

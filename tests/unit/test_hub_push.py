@@ -26,7 +26,7 @@ import pytest
 from huggingface_hub import ModelCard, ModelCardData
 from lora_adapters import tiny_llama
 
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     EXIT_RUNTIME_ERROR,
     EXIT_USER_ERROR,
     ConfigError,

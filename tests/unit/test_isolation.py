@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     BackpropagateError,
     ConversionError,
     NativeCrashError,
@@ -45,7 +45,7 @@ def test_an_unexpected_exception_in_the_child_is_reported_as_an_internal_error()
 
 
 def test_a_segfault_in_the_child_is_a_native_crash_error_naming_the_signal(monkeypatch):
-    from backpropagate_services.common.settings import get_settings
+    from backpropagate_api.settings import get_settings
 
     # The drill setting reaches the child through its environment, as in a service.
     monkeypatch.setenv("BACKPROPAGATE_FAULT__NATIVE_CRASH_STAGE", "quantize")

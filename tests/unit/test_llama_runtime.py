@@ -11,7 +11,7 @@ import pytest
 from llama_cpp import cpu_variants
 from llama_cpp.cpu_variants import AMX_VARIANTS, BackendUnavailable, CpuBackend, choose_variant
 
-from backpropagate_services.common.errors import MissingDependencyError
+from backpropagate_api.errors import MissingDependencyError
 from backpropagate_services.common.isolation import run_isolated
 from backpropagate_services.common.models import smollm2_gguf_path
 from backpropagate_services.export.llama_runtime import cpu_backend, load_llama_cpp

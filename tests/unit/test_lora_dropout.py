@@ -9,7 +9,7 @@ import pytest
 import torch
 from lora_adapters import tiny_llama
 
-from backpropagate_services.common.training import TrainingConfig
+from backpropagate_api.training import TrainingConfig
 from backpropagate_services.trainer.lora import apply_adapter
 from backpropagate_services.trainer.lora_dropout import InputDropout, _LastMasked, keep_mask
 

@@ -19,10 +19,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from backpropagate import estimate_cli
 from backpropagate.results import MemoryEstimateResult
+from backpropagate_api.settings import Settings
+from backpropagate_api.training import TrainingConfig
 from backpropagate_services.common.hardware import Hardware, detect
 from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS, resolve_model
-from backpropagate_services.common.settings import Settings
-from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.lora import apply_adapter
 from backpropagate_services.trainer.memory_estimate import (
     MicroBatch,
@@ -264,9 +264,9 @@ import json, sys
 import torch
 from backpropagate_services.common.hardware import detect, limit_malloc_arenas, peak_rss_bytes
 from backpropagate_services.common.models import load_model, resolve_model
-from backpropagate_services.common.settings import Settings
+from backpropagate_api.settings import Settings
 from backpropagate_services.trainer.loop import LoraTraining
-from backpropagate_services.common.training import TrainingConfig
+from backpropagate_api.training import TrainingConfig
 
 limit_malloc_arenas()  # as a train worker does
 config, data = TrainingConfig(**json.loads(sys.argv[1])), sys.argv[2]

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
+from backpropagate_api.training import TrainingConfig
 from backpropagate_services.common.hardware import GIB, Hardware
-from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.memory_estimate import (
     MicroBatch,
     ModelShape,

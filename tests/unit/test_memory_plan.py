@@ -17,16 +17,16 @@ import pytest
 from backpropagate.estimate_cli import print_estimate
 from backpropagate.render import print_run
 from backpropagate.results import MemoryEstimateResult, RunResult
-from backpropagate.v1 import common_pb2, trainer_pb2
+from backpropagate_api.errors import GpuOutOfMemoryError
+from backpropagate_api.layout import TRAIN_QUEUE, run_record_key
+from backpropagate_api.settings import Settings, StoreSettings
+from backpropagate_api.training import TrainingConfig
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.datasets import chat_rows, save_dataset
-from backpropagate_services.common.errors import GpuOutOfMemoryError
 from backpropagate_services.common.hardware import GIB, Hardware
-from backpropagate_services.common.layout import TRAIN_QUEUE, run_record_key
 from backpropagate_services.common.models import ModelSource, resolve_model
 from backpropagate_services.common.records import load_record, save_record
 from backpropagate_services.common.runtime import Runtime
-from backpropagate_services.common.settings import Settings, StoreSettings
-from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.memory_estimate import MicroBatch, source_shape
 from backpropagate_services.trainer.memory_plan import (
     MemoryPlan,

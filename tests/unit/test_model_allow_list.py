@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from backpropagate_services.common.errors import ModelNotAllowedError
+from backpropagate_api.errors import ModelNotAllowedError
 from backpropagate_services.common.models import (
     OFFLINE_DEFAULT_ALIAS,
     peer_is_local,

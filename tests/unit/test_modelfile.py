@@ -21,7 +21,7 @@ import jinja2.ext
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_api.errors import ConfigError
 from backpropagate_services.export.modelfile import (
     detect_template_family,
     render_modelfile,

@@ -17,7 +17,7 @@ import requests
 import servers
 from ollama_test_server import OllamaTestServer, running_ollama_test_server
 
-from backpropagate_services.common.errors import ConfigError, OllamaRegistrationError
+from backpropagate_api.errors import ConfigError, OllamaRegistrationError
 from backpropagate_services.export.modelfile import detect_template_family
 from backpropagate_services.export.ollama import (
     OllamaModel,

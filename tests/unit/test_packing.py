@@ -12,7 +12,7 @@ import torch
 from test_training_loop import tiny_llama
 from transformers import PreTrainedTokenizerBase
 
-from backpropagate_services.common.training import TrainingConfig
+from backpropagate_api.training import TrainingConfig
 from backpropagate_services.trainer.loop import LoraTraining, collate, summed_token_loss
 from backpropagate_services.trainer.lora import apply_adapter
 from backpropagate_services.trainer.packing import pack_rows, packed_batches, packing_works

@@ -23,13 +23,13 @@ from test_resume_and_oom import Recorder, assert_same_adapter
 from test_training_loop import tiny_llama
 
 from backpropagate.connection import Connection
-from backpropagate.v1 import common_pb2, trainer_pb2
 from backpropagate.workflows import follow_run, submit_train, upload_dataset
-from backpropagate_services.common.errors import ConfigError, DatasetEmptyError
+from backpropagate_api.errors import ConfigError, DatasetEmptyError
+from backpropagate_api.settings import Settings
+from backpropagate_api.training import TrainingConfig
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS, load_model, resolve_model
-from backpropagate_services.common.settings import Settings
 from backpropagate_services.common.store.local import LocalDirStore
-from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.stack import RunningStack, start_stack
 from backpropagate_services.trainer.checkpoints import CheckpointManager, CheckpointPolicy
 from backpropagate_services.trainer.loop import (

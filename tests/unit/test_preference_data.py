@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from backpropagate_api.errors import (
+    ConfigError,
+    DatasetSchemaError,
+)
 from backpropagate_services.common.datasets import (
     chat_rows,
     check_method_fits,
@@ -19,10 +23,6 @@ from backpropagate_services.common.datasets import (
     load_record,
     load_sft_rows,
     save_dataset,
-)
-from backpropagate_services.common.errors import (
-    ConfigError,
-    DatasetSchemaError,
 )
 from backpropagate_services.common.store.local import LocalDirStore
 from backpropagate_services.dataprep.encoding import text_lines

@@ -6,7 +6,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from backpropagate_services.common.private_files import (
+from backpropagate_api.private_files import (
     create_private_file,
     private_directory,
     private_home,

@@ -1,4 +1,4 @@
-"""The committed gRPC stubs in cli/backpropagate/v1 are exactly what `make proto` makes now.
+"""The committed gRPC stubs in proto/backpropagate_api/v1 are exactly what `make proto` makes now.
 
 They are committed so the light client install needs no protoc; this test regenerates them into
 a temporary directory and fails, naming each file, when a proto changed without `make proto`.
@@ -13,9 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from backpropagate_services.common.protogen import PACKAGE_DIR, REPO_ROOT, generate, proto_files
+from backpropagate_services.common.protogen import (
+    PACKAGE_DIR,
+    PROTO_ROOT,
+    generate,
+    proto_files,
+)
 
-COMMITTED = REPO_ROOT / "cli" / PACKAGE_DIR
+COMMITTED = PROTO_ROOT / PACKAGE_DIR
 
 
 def generated_files(directory: Path) -> dict[str, bytes]:

@@ -14,12 +14,12 @@ import grpc
 import pytest
 
 import backpropagate  # noqa: F401  # the client first: grpc_errors imports its generated code
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import NotFoundError
-from backpropagate_services.common.grpc_errors import error_from_rpc, translate_errors
+from backpropagate_api.errors import NotFoundError
+from backpropagate_api.grpc_errors import error_from_rpc, translate_errors
+from backpropagate_api.redaction import redact
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.logs import LOG_FORMAT, RedactingFormatter, RunIdFilter
 from backpropagate_services.common.records import load_record, save_record
-from backpropagate_services.common.redaction import redact
 from backpropagate_services.common.store.local import LocalDirStore
 
 # (text holding a secret, the secret itself, what redaction leaves)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_training_loop import MEMORISE, tiny_llama
 
-from backpropagate.v1 import trainer_pb2
-from backpropagate_services.common.errors import CheckpointInvalidError, GpuOutOfMemoryError
+from backpropagate_api.errors import CheckpointInvalidError, GpuOutOfMemoryError
+from backpropagate_api.training import TrainingConfig
+from backpropagate_api.v1 import trainer_pb2
 from backpropagate_services.common.store.local import LocalDirStore
-from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.checkpoints import (
     CheckpointManager,
     CheckpointPolicy,

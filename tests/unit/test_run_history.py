@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from backpropagate.run_history import as_csv, differences, parse_status
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import UserError
-from backpropagate_services.common.layout import run_record_key
+from backpropagate_api.errors import UserError
+from backpropagate_api.layout import run_record_key
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.records import save_record
 from backpropagate_services.common.store.local import LocalDirStore
 

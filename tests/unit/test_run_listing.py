@@ -14,11 +14,11 @@ from service_processes import connected, in_process_stack
 
 from backpropagate.connection import Connection
 from backpropagate.run_history import list_runs
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import ArtifactInvalidError, UserError
-from backpropagate_services.common.layout import run_record_key
+from backpropagate_api.errors import ArtifactInvalidError, UserError
+from backpropagate_api.layout import run_record_key
+from backpropagate_api.settings import SafetySettings, Settings, StoreSettings
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.records import save_record
-from backpropagate_services.common.settings import SafetySettings, Settings, StoreSettings
 from backpropagate_services.trainer.run_listing import DEFAULT_PAGE_SIZE
 
 RUNS = 250

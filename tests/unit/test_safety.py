@@ -22,9 +22,9 @@ import pynvml
 import pytest
 
 from backpropagate.connection import Connection
-from backpropagate.v1 import common_pb2, safety_pb2
-from backpropagate_services.common.errors import ConfigError, MissingDependencyError
-from backpropagate_services.common.settings import SafetySettings, Settings, get_settings
+from backpropagate_api.errors import ConfigError, MissingDependencyError
+from backpropagate_api.settings import SafetySettings, Settings, get_settings
+from backpropagate_api.v1 import common_pb2, safety_pb2
 from backpropagate_services.safety.levels import (
     Assessment,
     Bands,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from backpropagate.v1 import common_pb2
-from backpropagate_services.common.settings import SafetySettings
+from backpropagate_api.settings import SafetySettings
+from backpropagate_api.v1 import common_pb2
 from backpropagate_services.safety.levels import (
     GpuReading,
     HostReading,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from backpropagate.v1 import common_pb2
-from backpropagate_services.common.settings import SafetySettings, Settings
+from backpropagate_api.settings import SafetySettings, Settings
+from backpropagate_api.v1 import common_pb2
 from backpropagate_services.stack import RunningStack, start_stack
 from backpropagate_services.trainer.safety_gate import Action, SafetyGate
 from backpropagate_services.trainer.safety_monitor import SafetyMonitor

@@ -16,7 +16,8 @@ from pathlib import Path
 import pydantic
 import pytest
 
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_api.errors import ConfigError
+from backpropagate_api.settings import Settings, get_settings
 from backpropagate_services.common.logs import (
     LOG_FORMAT,
     RunIdFilter,
@@ -24,7 +25,6 @@ from backpropagate_services.common.logs import (
     current_run_id,
     run_context,
 )
-from backpropagate_services.common.settings import Settings, get_settings
 
 
 @pytest.fixture(autouse=True)

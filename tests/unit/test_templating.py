@@ -8,7 +8,7 @@ import json
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from backpropagate_services.common.errors import ConfigError, DatasetSchemaError
+from backpropagate_api.errors import ConfigError, DatasetSchemaError
 from backpropagate_services.dataprep.formats import parse_jsonl
 from backpropagate_services.trainer.templating import (
     IGNORE_INDEX,

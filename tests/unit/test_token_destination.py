@@ -20,9 +20,9 @@ import pytest
 from test_cli_errors import assert_user_error, backprop
 
 from backpropagate.connection import Connection
-from backpropagate_services.common.channels import AUTHORIZATION, bearer, open_channel
-from backpropagate_services.common.errors import ConfigError
-from backpropagate_services.common.settings import Settings, TlsSettings
+from backpropagate_api.channels import AUTHORIZATION, bearer, open_channel
+from backpropagate_api.errors import ConfigError
+from backpropagate_api.settings import Settings, TlsSettings
 
 TOKEN = "users-own-token-0123456789abcdef"
 

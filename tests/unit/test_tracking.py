@@ -16,10 +16,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from backpropagate import Trainer
-from backpropagate.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.errors import ConfigError
+from backpropagate_api.errors import ConfigError
+from backpropagate_api.settings import Settings
+from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS
-from backpropagate_services.common.settings import Settings
 from backpropagate_services.stack import start_stack
 from backpropagate_services.trainer.tracking import (
     TRACKERS,

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from backpropagate.v1 import trainer_pb2
-from backpropagate_services.common.errors import ConfigError
-from backpropagate_services.common.training import TrainingConfig
+from backpropagate_api.errors import ConfigError
+from backpropagate_api.training import TrainingConfig
+from backpropagate_api.v1 import trainer_pb2
 from backpropagate_services.trainer.config import training_config_from_proto, with_budget
 
 

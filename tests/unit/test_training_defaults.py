@@ -9,15 +9,15 @@ from test_cli_errors import backprop
 
 from backpropagate.config import get_preset
 from backpropagate.sdk import adapter_of_mode
-from backpropagate.v1 import trainer_pb2
-from backpropagate_services.common.errors import ConfigError, UserError
+from backpropagate_api.errors import ConfigError, UserError
+from backpropagate_api.settings import Settings
+from backpropagate_api.training import LORA_PRESETS, TRAINING_PRESETS
+from backpropagate_api.v1 import trainer_pb2
 from backpropagate_services.common.hardware import (
     GIB,
     Hardware,
     default_micro_batch,
 )
-from backpropagate_services.common.settings import Settings
-from backpropagate_services.common.training import LORA_PRESETS, TRAINING_PRESETS
 from backpropagate_services.trainer.config import training_config_from_proto
 from backpropagate_services.trainer.defaults import (
     DATA_BUDGET_ADAPTER_SCALE,

@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from backpropagate_services.common.errors import (
+from backpropagate_api.errors import (
     ConfigError,
     DatasetEmptyError,
     GpuOutOfMemoryError,
     JobCancelledError,
 )
+from backpropagate_api.training import TrainingConfig
 from backpropagate_services.common.models import load_model, resolve_model
-from backpropagate_services.common.training import TrainingConfig
 from backpropagate_services.trainer.loop import (
     BatchSampler,
     LoraTraining,

@@ -16,16 +16,16 @@ import pytest
 from service_processes import connected, in_process_stack
 
 from backpropagate.connection import Connection
-from backpropagate.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate.workflows import follow_run
-from backpropagate_services.common.errors import UserError
-from backpropagate_services.common.layout import (
+from backpropagate_api.errors import UserError
+from backpropagate_api.layout import (
     export_record_key,
     run_events_channel,
     run_record_key,
 )
+from backpropagate_api.settings import SafetySettings, ServerSettings, Settings
+from backpropagate_api.v1 import common_pb2, export_pb2, trainer_pb2
 from backpropagate_services.common.records import SETTLE_SECONDS, save_record, to_json
-from backpropagate_services.common.settings import SafetySettings, ServerSettings, Settings
 from backpropagate_services.stack import RunningStack
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from backpropagate_services.common.settings import Settings
+    from backpropagate_api.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from backpropagate_services.common.errors import QueueUnavailableError
+from backpropagate_api.errors import QueueUnavailableError
 from backpropagate_services.common.queue.base import (
     EVENTS_KEPT_PER_CHANNEL,
     EVENTS_TTL_SECONDS,

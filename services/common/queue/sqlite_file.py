@@ -18,8 +18,8 @@ from pathlib import Path
 
 import psutil
 
-from backpropagate_services.common.errors import QueueCorruptError, QueueUnavailableError
-from backpropagate_services.common.private_files import create_private_file
+from backpropagate_api.errors import QueueCorruptError, QueueUnavailableError
+from backpropagate_api.private_files import create_private_file
 
 BUSY_TIMEOUT_SECONDS = 30.0
 

@@ -9,7 +9,6 @@ directory without one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from abc import ABC, abstractmethod
@@ -17,20 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backpropagate_api.errors import ArtifactInvalidError, NotFoundError
+from backpropagate_api.local_names import stays_inside
+from backpropagate_api.uploads import sha256_file
 from backpropagate_services.common.atomic import staged
-from backpropagate_services.common.errors import ArtifactInvalidError, NotFoundError
-from backpropagate_services.common.local_names import stays_inside
 
 if TYPE_CHECKING:
-    from backpropagate_services.common.settings import Settings
+    from backpropagate_api.settings import Settings
 
 MANIFEST = "MANIFEST.json"
 CHUNK_SIZE = 1024 * 1024
-
-
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class ArtifactStore(ABC):

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from backpropagate_api.errors import NotFoundError, UserError
+from backpropagate_api.private_files import private_directory, private_opener
 from backpropagate_services.common.atomic import is_partial, staged
-from backpropagate_services.common.errors import NotFoundError, UserError
-from backpropagate_services.common.private_files import private_directory, private_opener
 from backpropagate_services.common.store.base import CHUNK_SIZE, ArtifactStore
 
 

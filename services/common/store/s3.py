@@ -17,8 +17,8 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error, ServerError
 
-from backpropagate_services.common.disk_full import no_space_error
-from backpropagate_services.common.errors import (
+from backpropagate_api.disk_full import no_space_error
+from backpropagate_api.errors import (
     ConfigError,
     NotFoundError,
     StoreUnavailableError,
@@ -26,7 +26,7 @@ from backpropagate_services.common.errors import (
 from backpropagate_services.common.store.base import CHUNK_SIZE, ArtifactStore
 
 if TYPE_CHECKING:
-    from backpropagate_services.common.settings import StoreSettings
+    from backpropagate_api.settings import StoreSettings
 
 # MinIO's answer (HTTP 507) to a write once its drives reach their free-space threshold.
 MINIO_STORAGE_FULL = "XMinioStorageFull"

