@@ -35,8 +35,8 @@ def main() -> None:
     )
     from backpropagate_services.common.store.local import LocalDirStore
     from backpropagate_services.dataprep.formats import parse_jsonl
-    from backpropagate_services.trainer.checkpoints import CheckpointManager, CheckpointPolicy
-    from backpropagate_services.trainer.loop import LoraTraining, StepReport, TrainingHooks
+    from backpropagate_services.trainer.loop.checkpoints import CheckpointManager, CheckpointPolicy
+    from backpropagate_services.trainer.loop.sft import LoraTraining, StepReport, TrainingHooks
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)

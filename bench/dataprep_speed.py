@@ -40,7 +40,7 @@ MAX_LENGTH = 512
 
 def ours(path: Path, tokenizer: Any) -> int:
     from backpropagate_services.dataprep.formats import parse_jsonl
-    from backpropagate_services.trainer.templating import tokenize_conversations
+    from backpropagate_services.trainer.data.templating import tokenize_conversations
 
     with path.open(encoding="utf-8") as lines:
         parsed = parse_jsonl(lines, path.name)
@@ -50,7 +50,7 @@ def ours(path: Path, tokenizer: Any) -> int:
 def naive(path: Path, tokenizer: Any, cache_dir: Path) -> int:
     from datasets import load_dataset
 
-    from backpropagate_services.trainer.templating import IGNORE_INDEX
+    from backpropagate_services.trainer.data.templating import IGNORE_INDEX
 
     def tokenize(row: dict[str, Any]) -> dict[str, list[int]]:
         messages = row["messages"]

@@ -51,17 +51,17 @@ from backpropagate_services.common.models import (
     load_model,
     resolve_model,
 )
-from backpropagate_services.trainer.adapter_factors import as_parameters, factors
-from backpropagate_services.trainer.loop import LoraTraining
-from backpropagate_services.trainer.slao import (
+from backpropagate_services.trainer.adapters.factors import as_parameters, factors
+from backpropagate_services.trainer.data.templating import (
+    IGNORE_INDEX,
+    tokenize_conversations,
+)
+from backpropagate_services.trainer.loop.sft import LoraTraining
+from backpropagate_services.trainer.multirun.slao import (
     MERGE_MODES,
     Adapter,
     ContinualMerge,
     LayerLora,
-)
-from backpropagate_services.trainer.templating import (
-    IGNORE_INDEX,
-    tokenize_conversations,
 )
 
 REPO = Path(__file__).resolve().parents[1]

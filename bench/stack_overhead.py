@@ -59,7 +59,7 @@ def direct(steps: int, out_dir: Path) -> None:
         resolve_model,
     )
     from backpropagate_services.dataprep.formats import parse_jsonl
-    from backpropagate_services.trainer.loop import LoraTraining
+    from backpropagate_services.trainer.loop.sft import LoraTraining
 
     settings = get_settings()
     hardware = detect(settings.trainer.cpu_dtype)

@@ -7,7 +7,7 @@ limit, as real chat data has). Variants, each in a fresh process so that its pea
 
 - baseline: `transformers.Trainer` + `peft.get_peft_model`, a collator padding to the longest row
   of each batch (labels -100 on prompts and padding), the Trainer's own loop;
-- ours-padded: our loop (services/trainer/loop.py) with packing off;
+- ours-padded: our loop (services/trainer/loop/sft.py) with packing off;
 - ours: our loop as runs get it (packing on where the model honours position resets);
 - with --levers, "ours" with one lever changed (LEVERS): what each gives on this machine. A
   lever that cannot run here (torch.compile without a compiler) is reported as failed.
@@ -111,7 +111,7 @@ def measure(variant: str, dtype: str, steps: int, warmup: int) -> dict[str, Any]
     if variant == "ours+1-thread":
         torch.set_num_threads(1)
     if variant == "ours+peft-dropout":
-        from backpropagate_services.trainer import lora
+        from backpropagate_services.trainer.adapters import lora
 
         lora.share_lora_dropout = lambda model: None  # type: ignore[assignment]
     hardware = detect(dtype)
@@ -153,7 +153,7 @@ def measure(variant: str, dtype: str, steps: int, warmup: int) -> dict[str, Any]
 def our_steps(
     model: Any, tokenizer: Any, rows: list, config: Any, variant: str
 ) -> tuple[list[float], list[int]]:
-    from backpropagate_services.trainer.loop import LoraTraining, TrainingHooks
+    from backpropagate_services.trainer.loop.sft import LoraTraining, TrainingHooks
 
     training = LoraTraining(model, tokenizer, rows, config, packing=variant != "ours-padded")
     if variant == "ours+checkpointing":
@@ -192,7 +192,7 @@ def baseline_steps(
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from backpropagate_services.trainer.templating import IGNORE_INDEX, tokenize_conversations
+    from backpropagate_services.trainer.data.templating import IGNORE_INDEX, tokenize_conversations
 
     examples = tokenize_conversations(rows, tokenizer, config.max_length).examples
     dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]

@@ -48,8 +48,8 @@ def measure_one(name: str, steps: int) -> dict[str, object]:
         resolve_model,
     )
     from backpropagate_services.dataprep.formats import parse_jsonl
-    from backpropagate_services.trainer.loop import LoraTraining, StepReport, TrainingHooks
-    from backpropagate_services.trainer.preference import PreferenceTraining
+    from backpropagate_services.trainer.loop.preference import PreferenceTraining
+    from backpropagate_services.trainer.loop.sft import LoraTraining, StepReport, TrainingHooks
 
     _, method, adapter, dataset = next(entry for entry in METHODS if entry[0] == name)
     hardware = detect()

@@ -42,31 +42,31 @@ from backpropagate_services.common.records import (
 )
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
-from backpropagate_services.trainer.campaign import finished_merge
-from backpropagate_services.trainer.campaign_plan import (
+from backpropagate_services.trainer.adapters.lora import check_adapter_supported
+from backpropagate_services.trainer.data.token_stats import token_stats
+from backpropagate_services.trainer.imports import import_adapter, receive_adapter_files
+from backpropagate_services.trainer.loop.preference import check_method
+from backpropagate_services.trainer.multirun.campaign import finished_merge
+from backpropagate_services.trainer.multirun.campaign_plan import (
     CampaignPlan,
     check_campaign_config,
     check_continuable,
     settle_campaign,
 )
-from backpropagate_services.trainer.config import training_config_from_proto
-from backpropagate_services.trainer.defaults import settle
-from backpropagate_services.trainer.imports import import_adapter, receive_adapter_files
-from backpropagate_services.trainer.lora import check_adapter_supported
-from backpropagate_services.trainer.memory_estimate import (
+from backpropagate_services.trainer.planning.config import training_config_from_proto
+from backpropagate_services.trainer.planning.defaults import settle
+from backpropagate_services.trainer.planning.memory_estimate import (
     estimate_run_memory,
     matmul_shapes,
     micro_batch_rows,
     preference_conversations,
     read_tokenizer,
 )
-from backpropagate_services.trainer.memory_plan import MemoryPlan, fit_to_gpu
-from backpropagate_services.trainer.preference import check_method
+from backpropagate_services.trainer.planning.memory_plan import MemoryPlan, fit_to_gpu
 from backpropagate_services.trainer.run_listing import list_runs_page
-from backpropagate_services.trainer.safety_monitor import SafetyMonitor
-from backpropagate_services.trainer.token_stats import token_stats
-from backpropagate_services.trainer.tracking import resolve_report_to
-from backpropagate_services.trainer.worker import TrainWorker
+from backpropagate_services.trainer.runtime.safety_monitor import SafetyMonitor
+from backpropagate_services.trainer.runtime.tracking import resolve_report_to
+from backpropagate_services.trainer.runtime.worker import TrainWorker
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 

@@ -43,7 +43,7 @@ from backpropagate_api.grpc_errors import error_from_rpc
 from backpropagate_api.settings import ServerSettings, Settings, TlsSettings
 from backpropagate_api.v1 import common_pb2, dataprep_pb2, safety_pb2, safety_pb2_grpc, trainer_pb2
 from backpropagate_services.stack import SERVICES
-from backpropagate_services.trainer.safety_monitor import SafetyMonitor
+from backpropagate_services.trainer.runtime.safety_monitor import SafetyMonitor
 
 TOKEN = "test-token-0123456789abcdef"
 

@@ -20,8 +20,8 @@ from backpropagate import Trainer
 from backpropagate_api.errors import ConfigError
 from backpropagate_api.settings import Settings
 from backpropagate_api.v1 import common_pb2, trainer_pb2
-from backpropagate_services.trainer.adapter_factors import read_adapter_dir
-from backpropagate_services.trainer.slao import Adapter
+from backpropagate_services.trainer.adapters.factors import read_adapter_dir
+from backpropagate_services.trainer.multirun.slao import Adapter
 
 pytestmark = [pytest.mark.model]
 
@@ -119,8 +119,8 @@ def test_the_merged_adapter_learnt_both_runs_data(trainer, campaign, datasets):
     from peft import PeftModel
 
     from backpropagate_services.common.models import load_model, resolve_model
-    from backpropagate_services.trainer.loop import collate, summed_token_loss
-    from backpropagate_services.trainer.templating import tokenize_conversations
+    from backpropagate_services.trainer.data.templating import tokenize_conversations
+    from backpropagate_services.trainer.loop.sft import collate, summed_token_loss
 
     model, tokenizer = load_model(
         resolve_model(campaign.base_model), trainer.settings.model_cache_dir, dtype="float32"

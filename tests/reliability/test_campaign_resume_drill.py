@@ -26,7 +26,7 @@ from cli_drills import (
     stop_once_checkpointed,
 )
 
-from backpropagate_services.trainer.adapter_factors import read_adapter_dir
+from backpropagate_services.trainer.adapters.factors import read_adapter_dir
 
 pytestmark = [pytest.mark.model]
 

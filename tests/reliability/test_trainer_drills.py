@@ -46,10 +46,10 @@ from backpropagate_api.layout import (
 from backpropagate_api.settings import TrainerSettings
 from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.store.base import MANIFEST
-from backpropagate_services.trainer.adapter_factors import read_adapter_dir
-from backpropagate_services.trainer.checkpoints import LOSS_WINDOW
-from backpropagate_services.trainer.slao import Adapter, ContinualMerge
-from backpropagate_services.trainer.worker import STARTED_MESSAGE
+from backpropagate_services.trainer.adapters.factors import read_adapter_dir
+from backpropagate_services.trainer.loop.checkpoints import LOSS_WINDOW
+from backpropagate_services.trainer.multirun.slao import Adapter, ContinualMerge
+from backpropagate_services.trainer.runtime.worker import STARTED_MESSAGE
 
 pytestmark = [pytest.mark.model]
 

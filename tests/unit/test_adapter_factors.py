@@ -1,4 +1,4 @@
-"""A LoRA adapter as per-layer factors and back (services/trainer/adapter_factors.py): a saved
+"""A LoRA adapter as per-layer factors and back (services/trainer/adapters/factors.py): a saved
 peft directory read, a merged adapter written as one that peft loads with the same update,
 and an adapter that does not fit a model refused."""
 
@@ -11,13 +11,13 @@ import torch
 from lora_adapters import save_random_lora, tiny_llama
 
 from backpropagate_api.errors import ConfigError
-from backpropagate_services.trainer.adapter_factors import (
+from backpropagate_services.trainer.adapters.factors import (
     as_parameters,
     factors,
     read_adapter_dir,
     write_adapter_dir,
 )
-from backpropagate_services.trainer.slao import ContinualMerge, LayerLora
+from backpropagate_services.trainer.multirun.slao import ContinualMerge, LayerLora
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

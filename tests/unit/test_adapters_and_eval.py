@@ -19,9 +19,12 @@ from backpropagate_services.common.models import load_model, resolve_model
 from backpropagate_services.export.merge import merge_adapter
 from backpropagate_services.export.pipeline import export_model
 from backpropagate_services.export.reference import reference_logits
-from backpropagate_services.trainer.loop import EvalReport, LoraTraining, TrainingHooks
-from backpropagate_services.trainer.lora import check_adapter_supported, check_full_fine_tune_size
-from backpropagate_services.trainer.templating import IGNORE_INDEX, tokenize_conversations
+from backpropagate_services.trainer.adapters.lora import (
+    check_adapter_supported,
+    check_full_fine_tune_size,
+)
+from backpropagate_services.trainer.data.templating import IGNORE_INDEX, tokenize_conversations
+from backpropagate_services.trainer.loop.sft import EvalReport, LoraTraining, TrainingHooks
 from tests.unit.test_training_loop import FAST, MEMORISE, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

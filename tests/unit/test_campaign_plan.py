@@ -1,5 +1,5 @@
 """Which rows each run of a campaign draws, and the campaigns refused before they are queued
-(services/trainer/campaign_plan.py)."""
+(services/trainer/multirun/campaign_plan.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from backpropagate_api.errors import ConfigError
 from backpropagate_api.v1 import common_pb2, trainer_pb2
-from backpropagate_services.trainer.campaign_plan import (
+from backpropagate_services.trainer.multirun.campaign_plan import (
     CampaignPlan,
     check_campaign_config,
     check_continuable,

@@ -8,9 +8,9 @@ import pytest
 from backpropagate_api.errors import ConfigError
 from backpropagate_api.training import TrainingConfig
 from backpropagate_api.v1 import trainer_pb2
-from backpropagate_services.trainer.data_selection import select_examples
-from backpropagate_services.trainer.loop import BatchSampler, LoraTraining
-from backpropagate_services.trainer.templating import TokenizedExample
+from backpropagate_services.trainer.data.selection import select_examples
+from backpropagate_services.trainer.data.templating import TokenizedExample
+from backpropagate_services.trainer.loop.sft import BatchSampler, LoraTraining
 from tests.unit.test_adapters_and_eval import smollm2
 from tests.unit.test_tracking import trainer_on_its_own_stack
 

@@ -20,7 +20,7 @@ from backpropagate import Trainer
 from backpropagate_api.settings import Settings
 from backpropagate_services.common.hardware import detect
 from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS, load_model, resolve_model
-from backpropagate_services.trainer.defaults import DATA_BUDGET_ADAPTER_SCALE
+from backpropagate_services.trainer.planning.defaults import DATA_BUDGET_ADAPTER_SCALE
 
 # Made-up facts: nothing the base model could answer before.
 CAPITALS = [

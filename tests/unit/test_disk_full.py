@@ -46,7 +46,7 @@ from backpropagate_services.common.store.base import MANIFEST
 from backpropagate_services.common.store.local import LocalDirStore
 from backpropagate_services.common.store.s3 import S3Store
 from backpropagate_services.stack import SERVICES
-from backpropagate_services.trainer.checkpoints import (
+from backpropagate_services.trainer.loop.checkpoints import (
     INFO_FILE,
     STATE_FILE,
     CheckpointManager,

@@ -10,8 +10,12 @@ import torch
 from lora_adapters import tiny_llama
 
 from backpropagate_api.training import TrainingConfig
-from backpropagate_services.trainer.lora import apply_adapter
-from backpropagate_services.trainer.lora_dropout import InputDropout, _LastMasked, keep_mask
+from backpropagate_services.trainer.adapters.lora import apply_adapter
+from backpropagate_services.trainer.adapters.lora_dropout import (
+    InputDropout,
+    _LastMasked,
+    keep_mask,
+)
 
 LAYER_INPUTS = {
     "q_proj": "attention input",

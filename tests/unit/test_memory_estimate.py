@@ -23,8 +23,9 @@ from backpropagate_api.settings import Settings
 from backpropagate_api.training import TrainingConfig
 from backpropagate_services.common.hardware import Hardware, detect
 from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS, resolve_model
-from backpropagate_services.trainer.lora import apply_adapter
-from backpropagate_services.trainer.memory_estimate import (
+from backpropagate_services.trainer.adapters.lora import apply_adapter
+from backpropagate_services.trainer.data.templating import TokenizedExample
+from backpropagate_services.trainer.planning.memory_estimate import (
     MicroBatch,
     estimate_memory,
     estimate_run_memory,
@@ -33,7 +34,6 @@ from backpropagate_services.trainer.memory_estimate import (
     targeted_layers,
     trainable_parameters,
 )
-from backpropagate_services.trainer.templating import TokenizedExample
 
 BACKPROP = str(Path(sys.executable).parent / "backprop")
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.jsonl"
@@ -265,7 +265,7 @@ import torch
 from backpropagate_services.common.hardware import detect, limit_malloc_arenas, peak_rss_bytes
 from backpropagate_services.common.models import load_model, resolve_model
 from backpropagate_api.settings import Settings
-from backpropagate_services.trainer.loop import LoraTraining
+from backpropagate_services.trainer.loop.sft import LoraTraining
 from backpropagate_api.training import TrainingConfig
 
 limit_malloc_arenas()  # as a train worker does

@@ -21,7 +21,7 @@ from transformers import AutoConfig
 
 from backpropagate_api.training import TrainingConfig
 from backpropagate_services.common.hardware import GIB, Hardware
-from backpropagate_services.trainer.memory_estimate import (
+from backpropagate_services.trainer.planning.memory_estimate import (
     MicroBatch,
     ModelShape,
     estimate_memory,

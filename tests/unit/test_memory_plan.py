@@ -27,16 +27,16 @@ from backpropagate_services.common.hardware import GIB, Hardware
 from backpropagate_services.common.models import ModelSource, resolve_model
 from backpropagate_services.common.records import load_record, save_record
 from backpropagate_services.common.runtime import Runtime
-from backpropagate_services.trainer.memory_estimate import MicroBatch, source_shape
-from backpropagate_services.trainer.memory_plan import (
+from backpropagate_services.trainer.planning.memory_estimate import MicroBatch, source_shape
+from backpropagate_services.trainer.planning.memory_plan import (
     MemoryPlan,
     fit_again_if_moved,
     fit_to_gpu,
     micro_batch_sizes,
     plan_memory,
 )
-from backpropagate_services.trainer.safety_monitor import SafetyMonitor
-from backpropagate_services.trainer.worker import TrainWorker
+from backpropagate_services.trainer.runtime.safety_monitor import SafetyMonitor
+from backpropagate_services.trainer.runtime.worker import TrainWorker
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "fixtures" / "model_configs"
 QWEN_7B = ModelSource("hf_dir", str(MODEL_CONFIGS / "Qwen" / "Qwen2.5-7B-Instruct"), "Qwen2.5-7B")

@@ -13,14 +13,14 @@ from test_training_loop import tiny_llama
 from transformers import PreTrainedTokenizerBase
 
 from backpropagate_api.training import TrainingConfig
-from backpropagate_services.trainer.loop import LoraTraining, collate, summed_token_loss
-from backpropagate_services.trainer.lora import apply_adapter
-from backpropagate_services.trainer.packing import pack_rows, packed_batches, packing_works
-from backpropagate_services.trainer.templating import (
+from backpropagate_services.trainer.adapters.lora import apply_adapter
+from backpropagate_services.trainer.data.packing import pack_rows, packed_batches, packing_works
+from backpropagate_services.trainer.data.templating import (
     IGNORE_INDEX,
     TokenizedExample,
     tokenize_conversations,
 )
+from backpropagate_services.trainer.loop.sft import LoraTraining, collate, summed_token_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")

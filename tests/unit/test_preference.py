@@ -31,15 +31,15 @@ from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS, load_model, resolve_model
 from backpropagate_services.common.store.local import LocalDirStore
 from backpropagate_services.stack import RunningStack, start_stack
-from backpropagate_services.trainer.checkpoints import CheckpointManager, CheckpointPolicy
-from backpropagate_services.trainer.loop import (
+from backpropagate_services.trainer.loop.checkpoints import CheckpointManager, CheckpointPolicy
+from backpropagate_services.trainer.loop.preference import PreferenceTraining, RewardReporting
+from backpropagate_services.trainer.loop.sft import (
     CallbackHooks,
     LoraTraining,
     OomRecovery,
     StepReport,
     TrainingHooks,
 )
-from backpropagate_services.trainer.preference import PreferenceTraining, RewardReporting
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,12 +13,12 @@ from backpropagate_api.errors import CheckpointInvalidError, GpuOutOfMemoryError
 from backpropagate_api.training import TrainingConfig
 from backpropagate_api.v1 import trainer_pb2
 from backpropagate_services.common.store.local import LocalDirStore
-from backpropagate_services.trainer.checkpoints import (
+from backpropagate_services.trainer.loop.checkpoints import (
     CheckpointManager,
     CheckpointPolicy,
     TrainingState,
 )
-from backpropagate_services.trainer.loop import (
+from backpropagate_services.trainer.loop.sft import (
     LoraTraining,
     OomRecovery,
     StepReport,

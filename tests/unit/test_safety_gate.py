@@ -17,7 +17,7 @@ from backpropagate_services.safety.levels import (
     Thresholds,
     assess,
 )
-from backpropagate_services.trainer.safety_gate import Action, SafetyGate, stop_error
+from backpropagate_services.trainer.runtime.safety_gate import Action, SafetyGate, stop_error
 
 UNSPECIFIED = common_pb2.SAFETY_LEVEL_UNSPECIFIED
 SAFE = common_pb2.SAFETY_LEVEL_SAFE

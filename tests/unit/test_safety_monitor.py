@@ -16,8 +16,8 @@ import pytest
 from backpropagate_api.settings import SafetySettings, Settings
 from backpropagate_api.v1 import common_pb2
 from backpropagate_services.stack import RunningStack, start_stack
-from backpropagate_services.trainer.safety_gate import Action, SafetyGate
-from backpropagate_services.trainer.safety_monitor import SafetyMonitor
+from backpropagate_services.trainer.runtime.safety_gate import Action, SafetyGate
+from backpropagate_services.trainer.runtime.safety_monitor import SafetyMonitor
 
 INTERVAL = 0.1  # seconds between the sidecar's snapshots
 RAMP_C = [70.0, 70.0, *[91.0] * 10, 96.0]  # warm, critical for a second, then emergency

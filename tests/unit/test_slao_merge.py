@@ -1,6 +1,6 @@
 """The continual merge's math on small matrices: SLAO's orthonormal start, its merge weights
-(the exact merged B after 4 tasks), and the variants' starts and merges (services/trainer/slao.py
-holds the algorithm)."""
+(the exact merged B after 4 tasks), and the variants' starts and merges
+(services/trainer/multirun/slao.py holds the algorithm)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from backpropagate_services.trainer.slao import (
+from backpropagate_services.trainer.multirun.slao import (
     MERGE_MODES,
     ContinualMerge,
     LayerLora,

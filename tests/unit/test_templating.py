@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from backpropagate_api.errors import ConfigError, DatasetSchemaError
 from backpropagate_services.dataprep.formats import parse_jsonl
-from backpropagate_services.trainer.templating import (
+from backpropagate_services.trainer.data.templating import (
     IGNORE_INDEX,
     TokenizedExample,
     tokenize_conversation,

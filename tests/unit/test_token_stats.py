@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_cli_errors import backprop
 
-from backpropagate_services.trainer.templating import tokenize_conversation
-from backpropagate_services.trainer.token_stats import UNCUT, token_stats
+from backpropagate_services.trainer.data.templating import tokenize_conversation
+from backpropagate_services.trainer.data.token_stats import UNCUT, token_stats
 
 
 def chat(question: str, answer: str) -> list[dict[str, str]]:

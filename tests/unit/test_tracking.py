@@ -21,7 +21,7 @@ from backpropagate_api.settings import Settings
 from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS
 from backpropagate_services.stack import start_stack
-from backpropagate_services.trainer.tracking import (
+from backpropagate_services.trainer.runtime.tracking import (
     TRACKERS,
     RunTracking,
     event_metrics,

@@ -10,7 +10,7 @@ import pytest
 from backpropagate_api.errors import ConfigError
 from backpropagate_api.training import TrainingConfig
 from backpropagate_api.v1 import trainer_pb2
-from backpropagate_services.trainer.config import training_config_from_proto, with_budget
+from backpropagate_services.trainer.planning.config import training_config_from_proto, with_budget
 
 
 def test_unset_fields_keep_the_defaults() -> None:

@@ -18,8 +18,8 @@ from backpropagate_services.common.hardware import (
     Hardware,
     default_micro_batch,
 )
-from backpropagate_services.trainer.config import training_config_from_proto
-from backpropagate_services.trainer.defaults import (
+from backpropagate_services.trainer.planning.config import training_config_from_proto
+from backpropagate_services.trainer.planning.defaults import (
     DATA_BUDGET_ADAPTER_SCALE,
     MAX_STEPS,
     data_budget,

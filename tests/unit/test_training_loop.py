@@ -17,15 +17,15 @@ from backpropagate_api.errors import (
 )
 from backpropagate_api.training import TrainingConfig
 from backpropagate_services.common.models import load_model, resolve_model
-from backpropagate_services.trainer.loop import (
+from backpropagate_services.trainer.data.templating import IGNORE_INDEX, TokenizedExample
+from backpropagate_services.trainer.loop.plots import write_loss_curve
+from backpropagate_services.trainer.loop.sft import (
     BatchSampler,
     LoraTraining,
     StepReport,
     collate,
     train_lora,
 )
-from backpropagate_services.trainer.plots import write_loss_curve
-from backpropagate_services.trainer.templating import IGNORE_INDEX, TokenizedExample
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -31,15 +31,15 @@ from backpropagate_services.common.jobs import Lease, StoppedForLater, durably, 
 from backpropagate_services.common.queue import Job
 from backpropagate_services.common.records import load_record
 from backpropagate_services.common.store.base import ArtifactStore
-from backpropagate_services.trainer.adapter_factors import read_adapter_dir, write_adapter_dir
-from backpropagate_services.trainer.campaign_plan import CampaignPlan
-from backpropagate_services.trainer.config import training_config_from_proto
-from backpropagate_services.trainer.plots import write_loss_curve
-from backpropagate_services.trainer.run_hooks import save_while_held
-from backpropagate_services.trainer.slao import ContinualMerge
+from backpropagate_services.trainer.adapters.factors import read_adapter_dir, write_adapter_dir
+from backpropagate_services.trainer.loop.plots import write_loss_curve
+from backpropagate_services.trainer.multirun.campaign_plan import CampaignPlan
+from backpropagate_services.trainer.multirun.slao import ContinualMerge
+from backpropagate_services.trainer.planning.config import training_config_from_proto
+from backpropagate_services.trainer.runtime.run_hooks import save_while_held
 
 if TYPE_CHECKING:
-    from backpropagate_services.trainer.worker import TrainWorker
+    from backpropagate_services.trainer.runtime.worker import TrainWorker
 
 
 def read_merge_state(store: ArtifactStore, campaign_id: str) -> dict[str, Any] | None:

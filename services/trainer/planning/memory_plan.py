@@ -34,9 +34,9 @@ from backpropagate_api.v1 import trainer_pb2
 from backpropagate_services.common.datasets import SftRow
 from backpropagate_services.common.hardware import GIB, Hardware
 from backpropagate_services.common.models import ModelSource
-from backpropagate_services.trainer.config import is_set, training_config_from_proto
-from backpropagate_services.trainer.lora import check_full_fine_tune_size
-from backpropagate_services.trainer.memory_estimate import (
+from backpropagate_services.trainer.adapters.lora import check_full_fine_tune_size
+from backpropagate_services.trainer.planning.config import is_set, training_config_from_proto
+from backpropagate_services.trainer.planning.memory_estimate import (
     MemoryParts,
     MicroBatch,
     ModelShape,

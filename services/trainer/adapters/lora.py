@@ -18,7 +18,7 @@ from backpropagate_api.errors import (
     MissingDependencyError,
 )
 from backpropagate_api.training import TrainingConfig
-from backpropagate_services.trainer.lora_dropout import share_lora_dropout
+from backpropagate_services.trainer.adapters.lora_dropout import share_lora_dropout
 
 if TYPE_CHECKING:
     from peft import PeftModel

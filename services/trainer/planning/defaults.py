@@ -26,7 +26,7 @@ from backpropagate_api.training import (
 )
 from backpropagate_api.v1 import trainer_pb2
 from backpropagate_services.common.hardware import Hardware, default_micro_batch
-from backpropagate_services.trainer.config import is_set, with_budget
+from backpropagate_services.trainer.planning.config import is_set, with_budget
 
 # The data-driven budget: passes over the data by its size, and at least MIN_EXAMPLES_SEEN rows
 # seen. Measured on SmolLM2 (docs/trainer.md): rows of new facts were learnt after about 480 rows

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from backpropagate_services.trainer.templating import (
+from backpropagate_services.trainer.data.templating import (
     IGNORE_INDEX,
     SftRow,
     TokenizedExample,

@@ -42,9 +42,11 @@ from backpropagate_services.common.datasets import (
     PreferenceRow,
     check_method_fits,
 )
-from backpropagate_services.trainer.checkpoints import TrainingState
-from backpropagate_services.trainer.data_selection import Selection
-from backpropagate_services.trainer.loop import (
+from backpropagate_services.trainer.adapters.lora import apply_adapter
+from backpropagate_services.trainer.data.selection import Selection
+from backpropagate_services.trainer.data.templating import TokenizedExample
+from backpropagate_services.trainer.loop.checkpoints import TrainingState
+from backpropagate_services.trainer.loop.sft import (
     EvalReport,
     LoraTraining,
     OomRecovery,
@@ -52,14 +54,12 @@ from backpropagate_services.trainer.loop import (
     TrainingHooks,
     recompute_activations,
 )
-from backpropagate_services.trainer.lora import apply_adapter
-from backpropagate_services.trainer.templating import TokenizedExample
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-    from backpropagate_services.trainer.loop import TrainingOutcome
+    from backpropagate_services.trainer.loop.sft import TrainingOutcome
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from backpropagate_api.training import PREFERENCE_METHODS
 from backpropagate_api.v1 import common_pb2, trainer_pb2
 
 if TYPE_CHECKING:
-    from backpropagate_services.trainer.run_hooks import RunEvents
+    from backpropagate_services.trainer.runtime.run_hooks import RunEvents
 
 log = logging.getLogger(__name__)
 

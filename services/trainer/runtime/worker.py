@@ -34,31 +34,31 @@ from backpropagate_services.common.models import load_model, resolve_model
 from backpropagate_services.common.queue import Job
 from backpropagate_services.common.records import load_record, save_record
 from backpropagate_services.common.runtime import Runtime
-from backpropagate_services.trainer.campaign import CampaignRunner
-from backpropagate_services.trainer.campaign_plan import CampaignPlan
-from backpropagate_services.trainer.checkpoints import CheckpointManager, CheckpointPolicy
-from backpropagate_services.trainer.config import training_config_from_proto
-from backpropagate_services.trainer.data_selection import Selection
-from backpropagate_services.trainer.defaults import machine_accumulation
-from backpropagate_services.trainer.loop import LoraTraining, split_for_eval
-from backpropagate_services.trainer.lora import check_adapter_supported
-from backpropagate_services.trainer.memory_estimate import (
+from backpropagate_services.trainer.adapters.lora import check_adapter_supported
+from backpropagate_services.trainer.data.selection import Selection
+from backpropagate_services.trainer.loop.checkpoints import CheckpointManager, CheckpointPolicy
+from backpropagate_services.trainer.loop.plots import write_loss_curve
+from backpropagate_services.trainer.loop.preference import PreferenceTraining
+from backpropagate_services.trainer.loop.sft import LoraTraining, split_for_eval
+from backpropagate_services.trainer.multirun.campaign import CampaignRunner
+from backpropagate_services.trainer.multirun.campaign_plan import CampaignPlan
+from backpropagate_services.trainer.multirun.slao import Adapter
+from backpropagate_services.trainer.planning.config import training_config_from_proto
+from backpropagate_services.trainer.planning.defaults import machine_accumulation
+from backpropagate_services.trainer.planning.memory_estimate import (
     matmul_shapes,
     preference_conversations,
 )
-from backpropagate_services.trainer.memory_plan import fit_again_if_moved
-from backpropagate_services.trainer.plots import write_loss_curve
-from backpropagate_services.trainer.preference import PreferenceTraining
-from backpropagate_services.trainer.run_hooks import (
+from backpropagate_services.trainer.planning.memory_plan import fit_again_if_moved
+from backpropagate_services.trainer.runtime.run_hooks import (
     RunEvents,
     RunHooks,
     job_run_id,
     save_while_held,
 )
-from backpropagate_services.trainer.safety_gate import SafetyGate
-from backpropagate_services.trainer.safety_monitor import SafetyMonitor
-from backpropagate_services.trainer.slao import Adapter
-from backpropagate_services.trainer.tracking import tracked
+from backpropagate_services.trainer.runtime.safety_gate import SafetyGate
+from backpropagate_services.trainer.runtime.safety_monitor import SafetyMonitor
+from backpropagate_services.trainer.runtime.tracking import tracked
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class TrainWorker(JobWorker):
         self, record: trainer_pb2.RunRecord, selection: Selection, config: TrainingConfig
     ) -> None:
         """What the length bounds and the perplexity filter left out, in the record and the
-        events (data_selection)."""
+        events (data.selection)."""
         record.examples_left_out = selection.left_out
         if selection.left_out:
             self.events.emit(record, kind="started", message=selection.described(config))

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backpropagate_api.errors import ConfigError
-from backpropagate_services.trainer.slao import Adapter, LayerLora
+from backpropagate_services.trainer.multirun.slao import Adapter, LayerLora
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from backpropagate_api.training import TrainingConfig
-from backpropagate_services.trainer.templating import TokenizedExample
+from backpropagate_services.trainer.data.templating import TokenizedExample
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from backpropagate_services.trainer.templating import IGNORE_INDEX, TokenizedExample
+from backpropagate_services.trainer.data.templating import IGNORE_INDEX, TokenizedExample
 
 log = logging.getLogger(__name__)
 

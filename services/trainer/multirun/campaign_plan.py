@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from backpropagate_api.errors import ConfigError, quoted
 from backpropagate_api.training import SCALABLE_ADAPTERS, TrainingConfig
 from backpropagate_api.v1 import common_pb2, trainer_pb2
-from backpropagate_services.trainer.slao import MERGE_MODES
+from backpropagate_services.trainer.multirun.slao import MERGE_MODES
 
 DEFAULT_ADAPTER = TrainingConfig().adapter
 

@@ -35,17 +35,17 @@ from backpropagate_services.common.jobs import (
 from backpropagate_services.common.queue import JobQueue
 from backpropagate_services.common.records import BufferedPublisher, save_record
 from backpropagate_services.common.store.base import ArtifactStore
-from backpropagate_services.trainer.checkpoints import LOSS_WINDOW, CheckpointManager
-from backpropagate_services.trainer.loop import (
+from backpropagate_services.trainer.loop.checkpoints import LOSS_WINDOW, CheckpointManager
+from backpropagate_services.trainer.loop.sft import (
     EvalReport,
     LoraTraining,
     OomRecovery,
     StepReport,
     TrainingHooks,
 )
-from backpropagate_services.trainer.safety_gate import Action, Decision, SafetyGate
-from backpropagate_services.trainer.safety_monitor import SafetyMonitor
-from backpropagate_services.trainer.tracking import RunTracking
+from backpropagate_services.trainer.runtime.safety_gate import Action, Decision, SafetyGate
+from backpropagate_services.trainer.runtime.safety_monitor import SafetyMonitor
+from backpropagate_services.trainer.runtime.tracking import RunTracking
 
 log = logging.getLogger(__name__)
 

@@ -27,19 +27,19 @@ from backpropagate_api.errors import (
     JobCancelledError,
 )
 from backpropagate_api.training import TrainingConfig
-from backpropagate_services.trainer.adapter_factors import as_parameters
-from backpropagate_services.trainer.checkpoints import TrainingState
-from backpropagate_services.trainer.data_selection import select_examples
-from backpropagate_services.trainer.lora import apply_adapter
-from backpropagate_services.trainer.packing import Batch, packed_batches, packing_works
-from backpropagate_services.trainer.slao import Adapter
-from backpropagate_services.trainer.templating import (
+from backpropagate_services.trainer.adapters.factors import as_parameters
+from backpropagate_services.trainer.adapters.lora import apply_adapter
+from backpropagate_services.trainer.data.packing import Batch, packed_batches, packing_works
+from backpropagate_services.trainer.data.selection import select_examples
+from backpropagate_services.trainer.data.templating import (
     IGNORE_INDEX,
     SftRow,
     TokenizedDataset,
     TokenizedExample,
     tokenize_conversations,
 )
+from backpropagate_services.trainer.loop.checkpoints import TrainingState
+from backpropagate_services.trainer.multirun.slao import Adapter
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -94,7 +94,7 @@ class TrainingOutcome:
     examples_trained: int
     examples_dropped: int  # conversations with no assistant token left within max_length
     examples_truncated: int  # kept, but cut at max_length
-    examples_left_out: int  # by the length bounds and the perplexity filter (data_selection)
+    examples_left_out: int  # by the length bounds and the perplexity filter (data.selection)
     steps_done: int  # fewer than config.steps when early stopping ended the run
     evals: list[tuple[int, float]]  # (step, eval loss); the first is the base model's (step 0)
     best_step: int  # the step whose weights the model holds now: the best by eval loss, or last
@@ -245,7 +245,7 @@ class LoraTraining:
                 parameter.mul_(scale)
 
     def _select_examples(self, base_model: PreTrainedModel) -> None:
-        """Length bounds, perplexity filter and curriculum (data_selection), scored with the
+        """Length bounds, perplexity filter and curriculum (data.selection), scored with the
         base model before the adapter goes on; the examples kept, in first-pass order."""
         self.selection = select_examples(
             self.dataset.examples,

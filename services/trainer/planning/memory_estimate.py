@@ -73,14 +73,14 @@ from backpropagate_services.common.datasets import PreferenceRow
 from backpropagate_services.common.dtype_probe import MatmulShapes
 from backpropagate_services.common.hardware import Hardware
 from backpropagate_services.common.models import ModelSource, gguf_cache_directory
-from backpropagate_services.trainer.defaults import machine_accumulation
-from backpropagate_services.trainer.lora import check_full_fine_tune_size
-from backpropagate_services.trainer.templating import (
+from backpropagate_services.trainer.adapters.lora import check_full_fine_tune_size
+from backpropagate_services.trainer.data.templating import (
     Conversation,
     SftRow,
     TokenizedExample,
     tokenize_conversations,
 )
+from backpropagate_services.trainer.planning.defaults import machine_accumulation
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
