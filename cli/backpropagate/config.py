@@ -1,7 +1,7 @@
 """Training presets by name, as `from backpropagate.config import get_preset` hands them out.
 
-The tables live with the trainer (services/trainer/defaults.py), which applies them to runs
-that name a preset; this is their read-only view for scripts that pick values from one.
+The tables live with the trainer (services/trainer/planning/defaults.py), which applies them to
+runs that name a preset; this is their read-only view for scripts that pick values from one.
 """
 
 from __future__ import annotations
