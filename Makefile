@@ -14,7 +14,7 @@ REQUIREMENTS := pyproject.toml setup.py cli/requirements.txt proto/backpropagate
 	requirements-dev.txt \
 	$(wildcard services/*/requirements*.txt)
 
-.PHONY: setup proto proto-check demo test bench lint format clean env
+.PHONY: setup proto proto-check demo test bench gpu-check gpu-wheels lint format clean env
 
 setup: $(STAMP)
 
@@ -58,6 +58,16 @@ bench: setup
 	$(PY) bench/dataprep_speed.py
 	$(PY) bench/stack_overhead.py
 	$(PY) bench/slao.py
+
+# The GPU check (docs/gpu.md): every step trains through the product on a GPU; without CUDA each
+# reports "skipped: no CUDA" (a dry run). No llama.cpp, and no venv on a GPU machine: python3 there.
+GPU_CHECK_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_CHECK_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# What the GPU check travels with to a machine that cannot reach a package index: .whl/
+gpu-wheels: setup
+	$(PY) bench/gpu_wheels.py $(GPU_WHEELS_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

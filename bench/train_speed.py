@@ -226,12 +226,15 @@ def baseline_steps(
         ),
     )
     seconds: list[float] = []
+    on_gpu = next(model.parameters()).device.type == "cuda"  # bench/gpu_check.py runs it there
 
     class Timed(TrainerCallback):  # type: ignore[misc]
         def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
             self.started = time.perf_counter()
 
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            if on_gpu:  # a step's kernels run after it returns: time them, not their launch
+                torch.cuda.synchronize()
             seconds.append(time.perf_counter() - self.started)
 
     with tempfile.TemporaryDirectory() as output:
@@ -247,7 +250,7 @@ def baseline_steps(
             report_to=[],
             remove_unused_columns=False,
             dataloader_num_workers=0,
-            use_cpu=True,
+            use_cpu=not on_gpu,
             bf16=str(next(model.parameters()).dtype) == "torch.bfloat16",
         )
         Trainer(

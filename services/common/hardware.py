@@ -154,6 +154,22 @@ def default_micro_batch(hardware: Hardware) -> int:
     return 2 if free_gib >= 4 else 1
 
 
+def reset_peak_memory(hardware: Hardware) -> None:
+    """Start counting the peak afresh, so a worker that trains run after run reports each run's
+    own peak, not the largest of all so far. On Linux, writing 5 to /proc/self/clear_refs resets
+    VmHWM to the current RSS; elsewhere the CPU peak stays the process's."""
+    if hardware.is_cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes(hardware: Hardware) -> int:
     """The peak so far: GPU memory torch allocated on CUDA; on the CPU the process's peak RSS
     (everything the process holds, so with the embedded stack the services' share too)."""

@@ -22,7 +22,12 @@ from backpropagate_api.statuses import TERMINAL_STATUSES
 from backpropagate_api.training import PREFERENCE_METHODS, TrainingConfig
 from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.datasets import SftRow, load_preference_rows, load_sft_rows
-from backpropagate_services.common.hardware import detect, limit_malloc_arenas, peak_memory_bytes
+from backpropagate_services.common.hardware import (
+    detect,
+    limit_malloc_arenas,
+    peak_memory_bytes,
+    reset_peak_memory,
+)
 from backpropagate_services.common.jobs import (
     JobWorker,
     Lease,
@@ -170,6 +175,7 @@ class TrainWorker(JobWorker):
             matmul_shapes(source, settings.model_cache_dir),
             settings.home,
         )
+        reset_peak_memory(hardware)
         preference = config.method in PREFERENCE_METHODS
         if preference:  # pairs or labelled answers, for trl's losses
             rows = durably(load_preference_rows)(self.store, record.dataset_id, config.method)
