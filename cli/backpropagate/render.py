@@ -66,6 +66,7 @@ def print_run(run: RunResult) -> None:
         *_hardware_rows(run),
         ("adapter", run.output),
         ("attempts", str(run.attempts)),
+        ("worker", run.worker or "-"),
         ("resumed from step", str(run.resumed_from_step) if run.resumed_from_step else "-"),
         ("checkpoints", ", ".join(map(str, run.checkpoint_steps)) or "-"),
         *_campaign_rows(run),

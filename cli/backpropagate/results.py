@@ -41,6 +41,7 @@ class RunResult:
     duration_seconds: float = 0.0
     samples_seen: int = 0
     attempts: int = 0  # times a worker started it (more than 1: it was resumed)
+    worker: str = ""  # the worker (queue consumer, named after its host or pod) of the last one
     resumed_from_step: int = 0
     last_checkpoint_step: int = 0
     checkpoint_steps: list[int] = field(default_factory=list)
@@ -92,6 +93,7 @@ class RunResult:
             duration_seconds=record.duration_seconds,
             samples_seen=record.samples_seen,
             attempts=record.attempts,
+            worker=record.worker,
             resumed_from_step=record.resumed_from_step,
             last_checkpoint_step=record.last_checkpoint_step,
             checkpoint_steps=[checkpoint.step for checkpoint in record.checkpoints],

@@ -164,7 +164,12 @@ class DataprepSettings(BaseModel):
 
 
 class TrainerSettings(BaseModel):
-    workers: int = Field(1, description="Train jobs one trainer process runs at a time.")
+    workers: int = Field(
+        1,
+        ge=0,
+        description="Train jobs one trainer process runs at a time; 0: it serves the trainer's "
+        "API and takes no job (a cluster's trainer Service, whose workers run apart).",
+    )
     cpu_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
         description="What the base model computes in on a CPU; auto: whichever a short probe "

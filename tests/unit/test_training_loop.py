@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from tiny_models import tiny_llama
 
 from backpropagate_api.errors import (
     ConfigError,
@@ -39,24 +39,6 @@ MEMORISE = [
 ]
 # A learning rate a random tiny model needs to memorise in a few dozen steps.
 FAST = TrainingConfig(steps=30, learning_rate=1e-2, lora_dropout=0.0, warmup_ratio=0.1)
-
-
-def tiny_llama(tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
-    """A 2-layer Llama with hidden size 32, the same seeded weights on every call."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        # Frozen embeddings of the usual std 0.02 keep the logits near uniform, out of LoRA's reach.
-        initializer_range=0.5,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config)
 
 
 def test_loss_falls_on_a_memorisation_set(smollm2_tokenizer):

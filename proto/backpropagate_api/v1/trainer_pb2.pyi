@@ -699,6 +699,7 @@ class RunRecord(_message.Message):
     CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
     CAMPAIGN_RUN_FIELD_NUMBER: _builtins.int
     MEMORY_PLAN_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     dataset_id: _builtins.str
@@ -758,6 +759,10 @@ class RunRecord(_message.Message):
     """set on a campaign's child run"""
     campaign_run: _builtins.int
     """the child's place in its campaign, 1-based"""
+    worker: _builtins.str
+    """who runs the latest attempt: its queue consumer, <role>-<host>-<pid>-<thread> (the host is
+    the pod on Kubernetes), as Redis's XINFO CONSUMERS names it
+    """
     @_builtins.property
     def loss_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
@@ -826,10 +831,11 @@ class RunRecord(_message.Message):
         campaign_id: _builtins.str = ...,
         campaign_run: _builtins.int = ...,
         memory_plan: Global___MemoryPlan | None = ...,
+        worker: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "config", b"config", "error", b"error", "memory_plan", b"memory_plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "best_eval_loss", b"best_eval_loss", "best_step", b"best_step", "budget_reason", b"budget_reason", "campaign", b"campaign", "campaign_id", b"campaign_id", "campaign_run", b"campaign_run", "checkpoints", b"checkpoints", "compute_dtype", b"compute_dtype", "compute_dtype_reason", b"compute_dtype_reason", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "device", b"device", "duration_seconds", b"duration_seconds", "epochs_completed", b"epochs_completed", "error", b"error", "evals", b"evals", "examples_dropped", b"examples_dropped", "examples_left_out", b"examples_left_out", "examples_trained", b"examples_trained", "examples_truncated", b"examples_truncated", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "memory_plan", b"memory_plan", "oom_recoveries", b"oom_recoveries", "output", b"output", "peak_memory_bytes", b"peak_memory_bytes", "resumed_from_step", b"resumed_from_step", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps", "stopped_early", b"stopped_early", "tokens_per_second", b"tokens_per_second", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "best_eval_loss", b"best_eval_loss", "best_step", b"best_step", "budget_reason", b"budget_reason", "campaign", b"campaign", "campaign_id", b"campaign_id", "campaign_run", b"campaign_run", "checkpoints", b"checkpoints", "compute_dtype", b"compute_dtype", "compute_dtype_reason", b"compute_dtype_reason", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "device", b"device", "duration_seconds", b"duration_seconds", "epochs_completed", b"epochs_completed", "error", b"error", "evals", b"evals", "examples_dropped", b"examples_dropped", "examples_left_out", b"examples_left_out", "examples_trained", b"examples_trained", "examples_truncated", b"examples_truncated", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "memory_plan", b"memory_plan", "oom_recoveries", b"oom_recoveries", "output", b"output", "peak_memory_bytes", b"peak_memory_bytes", "resumed_from_step", b"resumed_from_step", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps", "stopped_early", b"stopped_early", "tokens_per_second", b"tokens_per_second", "trainable_parameters", b"trainable_parameters", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

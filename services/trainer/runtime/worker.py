@@ -129,6 +129,8 @@ class TrainWorker(JobWorker):
                 return
             assert self.lease is not None
             lease = self.lease
+            # Saved with the attempt's first record: in a pool, which worker (pod) runs it.
+            record.worker = self.consumer
             with tracked(self.events, record, self.runtime.settings.tensorboard_dir):
                 if record.HasField("campaign"):
                     message = run_recorded(record, CampaignRunner(self, record, job, lease).run)
