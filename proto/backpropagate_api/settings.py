@@ -10,7 +10,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backpropagate_api.errors import ConfigError
@@ -364,18 +372,26 @@ class FaultSettings(BaseModel):
         description="Drill: training raises a real out-of-memory error inside this step (once "
         "per worker process), so the OOM recovery runs end to end.",
     )
-    hold_at_step: int | None = Field(
-        None,
-        ge=1,
-        description="Drill: a run holds before this step of its job (a campaign's runs counted "
-        "one after another) until it is stopped (Ctrl-C, SIGTERM, a cancel, its lease lost) or "
-        "killed, so a drill's interrupt lands mid-run however fast the machine trains.",
+    hold_at_step: list[PositiveInt] = Field(
+        [],
+        description="Drill: a run holds before this step of its job, or before each step of a "
+        "JSON list (`[3, 5, 8]`; a campaign's runs counted one after another), until it is "
+        "stopped (Ctrl-C, SIGTERM, a cancel, its lease lost) or killed, obeying the safety "
+        "sidecar meanwhile, so a drill's interrupt or ramp lands mid-run however fast the "
+        "machine trains.",
     )
     hold_release_file: Path | None = Field(
         None,
-        description="Drill: the hold of hold_at_step also ends when this file exists, so a "
-        "drill lets the run go on when it chooses (once Redis is cut off, say).",
+        description="Drill: a hold of hold_at_step also ends when this file exists, and "
+        "deletes it, so a drill lets the run go on when it chooses (once Redis is cut off, "
+        "say) and the next hold waits until it creates the file again.",
     )
+
+    @field_validator("hold_at_step", mode="before")
+    @classmethod
+    def _one_step_is_a_list_of_one(cls, steps: object) -> object:
+        """`HOLD_AT_STEP=5` holds before step 5, as `[5]` does."""
+        return [steps] if isinstance(steps, int) else steps
 
 
 class TlsSettings(BaseModel):

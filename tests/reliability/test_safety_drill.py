@@ -6,6 +6,11 @@ Real processes: dataprep, trainer and the safety sidecar with the `replay` sourc
 a replay file ending on the level under test (the last line holds); the sidecar is restarted
 with the next file, which also drills the trainer's reconnection (a degraded-safety warning while
 it is away, training going on).
+
+The drill waits for events (a step, a pause), never for time. The run holds before a few steps
+(`FaultSettings.hold_at_step`) until the drill creates the release file, and obeys the sidecar
+while it holds: each ramp finds the run where the drill left it, on a machine of any speed and
+however late the drill acts.
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ from backpropagate_api.v1 import common_pb2, trainer_pb2
 
 pytestmark = [pytest.mark.model]
 
-STEPS = 30  # a sidecar restart costs seconds of reconnect backoff: here 4 steps, room for 4x that
+STEPS = 8
+# Where the run holds, each time until the drill releases it: while the sidecar is away (then it
+# trains on without it), until the ramps pause and resume it, and before its last step until the
+# ramp to 96 C stops it. Paused before PAUSE_HOLD at the latest, the run is seen two steps past
+# its resume before STOP_HOLD.
+AWAY_HOLD, PAUSE_HOLD, STOP_HOLD = 3, 5, STEPS
 
 
 def reading(celsius: float) -> dict[str, object]:
@@ -75,6 +85,7 @@ def test_critical_pauses_warning_resumes_emergency_stops_and_resume_finishes(
 ) -> None:
     addresses = {name: f"127.0.0.1:{servers.free_port()}" for name in ("dataprep", "trainer")}
     safety_address = f"127.0.0.1:{servers.free_port()}"
+    release = tmp_path / "release"  # created: the held run goes on (and the hold deletes it)
     env = stack_env(
         redis_url,
         s3_endpoint,
@@ -84,6 +95,8 @@ def test_critical_pauses_warning_resumes_emergency_stops_and_resume_finishes(
         SAFETY__SOURCE="replay",
         SAFETY__INTERVAL_SECONDS="0.2",
         SAFETY__RESUME_AFTER_SECONDS="1",
+        FAULT__HOLD_AT_STEP=json.dumps([AWAY_HOLD, PAUSE_HOLD, STOP_HOLD]),
+        FAULT__HOLD_RELEASE_FILE=str(release),
     )
 
     def sidecar(replay: Path) -> ExitStack:
@@ -99,16 +112,22 @@ def test_critical_pauses_warning_resumes_emergency_stops_and_resume_finishes(
         steps=STEPS, batch_size=2, max_length=128, checkpoint_every=100
     )
     with (
+        # Up before the trainer, whose first dial then finds it: a level known before step 1.
+        sidecar(ramp(tmp_path / "cool.jsonl", 60)) as cool,
         serve("dataprep", addresses["dataprep"], env),
         serve("trainer", addresses["trainer"], env),
     ):
         dataset = upload_dataset(connection, quickstart)
-        with sidecar(ramp(tmp_path / "cool.jsonl", 60)):
-            run = Run(connection, submit_train(connection, dataset.dataset_id, config))
-            run.until(lambda event: event.kind == "step" and event.step >= 2)
-        # The sidecar is gone: the next step warns and trains on. Waited for, so that a new
-        # sidecar started within one step cannot hide it.
-        run.until(lambda event: event.kind == "safety_degraded")
+        run = Run(connection, submit_train(connection, dataset.dataset_id, config))
+        seen = run.until(lambda event: event.kind == "step" and event.step == AWAY_HOLD - 1)
+        assert seen.safety_level == common_pb2.SAFETY_LEVEL_SAFE  # so its loss is news
+        cool.close()
+        # The sidecar is gone: the held run warns, and once released trains on without levels.
+        degraded = run.until(lambda event: event.kind == "safety_degraded")
+        release.touch()
+        away = run.until(lambda event: event.kind == "step")
+        assert away.step == degraded.step + 1 == AWAY_HOLD
+        assert away.safety_level == common_pb2.SAFETY_LEVEL_UNSPECIFIED
         with sidecar(ramp(tmp_path / "up.jsonl", 70, 80, 85, 88, 91)):
             paused = run.until(lambda event: event.kind == "paused")
             # Paused: no step is taken while the level stays critical.
@@ -118,6 +137,7 @@ def test_critical_pauses_warning_resumes_emergency_stops_and_resume_finishes(
         with sidecar(ramp(tmp_path / "down.jsonl", 91, 88, 82, 75, 70)):
             resumed = run.until(lambda event: event.kind == "resumed")
             assert resumed.step == paused.step
+            release.touch()
             run.until(lambda event: event.kind == "step" and event.step >= paused.step + 2)
         with sidecar(ramp(tmp_path / "hot.jsonl", 80, 90, 93, 96)):
             ended = run.until(lambda event: event.kind == "ended")
@@ -129,11 +149,11 @@ def test_critical_pauses_warning_resumes_emergency_stops_and_resume_finishes(
         assert steps_before == paused.step < stopped.last_checkpoint_step < STEPS
 
         kinds = [event.kind for event in run.events]
-        assert "safety_degraded" in kinds  # the sidecar restarts: training went on, warned
         between = kinds[kinds.index("paused") : kinds.index("resumed")]
         assert "step" not in between
 
         with sidecar(ramp(tmp_path / "cool-again.jsonl", 60)):
+            release.touch()  # the resumed run's hold before its last step
             connection.call(
                 "trainer",
                 connection.trainer.ResumeRun,

@@ -83,6 +83,11 @@ def trainer(env: Env, log: Path) -> AbstractContextManager[Popen[bytes]]:
     return serve("trainer", servers.free_address(), env, log_path=log)
 
 
+# How a call retried through an outage (`common.jobs.durably`) logs each wait: "Retrying
+# <call> in 0.5 seconds as it raised QueueUnavailableError: ...".
+RETRIED_ON = "as it raised "
+
+
 def wait_for_log(log: Path, text: str, what: str, process: Popen[bytes]) -> None:
     """Wait until a trainer's log says `text`: what it did, not how long it may have taken."""
     servers.wait_until(
@@ -414,12 +419,15 @@ def test_a_run_rides_out_a_redis_restart_an_s3_outage_and_an_out_of_memory_error
                     redis_down_at = time.time()
                     release.touch()
                     # The last steps are trained, their events kept; the last checkpoint's
-                    # lease check then waits for Redis.
+                    # lease check then waits for Redis. Its retries, not the heartbeat's failed
+                    # renewals, which begin when Redis goes, however far the steps have got.
                     wait_for_log(log, "events kept", "events kept while Redis is away", worker)
-                    wait_for_log(log, "QueueUnavailableError", "a wait for Redis", worker)
+                    redis_wait = RETRIED_ON + "QueueUnavailableError"
+                    wait_for_log(log, redis_wait, "the last checkpoint's wait for Redis", worker)
                 redis_back_at = time.time()
                 # The last checkpoint and the adapter now wait for S3.
-                wait_for_log(log, "StoreUnavailableError", "a wait for S3", worker)
+                s3_wait = RETRIED_ON + "StoreUnavailableError"
+                wait_for_log(log, s3_wait, "a wait for S3", worker)
             record = plane.wait_for_end(run_id, process=worker)
             events = plane.events(run_id)
             assert_trained(plane, record)

@@ -94,6 +94,15 @@ def test_a_value_outside_the_allowed_choices_is_rejected(monkeypatch: pytest.Mon
         Settings()
 
 
+@pytest.mark.parametrize(("value", "steps"), [("5", [5]), ("[3, 5, 8]", [3, 5, 8])])
+def test_a_drill_holds_a_run_before_one_step_or_before_each_of_a_list(
+    monkeypatch: pytest.MonkeyPatch, value: str, steps: list[int]
+) -> None:
+    monkeypatch.setenv("BACKPROPAGATE_FAULT__HOLD_AT_STEP", value)
+
+    assert Settings().fault.hold_at_step == steps
+
+
 def test_get_settings_reports_a_bad_value_as_a_config_error_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

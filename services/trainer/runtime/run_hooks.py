@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
@@ -128,7 +129,7 @@ class RunHooks(TrainingHooks):
         checkpoint_every: int,
         checkpoint_interval: float,
         safety_gate: SafetyGate,
-        hold_at_step: int | None = None,
+        hold_at_steps: Collection[int] = (),
         hold_release_file: Path | None = None,
     ) -> None:
         self.record = record
@@ -141,7 +142,7 @@ class RunHooks(TrainingHooks):
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
         self.gate = safety_gate
-        self.hold_at_step = hold_at_step
+        self.hold_at_steps = hold_at_steps
         self.hold_release_file = hold_release_file
         self.safety = events.safety
         self.last_checkpoint_at = time.monotonic()
@@ -149,23 +150,33 @@ class RunHooks(TrainingHooks):
 
     def before_step(self, step: int, training: LoraTraining) -> None:
         self._stop_if_asked(step, training)
-        self._hold_for_drill(step, training)
         self._obey_safety(step, training)
+        self._hold_for_drill(step, training)
 
     def _hold_for_drill(self, step: int, training: LoraTraining) -> None:
-        """Fault drill (`FaultSettings.hold_at_step`): wait before the step, as a paused run
-        does, until the run is stopped or the release file appears, so a drill's kill,
-        interrupt or outage finds it mid-run however fast this machine trains. A campaign's runs
-        count their steps one after another."""
+        """Fault drill (`FaultSettings.hold_at_step`): wait before the step until the run is
+        stopped or the release file appears, so a drill's kill, interrupt, outage or safety
+        ramp finds it mid-run however fast this machine trains. The held run obeys the safety
+        sidecar as it would between two steps (a ramp pauses, resumes or stops it here). A
+        campaign's runs count their steps one after another."""
         job_step = max(self.record.campaign_run - 1, 0) * self.record.steps + step
-        if job_step != self.hold_at_step:
+        if job_step not in self.hold_at_steps:
             return
-        log.warning("fault drill: holding before step %d until the run is stopped", step)
-        release = self.hold_release_file
-        while release is None or not release.exists():
-            time.sleep(PAUSE_POLL_SECONDS)
+        log.warning("fault drill: holding before step %d until released or stopped", step)
+        while not self._released_by_drill():
+            self.safety.wait_for_update(PAUSE_POLL_SECONDS)
             self._stop_if_asked(step, training)
-        log.warning("fault drill: %s released the run before step %d", release, step)
+            self._obey_safety(step, training)
+        log.warning("fault drill: %s released the run before step %d", self.hold_release_file, step)
+
+    def _released_by_drill(self) -> bool:
+        """Whether the release file appeared; it is deleted, so the next hold waits until the
+        drill creates it again."""
+        release = self.hold_release_file
+        if release is None or not release.exists():
+            return False
+        release.unlink(missing_ok=True)
+        return True
 
     def _stop_if_asked(self, step: int, training: LoraTraining) -> None:
         """Cancelled, the job taken over, the worker shutting down: no further step."""

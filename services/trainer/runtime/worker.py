@@ -273,7 +273,7 @@ class TrainWorker(JobWorker):
                 self.runtime.settings.safety.resume_after_seconds,
                 configured=self.safety.configured,
             ),
-            hold_at_step=self.runtime.settings.fault.hold_at_step,
+            hold_at_steps=self.runtime.settings.fault.hold_at_step,
             hold_release_file=self.runtime.settings.fault.hold_release_file,
         )
         peft_model, outcome = training.run(hooks)
