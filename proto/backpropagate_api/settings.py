@@ -19,7 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from backpropagate_api.errors import ConfigError
 
@@ -526,4 +526,10 @@ def get_settings() -> Settings:
         raise ConfigError(
             f"Invalid settings: {problems}",
             hint="Fix the environment variable or the .env entry named above.",
+        ) from None
+    except SettingsError as exc:  # a complex value (a list, a mapping) that is not JSON
+        raise ConfigError(
+            f"Invalid settings: {exc} ({exc.__cause__})",
+            hint="A list or mapping setting takes JSON: BACKPROPAGATE_MODEL__ALLOWED_DIRS="
+            "'[\"/srv/models\"]'.",
         ) from None

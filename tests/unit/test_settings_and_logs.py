@@ -117,6 +117,21 @@ def test_get_settings_reports_a_bad_value_as_a_config_error_naming_the_variable(
     assert "BACKPROPAGATE_SAFETY__SOURCE" in caught.value.message
 
 
+def test_a_list_setting_that_is_not_json_is_a_config_error_that_says_lists_take_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BACKPROPAGATE_MODEL__ALLOWED_DIRS", "/srv/models")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigError) as caught:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    assert caught.value.code == "INPUT_CONFIG_INVALID"
+    assert '"model"' in caught.value.message
+    assert "takes JSON" in caught.value.hint
+
+
 def test_variables_without_the_prefix_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME_DIR", "/nope")
     monkeypatch.setenv("ENDPOINT", "elsewhere:1")
