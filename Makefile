@@ -10,11 +10,11 @@ STAMP := $(VENV)/.setup-stamp
 LLAMA_STAMP := $(VENV)/.llama-cpp-stamp
 LLAMA_BUILD := $(addprefix deploy/llama-cpp/,build-wheel.sh add_cpu_variants.py cpu_variants.py) \
 	services/export/requirements-llama.txt
-REQUIREMENTS := pyproject.toml setup.py cli/requirements.txt proto/backpropagate_api/requirements.txt \
+REQUIREMENTS := pyproject.toml setup.py cli/requirements.txt cli/requirements-ui.txt proto/backpropagate_api/requirements.txt \
 	requirements-dev.txt \
 	$(wildcard services/*/requirements*.txt)
 
-.PHONY: setup proto proto-check demo test bench gpu-check gpu-wheels lint format clean env
+.PHONY: setup proto proto-check demo test bench gpu-check gpu-wheels lint format clean env images docs
 
 setup: $(STAMP)
 
@@ -29,7 +29,7 @@ $(STAMP): $(REQUIREMENTS) $(LLAMA_STAMP)
 	$(PIP) install --quiet --upgrade pip
 	@# The CPU wheel first, so nothing below pulls a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dataprep,trainer,safety,export,stack,dev]'
+	$(PIP) install --quiet -e '.[dataprep,trainer,safety,export,stack,ui,dev]'
 	$(PIP) install --quiet --no-deps -r services/common/requirements-model-nodeps.txt -r services/export/requirements-nodeps.txt
 	@touch $(STAMP)
 
@@ -37,8 +37,22 @@ $(STAMP): $(REQUIREMENTS) $(LLAMA_STAMP)
 env:
 	bash deploy/write-env.sh
 
+# The images `docker compose up` runs, as docker-compose.yml builds them (deploy/build_images.py,
+# with Docker or podman), the export image taking the portable llama.cpp wheel `make setup` built
+# instead of compiling it. GPU=1: the GPU variants. WHEELS=DIR: wheels pip takes first (the CPU
+# torch wheel where download.pytorch.org cannot be reached). Where no registry can be reached, the
+# public base images are built from Debian packages first (deploy/local-base/build.sh, as root).
+images: $(STAMP)
+	rm -rf build/llama-wheels
+	bash deploy/llama-cpp/build-wheel.sh $(PY) build/llama-wheels
+	$(PY) deploy/build_images.py --llama-wheels build/llama-wheels $(if $(WHEELS),--wheels $(WHEELS)) $(if $(GPU),--gpu)
+
 proto: setup
 	$(PY) -m backpropagate_services.common.protogen
+
+# The reference pages in docs/reference, generated from the code (a test fails when they are stale).
+docs: setup
+	$(PY) -m backpropagate.reference docs/reference
 
 demo: setup
 	$(VENV)/bin/backprop demo
@@ -57,6 +71,7 @@ bench: setup
 	$(PY) bench/train_speed.py --levers
 	$(PY) bench/dataprep_speed.py
 	$(PY) bench/stack_overhead.py
+	$(PY) bench/processes_speed.py
 	$(PY) bench/slao.py
 
 # The GPU check (docs/gpu.md): every step trains through the product on a GPU; without CUDA each

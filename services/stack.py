@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
 import grpc
 
+from backpropagate_api.channels import address_host
 from backpropagate_api.errors import ConfigError
+from backpropagate_api.setting_names import unknown_variables
 from backpropagate_api.settings import Settings
 from backpropagate_services.common.grpc_server import add_standard_services, bind_server
 from backpropagate_services.common.jobs import JobWorker
 from backpropagate_services.common.logs import quiet_library_output
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
+from backpropagate_services.common.telemetry import Telemetry, start_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ class RunningStack:
     host: str
     handles: list[ServiceHandle]
     runtime: Runtime
+    telemetry: Telemetry
     workers_started: bool = field(default=False)
 
     @property
@@ -70,13 +75,33 @@ class RunningStack:
             for worker in handle.workers:
                 worker.stop()
         self.server.stop(grace).wait()
+        self.telemetry.stop()
         self.runtime.close()
+
+
+def torchrun_rank(service: str, settings: Settings) -> int | None:
+    """Under torchrun (TORCHELASTIC_RUN_ID set), `backprop serve trainer` is one rank of one job
+    across nodes (docs/scaling-out.md): it serves nothing, trains the job with the other ranks
+    and returns its exit code. None for any other service or launch. The trainer's module is
+    loaded by name, as the servicers are, so no other service's image needs the trainer."""
+    if service != "trainer" or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    ranks = importlib.import_module(f"backpropagate_services.{service}.runtime.rank_process")
+    exit_code: int = ranks.run_ranks(settings)
+    return exit_code
 
 
 def _create(name: str, runtime: Runtime) -> ServiceHandle:
     module = importlib.import_module(f"backpropagate_services.{name}.server")
     handle: ServiceHandle = module.create(runtime)
     return handle
+
+
+def _trace_name(services: list[str]) -> str:
+    """What traces call this process: backpropagate-trainer, or backpropagate for all four."""
+    if set(services) == set(SERVICES):
+        return "backpropagate"
+    return f"backpropagate-{'+'.join(services)}"
 
 
 def start_stack(
@@ -94,6 +119,8 @@ def start_stack(
             f"Unknown service(s) {unknown}; choose from {', '.join(SERVICES)} or 'all'.",
         )
     quiet_library_output()
+    for variable in unknown_variables():  # a typo in a setting's name changes nothing: say so
+        log.warning("%s", variable.warning())
     address = address or settings.listen
     server, port = bind_server(address, settings)
     host = address.rsplit(":", 1)[0]
@@ -106,11 +133,21 @@ def start_stack(
         )
     runtime = Runtime.from_settings(settings)
     handles = [_create(name, runtime) for name in services]
+    telemetry = start_telemetry(
+        settings, _trace_name(services), handles, runtime.queue, address_host(address)
+    )
     for handle in handles:
         handle.register(server)
     add_standard_services(server, [handle.grpc_service_name for handle in handles])
     server.start()
-    stack = RunningStack(server=server, port=port, host=host, handles=handles, runtime=runtime)
+    stack = RunningStack(
+        server=server,
+        port=port,
+        host=host,
+        handles=handles,
+        runtime=runtime,
+        telemetry=telemetry,
+    )
     if start_workers:
         stack.start_workers()
     log.info("serving %s on %s:%d", ", ".join(services), host, port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,22 @@ def pytest_configure(config: pytest.Config) -> None:
     ~/.backpropagate, is taken by a test's worker; the model cache stays shared."""
     os.environ.setdefault("BACKPROPAGATE_MODEL_CACHE", str(Settings().model_cache_dir))
     os.environ["BACKPROPAGATE_HOME"] = tempfile.mkdtemp(prefix="bp-test-home-")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Seconds spent in each test folder (setup, call and teardown together), so a slow CI
+    run says which part of the suite grew, not only which single tests were slowest."""
+    seconds: dict[str, float] = defaultdict(float)
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if isinstance(report, pytest.TestReport):
+                seconds[report.nodeid.split("/")[1] if "/" in report.nodeid else "."] += (
+                    report.duration
+                )
+    if seconds:
+        terminalreporter.section("time per test folder")
+        for folder, spent in sorted(seconds.items(), key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{folder:<12} {spent:8.1f} s")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ set, the services run inside this process the first time they are needed.
 from typing import Any
 
 from backpropagate.callbacks import TrainingCallback
+from backpropagate.gpu_safety import GPUMonitor, check_gpu_safe
 from backpropagate.results import ExportResult, RunResult
 from backpropagate.sdk import Trainer
 from backpropagate_api.errors import BackpropagateError
@@ -32,10 +33,12 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BackpropagateError",
     "ExportResult",
+    "GPUMonitor",
     "RunResult",
     "Trainer",
     "TrainingCallback",
     "TrainingRun",
+    "check_gpu_safe",
     "register_with_ollama",
     "write_ollama_modelfile",
 ]

@@ -41,7 +41,16 @@ def _opening(system: str) -> list[dict[str, str]]:
 
 def ask_once(gguf: Path, question: str, *, system: str, threads: int, max_tokens: int) -> str:
     """One answer to `question`, as shown to the user."""
-    messages = [*_opening(system), {"role": "user", "content": question}]
+    question_only = [{"role": "user", "content": question}]
+    return answer(gguf, question_only, system=system, threads=threads, max_tokens=max_tokens)
+
+
+def answer(
+    gguf: Path, conversation: list[dict[str, str]], *, system: str, threads: int, max_tokens: int
+) -> str:
+    """The next answer in `conversation` (its turns so far, the user's last), as shown to the
+    user: the web UI's chat keeps the conversation itself."""
+    messages = [*_opening(system), *conversation]
     return shown(chat_reply(gguf, messages, threads=threads, max_tokens=max_tokens), max_tokens)
 
 

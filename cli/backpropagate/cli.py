@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -18,15 +19,15 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.prompt import Prompt
 from rich.table import Table
+from typer import rich_utils
 
-from backpropagate import __version__
-from backpropagate.connection import Connection
+from backpropagate.connection import VERBOSE_VARIABLE, Connection, verbose
 from backpropagate.data_cli import column_mapping, data_app, language_codes
 from backpropagate.effective_config import config_command
 from backpropagate.estimate_cli import estimate_vram_command
 from backpropagate.in_process import STACK_EXTRAS, services_needed
+from backpropagate.info_cli import info_command
 from backpropagate.multi_run_cli import multi_run_command
-from backpropagate.progress import safety_label
 from backpropagate.render import (
     FormatOption,
     JsonOption,
@@ -39,16 +40,20 @@ from backpropagate.render import (
 )
 from backpropagate.results import status_name
 from backpropagate.runs_cli import add_run_aliases, runs_app, runs_resume
-from backpropagate.sdk import Trainer, adapter_of_mode
+from backpropagate.sdk import Trainer, adapter_directory, adapter_of_mode
+from backpropagate.ui.command import ui_command
 from backpropagate_api.errors import (
     EXIT_INTERRUPTED,
-    EXIT_PARTIAL_FAILURE,
+    EXIT_USER_ERROR,
     BackpropagateError,
     ConfigError,
+    PartialFailureError,
     UserError,
 )
+from backpropagate_api.redaction import redact
+from backpropagate_api.setting_names import unknown_variables
 from backpropagate_api.settings import get_settings
-from backpropagate_api.v1 import export_pb2, safety_pb2
+from backpropagate_api.v1 import export_pb2
 
 app = typer.Typer(
     help="Fine-tune a LoRA on a JSONL file, export a verified GGUF, chat with it.",
@@ -59,8 +64,10 @@ app = typer.Typer(
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
 app.command("config")(config_command)
+app.command("info")(info_command)
 app.command("estimate-vram")(estimate_vram_command)
 app.command("multi-run")(multi_run_command)
+app.command("ui")(ui_command)
 add_run_aliases(app)
 exports_app = typer.Typer(help="Inspect and cancel exports.", no_args_is_help=True)
 app.add_typer(exports_app, name="exports")
@@ -71,8 +78,24 @@ DEMO_PROMPT = "How do I fine-tune a small model on my own chat data?"
 DEMO_STEPS = 40
 
 
-class PartialFailure(Exception):
-    """Part of a multi-step command succeeded; the message says which part did not."""
+@app.callback()
+def options(
+    verbose_output: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Debug logs on the terminal (BACKPROPAGATE_LOG_LEVEL=DEBUG) and an error's "
+            "whole traceback.",
+        ),
+    ] = False,
+) -> None:
+    """Options of every command."""
+    if verbose_output:
+        # Through the environment: a worker process this one starts is verbose too.
+        os.environ[VERBOSE_VARIABLE] = "1"
+        os.environ["BACKPROPAGATE_LOG_LEVEL"] = "DEBUG"
+        get_settings.cache_clear()
 
 
 @app.command("train")
@@ -142,7 +165,8 @@ def train_command(
     ] = "",
     fp8: Annotated[bool, typer.Option(help="FP8 compute (Hopper/Blackwell GPUs).")] = False,
     preset: Annotated[
-        str, typer.Option(help="Training preset: fast, balanced or quality (fills the rest).")
+        str,
+        typer.Option(help="Training preset: fast, balanced, quality or fast-3b (fills the rest)."),
     ] = "",
     lora_preset: Annotated[
         str, typer.Option(help="LoRA preset: fast (r=16, q/v), balanced, quality (r=256).")
@@ -187,10 +211,27 @@ def train_command(
     beta: Annotated[
         float | None, typer.Option(help="Preference strength (DPO/KTO/SimPO beta, ORPO weight).")
     ] = None,
+    nproc_per_node: Annotated[
+        int,
+        typer.Option(
+            help="Processes training the run together, one per GPU (torchrun; 0: one); "
+            "--batch-size stays the optimizer's batch."
+        ),
+    ] = 0,
     report_to: Annotated[
         str, typer.Option(help="Trackers: auto (default), none, or tensorboard,wandb,mlflow.")
     ] = "",
     mode: Annotated[str, typer.Option(help="lora or full: the same as --adapter.")] = "",
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Save the adapter here when the run ends, as DIR/lora (replacing an earlier "
+            "run's); `backprop export DIR/lora` takes it. Default: kept in the store only."
+        ),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="auto: the CUDA GPU, else the CPU (MLX is not offered).")
+    ] = "auto",
     strict: Annotated[
         bool,
         typer.Option(help="Fail on the first bad row (default: leave bad rows out, up to 10%)."),
@@ -216,7 +257,7 @@ def train_command(
         return
     if data is None:
         raise UserError("Nothing to train on.", hint="Pass --data my_data.jsonl (or --resume RUN).")
-    run = Trainer(model).train(
+    run = Trainer(model, output_dir=output_dir, backend=backend).train(
         data,
         steps=steps,
         epochs=epochs,
@@ -245,6 +286,7 @@ def train_command(
         perplexity_drop=perplexity_drop,
         curriculum=curriculum,
         adapter_scale=adapter_scale,
+        nproc_per_node=nproc_per_node,
         lr_scheduler=lr_scheduler,
         eval_split=eval_split,
         eval_data=eval_data,
@@ -263,6 +305,8 @@ def train_command(
         err_console.print(f"follow it with: backprop runs watch {run.run_id}")
         return
     print_run(run)
+    if output_dir is not None:
+        console.print(f"adapter saved: {adapter_directory(output_dir)}")
     console.print(
         f"next: [bold]backprop export {run.run_id}[/]  "
         f"(loss curve: backprop runs show {run.run_id} --plot loss.png)"
@@ -336,7 +380,10 @@ def export_command(
                 result.path, name, system=system or None, num_ctx=num_ctx
             )
         except BackpropagateError as exc:
-            raise PartialFailure(f"exported {result.path}, but {exc}\nhint: {exc.hint}") from exc
+            raise PartialFailureError(
+                f"Exported {result.path}, but the Ollama registration failed: {exc}",
+                hint=exc.hint,
+            ) from exc
         err_console.print(f"Ollama: registered [bold]{registered.name}[/] at {registered.host}")
         err_console.print(f"next: [bold]ollama run {registered.name}[/]")
 
@@ -363,7 +410,7 @@ def exports_show(
     export_id: Annotated[str, typer.Argument(help="Export id.")], as_json: JsonOption = False
 ) -> None:
     """Show one export's record: status, files, verification report."""
-    connection = Connection.open(workers=False)
+    connection = Connection.for_reading()
     result = connection.call(
         "export", connection.export.GetExport, export_pb2.GetExportRequest(export_id=export_id)
     )
@@ -405,41 +452,6 @@ def exports_cancel(
         console.print(f"{result.export_id}: cancel requested ({status_name(result.status)})")
 
 
-@app.command("info")
-def info() -> None:
-    """Where the stack runs, how it stores things, and the machine's safety level."""
-    settings = get_settings()
-    connection = Connection.open(workers=False)
-    snapshot = connection.call("safety", connection.safety.Snapshot, safety_pb2.SnapshotRequest())
-    table = Table(show_header=False, box=None)
-    rows = [
-        ("version", __version__),
-        ("mode", "embedded (in this process)" if connection.embedded else "remote stack"),
-        *((f"{name} endpoint", address) for name, address in connection.addresses.items()),
-        ("queue", settings.queue.backend),
-        ("store", settings.store.backend),
-        ("default model", settings.model.name),
-        ("safety", f"{safety_label(snapshot.level)} ({snapshot.source})"),
-        (
-            "host memory",
-            f"{snapshot.host.memory_used_mb / 1024:.1f} / "
-            f"{snapshot.host.memory_total_mb / 1024:.1f} GiB",
-        ),
-    ]
-    rows += [
-        (
-            f"GPU {gpu.index}",
-            f"{gpu.name} {gpu.temperature_c:.0f} C"
-            if gpu.HasField("temperature_c")
-            else f"{gpu.name} (no temperature reported)",
-        )
-        for gpu in snapshot.gpus
-    ]
-    for label, value in rows:
-        table.add_row(f"[bold]{label}[/]", value)
-    console.print(table)
-
-
 @app.command("serve")
 def serve(
     service: Annotated[
@@ -450,10 +462,13 @@ def serve(
     """Run one service, or all of them in one process, until interrupted."""
     with services_needed("backprop serve", STACK_EXTRAS):
         from backpropagate_services.common.logs import configure_logging
-        from backpropagate_services.stack import SERVICES, start_stack
+        from backpropagate_services.stack import SERVICES, start_stack, torchrun_rank
 
         settings = get_settings()
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, json_lines=settings.log_json)
+        exit_code = torchrun_rank(service, settings)
+        if exit_code is not None:  # one rank of one job across nodes
+            raise typer.Exit(exit_code)
         services = list(SERVICES) if service == "all" else [service]
         stack = start_stack(settings, services, listen or settings.listen)
     signal.signal(signal.SIGTERM, lambda *_: stack.stop())
@@ -525,7 +540,9 @@ def demo(
     try:
         result = trainer.export(output_dir=output_dir)
     except BackpropagateError as exc:
-        raise PartialFailure(f"trained {run.run_id}, but the export failed: {exc}") from exc
+        raise PartialFailureError(
+            f"Trained {run.run_id}, but the export failed: {exc}", hint=exc.hint
+        ) from exc
     exported = time.monotonic()
     print_export(result)
     answer = _one_answer(result.path, DEMO_PROMPT, 96)
@@ -539,16 +556,22 @@ def demo(
 
 def main() -> None:
     """Entry point: errors become one readable message and a stable exit code."""
+    for variable in unknown_variables():  # a misspelt setting would otherwise change nothing
+        err_console.print(f"[bold yellow]warning[/]: {escape(variable.warning())}", soft_wrap=True)
     try:
-        app()
+        # Not standalone: click would exit 2 on a usage error, our code for a runtime error.
+        exit_code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # an unknown option, a missing argument: user errors
+        rich_utils.rich_format_error(exc)  # type: ignore[arg-type]
+        sys.exit(EXIT_USER_ERROR)
+    except typer.Abort:  # end of input at a prompt
+        sys.exit(EXIT_INTERRUPTED)
     except BackpropagateError as exc:
         # Whole lines (the terminal wraps them), so a hint's command can be copied or grepped.
+        _print_traceback_if_verbose()
         err_console.print(f"[bold red]error {exc.code}[/]: {escape(exc.message)}", soft_wrap=True)
         err_console.print(f"[dim]hint:[/] {escape(exc.hint)}", soft_wrap=True)
         sys.exit(exc.exit_code)
-    except PartialFailure as exc:
-        err_console.print(f"[bold yellow]partial failure[/]: {exc}")
-        sys.exit(EXIT_PARTIAL_FAILURE)
     except KeyboardInterrupt:
         # A run this process was training is checkpointed and released on the way out.
         err_console.print(
@@ -557,15 +580,20 @@ def main() -> None:
         )
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # a bug: still one message, the traceback only when asked for
-        if os.environ.get("BACKPROPAGATE_DEBUG"):
-            raise
+        _print_traceback_if_verbose()
         bug = BackpropagateError(f"{type(exc).__name__}: {exc}")
         err_console.print(f"[bold red]error {bug.code}[/]: {escape(bug.message)}", soft_wrap=True)
         err_console.print(
-            f"[dim]hint:[/] {escape(bug.hint)} (BACKPROPAGATE_DEBUG=1 shows the traceback)",
-            soft_wrap=True,
+            f"[dim]hint:[/] {escape(bug.hint)} (--verbose shows the traceback)", soft_wrap=True
         )
         sys.exit(bug.exit_code)
+    sys.exit(exit_code if isinstance(exit_code, int) else 0)
+
+
+def _print_traceback_if_verbose() -> None:
+    """The exception being handled, whole, redacted like every log line (--verbose)."""
+    if verbose():
+        err_console.print(redact(traceback.format_exc()), markup=False, highlight=False)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from backpropagate_api.errors import ConfigError
-from backpropagate_api.training import TRAINING_PRESETS
+from backpropagate_api.training import PRESET_RUNS, TRAINING_PRESETS
 
 
 @dataclass(frozen=True)
@@ -19,13 +19,15 @@ class Preset:
     lora_alpha: int
     batch_size: int  # the effective batch: conversations per optimizer step
     learning_rate: float
+    runs: int  # a multi-run campaign's length with this preset: `multi_run(runs=preset.runs)`
 
 
 def get_preset(name: str) -> Preset:
-    """The training preset `name` (fast, balanced, quality); `--preset NAME` applies it whole."""
+    """The training preset `name` (fast, balanced, quality, fast-3b); `--preset NAME` applies
+    it whole."""
     if name not in TRAINING_PRESETS:
         raise ConfigError(
             f"Unknown preset {name!r}: the presets are {', '.join(TRAINING_PRESETS)}.",
             fields="preset",
         )
-    return Preset(name=name, **TRAINING_PRESETS[name])
+    return Preset(name=name, runs=PRESET_RUNS[name], **TRAINING_PRESETS[name])

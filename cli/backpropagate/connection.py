@@ -9,6 +9,7 @@ subclasses, never raw grpc.RpcError.
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -20,10 +21,12 @@ import grpc
 from pydantic import SecretStr
 
 from backpropagate.in_process import STACK_EXTRAS, services_needed
+from backpropagate.local_reads import local_stubs
 from backpropagate_api.channels import check_token_destination, open_channel
 from backpropagate_api.grpc_errors import error_from_rpc
 from backpropagate_api.private_files import private_home
 from backpropagate_api.settings import Settings, get_settings
+from backpropagate_api.tracing import start_tracing
 from backpropagate_api.v1 import (
     dataprep_pb2_grpc,
     export_pb2_grpc,
@@ -35,6 +38,28 @@ if TYPE_CHECKING:
     from backpropagate_services.stack import RunningStack
 
 T = TypeVar("T")
+
+SERVICES = ("dataprep", "trainer", "safety", "export")
+# What traces call a client process; with the embedded default it is the stack's process too.
+CLIENT_SERVICE_NAME = "backpropagate-client"
+EMBEDDED_SERVICE_NAME = "backpropagate"
+
+
+def start_client_tracing(settings: Settings) -> None:
+    """Send this process's spans where the settings say (backpropagate_api.tracing), before
+    its first span: one started earlier would be recorded by nobody."""
+    embedded = any(settings.endpoint_of(name) is None for name in SERVICES)
+    start_tracing(settings, EMBEDDED_SERVICE_NAME if embedded else CLIENT_SERVICE_NAME)
+
+
+# Set by `backprop --verbose` (or by hand): full tracebacks, and the embedded stack's log lines
+# on the terminal too. An environment variable, so a worker process this one starts inherits it.
+VERBOSE_VARIABLE = "BACKPROPAGATE_DEBUG"
+
+
+def verbose() -> bool:
+    return bool(os.environ.get(VERBOSE_VARIABLE))
+
 
 _embedded_lock = threading.Lock()
 # One all-in-one stack per home directory: a process that opens Trainers on two homes must
@@ -59,11 +84,13 @@ def embedded_stack(settings: Settings, workers: bool = True) -> RunningStack:
             with services_needed(
                 "With no endpoint set, Backpropagate", STACK_EXTRAS, or_endpoint=True
             ):
-                from backpropagate_services.common.logs import configure_logging
+                from backpropagate_services.common.logs import configure_from_settings
                 from backpropagate_services.stack import SERVICES, start_stack
 
                 private_home(settings.home)
-                configure_logging(settings.log_level, settings.home / "logs" / "embedded.log")
+                configure_from_settings(
+                    settings, settings.home / "logs" / "embedded.log", mirror_stderr=verbose()
+                )
                 # A run this process trains is left interrupted on exit, not handed to whatever
                 # `backprop` command runs next: `backprop runs resume` goes on with it.
                 interrupt = settings.trainer.model_copy(update={"release_on_shutdown": False})
@@ -91,6 +118,8 @@ class Connection:
     embedded: bool
     settings: Settings | None = None  # TLS and the token; None: the process's settings
     token: str | None = None  # overrides the settings' token (the embedded stack's own)
+    # Read-only stand-ins for services with no endpoint (`for_reading`), by service name.
+    local: dict[str, Any] = field(default_factory=dict)
     _channels: dict[str, grpc.Channel] = field(default_factory=dict)
 
     @classmethod
@@ -98,16 +127,38 @@ class Connection:
         """`workers=False`: a connection that only reads (records, events) and submits; with
         the embedded default, this process then takes no jobs."""
         settings = settings or get_settings()
-        services = ("dataprep", "trainer", "safety", "export")
-        configured = {name: settings.endpoint_of(name) for name in services}
+        configured = {name: settings.endpoint_of(name) for name in SERVICES}
         check_token_destination(settings, [name for name, address in configured.items() if address])
         embedded = any(address is None for address in configured.values())
+        start_client_tracing(settings)
         if not embedded:
             remote = {name: str(address) for name, address in configured.items()}
             return cls(remote, False, settings)
         stack = embedded_stack(settings, workers)
-        addresses = {name: configured[name] or stack.address for name in services}
+        addresses = {name: configured[name] or stack.address for name in SERVICES}
         return cls(addresses, embedded, stack.runtime.settings, stack.token)
+
+    @classmethod
+    def for_reading(cls, settings: Settings | None = None) -> Connection:
+        """A connection for read-only calls (run and export records, downloads, safety
+        snapshots). A service with no endpoint is read from this machine's files without
+        starting the embedded stack (local_reads); one with an endpoint is dialled."""
+        settings = settings or get_settings()
+        configured = {name: settings.endpoint_of(name) for name in SERVICES}
+        check_token_destination(settings, [name for name, address in configured.items() if address])
+        start_client_tracing(settings)
+        remote = {name: str(address) for name, address in configured.items() if address}
+        embedded = len(remote) < len(SERVICES)
+        local = local_stubs(settings) if embedded else {}
+        return cls(
+            remote, embedded, settings, local={n: local[n] for n in local if n not in remote}
+        )
+
+    def _stub(self, service: str, stub: Callable[[grpc.Channel], T]) -> T:
+        if service in self.local:
+            local: T = self.local[service]
+            return local
+        return stub(self.channel(service))
 
     def channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
@@ -121,19 +172,19 @@ class Connection:
 
     @property
     def dataprep(self) -> dataprep_pb2_grpc.DataprepServiceStub:
-        return dataprep_pb2_grpc.DataprepServiceStub(self.channel("dataprep"))
+        return self._stub("dataprep", dataprep_pb2_grpc.DataprepServiceStub)
 
     @property
     def trainer(self) -> trainer_pb2_grpc.TrainerServiceStub:
-        return trainer_pb2_grpc.TrainerServiceStub(self.channel("trainer"))
+        return self._stub("trainer", trainer_pb2_grpc.TrainerServiceStub)
 
     @property
     def safety(self) -> safety_pb2_grpc.SafetyServiceStub:
-        return safety_pb2_grpc.SafetyServiceStub(self.channel("safety"))
+        return self._stub("safety", safety_pb2_grpc.SafetyServiceStub)
 
     @property
     def export(self) -> export_pb2_grpc.ExportServiceStub:
-        return export_pb2_grpc.ExportServiceStub(self.channel("export"))
+        return self._stub("export", export_pb2_grpc.ExportServiceStub)
 
     def call(self, service: str, method: Callable[..., T], request: Any, **kwargs: Any) -> T:
         try:

@@ -20,9 +20,9 @@ def size(value: int) -> str:
     return f"{value / GIB:.2f} GiB" if value >= GIB else f"{value / MIB:.0f} MiB"
 
 
-def print_estimate(estimate: MemoryEstimateResult) -> None:
-    table = Table("part", "memory", title=f"peak memory of the run on {estimate.device}")
-    for label, value in [
+def estimate_parts(estimate: MemoryEstimateResult) -> list[tuple[str, int]]:
+    """The predicted peak's parts, (what, bytes), as the CLI and the web UI show them."""
+    return [
         (f"base weights ({estimate.parameters / 1e6:,.0f} M parameters)", estimate.weights_bytes),
         (
             f"trainable: weights, gradients, AdamW ({estimate.trainable_parameters:,} params)",
@@ -30,7 +30,12 @@ def print_estimate(estimate: MemoryEstimateResult) -> None:
         ),
         ("activations of the largest micro-batch", estimate.activations_bytes),
         ("runtime overhead", estimate.overhead_bytes),
-    ]:
+    ]
+
+
+def print_estimate(estimate: MemoryEstimateResult) -> None:
+    table = Table("part", "memory", title=f"peak memory of the run on {estimate.device}")
+    for label, value in estimate_parts(estimate):
         table.add_row(label, size(value))
     table.add_section()
     table.add_row("[bold]predicted peak[/]", f"[bold]{size(estimate.total_bytes)}[/]")

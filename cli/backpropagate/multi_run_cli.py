@@ -15,7 +15,7 @@ from backpropagate.render import (
     print_json,
     print_run,
 )
-from backpropagate.runs_cli import get_run
+from backpropagate.runs_cli import get_run, runs_resume
 from backpropagate.sdk import Trainer
 from backpropagate_api.errors import UserError
 
@@ -73,12 +73,23 @@ def multi_run_command(
         bool,
         typer.Option(help="Submit, print the campaign id and exit; follow with `runs watch`."),
     ] = False,
+    resume: Annotated[
+        str,
+        typer.Option(help="Continue this unfinished campaign instead (as `backprop runs resume`)."),
+    ] = "",
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(help="Save the merged adapter here when the campaign ends, as DIR/lora."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train again and again on new data without forgetting: runs merged by SLAO."""
+    if resume:
+        runs_resume(resume)
+        return
     if not data:
-        raise UserError("Nothing to train on.", hint="Pass --data my_data.jsonl.")
-    trainer = Trainer(model)
+        raise UserError("Nothing to train on.", hint="Pass --data my_data.jsonl (or --resume).")
+    trainer = Trainer(model, output_dir=output_dir)
     campaign = trainer.multi_run(
         data if len(data) > 1 else data[0],
         runs=runs,

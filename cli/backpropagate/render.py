@@ -40,9 +40,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def print_run(run: RunResult) -> None:
-    table = Table(show_header=False, box=None)
-    for label, value in [
+def run_rows(run: RunResult) -> list[tuple[str, str]]:
+    """A run's record as (label, value) lines, as `runs show` and the web UI show it."""
+    return [
         ("run", run.run_id),
         ("status", run.status),
         ("model", run.base_model),
@@ -67,12 +67,22 @@ def print_run(run: RunResult) -> None:
         ("adapter", run.output),
         ("attempts", str(run.attempts)),
         ("worker", run.worker or "-"),
+        *([("processes", str(run.processes))] if run.processes > 1 else []),
         ("resumed from step", str(run.resumed_from_step) if run.resumed_from_step else "-"),
         ("checkpoints", ", ".join(map(str, run.checkpoint_steps)) or "-"),
         *_campaign_rows(run),
-    ]:
+    ]
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
+    table = Table(show_header=False, box=None)
+    for label, value in rows:
         table.add_row(f"[bold]{label}[/]", value)
     console.print(table)
+
+
+def print_run(run: RunResult) -> None:
+    print_rows(run_rows(run))
     if run.timeline:
         console.print(merge_timeline(run))
 
@@ -88,14 +98,14 @@ def _campaign_rows(run: RunResult) -> list[tuple[str, str]]:
     ]
 
 
-def merge_timeline(run: RunResult) -> Table:
+TIMELINE_COLUMNS = ("run", "run id", "rows", "final loss", "task", "weight", "update moved")
+
+
+def timeline_rows(run: RunResult) -> list[tuple[str, ...]]:
     """A campaign's runs as they were merged: what each trained on, its loss, its weight in
-    the merge and how far it moved the merged update."""
-    table = Table(title=f"merge timeline ({run.merge})")
-    for column in ("run", "run id", "rows", "final loss", "task", "weight", "update moved"):
-        table.add_column(column, justify="left" if column == "run id" else "right")
-    for point in run.timeline:
-        table.add_row(
+    the merge and how far it moved the merged update (TIMELINE_COLUMNS)."""
+    return [
+        (
             str(point.run),
             point.run_id,
             str(point.samples),
@@ -104,6 +114,16 @@ def merge_timeline(run: RunResult) -> Table:
             f"{point.merge_weight:.3f}",
             f"{point.change_norm:.3g}",
         )
+        for point in run.timeline
+    ]
+
+
+def merge_timeline(run: RunResult) -> Table:
+    table = Table(title=f"merge timeline ({run.merge})")
+    for column in TIMELINE_COLUMNS:
+        table.add_column(column, justify="left" if column == "run id" else "right")
+    for row in timeline_rows(run):
+        table.add_row(*row)
     return table
 
 
@@ -140,7 +160,8 @@ def _hardware_rows(run: RunResult) -> list[tuple[str, str]]:
     ]
 
 
-def print_export(result: ExportResult) -> None:
+def export_rows(result: ExportResult) -> list[tuple[str, str]]:
+    """An export's record and verification report as (label, value) lines."""
     rows = [
         ("export", result.export_id),
         ("format", result.format),
@@ -159,10 +180,11 @@ def print_export(result: ExportResult) -> None:
             ),
         ]
     rows.append(("duration", f"{result.duration_seconds:.1f}s"))
-    table = Table(show_header=False, box=None)
-    for label, value in rows:
-        table.add_row(f"[bold]{label}[/]", value)
-    console.print(table)
+    return rows
+
+
+def print_export(result: ExportResult) -> None:
+    print_rows(export_rows(result))
     if result.verification_warning:
         err_console.print(f"[bold yellow]warning[/]: {result.verification_warning}")
 
@@ -186,10 +208,9 @@ def print_json_data(data: object) -> None:
     console.print_json(data=data)
 
 
-def print_dataset(info: dataprep_pb2.DatasetInfo) -> None:
-    """An uploaded dataset: what it holds, what was left out and why, its first example."""
-    table = Table(show_header=False, box=None)
-    for label, value in [
+def dataset_rows(info: dataprep_pb2.DatasetInfo) -> list[tuple[str, str]]:
+    """An uploaded dataset's record as (label, value) lines: what it holds, what was left out."""
+    return [
         ("dataset", info.dataset_id + (" (prepared before)" if info.reused else "")),
         ("file", f"{info.filename} ({info.size_bytes:,} bytes)"),
         ("format", info.format),
@@ -198,15 +219,27 @@ def print_dataset(info: dataprep_pb2.DatasetInfo) -> None:
             f"{info.num_examples:,} of {info.rows_read:,} rows ({info.num_turns:,} turns)",
         ),
         ("left out", f"{info.rows_rejected:,} invalid, {info.rows_removed:,} duplicates"),
-    ]:
-        table.add_row(f"[bold]{label}[/]", value)
-    console.print(table)
-    for title, rows, count in (
-        ("left out", info.rejections, info.rows_rejected),
-        ("duplicates", info.removed, info.rows_removed),
-    ):
-        for line in listed(rows, count):
-            console.print(f"  {title}: {line}", markup=False)
+    ]
+
+
+def left_out_lines(info: dataprep_pb2.DatasetInfo) -> list[str]:
+    """The rows left out of a dataset and why, by line: "left out: line 3: ..." (the first
+    ones of each kind, then how many more)."""
+    return [
+        f"{title}: {line}"
+        for title, rows, count in (
+            ("left out", info.rejections, info.rows_rejected),
+            ("duplicates", info.removed, info.rows_removed),
+        )
+        for line in listed(rows, count)
+    ]
+
+
+def print_dataset(info: dataprep_pb2.DatasetInfo) -> None:
+    """An uploaded dataset: what it holds, what was left out and why, its first example."""
+    print_rows(dataset_rows(info))
+    for line in left_out_lines(info):
+        console.print(f"  {line}", markup=False)
     console.print("[bold]first example[/]")
     console.print_json(info.preview_json)
 
@@ -215,14 +248,28 @@ SPAN_STYLES = {"context": "dim", "trained": "bold green", "cut": "red strike"}
 HISTOGRAM_WIDTH = 40
 
 
+def token_summary(stats: trainer_pb2.TokenStats) -> str:
+    return (
+        f"{stats.tokens:,} in {stats.rows:,} rows, {stats.trained_tokens:,} trained; per row "
+        f"min {stats.min_tokens:,}, median {stats.median_tokens:,}, p95 {stats.p95_tokens:,}, "
+        f"max {stats.max_tokens:,}"
+    )
+
+
+def max_length_note(stats: trainer_pb2.TokenStats) -> str:
+    """What max_length costs the dataset: every row fits, or the rows it cuts."""
+    if not (stats.truncated or stats.dropped):
+        return f"max_length {stats.max_length:,}: every row fits"
+    return (
+        f"max_length {stats.max_length:,}: {stats.truncated:,} rows truncated (their ends not "
+        f"learnt), {stats.dropped:,} with nothing to learn"
+    )
+
+
 def print_token_stats(stats: trainer_pb2.TokenStats) -> None:
     """A dataset in the model's tokens: lengths, their histogram, what max_length costs, and the
     first row with what is learnt in green (read-only context dim, cut-off text struck out)."""
-    console.print(
-        f"[bold]tokens[/] ({stats.base_model}): {stats.tokens:,} in {stats.rows:,} rows, "
-        f"{stats.trained_tokens:,} trained; per row min {stats.min_tokens:,}, median "
-        f"{stats.median_tokens:,}, p95 {stats.p95_tokens:,}, max {stats.max_tokens:,}"
-    )
+    console.print(f"[bold]tokens[/] ({stats.base_model}): {token_summary(stats)}")
     widest = max((part.rows for part in stats.histogram), default=0)
     for part in stats.histogram:
         bar = "#" * round(HISTOGRAM_WIDTH * part.rows / widest) if widest else ""
@@ -233,13 +280,9 @@ def print_token_stats(stats: trainer_pb2.TokenStats) -> None:
             markup=False,
         )
     if stats.truncated or stats.dropped:
-        console.print(
-            f"[yellow]max_length {stats.max_length:,}: {stats.truncated:,} rows truncated (their "
-            f"ends not learnt), {stats.dropped:,} with nothing to learn[/] (--max-length to "
-            "keep more)"
-        )
+        console.print(f"[yellow]{max_length_note(stats)}[/] (--max-length to keep more)")
     else:
-        console.print(f"max_length {stats.max_length:,}: every row fits")
+        console.print(max_length_note(stats))
     console.print("[bold]first example, as trained[/] ([bold green]learnt[/], [dim]context[/])")
     sample = Text()
     for span in stats.sample:

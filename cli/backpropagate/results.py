@@ -7,11 +7,8 @@ from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
-from backpropagate_api.v1 import common_pb2, export_pb2, trainer_pb2
-
-
-def status_name(status: int) -> str:
-    return common_pb2.JobStatus.Name(status).removeprefix("JOB_STATUS_").lower()  # type: ignore[arg-type]
+from backpropagate_api.statuses import status_name
+from backpropagate_api.v1 import export_pb2, trainer_pb2
 
 
 @dataclass(frozen=True)
@@ -42,6 +39,7 @@ class RunResult:
     samples_seen: int = 0
     attempts: int = 0  # times a worker started it (more than 1: it was resumed)
     worker: str = ""  # the worker (queue consumer, named after its host or pod) of the last one
+    processes: int = 1  # that trained the last attempt together (nproc_per_node, or across nodes)
     resumed_from_step: int = 0
     last_checkpoint_step: int = 0
     checkpoint_steps: list[int] = field(default_factory=list)
@@ -94,6 +92,7 @@ class RunResult:
             samples_seen=record.samples_seen,
             attempts=record.attempts,
             worker=record.worker,
+            processes=record.world_size or 1,
             resumed_from_step=record.resumed_from_step,
             last_checkpoint_step=record.last_checkpoint_step,
             checkpoint_steps=[checkpoint.step for checkpoint in record.checkpoints],

@@ -48,7 +48,7 @@ def runs_list(
     as_json: JsonOption = False,
 ) -> None:
     """List training runs, newest first."""
-    listing = list_runs(Connection.open(workers=False), status=status, limit=limit)
+    listing = list_runs(Connection.for_reading(), status=status, limit=limit)
     if as_json:
         print_json(listing)
         return
@@ -83,7 +83,7 @@ def runs_show(
     as_json: JsonOption = False,
 ) -> None:
     """Show one run's record."""
-    connection = Connection.open(workers=False)
+    connection = Connection.for_reading()
     record = get_run(connection, run_id)
     if as_json:
         print_json(record)
@@ -99,7 +99,7 @@ def runs_show(
 @runs_app.command("diff")
 def runs_diff(first: RunArgument, second: RunArgument, as_json: JsonOption = False) -> None:
     """Two runs side by side: every config field and metric that differs."""
-    connection = Connection.open(workers=False)
+    connection = Connection.for_reading()
     left, right = get_run(connection, first), get_run(connection, second)
     rows = differences(left, right)
     if as_json:
@@ -130,7 +130,7 @@ def runs_export(
         raise UserError(
             f"Unknown export format {export_format!r}.", hint="Use --format jsonl or --format csv."
         )
-    text = render(list_runs(Connection.open(workers=False), status=status).runs)
+    text = render(list_runs(Connection.for_reading(), status=status).runs)
     if output is None:
         print(text, end="")  # raw: rich would wrap long lines
     else:

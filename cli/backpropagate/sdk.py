@@ -8,20 +8,21 @@ exported = trainer.export("gguf", quantization="q8_0")
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from rich.console import Console
 
 from backpropagate.background import start_background_worker
 from backpropagate.callbacks import TrainingCallback, follow_calling
-from backpropagate.connection import Connection
+from backpropagate.connection import Connection, start_client_tracing
 from backpropagate.dataset_sources import DataSource, check_source, dataset_file
-from backpropagate.progress import ExportProgress, TrainProgress
+from backpropagate.progress import export_progress, train_progress
 from backpropagate.results import ExportResult, MemoryEstimateResult, RunResult
 from backpropagate.workflows import (
     estimate_memory,
@@ -34,10 +35,15 @@ from backpropagate.workflows import (
     submit_train,
     upload_dataset,
 )
-from backpropagate_api.errors import UserError
+from backpropagate_api.errors import ConfigError, UserError
 from backpropagate_api.settings import Settings, get_settings
+from backpropagate_api.tracing import span, tag_run
 from backpropagate_api.uploads import listed
 from backpropagate_api.v1 import dataprep_pb2, trainer_pb2
+
+F = TypeVar("F", bound=Callable[..., Any])
+P = TypeVar("P")
+ADAPTER_SUBDIRECTORY = "lora"
 
 
 def _batch_size(value: int | Literal["auto"]) -> int:
@@ -61,6 +67,65 @@ def adapter_of_mode(mode: str) -> str:
     return mode
 
 
+def check_backend(backend: str) -> None:
+    """Training runs where the trainer service runs, on its CUDA GPU or else its CPU: "auto" is
+    the one backend. MLX (Apple Silicon) is not offered, and says what to use instead."""
+    if backend in ("", "auto"):
+        return
+    if backend.lower() == "mlx":
+        raise ConfigError(
+            "MLX (Apple Silicon) training is not offered: runs train with torch, on a CUDA GPU "
+            "or else the CPU.",
+            hint="Leave --backend out (backend='auto'). On a Mac the embedded default trains on "
+            "the CPU (slowly); for speed train on a machine with a CUDA GPU, then `backprop "
+            "export` and run the GGUF on the Mac with llama.cpp or Ollama.",
+            backend=backend,
+        )
+    raise ConfigError(
+        f"Unknown backend {backend!r}: the one backend is auto.",
+        hint="Leave --backend out: auto trains on the CUDA GPU where there is one, else the CPU.",
+        backend=backend,
+    )
+
+
+def adapter_directory(output_dir: str | Path) -> Path:
+    """Where a run's adapter is saved under `output_dir`: the product's `./output/lora`."""
+    return Path(output_dir) / ADAPTER_SUBDIRECTORY
+
+
+def check_output_directory(output_dir: str | Path | None) -> None:
+    """Refuse, before anything trains, an output directory whose adapter directory holds
+    something other than an adapter an earlier run saved there (which a run replaces)."""
+    if output_dir is None:
+        return
+    target = adapter_directory(output_dir)
+    if not target.exists():
+        return
+    if not target.is_dir() or not (
+        (target / "adapter_config.json").is_file() or not any(target.iterdir())
+    ):
+        raise UserError(
+            f"{target} holds something other than a saved adapter; a run would replace it.",
+            hint="Pick another --output-dir (output_dir=), or move that away first.",
+            path=str(target),
+        )
+
+
+def client_span(name: str) -> Callable[[F], F]:
+    """Run a Trainer method in a span named `name`, this process's tracing started first."""
+
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def in_span(self: Trainer, *args: Any, **kwargs: Any) -> Any:
+            start_client_tracing(self.settings or get_settings())
+            with span(name):
+                return method(self, *args, **kwargs)
+
+        return in_span  # type: ignore[return-value]
+
+    return decorate
+
+
 class Trainer:
     def __init__(
         self,
@@ -81,6 +146,8 @@ class Trainer:
         report_to: str | Sequence[str] | None = None,
         adapter: str = "",
         mode: str = "",
+        output_dir: str | Path | None = None,
+        backend: str = "auto",
         settings: Settings | None = None,
         progress: bool = True,
     ) -> None:
@@ -92,8 +159,14 @@ class Trainer:
         `max_length`. `mode` "full" or "lora" is the product's older name for `adapter`.
         `report_to`: experiment trackers, "auto" (every one installed where the
         trainer runs: tensorboard, wandb, mlflow), "none", or names, e.g. ["tensorboard"].
+        `output_dir`: where each run's adapter is saved when it ends, as `<output_dir>/lora`
+        (replacing an earlier run's; `backprop export ./output/lora` takes it); None keeps it in
+        the store only (`save()` writes it later). `backend`: "auto", the one there is (MLX is
+        not offered).
         """
+        check_backend(backend)
         self.model = model
+        self.output_dir = output_dir
         # What train() starts from: its own arguments are merged over these.
         self._defaults = trainer_pb2.TrainConfig(
             lora_r=lora_r,
@@ -117,6 +190,14 @@ class Trainer:
         self._connection: Connection | None = None
         self._has_workers = False
         self.last_run: RunResult | None = None
+
+    def _progress(self, kind: Callable[[Console, float], P]) -> P | nullcontext[None]:
+        """The progress display of `kind` (train_progress, export_progress), if this Trainer
+        shows progress: a bar on a terminal, plain lines at the settings' interval elsewhere."""
+        if self.console is None:
+            return nullcontext()
+        interval = (self.settings or get_settings()).progress_interval_seconds
+        return kind(self.console, interval)
 
     @property
     def connection(self) -> Connection:
@@ -143,6 +224,7 @@ class Trainer:
         config.MergeFrom(given)
         return config
 
+    @client_span("backprop train")
     def train(
         self,
         data: DataSource,
@@ -180,6 +262,7 @@ class Trainer:
         perplexity_drop: float = 0.0,
         curriculum: str = "",
         adapter_scale: float = 0.0,
+        nproc_per_node: int = 0,
         report_to: str | Sequence[str] | None = None,
         callback: TrainingCallback | None = None,
         wait: bool = True,
@@ -215,8 +298,10 @@ class Trainer:
         `min_tokens` / `max_tokens` leave out rows outside those lengths, `perplexity_drop` the
         fraction the base model finds least likely; `curriculum` ("length", "perplexity") takes
         the first pass easiest first. `adapter_scale` < 1 scales the trained update down at the
-        end, toward the base model (0: the default, which the data budget may lower). Arguments
-        left out take the Trainer's values.
+        end, toward the base model (0: the default, which the data budget may lower).
+        `nproc_per_node`: processes training the run together, one per GPU (0: one); each
+        takes its share of every step's `batch_size`, which stays the optimizer's batch.
+        Arguments left out take the Trainer's values.
         """
         if callback is not None and not wait:
             raise UserError(
@@ -226,6 +311,7 @@ class Trainer:
         check_source(data)  # before anything slow: a typo should fail at once
         if eval_data is not None:
             check_source(eval_data)
+        self._check_output(wait)
         connection = self._open(workers=wait)
         upload = (data_format, strict, columns, dedup, languages)
         dataset = self._upload(connection, data, *upload)
@@ -267,9 +353,11 @@ class Trainer:
             perplexity_drop=perplexity_drop,
             curriculum=curriculum,
             adapter_scale=adapter_scale,
+            nproc_per_node=nproc_per_node,
         )
         config = self._with_defaults(config)
         run_id = submit_train(connection, dataset.dataset_id, config)
+        tag_run(run_id)
         return self._follow_submitted(connection, run_id, wait, callback)
 
     def _follow_submitted(
@@ -282,12 +370,31 @@ class Trainer:
         """Follow a run just queued to its end; with wait=False its queued record (in the
         embedded default a background worker process trains it)."""
         if not wait:
-            if connection.embedded:
-                # This Trainer's settings, not the environment's: its home holds the run.
-                start_background_worker(self.settings or get_settings())
+            self.start_worker()
             self.last_run = self.run(run_id)
             return self.last_run
-        return self.watch(run_id, callback=callback)
+        run = self.watch(run_id, callback=callback)
+        if self.output_dir is not None:
+            self._save_into(adapter_directory(self.output_dir), "adapter", run.run_id)
+        return run
+
+    def _check_output(self, wait: bool) -> None:
+        """Before anything is uploaded: the output directory can take the adapter."""
+        if self.output_dir is not None and not wait:
+            raise UserError(
+                "output_dir saves the adapter when the run ends, which wait=False (--detach) "
+                "does not wait for.",
+                hint="Leave --detach out, or save it later: `backprop runs save RUN DIR`.",
+            )
+        check_output_directory(self.output_dir)
+
+    def start_worker(self) -> None:
+        """Make sure a job queued without waiting gets done: in the embedded default, where no
+        server runs, a detached worker process takes this home's queued jobs until it has none
+        (a remote stack's workers need no help). The web UI queues every job this way."""
+        if self.reader.embedded:
+            # This Trainer's settings, not the environment's: its home holds the run.
+            start_background_worker(self.settings or get_settings())
 
     def multi_run(
         self,
@@ -335,6 +442,7 @@ class Trainer:
         sources = list(data) if isinstance(data, list | tuple) else [data]
         for source in sources:
             check_source(source)
+        self._check_output(wait)
         connection = self._open(workers=wait)
         dataset_ids = [
             self._upload(connection, source, data_format).dataset_id for source in sources
@@ -497,7 +605,7 @@ class Trainer:
     def watch(self, run_id: str, *, callback: TrainingCallback | None = None) -> RunResult:
         """Follow a run (from its first event) until it ends; its result, or its error.
         `callback`: a TrainingCallback called as it goes."""
-        with TrainProgress(self.console) if self.console else nullcontext() as bar:
+        with self._progress(train_progress) as bar:
             self.last_run = follow_calling(
                 callback, bar, lambda on_event: follow_run(self.reader, run_id, on_event)
             )
@@ -515,7 +623,7 @@ class Trainer:
     def resume(self, run_id: str, *, callback: TrainingCallback | None = None) -> RunResult:
         """Continue a run that did not finish (its process died, it was stopped for safety
         or cancelled) from its last checkpoint, and follow it to its end."""
-        with TrainProgress(self.console) if self.console else nullcontext() as bar:
+        with self._progress(train_progress) as bar:
             self.last_run = follow_calling(
                 callback, bar, lambda on_event: resume_run(self.connection, run_id, on_event)
             )
@@ -547,7 +655,7 @@ class Trainer:
         first, on the base model this Trainer names, or else the one its config names.
         """
         run_id = self._run_to_use(run_id, "export")
-        with ExportProgress(self.console) if self.console else nullcontext() as bar:
+        with self._progress(export_progress) as bar:
             return export(
                 self.connection,
                 run_id,
@@ -569,11 +677,16 @@ class Trainer:
                 hint="Pick a new directory name, or remove that one first.",
                 path=str(target),
             )
+        return self._save_into(target, "hf" if merged else "adapter", run_id)
+
+    def _save_into(self, target: Path, export_format: str, run_id: str) -> Path:
+        """`target` replaced by the export's directory, which is downloaded beside it first:
+        it never holds half a download."""
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".bp-save-") as tmp:
-            result = self.export("hf" if merged else "adapter", run_id=run_id, output_dir=tmp)
-            if target.exists():
-                target.rmdir()  # empty, checked above: os.replace cannot replace a directory
+            result = self.export(export_format, run_id=run_id, output_dir=tmp)
+            if target.exists():  # os.replace cannot replace a directory: move it aside first
+                target.rename(Path(tmp) / ".replaced")
             os.replace(result.path, target)
         return target
 
@@ -584,7 +697,7 @@ class Trainer:
         Hugging Face Hub repo `repo` ("me/name"); returns the repo's URL. The export service
         pushes, with its HF_TOKEN (the embedded default: this process's)."""
         run_id = self._run_to_use(run_id, "push")
-        with ExportProgress(self.console) if self.console else nullcontext() as bar:
+        with self._progress(export_progress) as bar:
             return push(
                 self.connection, run_id, repo, merged=merged, private=private, on_event=bar
             ).hub_url

@@ -23,6 +23,7 @@ from backpropagate_api.errors import (
 from backpropagate_api.grpc_errors import detail_to_error
 from backpropagate_api.local_names import path_inside
 from backpropagate_api.statuses import TERMINAL_STATUSES
+from backpropagate_api.tracing import recording, span
 from backpropagate_api.uploads import prepared_dataset_id, sha256_file
 from backpropagate_api.v1 import common_pb2, dataprep_pb2, export_pb2, trainer_pb2
 
@@ -164,6 +165,25 @@ E = TypeVar("E", trainer_pb2.RunEvent, export_pb2.ExportEvent)
 R = TypeVar("R", trainer_pb2.RunRecord, export_pb2.ExportResult)
 
 
+def job_events(
+    connection: Connection,
+    service: str,
+    watch: Callable[[Any], Iterator[E]],
+    request_after: Callable[[str], Any],
+    fetch_record: Callable[[], R],
+) -> Iterator[E]:
+    """Every event of a job once, in order, until its record is terminal: a watch the server
+    ended early (idle for its watch timeout, or restarted) is taken up after the last event
+    seen. A caller that stops iterating (the web UI's page closed) cancels the watch."""
+    after = ""
+    while True:
+        for event in connection.stream(service, watch, request_after(after)):
+            after = event.event_id or after
+            yield event
+        if fetch_record().status in TERMINAL_STATUSES:
+            return
+
+
 def followed_to_end(
     connection: Connection,
     service: str,
@@ -172,31 +192,35 @@ def followed_to_end(
     fetch_record: Callable[[], R],
     on_event: Callable[[E], None] | None,
 ) -> R:
-    """Pass every event of a job to `on_event` once, in order, and return its record once it is
-    terminal: a watch the server ended early (idle for its watch timeout, or restarted) is taken
-    up after the last event seen."""
-    after = ""
-    while True:
-        for event in connection.stream(service, watch, request_after(after)):
-            after = event.event_id or after
-            if on_event is not None:
-                on_event(event)
-        record = fetch_record()
-        if record.status in TERMINAL_STATUSES:
-            return record
+    """Pass every event of a job to `on_event` once, in order, and return its terminal
+    record."""
+    for event in job_events(connection, service, watch, request_after, fetch_record):
+        if on_event is not None:
+            on_event(event)
+    return fetch_record()
 
 
-def follow_run(
-    connection: Connection, run_id: str, on_event: RunEventHandler | None = None
-) -> RunResult:
+def run_events(connection: Connection, run_id: str) -> Iterator[trainer_pb2.RunEvent]:
+    """A run's events from its first, as it goes, until it ends (a campaign's: its runs' and
+    its merges')."""
     stub = connection.trainer
-    record = followed_to_end(
+    return job_events(
         connection,
         "trainer",
         stub.WatchRun,
         lambda after: trainer_pb2.WatchRunRequest(run_id=run_id, after_event_id=after),
         lambda: connection.call("trainer", stub.GetRun, trainer_pb2.GetRunRequest(run_id=run_id)),
-        on_event,
+    )
+
+
+def follow_run(
+    connection: Connection, run_id: str, on_event: RunEventHandler | None = None
+) -> RunResult:
+    for event in run_events(connection, run_id):
+        if on_event is not None:
+            on_event(event)
+    record = connection.call(
+        "trainer", connection.trainer.GetRun, trainer_pb2.GetRunRequest(run_id=run_id)
     )
     _raise_if_failed(record.status, record.error, f"Run {run_id}")
     return RunResult.from_proto(record)
@@ -278,20 +302,30 @@ def _finished_export(
     on_event: ExportEventHandler | None,
 ) -> export_pb2.ExportResult:
     """Submit an export, follow its events to the end, and return its record (or raise its
-    error)."""
+    error). Traced in its run's trace."""
     stub = connection.export
-    export_id = connection.call("export", stub.SubmitExport, request).export_id
-    asked = export_pb2.GetExportRequest(export_id=export_id)
-    result = followed_to_end(
-        connection,
-        "export",
-        stub.WatchExport,
-        lambda after: export_pb2.WatchExportRequest(export_id=export_id, after_event_id=after),
-        lambda: connection.call("export", stub.GetExport, asked),
-        on_event,
-    )
+    with span("backprop export", run_id=request.run_id, parent=_run_trace(connection, request)):
+        export_id = connection.call("export", stub.SubmitExport, request).export_id
+        asked = export_pb2.GetExportRequest(export_id=export_id)
+        result = followed_to_end(
+            connection,
+            "export",
+            stub.WatchExport,
+            lambda after: export_pb2.WatchExportRequest(export_id=export_id, after_event_id=after),
+            lambda: connection.call("export", stub.GetExport, asked),
+            on_event,
+        )
     _raise_if_failed(result.status, result.error, f"Export {export_id}")
     return result
+
+
+def _run_trace(connection: Connection, request: export_pb2.SubmitExportRequest) -> str:
+    """The trace of the run an export is of, which the export joins (a run is one trace from
+    its upload to its last export); "" when this process sends no spans."""
+    if not recording():
+        return ""
+    asked = trainer_pb2.GetRunRequest(run_id=request.run_id)
+    return connection.call("trainer", connection.trainer.GetRun, asked).trace_parent
 
 
 def push(

@@ -20,6 +20,7 @@ import grpc
 from backpropagate_api.errors import ConfigError
 from backpropagate_api.setting_sources import dotenv_file, from_dotenv
 from backpropagate_api.settings import Settings, TlsSettings
+from backpropagate_api.tracing import traced_channel
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,9 @@ def open_channel(
     options: Sequence[tuple[str, Any]] = (),
     token: str | None = None,
 ) -> grpc.Channel:
-    """A channel to `target` that speaks TLS when `settings.tls` says so and sends the token:
-    `token`, else the settings' (BACKPROPAGATE_TOKEN), else none."""
+    """A channel to `target` that speaks TLS when `settings.tls` says so, sends the token
+    (`token`, else the settings' BACKPROPAGATE_TOKEN, else none) and passes the caller's trace
+    on."""
     if settings.tls.dials:
         root = _read(settings.tls.ca_file, "CA") if settings.tls.ca_file else None
         channel = grpc.secure_channel(
@@ -105,6 +107,7 @@ def open_channel(
         )
     else:
         channel = grpc.insecure_channel(target, options=list(options))
+    channel = traced_channel(channel)
     secret = token if token is not None else _settings_token(settings)
     if not secret:
         return channel

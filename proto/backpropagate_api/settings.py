@@ -23,6 +23,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from backpropagate_api.errors import ConfigError
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 class QueueSettings(BaseModel):
     backend: Literal["embedded", "redis"] = Field(
@@ -106,7 +108,7 @@ class TrainingSettings(BaseModel):
     """Defaults for every run's training config: a value given with the run wins, then its
     preset, then these, then the trainer's built-in defaults (unset here)."""
 
-    preset: Literal["fast", "balanced", "quality"] | None = Field(
+    preset: Literal["fast", "balanced", "quality", "fast-3b"] | None = Field(
         None, description="Training preset of runs that name none."
     )
     method: str | None = Field(None, description="sft, dpo, orpo, simpo or kto.")
@@ -215,6 +217,13 @@ class TrainerSettings(BaseModel):
         gt=0,
         description="On SIGTERM a training worker checkpoints and releases its job; the process "
         "waits this long for it (keep it under the container's stop grace period).",
+    )
+    collective_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="A run trained by several processes (nproc_per_node, or a job across "
+        "nodes) fails its attempt when one waits this long for the others (a hung peer; a dead "
+        "one is noticed at once by torch's elastic agent). Covers rank 0's longest write.",
     )
 
 
@@ -447,6 +456,66 @@ class ServerSettings(BaseModel):
     )
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus metrics (docs/observability.md): each server process serves them over HTTP on
+    this port, on the interface it serves gRPC on (`backprop serve all`: one endpoint for the
+    four services)."""
+
+    port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="HTTP port of /metrics; unset: no metrics endpoint (the embedded default).",
+    )
+
+
+class TracingSettings(BaseModel):
+    """OpenTelemetry traces (docs/observability.md): one trace per run, exported by OTLP."""
+
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/gRPC collector to send traces to (http://host:4317); unset: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT, the standard "
+        "variables; none of them: no traces.",
+    )
+
+
+class UiSettings(BaseModel):
+    """The web UI (`backprop ui`, docs/ui.md)."""
+
+    output_dir: Path | None = Field(
+        None,
+        description="The one directory the UI writes into (uploads, downloaded exports); "
+        "default <home>/ui-outputs. System and credential directories are refused "
+        "(UI_OUTPUT_DIR_FORBIDDEN).",
+    )
+    auth: SecretStr | None = Field(
+        None,
+        description="user:password the UI asks for, as `--auth` does (out of `ps`).",
+    )
+    max_upload_bytes: int = Field(
+        2**30, ge=1, description="Largest file the UI accepts from a browser (HTTP 413 above)."
+    )
+    max_failed_logins: int = Field(
+        5,
+        ge=1,
+        description="Failed logins from one address before it is refused for "
+        "login_lockout_seconds (HTTP 429, INPUT_LOGIN_RATE_LIMITED).",
+    )
+    login_lockout_seconds: float = Field(
+        60.0, gt=0, description="How long an address that failed too often waits."
+    )
+
+
+class SecuritySettings(BaseModel):
+    require_auth_for_share: bool = Field(
+        True,
+        description="`backprop ui --share`, or a --host beyond loopback, without --auth refuses "
+        "to start (INPUT_AUTH_REQUIRED); false: a loud warning and a 5-second grace period "
+        "before the UI binds without a login.",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="BACKPROPAGATE_",
@@ -476,7 +545,26 @@ class Settings(BaseSettings):
     )
     tls: TlsSettings = Field(default_factory=TlsSettings)  # type: ignore[arg-type]
     server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
-    log_level: str = Field("INFO", description="Log level of services.")
+    log_level: str = Field(
+        "INFO", description="Log level of services: DEBUG, INFO, WARNING or ERROR (any case)."
+    )
+    log_file: Path | None = Field(
+        None,
+        description="A file every log line also goes to (appended), besides the usual place: a "
+        "server's stderr, the embedded default's <home>/logs/embedded.log.",
+    )
+    progress_interval_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Where the client's output is no terminal (CI logs, nohup, pipes), a plain "
+        "progress line this often, even while no step ends, so a no-output watchdog sees life.",
+    )
+    log_json: bool = Field(
+        False,
+        description="Services log JSON lines (with run_id, trace_id and span_id) instead of text.",
+    )
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
+    tracing: TracingSettings = Field(default_factory=TracingSettings)  # type: ignore[arg-type]
     queue: QueueSettings = Field(default_factory=QueueSettings)  # type: ignore[arg-type]
     store: StoreSettings = Field(default_factory=StoreSettings)  # type: ignore[arg-type]
     model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
@@ -487,6 +575,16 @@ class Settings(BaseSettings):
     export: ExportSettings = Field(default_factory=ExportSettings)  # type: ignore[arg-type]
     safety: SafetySettings = Field(default_factory=SafetySettings)  # type: ignore[arg-type]
     fault: FaultSettings = Field(default_factory=FaultSettings)  # type: ignore[arg-type]
+    ui: UiSettings = Field(default_factory=UiSettings)  # type: ignore[arg-type]
+    security: SecuritySettings = Field(default_factory=SecuritySettings)  # type: ignore[arg-type]
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, level: str) -> str:
+        """`debug` as well as `DEBUG`: logging itself knows the upper-case names only."""
+        if level.upper() not in LOG_LEVELS:
+            raise ValueError(f"{level!r} is none of {', '.join(LOG_LEVELS)}")
+        return level.upper()
 
     def training_defaults(self) -> dict[str, Any]:
         """The training fields the TRAINING__* and LORA__* settings set (presets aside), by
@@ -507,6 +605,10 @@ class Settings(BaseSettings):
     @property
     def tensorboard_dir(self) -> Path:
         return self.trainer.tensorboard_dir or self.home / "tensorboard"
+
+    @property
+    def ui_output_dir(self) -> Path:
+        return self.ui.output_dir or self.home / "ui-outputs"
 
     def endpoint_of(self, service: str) -> str | None:
         specific: str | None = getattr(self.endpoints, service)

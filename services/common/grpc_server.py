@@ -1,5 +1,5 @@
-"""Building a gRPC server: bind (with its token check and call limits), then our services, then
-standard health and reflection."""
+"""Building a gRPC server: bind (with its metrics, tracing, token check and call limits), then our
+services, then standard health and reflection."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import filters, server_interceptor
 
 from backpropagate_api.channels import is_loopback, server_credentials
 from backpropagate_api.errors import AuthRequiredError, ConfigError
@@ -20,6 +21,7 @@ from backpropagate_services.common.grpc_guards import (
     ReadableRequests,
     TokenAuth,
 )
+from backpropagate_services.common.metrics import CallMetrics
 
 # Threads beyond the call limit and the stack's kept streams: for health checks and for
 # refusing calls over the limit.
@@ -48,6 +50,12 @@ def bind_server(address: str, settings: Settings) -> tuple[grpc.Server, int]:
     ]
     if token:
         interceptors.insert(0, TokenAuth(token))
+    # Outermost: a call refused by a guard is counted, and traced in its caller's trace. Health
+    # checks (every few seconds from an orchestrator) start no trace.
+    interceptors[:0] = [
+        CallMetrics(),
+        server_interceptor(filter_=filters.negate(filters.health_check())),
+    ]
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=limits.max_concurrent_calls + STACK_STREAMS + SPARE_THREADS

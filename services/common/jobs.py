@@ -37,9 +37,15 @@ from backpropagate_api.errors import (
     UserError,
 )
 from backpropagate_api.grpc_errors import as_backpropagate_error, error_to_detail
-from backpropagate_api.layout import cancel_channel
+from backpropagate_api.layout import EXPORT_QUEUE, TRAIN_QUEUE, cancel_channel
 from backpropagate_api.statuses import TERMINAL_STATUSES
+from backpropagate_api.tracing import TRACEPARENT, current_traceparent, span
 from backpropagate_api.v1 import common_pb2, export_pb2, trainer_pb2
+from backpropagate_services.common.metrics import (
+    JOB_REDELIVERIES,
+    JOBS_RUNNING,
+    count_job_end,
+)
 from backpropagate_services.common.queue import Job, JobQueue
 from backpropagate_services.common.records import publish, save_record
 from backpropagate_services.common.service import BackgroundWorker
@@ -217,6 +223,7 @@ def run_recorded(record: JobRecord, work: Callable[[], str]) -> str:
         record.error.CopyFrom(error_to_detail(as_backpropagate_error(exc)))
         message = f"failed: {record.error.message}"
     record.duration_seconds = time.monotonic() - started
+    count_job_end(_queue_of(record), record.status)
     succeeded = record.status == common_pb2.JOB_STATUS_SUCCEEDED
     log.log(logging.INFO if succeeded else logging.WARNING, "%s", message)
     return message
@@ -226,6 +233,29 @@ def fail_record(record: JobRecord, error: BackpropagateError) -> None:
     """Mark the record failed with `error`, as `run_recorded` would have."""
     record.status = common_pb2.JOB_STATUS_FAILED
     record.error.CopyFrom(error_to_detail(error))
+    count_job_end(_queue_of(record), record.status)
+
+
+def _queue_of(record: JobRecord) -> str:
+    return TRAIN_QUEUE if isinstance(record, trainer_pb2.RunRecord) else EXPORT_QUEUE
+
+
+def job_payload(**fields: str) -> dict[str, str]:
+    """A job's payload: `fields`, and the trace of the call that queues it, which the worker
+    that claims it goes on (`job_span`)."""
+    traceparent = current_traceparent()
+    return {**fields, TRACEPARENT: traceparent} if traceparent else fields
+
+
+@contextmanager
+def job_span(job: Job) -> Iterator[None]:
+    """The span of a job's handling, in the trace of the call that queued it."""
+    with span(
+        f"{job.queue} job",
+        parent=str(job.payload.get(TRACEPARENT, "")),
+        **{"messaging.message.id": job.job_id, "backpropagate.job.deliveries": job.deliveries},
+    ):
+        yield
 
 
 class JobWorker(BackgroundWorker):
@@ -248,6 +278,9 @@ class JobWorker(BackgroundWorker):
         self.consumer = ""
         self.lease: Lease | None = None  # of the job being handled
         self._idle_since: float | None = time.monotonic()  # None while handling a job
+        # Series from the start, at 0: a rate over a counter that appears late misses its start.
+        JOB_REDELIVERIES.labels(self.queue_name)
+        JOBS_RUNNING.labels(self.queue_name)
 
     def idle_seconds(self) -> float:
         """How long this worker has had no job (0 while it has one)."""
@@ -277,8 +310,14 @@ class JobWorker(BackgroundWorker):
         if not self.consumer:  # named in the worker's own thread
             self.consumer = consumer_name(self.name)
         job = self.queue.claim(self.queue_name, self.consumer, CLAIM_TIMEOUT_SECONDS)
-        if job is None:
-            return
+        if job is not None:
+            self.run_claimed(job)
+
+    def run_claimed(self, job: Job) -> None:
+        """Handle a job this worker claimed, holding its lease; then ack it, release it (a
+        shutdown) or leave it to be delivered again (no outcome recorded)."""
+        if job.deliveries > 1:
+            JOB_REDELIVERIES.labels(self.queue_name).inc()
         if job.deliveries > self.max_attempts:
             reason = (
                 f"delivered {job.deliveries} times; every worker that took it died before "
@@ -293,8 +332,13 @@ class JobWorker(BackgroundWorker):
                 self.queue.dead_letter(job, self.consumer, reason)
             return
         self._idle_since = None
+        running = JOBS_RUNNING.labels(self.queue_name)
+        running.inc()
         try:
-            with kept_alive(self.queue, job, self.consumer, self.heartbeat_interval) as lease:
+            with (
+                job_span(job),
+                kept_alive(self.queue, job, self.consumer, self.heartbeat_interval) as lease,
+            ):
                 self.lease = lease
                 self.handle(job)
         except ReleasedForShutdown:
@@ -304,10 +348,11 @@ class JobWorker(BackgroundWorker):
         except LeaseLost:
             log.warning("job %s: stopped without writing; its new holder goes on", job.job_id)
             return
-        except InfrastructureAway as away:
-            log.warning("job %s left to be delivered again: %s", job.job_id, away)
+        except JobInterrupted as left:  # the queue or store away, a process of the attempt lost
+            log.warning("job %s left to be delivered again: %s", job.job_id, left)
             return
         finally:
+            running.dec()
             self.lease = None
             self._idle_since = time.monotonic()
         if not self.queue.ack(job, self.consumer):

@@ -21,9 +21,11 @@ from urllib.parse import unquote
 from backpropagate_api.channels import is_loopback
 from backpropagate_api.errors import (
     MissingDependencyError,
+    ModelLoadError,
     ModelNotAllowedError,
     ModelNotFoundError,
 )
+from backpropagate_api.training import CUDA_DEFAULT_MODEL
 from backpropagate_services.common.atomic import staged
 
 if TYPE_CHECKING:
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CUDA_DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 OFFLINE_DEFAULT_ALIAS = "smollm2-135m-instruct"
 
 
@@ -283,6 +284,11 @@ def load_model(
     except OSError as exc:
         raise ModelNotFoundError(
             f"Could not load model {source.name!r} from {location}: {exc}",
+            model=source.name,
+        ) from exc
+    except ValueError as exc:  # files there, but no model transformers can build from them
+        raise ModelLoadError(
+            f"Model {source.name!r} at {location} could not be loaded: {str(exc)[:300]}",
             model=source.name,
         ) from exc
     if quantize_4bit:

@@ -8,8 +8,14 @@ so a refusal tells a caller nothing about what the store holds.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
-from backpropagate_api.errors import ArtifactNotDownloadableError, NotFoundError, quoted
+from backpropagate_api.errors import (
+    ArtifactNotDownloadableError,
+    ConfigError,
+    NotFoundError,
+    quoted,
+)
 from backpropagate_api.ids import ID_PATTERN
 from backpropagate_api.layout import export_record_key
 from backpropagate_api.v1 import export_pb2
@@ -41,3 +47,17 @@ def check_downloadable(store: ArtifactStore, key: str) -> None:
     raise ArtifactNotDownloadableError(
         f"{quoted(key)} is not an artifact to download.", key=key[:200]
     )
+
+
+def artifact_chunks(
+    store: ArtifactStore, request: export_pb2.DownloadArtifactRequest
+) -> Iterator[export_pb2.ArtifactChunk]:
+    """DownloadArtifact's answer: a downloadable key's bytes from `request.offset`, the first
+    chunk carrying the total size. Checked before the first chunk is yielded."""
+    if request.offset < 0:
+        raise ConfigError("offset must not be negative.", field="offset")
+    check_downloadable(store, request.key)
+    total = store.size(request.key)
+    chunks = store.iter_chunks(request.key, offset=request.offset)
+    for index, chunk in enumerate(chunks):
+        yield export_pb2.ArtifactChunk(data=chunk, total_size=total if index == 0 else 0)

@@ -14,8 +14,9 @@ from backpropagate_api.layout import EXPORT_QUEUE, run_record_key
 from backpropagate_api.layout import export_events_channel as events_channel
 from backpropagate_api.layout import export_record_key as record_key
 from backpropagate_api.statuses import TERMINAL_STATUSES
+from backpropagate_api.tracing import tag_run
 from backpropagate_api.v1 import common_pb2, export_pb2, export_pb2_grpc, trainer_pb2
-from backpropagate_services.common.jobs import cancel_job
+from backpropagate_services.common.jobs import cancel_job, job_payload
 from backpropagate_services.common.records import (
     checked_cursor,
     follow,
@@ -25,7 +26,7 @@ from backpropagate_services.common.records import (
 )
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
-from backpropagate_services.export.downloads import check_downloadable
+from backpropagate_services.export.downloads import artifact_chunks
 from backpropagate_services.export.hub import validate_repo_id
 from backpropagate_services.export.pipeline import check_format
 from backpropagate_services.export.quantize import check_quantization
@@ -72,6 +73,7 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
                     format=export_format,
                 )
         run = load_record(self.store, run_record_key(request.run_id), trainer_pb2.RunRecord, "run")
+        tag_run(run.run_id)
         if run.status != common_pb2.JOB_STATUS_SUCCEEDED:
             raise UserError(
                 f"Run {run.run_id} is {common_pb2.JobStatus.Name(run.status)}: only a run that "
@@ -98,7 +100,7 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
                 export_id=export_id, run_id=run.run_id, status=result.status, message="queued"
             ),
         )
-        self.queue.enqueue(EXPORT_QUEUE, {"export_id": export_id})
+        self.queue.enqueue(EXPORT_QUEUE, job_payload(export_id=export_id))
         return export_pb2.SubmitExportResponse(export_id=export_id)
 
     @translate_errors
@@ -148,13 +150,7 @@ class ExportServicer(export_pb2_grpc.ExportServiceServicer):
     def DownloadArtifact(
         self, request: export_pb2.DownloadArtifactRequest, context: grpc.ServicerContext
     ) -> Iterator[export_pb2.ArtifactChunk]:
-        if request.offset < 0:
-            raise ConfigError("offset must not be negative.", field="offset")
-        check_downloadable(self.store, request.key)
-        total = self.store.size(request.key)
-        chunks = self.store.iter_chunks(request.key, offset=request.offset)
-        for index, chunk in enumerate(chunks):
-            yield export_pb2.ArtifactChunk(data=chunk, total_size=total if index == 0 else 0)
+        yield from artifact_chunks(self.store, request)
 
 
 def create(runtime: Runtime) -> ServiceHandle:

@@ -39,6 +39,7 @@ from backpropagate_services.export.hub import (
     stage_upload,
 )
 from backpropagate_services.export.pipeline import ExportOutcome, export_model
+from backpropagate_services.export.stage_timing import StageTimer
 
 
 class ExportWorker(JobWorker):
@@ -126,13 +127,19 @@ class ExportWorker(JobWorker):
         source = resolve_model(run.base_model)
 
         should_stop = cancel_requested(self.queue, result.export_id)
+        stages = StageTimer(result.format)
 
         def on_stage(stage: str, index: int, count: int, message: str) -> None:
             if should_stop():
                 raise JobCancelledError(f"Cancelled before the {stage} stage.")
+            stages.start(stage)
             self.emit(result, stage=stage, stage_index=index, stage_count=count, message=message)
 
-        with tempfile.TemporaryDirectory(prefix="bp-export-") as tmp, cancellable(should_stop):
+        with (
+            tempfile.TemporaryDirectory(prefix="bp-export-") as tmp,
+            cancellable(should_stop),
+            stages,
+        ):
             work = Path(tmp)
             adapter_dir = self.store.get_dir(adapter_prefix(run.run_id), work / "adapter")
             outcome = export_model(

@@ -15,6 +15,7 @@ from backpropagate_api.v1 import common_pb2, safety_pb2, safety_pb2_grpc
 from backpropagate_services.common.runtime import Runtime
 from backpropagate_services.common.service import ServiceHandle
 from backpropagate_services.safety.levels import Thresholds, assess
+from backpropagate_services.safety.metrics import record_reading
 from backpropagate_services.safety.sources import ReadingSource, make_source
 
 SERVICE_NAME = safety_pb2.DESCRIPTOR.services_by_name["SafetyService"].full_name
@@ -39,6 +40,7 @@ def watch_interval(requested: float, default: float) -> float:
 def snapshot_of(source: ReadingSource, thresholds: Thresholds) -> safety_pb2.SafetySnapshot:
     readings = source.read()
     assessment = assess(readings, thresholds)
+    record_reading(readings, assessment)
     return safety_pb2.SafetySnapshot(
         level=common_pb2.SafetyLevel.Value(f"SAFETY_LEVEL_{assessment.level.name}"),
         source=readings.source,

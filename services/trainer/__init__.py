@@ -10,5 +10,6 @@ Where to look:
 - `adapters/`: what trains (LoRA and its variants through peft, full fine-tuning, the dropout).
 - `loop/`: the training loops, SFT and preference, and the checkpoints they write.
 - `multirun/`: campaigns of runs merged by SLAO.
-- `runtime/`: the worker around a job: claiming it, events, safety, trackers, stopping.
+- `runtime/`: the worker around a job: claiming it, events, safety, trackers, stopping, and
+  the processes of a run trained by several (`ranks`: rank 0 speaks for the run).
 """

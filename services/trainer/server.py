@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 
-from backpropagate_api.channels import open_channel
 from backpropagate_api.errors import ConfigError, UserError
 from backpropagate_api.grpc_errors import translate_errors
 from backpropagate_api.ids import new_id
@@ -18,6 +17,7 @@ from backpropagate_api.layout import TRAIN_QUEUE
 from backpropagate_api.layout import run_events_channel as events_channel
 from backpropagate_api.layout import run_record_key as record_key
 from backpropagate_api.statuses import TERMINAL_STATUSES
+from backpropagate_api.tracing import current_traceparent, tag_run
 from backpropagate_api.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
 from backpropagate_services.common.datasets import (
     DatasetRecord,
@@ -27,7 +27,7 @@ from backpropagate_services.common.datasets import (
 )
 from backpropagate_services.common.datasets import load_record as load_dataset_record
 from backpropagate_services.common.hardware import detect
-from backpropagate_services.common.jobs import cancel_job
+from backpropagate_services.common.jobs import cancel_job, job_payload
 from backpropagate_services.common.models import (
     ModelSource,
     resolve_model,
@@ -53,7 +53,10 @@ from backpropagate_services.trainer.multirun.campaign_plan import (
     check_continuable,
     settle_campaign,
 )
-from backpropagate_services.trainer.planning.config import training_config_from_proto
+from backpropagate_services.trainer.planning.config import (
+    check_processes,
+    training_config_from_proto,
+)
 from backpropagate_services.trainer.planning.defaults import settle
 from backpropagate_services.trainer.planning.memory_estimate import (
     estimate_run_memory,
@@ -155,6 +158,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             load_dataset_record(self.store, given.eval_dataset_id)
         settled, budget_reason = settle(given, self.runtime.settings, num_examples)
         config = training_config_from_proto(settled)
+        check_processes(settled)
         check_method(config, dataset, settled.eval_dataset_id)  # chat data for sft, pairs for dpo
         resolve_report_to(settled.report_to)  # a tracker named but not installed: refused now
         hardware = detect(self.runtime.settings.trainer.cpu_dtype, home=self.runtime.settings.home)
@@ -176,10 +180,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             steps=steps,
             created_at=time.time(),
             config=config,
+            trace_parent=current_traceparent(),
         )
 
     def _queue(self, record: trainer_pb2.RunRecord) -> trainer_pb2.SubmitTrainResponse:
         """Save the new run's record, announce it and queue its job."""
+        tag_run(record.run_id)
         save_record(self.store, record_key(record.run_id), record)
         publish(
             self.queue,
@@ -194,7 +200,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 timestamp=time.time(),
             ),
         )
-        self.queue.enqueue(TRAIN_QUEUE, {"run_id": record.run_id})
+        self.queue.enqueue(TRAIN_QUEUE, job_payload(run_id=record.run_id))
         return trainer_pb2.SubmitTrainResponse(run_id=record.run_id)
 
     @translate_errors
@@ -292,7 +298,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 timestamp=time.time(),
             ),
         )
-        self.queue.enqueue(TRAIN_QUEUE, {"run_id": record.run_id})
+        self.queue.enqueue(TRAIN_QUEUE, job_payload(run_id=record.run_id))
         return record
 
     @translate_errors
@@ -398,11 +404,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 
 def create(runtime: Runtime) -> ServiceHandle:
-    safety = SafetyMonitor(
-        runtime.settings.endpoint_of("safety"),
-        runtime.settings.safety.interval_seconds,
-        dial=lambda target: open_channel(target, runtime.settings),
-    )
+    safety = SafetyMonitor.for_settings(runtime.settings)
     servicer = TrainerServicer(runtime)
     workers = [TrainWorker(runtime, safety) for _ in range(runtime.settings.trainer.workers)]
     return ServiceHandle(

@@ -19,7 +19,7 @@ import redis
 from servers import LOOPBACK, Restartable, free_port, redis_server, wait_until
 
 from backpropagate_api.errors import QueueUnavailableError
-from backpropagate_services.common.queue.base import JobQueue
+from backpropagate_services.common.queue.base import JobQueue, QueueDepth
 from backpropagate_services.common.queue.embedded import EmbeddedQueue
 from backpropagate_services.common.queue.redis_streams import RedisStreamsQueue
 
@@ -317,6 +317,26 @@ def test_pending_count_counts_claimed_jobs_until_they_are_acked(queue: JobQueue)
     assert first is not None
     queue.ack(first, "worker-1")
     assert queue.pending_count("train") == 1
+
+
+def test_depth_counts_waiting_held_and_dead_lettered_jobs_and_a_released_job_waits_again(
+    queue: JobQueue,
+) -> None:
+    for number in range(4):
+        queue.enqueue("train", {"n": number})
+    queue.enqueue("export", {"n": 9})
+    assert queue.depth("train") == QueueDepth(waiting=4, pending=0, dead_letters=0)
+
+    done, released, buried = (queue.claim("train", "worker-1", timeout=GENEROUS) for _ in range(3))
+    assert done is not None and released is not None and buried is not None
+    assert queue.depth("train") == QueueDepth(waiting=1, pending=3, dead_letters=0)
+
+    queue.ack(done, "worker-1")
+    queue.release(released, "worker-1")
+    queue.dead_letter(buried, "worker-1", "kills its workers")
+
+    assert queue.depth("train") == QueueDepth(waiting=2, pending=0, dead_letters=1)
+    assert queue.depth("export") == QueueDepth(waiting=1, pending=0, dead_letters=0)
 
 
 def test_a_job_is_pending_from_enqueue_until_it_is_acked_or_dead_lettered(

@@ -112,6 +112,20 @@ def test_with_no_endpoint_the_client_alone_says_what_to_install_or_which_endpoin
     assert "Traceback" not in output and "This is a bug" not in output
 
 
+def test_the_client_alone_refuses_an_open_share_and_names_the_ui_extra(
+    client: ClientInstall, tmp_path: Path
+) -> None:
+    env = client_env(tmp_path / "home")
+    share = client.backprop("ui", "--share", env=env)
+    served = client.backprop("ui", "--port", str(servers.free_port()), env=env)
+
+    assert share.returncode == 1 and "INPUT_AUTH_REQUIRED" in share.stderr, share
+    output = served.stdout + served.stderr
+    assert served.returncode == 1, output
+    assert "DEP_PACKAGE_MISSING" in output and "pip install 'backpropagate[ui]'" in output
+    assert "Traceback" not in output + share.stderr
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`backprop serve all` from the project's own environment, with a token."""

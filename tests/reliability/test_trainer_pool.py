@@ -17,28 +17,16 @@ from pathlib import Path
 import pytest
 import servers
 from service_processes import control_plane, serve, stack_env
-from tiny_models import save_tiny_llama
-from transformers import AutoTokenizer
 
 from backpropagate.render import print_run
 from backpropagate.results import RunResult
 from backpropagate_api.layout import TRAIN_QUEUE
 from backpropagate_api.v1 import common_pb2, trainer_pb2
-from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS, hf_location, resolve_model
 from backpropagate_services.trainer.runtime.worker import STARTED_MESSAGE
 
 WORKERS = 3
 JOBS = 6
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
-    """A tiny random Llama on SmolLM2's tokenizer, as a local base model directory."""
-    tokenizer = AutoTokenizer.from_pretrained(
-        hf_location(resolve_model(OFFLINE_DEFAULT_ALIAS), model_cache)
-    )
-    return save_tiny_llama(tokenizer, tmp_path_factory.mktemp("tiny-llama"))
 
 
 def consumer_pid(worker: str) -> int:

@@ -2,66 +2,24 @@
 status 1: never a Python traceback.
 
 Each command runs the real console script in a fresh process with its own BACKPROPAGATE_HOME and
-an empty working directory, so no developer `.env` or endpoint applies. `runs show` starts the
-embedded stack in that process (the default for users), which imports torch: it is the only one
-that does. The bad-dataset case talks to a real dataprep service in this test process instead,
-so its error crosses a process boundary on its way to the user.
+an empty working directory, so no developer `.env` or endpoint applies (tests/cli_process.py).
+The bad-dataset case talks to a real dataprep service in this test process instead, so its error
+crosses a process boundary on its way to the user.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_process import Outcome, backprop
 
 from backpropagate import cli
 from backpropagate_api.errors import EXIT_RUNTIME_ERROR
 from backpropagate_api.settings import SafetySettings, Settings
 from backpropagate_services.stack import RunningStack, start_stack
-
-BACKPROP = Path(sys.executable).parent / "backprop"
-TIMEOUT_SECONDS = 120
-
-
-@dataclass(frozen=True)
-class Outcome:
-    exit_code: int
-    stdout: str
-    stderr: str
-
-
-def backprop(
-    home: Path, *args: str, endpoint: str | None = None, env: dict[str, str] | None = None
-) -> Outcome:
-    """Run `backprop ARGS` in `home` (with `env` added to the environment); with no `endpoint`
-    it runs the embedded stack."""
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("BACKPROPAGATE_")
-    }
-    environment |= {
-        "BACKPROPAGATE_HOME": str(home / "state"),
-        "BACKPROPAGATE_SAFETY__SOURCE": "host",
-        "COLUMNS": "200",  # rich must not wrap a message in the middle of what we look for
-        "NO_COLOR": "1",
-    }
-    if endpoint is not None:
-        environment["BACKPROPAGATE_ENDPOINT"] = endpoint
-    done = subprocess.run(
-        [str(BACKPROP), *args],
-        cwd=home,
-        env=environment | (env or {}),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_SECONDS,
-        check=False,
-    )
-    return Outcome(done.returncode, done.stdout, done.stderr)
 
 
 def assert_user_error(outcome: Outcome, code: str) -> None:
@@ -137,7 +95,8 @@ def test_a_damaged_queue_file_is_one_error_that_says_which_file_to_move_aside(
     queue_file.parent.mkdir()
     queue_file.write_bytes(b"a file that was never a queue\n" * 200)
 
-    outcome = backprop(tmp_path, "runs", "list")
+    # A command that queues or changes a job opens the queue; reading records does not.
+    outcome = backprop(tmp_path, "runs", "cancel", "run-20260101T000000-abcdef")
 
     assert "Traceback" not in outcome.stderr, outcome.stderr
     assert outcome.exit_code == EXIT_RUNTIME_ERROR, outcome.stderr
@@ -157,7 +116,7 @@ def test_a_directory_that_is_no_saved_dataset_is_a_config_error(tmp_path: Path) 
 
 
 def test_a_bug_is_one_message_with_the_internal_code_and_no_traceback(monkeypatch, capsys):
-    def broken() -> None:
+    def broken(**_: object) -> None:
         raise KeyError("[never] shown as markup")
 
     monkeypatch.setattr(cli, "app", broken)
@@ -169,4 +128,75 @@ def test_a_bug_is_one_message_with_the_internal_code_and_no_traceback(monkeypatc
     stderr = capsys.readouterr().err
     assert exited.value.code == EXIT_RUNTIME_ERROR
     assert "error INTERNAL: KeyError: '[never] shown as markup'" in stderr
-    assert "BACKPROPAGATE_DEBUG=1" in stderr and "Traceback" not in stderr
+    assert "--verbose shows the traceback" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("train", "--no-such-option"),  # an unknown option
+        ("export",),  # a missing argument
+        ("train", "--lora-r", "many"),  # a value of the wrong type
+    ],
+)
+def test_a_usage_error_exits_1_as_a_user_error_with_the_usage(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    outcome = backprop(tmp_path, *args)
+
+    assert outcome.exit_code == 1, outcome.stderr  # click's own 2 is our runtime error's code
+    assert "Usage: backprop" in outcome.stderr and "Traceback" not in outcome.stderr
+
+
+def test_verbose_shows_the_whole_traceback_of_an_error(tmp_path: Path) -> None:
+    outcome = backprop(tmp_path, "--verbose", "runs", "show", "run-does-not-exist")
+
+    assert outcome.exit_code == 1, outcome.stderr
+    assert "Traceback (most recent call last)" in outcome.stderr
+    assert "error INPUT_NOT_FOUND:" in outcome.stderr
+
+
+def test_multi_run_resume_continues_the_named_campaign(tmp_path: Path) -> None:
+    outcome = backprop(tmp_path, "multi-run", "--resume", "run-does-not-exist")
+
+    assert_user_error(outcome, "INPUT_NOT_FOUND")
+    assert "No run id contains 'run-does-not-exist'" in outcome.stderr
+
+
+def test_a_misspelt_setting_is_reported_with_the_known_name_closest_to_it(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("BACKPROPAGATE_TRAINING__LEARNIG_RATE=1e-4\n")
+
+    outcome = backprop(tmp_path, "config", env={"BACKPROPAGATE_MODEL_NAME": "my/model"})
+
+    assert outcome.exit_code == 0, outcome.stderr
+    assert (
+        "warning: BACKPROPAGATE_MODEL_NAME (from the environment) is no Backpropagate setting; "
+        "did you mean BACKPROPAGATE_MODEL__NAME?" in outcome.stderr
+    )
+    assert (
+        "BACKPROPAGATE_TRAINING__LEARNIG_RATE (from the .env file) is no Backpropagate setting; "
+        "did you mean BACKPROPAGATE_TRAINING__LEARNING_RATE?" in outcome.stderr
+    )
+
+
+def test_the_variables_compose_and_the_build_read_are_no_misspelt_settings(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("BACKPROPAGATE_IMAGE_TAG=v1\nBACKPROPAGATE_TRAINER_PORT=6000\n")
+
+    outcome = backprop(tmp_path, "config")
+
+    assert "warning" not in outcome.stderr, outcome.stderr
+
+
+def test_a_service_logs_a_misspelt_setting_as_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("BACKPROPAGATE_SAFETY__SOURCES", "host")
+    settings = Settings(home=tmp_path, safety=SafetySettings(source="host"))
+
+    with caplog.at_level("WARNING", logger="backpropagate_services.stack"):
+        start_stack(settings, ["safety"], "127.0.0.1:0").stop(grace=0)
+
+    assert (
+        "BACKPROPAGATE_SAFETY__SOURCES (from the environment) is no Backpropagate setting; "
+        "did you mean BACKPROPAGATE_SAFETY__SOURCE?" in caplog.text
+    )

@@ -1,6 +1,6 @@
 """The default a beginner gets (no budget, no settings) learns a small set of new facts without
 costing what the base model knew: trained on tiny data for as long as it takes to learn it, a
-model otherwise loses general answers it gave (docs/trainer.md has the measurements).
+model otherwise loses general answers it gave (docs/training.md has the measurements).
 
 Judged twice: greedy answers to everyday questions, as a user would see them, and a multiple-
 choice probe (the answer the model finds likeliest among four, the made-up cities of the data
@@ -210,7 +210,7 @@ def test_the_default_learns_new_facts_and_keeps_what_the_base_model_knew(tmp_pat
     general_after = general_answers_right(tuned, tokenizer)
     probe_after = probe_right(tuned, tokenizer)
     outcome = (recalled, general_before, general_after, probe_before, probe_after)
-    # Measured (docs/trainer.md): bf16 on an EPYC with AVX-512 BF16, 9 of 10 facts, 1 of 8
+    # Measured (docs/training.md): bf16 on an EPYC with AVX-512 BF16, 9 of 10 facts, 1 of 8
     # everyday answers and 0 of 13 probe answers lost; fp32, 10 facts, 3 of 7 and 0 of 12.
     assert recalled >= 8, outcome
     assert sum(general_before) >= 6, outcome

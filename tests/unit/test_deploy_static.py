@@ -51,9 +51,14 @@ SERVICES = sorted(
     if re.search(r"^service \w+", path.read_text(), re.MULTILINE)
 )
 DOCKERFILES = {service: REPO / "deploy" / service / "Dockerfile" for service in SERVICES}
-STACK = {*SERVICES, "redis", "minio"}  # what `docker compose up` starts, no profile given
-GPU_SERVICES = ["trainer", "safety", "ollama"]
+STACK = {*SERVICES, "redis", "minio"}  # what `docker compose up` starts with `make env`'s .env
+# Services with a GPU variant in the gpu profile (`<name>-gpu`); the CPU one is in the cpu profile.
+GPU_VARIANTS = ["trainer", "safety", "export"]
+GPU_STACK = {"dataprep", "redis", "minio", *(f"{name}-gpu" for name in GPU_VARIANTS)}
+GPU_SERVICES = [*(f"{name}-gpu" for name in GPU_VARIANTS), "ollama"]
 OLLAMA_PORT = 11434
+OBSERVABILITY = {"prometheus", "grafana"}  # the observability profile (docs/observability.md)
+METRICS_PORT = 9464
 
 
 # --- Compose -----------------------------------------------------------------------------------
@@ -123,9 +128,9 @@ def resolved(secrets_env_file: Path) -> dict[str, Any]:
     return model
 
 
-def test_compose_file_is_yaml_with_the_four_services_redis_minio_and_ollama() -> None:
+def test_compose_file_has_the_four_services_their_gpu_variants_redis_minio_and_ollama() -> None:
     document = yaml.safe_load(COMPOSE_FILE.read_text())
-    assert set(document["services"]) == {*STACK, "ollama"}
+    assert set(document["services"]) == {*STACK, *GPU_STACK, "ollama", *OBSERVABILITY}
 
 
 def compose_services(*profile_args: str, env_file: Path) -> set[str]:
@@ -134,13 +139,76 @@ def compose_services(*profile_args: str, env_file: Path) -> set[str]:
     return set(result.stdout.split())
 
 
-def test_ollama_starts_only_with_the_ollama_profile(secrets_env_file: Path) -> None:
-    assert compose_services(env_file=secrets_env_file) == STACK
-    assert compose_services("--profile", "ollama", env_file=secrets_env_file) == {*STACK, "ollama"}
+@pytest.fixture(scope="module")
+def written_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The .env that `make env` writes."""
+    path = tmp_path_factory.mktemp("make-env") / ".env"
+    subprocess.run(
+        ["bash", str(REPO / "deploy" / "write-env.sh"), str(path), str(REPO / ".env.example")],
+        capture_output=True,
+        check=True,
+    )
+    return path
+
+
+def test_up_with_the_env_make_env_writes_starts_the_cpu_stack_and_reserves_no_device(
+    written_env_file: Path,
+) -> None:
+    """What a new user on a host without the NVIDIA container toolkit (a Mac, a CPU server)
+    runs: `make env` then `docker compose up` must reserve no GPU, or nothing starts."""
+    result = run_compose(COMPOSE_FILE, "config", "--format", "json", env_file=written_env_file)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert set(services) == STACK
+    reserving = [name for name, s in services.items() if (s.get("deploy") or {}).get("resources")]
+    assert reserving == []
+
+
+def test_a_profile_flag_replaces_the_env_files_profile(written_env_file: Path) -> None:
+    def started(*flags: str) -> set[str]:
+        return compose_services(*flags, env_file=written_env_file)
+
+    assert started("--profile", "gpu") == GPU_STACK
+    assert started("--profile", "cpu", "--profile", "ollama") == {*STACK, "ollama"}
+    assert started("--profile", "gpu", "--profile", "ollama") == {*GPU_STACK, "ollama"}
+
+
+@pytest.mark.parametrize("name", GPU_VARIANTS)
+def test_a_gpu_variant_is_its_cpu_service_with_the_gpu_reservation_under_the_same_address(
+    resolved: dict[str, Any], name: str
+) -> None:
+    """Every endpoint name (safety:50051 for the trainer, the client's host ports) holds for
+    either variant; trainer and export build torch's CUDA build into images of their own."""
+    cpu, gpu = resolved["services"][name], resolved["services"][f"{name}-gpu"]
+    assert (cpu["profiles"], gpu["profiles"]) == (["cpu"], ["gpu"])
+    assert gpu["networks"]["default"]["aliases"] == [name]
+    assert "deploy" not in cpu
+    differ = {"profiles", "networks", "deploy", "depends_on", "build", "image"}
+    assert {k: v for k, v in gpu.items() if k not in differ} == {
+        k: v for k, v in cpu.items() if k not in differ
+    }
+    assert set(gpu["depends_on"]) == {
+        f"{target}-gpu" if target in GPU_VARIANTS else target
+        for target in cpu.get("depends_on", {})
+    }
+    assert gpu["build"]["dockerfile"] == cpu["build"]["dockerfile"]
+    cuda_args = {
+        "trainer": {
+            "TORCH_INDEX_URL": "https://pypi.org/simple",
+            "GPU_REQUIREMENTS": "services/trainer/requirements-gpu.txt",
+        },
+        "export": {"TORCH_INDEX_URL": "https://pypi.org/simple"},
+        "safety": {},  # the same image: NVML comes with the driver
+    }[name]
+    assert gpu["build"].get("args", {}) == cuda_args
+    if cuda_args:
+        assert gpu["image"] == cpu["image"].replace(name, f"{name}-gpu", 1)
+    else:
+        assert gpu["image"] == cpu["image"]
 
 
 def test_compose_config_accepts_the_compose_file(secrets_env_file: Path) -> None:
-    result = run_compose(COMPOSE_FILE, "config", "-q", env_file=secrets_env_file)
+    result = run_compose(COMPOSE_FILE, *profile_flags(), "config", "-q", env_file=secrets_env_file)
     assert result.returncode == 0, result.stderr
 
 
@@ -198,6 +266,23 @@ def test_write_env_writes_fresh_private_secrets_that_compose_accepts(tmp_path: P
     )
 
 
+def test_write_env_adds_the_profile_to_an_env_written_before_profiles(tmp_path: Path) -> None:
+    """An older .env keeps its secrets and lines; without COMPOSE_PROFILES `docker compose up`
+    would start neither variant of the trainer, so that line is added."""
+    env_file = tmp_path / ".env"
+    older = "".join(f"{name}={value}\n" for name, value in REQUIRED_SECRETS.items()) + "X=1"
+    env_file.write_text(older)
+    script = REPO / "deploy" / "write-env.sh"
+    for _ in range(2):  # the second time it is there already
+        subprocess.run(
+            ["bash", str(script), str(env_file), str(REPO / ".env.example")],
+            capture_output=True,
+            check=True,
+        )
+        assert env_file.read_text() == older + "\nCOMPOSE_PROFILES=cpu\n"
+    assert compose_services(env_file=env_file) == STACK
+
+
 def _depend_on_a_missing_service(services: dict[str, Any]) -> None:
     services["trainer"]["depends_on"]["ghost"] = {"condition": "service_healthy"}
 
@@ -226,7 +311,7 @@ def test_compose_config_rejects_a_broken_copy_of_the_compose_file(
     break_it(document["services"])
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(yaml.safe_dump(document))
-    result = run_compose(broken, "config", "-q", env_file=secrets_env_file)
+    result = run_compose(broken, *profile_flags(), "config", "-q", env_file=secrets_env_file)
     assert result.returncode != 0
     assert complaint in result.stderr
 
@@ -269,12 +354,13 @@ def test_every_build_context_and_dockerfile_exists_and_matches_its_service(
     resolved: dict[str, Any],
 ) -> None:
     built = {name: s["build"] for name, s in resolved["services"].items() if "build" in s}
-    assert sorted(built) == SERVICES
+    assert sorted(built) == sorted([*SERVICES, *(f"{name}-gpu" for name in GPU_VARIANTS)])
     for name, build in built.items():
+        service = name.removesuffix("-gpu")
         context = Path(build["context"])
         assert context.is_dir(), f"{name}: no build context {context}"
-        assert (context / build["dockerfile"]).resolve() == DOCKERFILES[name], name
-        assert DOCKERFILES[name].is_file(), name
+        assert (context / build["dockerfile"]).resolve() == DOCKERFILES[service], name
+        assert DOCKERFILES[service].is_file(), name
 
 
 def test_every_backprop_serve_in_compose_names_one_of_the_services(
@@ -288,7 +374,9 @@ def test_every_backprop_serve_in_compose_names_one_of_the_services(
 
 
 @pytest.mark.parametrize("name", GPU_SERVICES)
-def test_gpu_services_reserve_the_nvidia_gpus(resolved: dict[str, Any], name: str) -> None:
+def test_gpu_variants_and_ollama_reserve_the_nvidia_gpus(
+    resolved: dict[str, Any], name: str
+) -> None:
     devices = resolved["services"][name]["deploy"]["resources"]["reservations"]["devices"]
     assert any(
         device.get("driver") == "nvidia"
@@ -362,6 +450,50 @@ def test_service_addresses_in_the_environment_name_compose_services(
     assert trainer["depends_on"]["safety"]["condition"] == "service_healthy"
 
 
+def test_every_service_serves_metrics_on_the_port_the_observability_profile_scrapes(
+    resolved: dict[str, Any],
+) -> None:
+    observability = REPO / "deploy" / "observability"
+    prometheus = yaml.safe_load((observability / "prometheus.yml").read_text())
+    targets = {
+        target
+        for job in prometheus["scrape_configs"]
+        for config in job["static_configs"]
+        for target in config["targets"]
+    }
+    assert targets == {f"{name}:{METRICS_PORT}" for name in SERVICES}
+    for name in SERVICES:
+        service = resolved["services"][name]
+        assert service["environment"]["BACKPROPAGATE_METRICS__PORT"] == str(METRICS_PORT), name
+        assert str(METRICS_PORT) in service["expose"], name
+        assert service["labels"]["prometheus.io/port"] == str(METRICS_PORT), name
+    # Grafana's provisioned data source is the one every panel of the dashboard queries.
+    sources = yaml.safe_load(
+        (observability / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    [source] = sources["datasources"]
+    assert source["url"] == "http://prometheus:9090"
+    dashboard = json.loads(
+        (observability / "grafana" / "dashboards" / "backpropagate.json").read_text()
+    )
+    queried = {
+        target["datasource"]["uid"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    }
+    assert queried == {source["uid"]}
+
+
+def test_every_grpc_service_waits_for_the_store_it_opens_as_it_starts(
+    resolved: dict[str, Any],
+) -> None:
+    """A service started before MinIO answers exits (DEP_STORE_UNAVAILABLE) and restarts in a
+    loop until it does: seen on `up` after a `down`, when MinIO's name did not resolve yet."""
+    for name in [*SERVICES, *(f"{name}-gpu" for name in GPU_VARIANTS)]:
+        depends_on = resolved["services"][name].get("depends_on") or {}
+        assert "minio" in depends_on, name
+
+
 def test_dependencies_wait_for_health(resolved: dict[str, Any]) -> None:
     for name, service in resolved["services"].items():
         for target, condition in (service.get("depends_on") or {}).items():
@@ -414,7 +546,8 @@ class Stage:
 
 
 def parse_dockerfile(path: Path) -> list[Stage]:
-    """The instructions of each build stage, continuation lines joined, comments dropped."""
+    """The instructions of each build stage, continuation lines joined, comments dropped; the
+    ARGs before the first FROM (which only FROM lines read) are left out."""
     stages: list[Stage] = []
     pending = ""
     for raw in path.read_text().splitlines():
@@ -428,7 +561,8 @@ def parse_dockerfile(path: Path) -> list[Stage]:
         pending = ""
         if keyword.upper() == "FROM":
             stages.append(Stage())
-        stages[-1].instructions.append(Instruction(keyword.upper(), text.strip()))
+        if stages:
+            stages[-1].instructions.append(Instruction(keyword.upper(), text.strip()))
     return stages
 
 
@@ -590,8 +724,34 @@ def installed_extras(stage: Stage) -> list[str]:
 @pytest.mark.parametrize("service", SERVICES)
 def test_dockerfile_installs_the_service_and_stack_extras(service: str) -> None:
     final = parse_dockerfile(DOCKERFILES[service])[-1]
-    gpu = ["gpu"] if service == "trainer" else []  # the trainer image runs on an NVIDIA GPU
-    assert sorted(installed_extras(final)) == sorted([service, "stack", *gpu])
+    assert sorted(installed_extras(final)) == sorted([service, "stack"])
+
+
+def test_the_gpu_trainer_installs_the_gpu_extras_requirements_through_its_build_argument(
+    resolved: dict[str, Any],
+) -> None:
+    """QLoRA's 4-bit base and FP8 (the [gpu] extra) go into the GPU trainer image only."""
+    argument = resolved["services"]["trainer-gpu"]["build"]["args"]["GPU_REQUIREMENTS"]
+    assert {argument} == pyproject_requirement_files(["gpu"]) - pyproject_requirement_files([])
+    final = parse_dockerfile(DOCKERFILES["trainer"])[-1]
+    assert any('-r "$GPU_REQUIREMENTS"' in run.text for run in final.of("RUN"))
+
+
+def through(stage: Stage, last: str) -> list[Instruction]:
+    """The stage's instructions up to the first whose text contains `last`, that one included."""
+    at = next(i for i, instruction in enumerate(stage.instructions) if last in instruction.text)
+    return stage.instructions[: at + 1]
+
+
+def test_the_images_share_their_first_layers() -> None:
+    """Every image starts with the same instructions up to the API, client and common
+    dependencies, and the trainer and export images go on alike through the model runtime
+    (torch): an engine builds those layers once and keeps them once on disk."""
+    finals = {service: parse_dockerfile(DOCKERFILES[service])[-1] for service in SERVICES}
+    common = [through(final, "requirements-stack.txt") for final in finals.values()]
+    assert len(common[0]) > 5 and all(prefix == common[0] for prefix in common)
+    model_runtime = [through(finals[s], "/data/models") for s in ("trainer", "export")]
+    assert len(model_runtime[0]) > len(common[0]) and model_runtime[0] == model_runtime[1]
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -713,10 +873,21 @@ def imports_in(path: Path, module: str, only_functions: set[str] | None) -> list
                 found.append(Import(target, names, guarded))
             elif by_name := _looked_up_by_name(child):
                 found.append(Import(by_name, (), guarded))
-            visit(child, guarded or isinstance(child, ast.Try))
+            visit(child, guarded or isinstance(child, ast.Try) or _needs_services(child))
 
     visit(ast.parse(path.read_text()), False)
     return found
+
+
+def _needs_services(node: ast.AST) -> bool:
+    """`with services_needed(...):`: the client's one way to service code, which answers a
+    missing module with the extra to install (cli/backpropagate/in_process.py), so an image
+    need not hold what only such a block imports."""
+    return isinstance(node, ast.With) and any(
+        isinstance(item.context_expr, ast.Call)
+        and ast.unparse(item.context_expr.func).endswith("services_needed")
+        for item in node.items
+    )
 
 
 def _looked_up_by_name(node: ast.AST) -> str | None:
@@ -759,32 +930,36 @@ def import_closure(
 ) -> tuple[list[str], list[tuple[str, str]]]:
     """Follow first-party imports from `roots` through `site`. Returns the first-party modules
     that are missing, and (third-party top-level name, importing module) for each import that
-    no `try` guards."""
+    is needed: not under a `try` or a `services_needed` block, nor in code reached only through
+    one (the client's optional features: the web UI, chat, reading records in-process)."""
     missing: list[str] = []
     third_party: list[tuple[str, str]] = []
-    queue: list[tuple[str, set[str] | None, str]] = [
-        (name, only, "the image") for name, only in roots
+    # (module, only these functions, who imports it, reached only through optional imports)
+    queue: list[tuple[str, set[str] | None, str, bool]] = [
+        (name, only, "the image", False) for name, only in roots
     ]
-    seen: set[str] = set()
+    seen: dict[str, bool] = {}  # module -> reached only through optional imports
     while queue:
-        name, only_functions, importer = queue.pop()
-        if name in seen:
+        name, only_functions, importer, optional = queue.pop()
+        if name in seen and (optional or not seen[name]):
             continue
-        seen.add(name)
+        seen[name] = optional
         parts = name.split(".")
-        queue += [(".".join(parts[:i]), None, importer) for i in range(1, len(parts))]
+        queue += [(".".join(parts[:i]), None, importer, optional) for i in range(1, len(parts))]
         path = find_module(site, name)
         if path is None:
-            missing.append(f"{name} (imported by {importer})")
+            if not optional:
+                missing.append(f"{name} (imported by {importer})")
             continue
         if path.is_dir():
             continue
         for found in imports_in(path, name, only_functions):
+            guarded = optional or found.guarded
             if found.module.split(".")[0] in FIRST_PARTY:
-                queue.append((found.module, None, name))
+                queue.append((found.module, None, name, guarded))
                 submodules = (f"{found.module}.{n}" for n in found.names)
-                queue += [(s, None, name) for s in submodules if find_module(site, s)]
-            elif not found.guarded:
+                queue += [(s, None, name, guarded) for s in submodules if find_module(site, s)]
+            elif not guarded:
                 third_party.append((found.module.split(".")[0], name))
     return missing, third_party
 

@@ -31,6 +31,7 @@ from test_deploy_static import (
     COMPOSE_FILE,
     CONTAINER_PORT,
     DOCKERFILES,
+    METRICS_PORT,
     REPO,
     REQUIRED_SECRETS,
     SERVICES,
@@ -371,6 +372,19 @@ def test_each_service_reaches_its_servers_on_the_port_they_listen_on(cpu: list[M
         assert port_number in [p["port"] for p in services[str(host)]["spec"]["ports"]], host
 
 
+def test_each_server_asks_prometheus_to_scrape_the_port_it_serves_metrics_on(
+    cpu: list[Manifest], multinode: list[Manifest]
+) -> None:
+    port = int(settings_map(cpu)["BACKPROPAGATE_METRICS__PORT"])
+    assert port == METRICS_PORT  # as compose's
+    for name, workload in {**servers(cpu), **servers(multinode)}.items():
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", name
+        assert annotations["prometheus.io/port"] == str(port), name
+        named = {p["name"]: p["containerPort"] for p in only_container(workload)["ports"]}
+        assert named["metrics"] == port, name
+
+
 def test_servers_are_probed_by_the_grpc_health_service_as_compose_checks_them(
     cpu: list[Manifest], compose: dict[str, Any]
 ) -> None:
@@ -569,14 +583,16 @@ def allowed(
 
 
 PORTS = [("TCP", 50051), ("TCP", 6379), ("TCP", 9000), ("TCP", 9001), ("TCP", 29400)]
-PORTS += [("TCP", 443), ("TCP", 11434), ("UDP", 53)]
+PORTS += [("TCP", 443), ("TCP", 11434), ("UDP", 53), ("TCP", METRICS_PORT), ("TCP", 4317)]
 API = {"dataprep", "trainer", "safety", "export"}
 FOLLOW_SAFETY = {"trainer", "trainer-worker", "trainer-multinode"}
 OURS = API | FOLLOW_SAFETY
 
 
-# Peers that are not the stack's: a client anywhere, KEDA, the DNS, an Ollama of the user's.
-OUTSIDERS = {"client", "internet", "keda-operator", "kube-dns", "ollama"}
+# Peers that are not the stack's: a client anywhere, KEDA, the DNS, an Ollama of the user's, a
+# Prometheus and an OpenTelemetry collector of the cluster's.
+OUTSIDERS = {"client", "internet", "keda-operator", "kube-dns", "ollama", "prometheus"}
+OUTSIDERS |= {"otel-collector"}
 
 
 def expected_flows() -> set[tuple[str, str, str, int]]:
@@ -588,6 +604,8 @@ def expected_flows() -> set[tuple[str, str, str, int]]:
     flows |= {(pod, "internet", "TCP", 443) for pod in FOLLOW_SAFETY | {"export"}}
     flows |= {("export", "ollama", "TCP", 11434)}
     flows |= {(pod, "kube-dns", "UDP", 53) for pod in OURS | {"redis", "minio"}}
+    flows |= {("prometheus", pod, "TCP", METRICS_PORT) for pod in OURS}
+    flows |= {(pod, "otel-collector", "TCP", 4317) for pod in OURS}
     # The pods of a job across nodes: torchrun's rendezvous and the ports NCCL picks.
     flows |= {("trainer-multinode", "trainer-multinode", *port) for port in PORTS}
     return flows
@@ -608,6 +626,10 @@ def test_network_policies_allow_exactly_the_flows_the_services_use(
         Peer("client", "default", {"app": "client"}),
         Peer("keda-operator", "keda", {"app": "keda-operator"}),
         Peer("kube-dns", "kube-system", {"k8s-app": "kube-dns"}),
+        Peer("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"}),
+        Peer(
+            "otel-collector", "observability", {"app.kubernetes.io/name": "opentelemetry-collector"}
+        ),
         Peer("internet", "", internet=True),
     ]
     flows = {
@@ -835,3 +857,4 @@ def test_the_job_across_nodes_runs_the_trainer_worker_under_torchrun_on_every_no
         == f"{job['metadata']['name']}-0.{service['metadata']['name']}:{port['port']}"
     )
     assert launch.rdzv_id == "uid"  # the Job's uid: a new Job never joins an old rendezvous
+    assert int(launch.max_restarts) > 0  # a failed process's group restarts and rejoins

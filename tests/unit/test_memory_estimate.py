@@ -40,7 +40,7 @@ QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.json
 GIB = 1024**3
 MODEL = OFFLINE_DEFAULT_ALIAS  # named: "auto" would pick the CUDA default on a GPU machine
 # fp32, whatever the CPU: its kernels are the same on every x86 CPU, bf16's are not (AVX-512 BF16
-# or AMX), and a bf16 run on another CPU peaked at 1.48x the estimate (see docs/trainer.md).
+# or AMX), and a bf16 run on another CPU peaked at 1.48x the estimate (see docs/training.md).
 MEASURED_DTYPE = "float32"
 
 TINY = LlamaConfig(

@@ -7,6 +7,8 @@ working directory, so what it sets is all there is.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
 import threading
@@ -15,11 +17,13 @@ from pathlib import Path
 
 import pydantic
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
 from backpropagate_api.errors import ConfigError
 from backpropagate_api.settings import Settings, get_settings
 from backpropagate_services.common.logs import (
     LOG_FORMAT,
+    RedactingJsonFormatter,
     RunIdFilter,
     configure_logging,
     current_run_id,
@@ -319,3 +323,34 @@ def test_configure_logging_installs_one_handler_however_often_it_is_called() -> 
     finally:
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+
+
+def test_json_lines_carry_the_run_and_the_span_they_were_logged_in_and_stay_redacted() -> None:
+    tracer = TracerProvider().get_tracer("test")  # a recording tracer, not the process's
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RunIdFilter())
+    handler.setFormatter(RedactingJsonFormatter())
+    logger = logging.getLogger(f"{LOGGER_NAME}.json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with tracer.start_as_current_span("train job") as span, run_context("run-1"):
+            logger.warning("uploaded with password=%s", "hunter2")
+        logger.warning("between runs")
+    finally:
+        logger.removeHandler(handler)
+
+    during, after = (json.loads(line) for line in stream.getvalue().splitlines())
+    context = span.get_span_context()
+    assert during == {
+        "time": during["time"],
+        "level": "WARNING",
+        "logger": f"{LOGGER_NAME}.json",
+        "run_id": "run-1",
+        "trace_id": f"{context.trace_id:032x}",
+        "span_id": f"{context.span_id:016x}",
+        "message": "uploaded with password=***",
+    }
+    assert (after["run_id"], after["trace_id"], after["span_id"]) == ("-", "", "")
+    assert span.attributes["backpropagate.run_id"] == "run-1"  # the span says whose it is

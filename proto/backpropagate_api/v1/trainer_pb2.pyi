@@ -131,6 +131,7 @@ class TrainConfig(_message.Message):
     PERPLEXITY_DROP_FIELD_NUMBER: _builtins.int
     CURRICULUM_FIELD_NUMBER: _builtins.int
     ADAPTER_SCALE_FIELD_NUMBER: _builtins.int
+    NPROC_PER_NODE_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """HF id, local HF dir, .gguf file, or "" for the machine's default"""
     steps: _builtins.int
@@ -196,6 +197,10 @@ class TrainConfig(_message.Message):
     """The trained update scaled by this at the end, in (0, 1]; 0: the default (1, or the data
     budget's choice). Below 1: interpolation toward the base model (WiSE-FT).
     """
+    nproc_per_node: _builtins.int
+    """Processes that train the run together on one machine, one per GPU (torch.distributed's
+    elastic launcher; NCCL on CUDA, gloo on CPU); 0: one. batch_size stays the optimizer's batch.
+    """
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty: all linear layers but lm_head"""
@@ -241,10 +246,11 @@ class TrainConfig(_message.Message):
         perplexity_drop: _builtins.float = ...,
         curriculum: _builtins.str = ...,
         adapter_scale: _builtins.float = ...,
+        nproc_per_node: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "beta", b"beta", "lora_dropout", b"lora_dropout", "max_grad_norm", b"max_grad_norm", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "adapter", b"adapter", "adapter_scale", b"adapter_scale", "base_model", b"base_model", "batch_size", b"batch_size", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "curriculum", b"curriculum", "disable_oom_recovery", b"disable_oom_recovery", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "eval_dataset_id", b"eval_dataset_id", "eval_every", b"eval_every", "eval_split", b"eval_split", "fp8", b"fp8", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_preset", b"lora_preset", "lora_r", b"lora_r", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_tokens", b"max_tokens", "method", b"method", "min_tokens", b"min_tokens", "perplexity_drop", b"perplexity_drop", "preset", b"preset", "report_to", b"report_to", "seed", b"seed", "steps", b"steps", "target_modules", b"target_modules", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_lora_dropout", b"_lora_dropout", "_max_grad_norm", b"_max_grad_norm", "_warmup_ratio", b"_warmup_ratio", "_weight_decay", b"_weight_decay", "adapter", b"adapter", "adapter_scale", b"adapter_scale", "base_model", b"base_model", "batch_size", b"batch_size", "beta", b"beta", "checkpoint_every", b"checkpoint_every", "curriculum", b"curriculum", "disable_oom_recovery", b"disable_oom_recovery", "early_stopping_patience", b"early_stopping_patience", "epochs", b"epochs", "eval_dataset_id", b"eval_dataset_id", "eval_every", b"eval_every", "eval_split", b"eval_split", "fp8", b"fp8", "gradient_accumulation", b"gradient_accumulation", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_preset", b"lora_preset", "lora_r", b"lora_r", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_length", b"max_length", "max_tokens", b"max_tokens", "method", b"method", "min_tokens", b"min_tokens", "nproc_per_node", b"nproc_per_node", "perplexity_drop", b"perplexity_drop", "preset", b"preset", "report_to", b"report_to", "seed", b"seed", "steps", b"steps", "target_modules", b"target_modules", "warmup_ratio", b"warmup_ratio", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__beta: _TypeAlias = _typing.Literal["beta"]  # noqa: Y015
     _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015
@@ -700,6 +706,8 @@ class RunRecord(_message.Message):
     CAMPAIGN_RUN_FIELD_NUMBER: _builtins.int
     MEMORY_PLAN_FIELD_NUMBER: _builtins.int
     WORKER_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: _common_pb2.JobStatus.ValueType
     dataset_id: _builtins.str
@@ -762,6 +770,14 @@ class RunRecord(_message.Message):
     worker: _builtins.str
     """who runs the latest attempt: its queue consumer, <role>-<host>-<pid>-<thread> (the host is
     the pod on Kubernetes), as Redis's XINFO CONSUMERS names it
+    """
+    trace_parent: _builtins.str
+    """the run's trace as a W3C traceparent (docs/observability.md): what is done to the run later
+    (an export) joins it; "" where the submitter was not tracing
+    """
+    world_size: _builtins.int
+    """processes that trained the latest attempt together (torch.distributed's world size): the
+    job's nproc_per_node, or the nodes x processes of a job across nodes; 1: one process
     """
     @_builtins.property
     def loss_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
@@ -832,10 +848,12 @@ class RunRecord(_message.Message):
         campaign_run: _builtins.int = ...,
         memory_plan: Global___MemoryPlan | None = ...,
         worker: _builtins.str = ...,
+        trace_parent: _builtins.str = ...,
+        world_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "config", b"config", "error", b"error", "memory_plan", b"memory_plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "best_eval_loss", b"best_eval_loss", "best_step", b"best_step", "budget_reason", b"budget_reason", "campaign", b"campaign", "campaign_id", b"campaign_id", "campaign_run", b"campaign_run", "checkpoints", b"checkpoints", "compute_dtype", b"compute_dtype", "compute_dtype_reason", b"compute_dtype_reason", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "device", b"device", "duration_seconds", b"duration_seconds", "epochs_completed", b"epochs_completed", "error", b"error", "evals", b"evals", "examples_dropped", b"examples_dropped", "examples_left_out", b"examples_left_out", "examples_trained", b"examples_trained", "examples_truncated", b"examples_truncated", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "memory_plan", b"memory_plan", "oom_recoveries", b"oom_recoveries", "output", b"output", "peak_memory_bytes", b"peak_memory_bytes", "resumed_from_step", b"resumed_from_step", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps", "stopped_early", b"stopped_early", "tokens_per_second", b"tokens_per_second", "trainable_parameters", b"trainable_parameters", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "base_model", b"base_model", "batch_size", b"batch_size", "best_eval_loss", b"best_eval_loss", "best_step", b"best_step", "budget_reason", b"budget_reason", "campaign", b"campaign", "campaign_id", b"campaign_id", "campaign_run", b"campaign_run", "checkpoints", b"checkpoints", "compute_dtype", b"compute_dtype", "compute_dtype_reason", b"compute_dtype_reason", "config", b"config", "created_at", b"created_at", "dataset_id", b"dataset_id", "device", b"device", "duration_seconds", b"duration_seconds", "epochs_completed", b"epochs_completed", "error", b"error", "evals", b"evals", "examples_dropped", b"examples_dropped", "examples_left_out", b"examples_left_out", "examples_trained", b"examples_trained", "examples_truncated", b"examples_truncated", "final_loss", b"final_loss", "gradient_accumulation", b"gradient_accumulation", "job_id", b"job_id", "last_checkpoint_step", b"last_checkpoint_step", "loss_history", b"loss_history", "memory_plan", b"memory_plan", "oom_recoveries", b"oom_recoveries", "output", b"output", "peak_memory_bytes", b"peak_memory_bytes", "resumed_from_step", b"resumed_from_step", "reward_accuracy", b"reward_accuracy", "reward_margin", b"reward_margin", "run_id", b"run_id", "samples_seen", b"samples_seen", "status", b"status", "steps", b"steps", "stopped_early", b"stopped_early", "tokens_per_second", b"tokens_per_second", "trace_parent", b"trace_parent", "trainable_parameters", b"trainable_parameters", "worker", b"worker", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

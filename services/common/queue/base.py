@@ -96,6 +96,16 @@ class DeadLetter:
 
 
 @dataclass(frozen=True)
+class QueueDepth:
+    """How much work a queue holds (its metrics): jobs waiting for a worker (a released job
+    waits again), jobs a worker holds, jobs dead-lettered."""
+
+    waiting: int
+    pending: int
+    dead_letters: int
+
+
+@dataclass(frozen=True)
 class Event:
     event_id: str  # the cursor to pass to `read` to get the events after this one
     data: JsonDict = field(default_factory=dict)
@@ -151,6 +161,10 @@ class JobQueue(ABC):
     @abstractmethod
     def pending_count(self, queue: str) -> int:
         """Jobs claimed but not acked yet (a released job waits again: it is not counted)."""
+
+    @abstractmethod
+    def depth(self, queue: str) -> QueueDepth:
+        """The queue's waiting, pending and dead-lettered jobs now."""
 
     @abstractmethod
     def is_pending(self, queue: str, job_id: str) -> bool:

@@ -33,6 +33,7 @@ from backpropagate_services.common.queue.base import (
     Job,
     JobQueue,
     JsonDict,
+    QueueDepth,
     UnreadablePayload,
     dead_letter_payload,
     log_unreadable,
@@ -220,6 +221,13 @@ class EmbeddedQueue(JobQueue):
             "SELECT COUNT(*) FROM jobs WHERE queue = ? AND consumer IS NOT NULL", queue
         )
         return int(count)
+
+    def depth(self, queue: str) -> QueueDepth:
+        [(waiting, pending)] = self._query(
+            "SELECT COUNT(*) - COUNT(consumer), COUNT(consumer) FROM jobs WHERE queue = ?", queue
+        )
+        [(dead,)] = self._query("SELECT COUNT(*) FROM dead_letters WHERE queue = ?", queue)
+        return QueueDepth(waiting=int(waiting), pending=int(pending), dead_letters=int(dead))
 
     def is_pending(self, queue: str, job_id: str) -> bool:
         return bool(

@@ -40,6 +40,7 @@ from backpropagate_services.common.queue.base import (
     Job,
     JobQueue,
     JsonDict,
+    QueueDepth,
     UnreadablePayload,
     dead_letter_payload,
     log_unreadable,
@@ -386,6 +387,14 @@ class RedisStreamsQueue(JobQueue):
             holder["pending"] for holder in summary["consumers"] if holder["name"] == RELEASED
         )
         return int(summary["pending"]) - released
+
+    def depth(self, queue: str) -> QueueDepth:
+        # Done jobs are deleted (XDEL): the stream holds exactly the jobs still to be done.
+        pending = self.pending_count(queue)
+        with self._reachable():
+            jobs = int(self._client.xlen(self._jobs_key(queue)))
+            dead = int(self._client.xlen(self._dead_key(queue)))
+        return QueueDepth(waiting=jobs - pending, pending=pending, dead_letters=dead)
 
     def is_pending(self, queue: str, job_id: str) -> bool:
         # ack and dead_letter delete the entry, so it exists exactly while the job is to be done.

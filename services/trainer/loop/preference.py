@@ -54,6 +54,7 @@ from backpropagate_services.trainer.loop.sft import (
     TrainingHooks,
     recompute_activations,
 )
+from backpropagate_services.trainer.runtime.ranks import ONE_PROCESS
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -209,6 +210,8 @@ class PreferenceTraining(LoraTraining):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.oom_recovery = oom_recovery
         self.oom_drill_step = oom_drill_step
+        # One process: the config refuses a preference method on several (check_processes).
+        self.ranks, self.sharded = ONE_PROCESS, False
 
         torch.manual_seed(config.seed)  # adapter init
         self.model = apply_adapter(model, config)

@@ -16,6 +16,8 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,7 +41,16 @@ from backpropagate_services.trainer.data.templating import (
     tokenize_conversations,
 )
 from backpropagate_services.trainer.loop.checkpoints import TrainingState
+from backpropagate_services.trainer.loop.sharding import (
+    evened,
+    full_optimizer_state,
+    full_weights,
+    load_full_optimizer_state,
+    load_full_weights,
+    shard,
+)
 from backpropagate_services.trainer.multirun.slao import Adapter
+from backpropagate_services.trainer.runtime.ranks import ONE_PROCESS, Ranks
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -108,7 +119,7 @@ class TrainingHooks:
     """What the service around the loop does between steps; every default does nothing.
 
     `before_step` may block (a safety pause) or raise to stop the run (cancelled, lease lost,
-    shutting down); both hooks may call `training.state()` to write a checkpoint.
+    shutting down); both hooks may call `training.checkpoint_state()` to write a checkpoint.
     """
 
     def before_step(self, step: int, training: LoraTraining) -> None:
@@ -167,7 +178,16 @@ class LoraTraining:
     `micro_batch_size` (gradient accumulation); the loss is the mean over all the step's trained
     tokens, whatever the split. On an out-of-memory error the micro-batch is halved and the same
     step taken again from the same state, so the effective batch and the data order stay.
+
+    Trained by several processes (`ranks`), each takes its share of the step's conversations,
+    packs it into micro-batches of its own and sums its gradient into the step's (`ranks`): the
+    same loss and update as one process, `batch_size` still the optimizer's batch. A full
+    fine-tune is sharded over them (`sharding`); an adapter is whole in each.
     """
+
+    ranks: Ranks
+    sharded: bool
+    whole_weights: dict[str, torch.Tensor] | None = None  # a sharded run's, once it has ended
 
     def __init__(
         self,
@@ -183,6 +203,7 @@ class LoraTraining:
         start: Adapter | None = None,
         packing: bool = True,
         gradient_checkpointing: bool = False,
+        ranks: Ranks = ONE_PROCESS,
     ) -> None:
         """`eval_conversations`: held out; their mean token loss is measured every
         `eval_every` steps, the best weights by it are the ones the run ends with, and early
@@ -190,10 +211,13 @@ class LoraTraining:
         initialisation (a campaign's run goes on from the last: see `slao`). `packing`:
         several conversations a row where the model honours position resets (`packing`);
         False pads each conversation's row to the micro-batch's longest.
-        `gradient_checkpointing`: see `recompute_activations`.
+        `gradient_checkpointing`: see `recompute_activations`. `ranks`: the processes training
+        this run together, each constructing it alike (`ranks`).
         `oom_drill_step`: a fault drill, raising a real out-of-memory
         error inside that step (once) so the recovery path runs for real."""
         self.config = config.validate()
+        self.ranks = ranks
+        self.sharded = ranks.world > 1 and config.adapter == "full"
         self.dataset = tokenize_conversations(conversations, tokenizer, config.max_length)
         self.eval_examples = tokenize_conversations(
             eval_conversations, tokenizer, config.max_length
@@ -213,7 +237,8 @@ class LoraTraining:
                 self.dataset.truncated,
             )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.oom_recovery = oom_recovery
+        # A sharded pass cannot be taken back: its collectives are under way on the others.
+        self.oom_recovery = oom_recovery and not self.sharded
         self.oom_drill_step = oom_drill_step
         self._select_examples(model)
         # Logits of a packed row match those of its parts to ~1e-5 in fp32; bf16 rounds more.
@@ -229,10 +254,13 @@ class LoraTraining:
         if start is not None:
             parameters = dict(self.model.named_parameters())
             self.load_trained_weights(as_parameters(start, parameters))
+        if self.sharded:
+            shard(self.model)
         self.device = next(self.model.parameters()).device
         self.start_optimisation()
         if resume is not None:
             self.restore(resume)
+        ranks.own_dropout(config.seed, self.step)
 
     @torch.no_grad()
     def scale_update(self, scale: float) -> None:
@@ -270,6 +298,7 @@ class LoraTraining:
         trainable weights over `self.dataset`'s examples."""
         config = self.config
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
         )
@@ -305,7 +334,10 @@ class LoraTraining:
         return min(trained, key=lambda point: (point[1], -point[0])) if trained else None
 
     def trained_weights(self) -> dict[str, torch.Tensor]:
-        """The weights that train (LoRA's, or all of them for a full fine-tune), copied."""
+        """The weights that train (LoRA's, or all of them for a full fine-tune), copied; whole
+        where they are sharded (every process gathers them)."""
+        if self.sharded:
+            return full_weights(self.model)
         return {
             name: parameter.detach().cpu().clone()
             for name, parameter in self.model.named_parameters()
@@ -313,6 +345,9 @@ class LoraTraining:
         }
 
     def load_trained_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        if self.sharded:
+            load_full_weights(self.model, weights)
+            return
         parameters = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in weights.items():
@@ -320,7 +355,9 @@ class LoraTraining:
 
     @property
     def gradient_accumulation(self) -> int:
-        return math.ceil(self.config.batch_size / self.micro_batch_size)
+        """Micro-batches each process runs per step (its share of the batch, split)."""
+        share = math.ceil(self.config.batch_size / self.ranks.world)
+        return math.ceil(share / self.micro_batch_size)
 
     def state(self) -> TrainingState:
         """Everything needed to go on from here, copied (training may go on meanwhile)."""
@@ -330,7 +367,9 @@ class LoraTraining:
             tokens_seen=self.tokens_seen,
             micro_batch_size=self.micro_batch_size,
             adapter=self.trained_weights(),
-            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            optimizer=full_optimizer_state(self.model, self.optimizer, self.trainable_names)
+            if self.sharded
+            else copy.deepcopy(self.optimizer.state_dict()),
             scheduler=self.scheduler.state_dict(),
             data_order=self.batches.state(),
             torch_rng=torch.get_rng_state(),
@@ -340,9 +379,21 @@ class LoraTraining:
             evals_since_best=self.evals_since_best,
         )
 
+    def checkpoint_state(self) -> TrainingState:
+        """`state()` for a checkpoint rank 0 writes: the other processes gather it too where
+        the weights are sharded (`Ranks.led`)."""
+        if self.sharded:
+            self.ranks.announce_checkpoint()
+        return self.state()
+
     def restore(self, state: TrainingState) -> None:
         self.load_trained_weights(state.adapter)
-        self.optimizer.load_state_dict(state.optimizer)
+        if self.sharded:
+            load_full_optimizer_state(
+                self.model, self.optimizer, state.optimizer, self.trainable_names
+            )
+        else:
+            self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.batches.restore(state.data_order)
         torch.set_rng_state(state.torch_rng)
@@ -368,7 +419,7 @@ class LoraTraining:
             self._evaluate(hooks)  # the base model's, for comparison
         self.model.train()
         for step in range(first_step, config.steps + 1):
-            hooks.before_step(step, self)
+            self.ranks.led(partial(hooks.before_step, step, self), self.state)
             step_started = time.monotonic()
             indices = self.batches.next()
             loss, trained_tokens, learning_rate = self._step_with_oom_recovery(step, indices, hooks)
@@ -382,18 +433,16 @@ class LoraTraining:
             if evaluate:  # before after_step, so a checkpoint of this step holds its eval
                 self._evaluate(hooks)
                 self.model.train()
-            hooks.after_step(
-                StepReport(
-                    step=step,
-                    total_steps=config.steps,
-                    loss=loss,
-                    learning_rate=learning_rate,
-                    tokens_per_second=trained_tokens / max(now - step_started, 1e-9),
-                    eta_seconds=(now - started) / (step - first_step + 1) * (config.steps - step),
-                    samples_seen=step * config.batch_size,
-                ),
-                self,
+            report = StepReport(
+                step=step,
+                total_steps=config.steps,
+                loss=loss,
+                learning_rate=learning_rate,
+                tokens_per_second=trained_tokens / max(now - step_started, 1e-9),
+                eta_seconds=(now - started) / (step - first_step + 1) * (config.steps - step),
+                samples_seen=step * config.batch_size,
             )
+            self.ranks.led(partial(hooks.after_step, report, self), self.state)
             if evaluate and 0 < config.early_stopping_patience <= self.evals_since_best:
                 stopped_early = step < config.steps
                 break
@@ -402,6 +451,8 @@ class LoraTraining:
             self.load_trained_weights(self.best_weights)
         self.scale_update(config.adapter_scale)
         self.model.eval()  # dropout off for whoever samples from or evaluates the result
+        # Sharded: gathered by every process now, for rank 0 to save (`save_trained`).
+        self.whole_weights = self.trained_weights() if self.sharded else None
         return self.model, TrainingOutcome(
             loss_history=list(self.loss_history),
             final_loss=self.loss_history[-1],
@@ -417,6 +468,14 @@ class LoraTraining:
             best_step=best[0] if best is not None else self.step,
             stopped_early=stopped_early,
         )
+
+    def save_trained(self, directory: Path) -> None:
+        """Save what the run trained, once it has ended: the adapter, or the whole model of a
+        full fine-tune (from the weights every process gathered, where they are sharded)."""
+        if self.whole_weights is not None:
+            self.model.save_pretrained(directory, state_dict=self.whole_weights)
+        else:
+            self.model.save_pretrained(directory)
 
     def _evaluate(self, hooks: TrainingHooks) -> None:
         """Measure the eval loss now; keep the weights if they are the best after a step."""
@@ -434,12 +493,18 @@ class LoraTraining:
 
     @torch.no_grad()
     def eval_loss(self) -> float:
-        """Mean cross-entropy over every trained token of the eval set (dropout off)."""
+        """Mean cross-entropy over every trained token of the eval set (dropout off), each
+        process evaluating its share."""
         self.model.eval()
+        # Sharded weights: every process runs every pass (FSDP's collectives), so each
+        # evaluates the whole set.
+        examples = self.eval_examples if self.sharded else self.ranks.share(self.eval_examples)
         total, tokens = 0.0, 0
-        for batch in self._micro_batches(self.eval_examples):
+        for batch in self._micro_batches(examples):
             total += float(summed_token_loss(self.model, batch))
             tokens += int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+        if not self.sharded:
+            total, tokens = self.ranks.total(total, tokens)
         return total / max(tokens, 1)
 
     def _micro_batches(self, examples: Sequence[TokenizedExample]) -> list[Batch]:
@@ -495,31 +560,55 @@ class LoraTraining:
                     )
                 )
 
+    def _passes(self, micro_batches: list[Batch]) -> list[tuple[Batch, float]]:
+        """This process's forward and backward passes of a step, each with its weight in the
+        loss: the micro-batches with a trained token; where the weights are sharded, as many
+        as any process runs (`sharding.evened`)."""
+        if self.sharded:
+            return evened(micro_batches, self.ranks)
+        trained = [b for b in micro_batches if bool((b.labels[:, 1:] != IGNORE_INDEX).any())]
+        return [(batch, 1.0) for batch in trained]
+
     def _step(self, step: int, indices: list[int]) -> tuple[float, int, float]:
-        """One optimizer step over `indices`: (mean loss, trained tokens, learning rate)."""
-        micro_batches = self._micro_batches([self.dataset.examples[i] for i in indices])
+        """One optimizer step over `indices`, this process taking its share: (mean loss,
+        trained tokens, learning rate) of the whole step."""
+        micro_batches = self._micro_batches(
+            [self.dataset.examples[i] for i in self.ranks.share(indices)]
+        )
         # Position t predicts token t + 1; only positions whose next token is trained count.
-        trained_tokens = sum(
-            int((batch.labels[:, 1:] != IGNORE_INDEX).sum()) for batch in micro_batches
+        (trained_tokens,) = self.ranks.total(
+            sum(int((batch.labels[:, 1:] != IGNORE_INDEX).sum()) for batch in micro_batches)
         )
         self.optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for batch in micro_batches:
-            if not bool((batch.labels[:, 1:] != IGNORE_INDEX).any()):
-                continue
-            summed = summed_token_loss(self.model, batch)
-            if step == self.oom_drill_step:
-                self.oom_drill_step = None  # once
-                raise torch.OutOfMemoryError(f"Fault drill: out of memory at step {step}.")
-            # Summed and divided by the step's token count: the same mean for any split.
-            loss = summed / max(trained_tokens, 1)
-            loss.backward()
-            step_loss += loss.item()
+        out_of_memory: BaseException | None = None
+        try:
+            for batch, weight in self._passes(micro_batches):
+                summed = summed_token_loss(self.model, batch)
+                if step == self.oom_drill_step:
+                    self.oom_drill_step = None  # once
+                    raise torch.OutOfMemoryError(f"Fault drill: out of memory at step {step}.")
+                # Summed and divided by the step's token count: the same mean for any split.
+                loss = summed * weight / max(trained_tokens, 1)
+                loss.backward()
+                step_loss += loss.item()
+        except Exception as error:
+            if not is_out_of_memory(error) or self.sharded:
+                raise
+            out_of_memory = error
+        # Agreed before any gradient is exchanged: one process out of memory, all recover.
+        failed, step_loss = self.ranks.total(out_of_memory is not None, step_loss)
+        if failed:
+            raise out_of_memory or torch.OutOfMemoryError(
+                f"Another process of this run ran out of memory at step {step}."
+            )
+        if not self.sharded:  # FSDP summed them in the backward passes
+            self.ranks.sum_gradients(self.trainable)
         torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
         learning_rate = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
-        return step_loss, trained_tokens, learning_rate
+        return step_loss, int(trained_tokens), learning_rate
 
 
 def train_lora(

@@ -145,6 +145,12 @@ def check_campaign_config(config: trainer_pb2.TrainConfig) -> None:
             hint="Leave out --adapter-scale.",
             fields="adapter_scale",
         )
+    if config.nproc_per_node > 1:
+        raise ConfigError(
+            "A campaign's runs train in one process each; --nproc-per-node is for single runs.",
+            hint="Leave out --nproc-per-node.",
+            fields="nproc_per_node",
+        )
 
 
 def check_continuable(earlier: trainer_pb2.RunRecord, campaign: trainer_pb2.RunRecord) -> None:

@@ -1,8 +1,9 @@
 """Continual merging of LoRA adapters over a campaign of runs, each on new data: SLAO and the
 variants the forgetting benchmark compares (../shared/SLAO_BENCH.md).
 
-SLAO is Algorithm 1 of Qiao & Mahdavi 2025, "Merge before Forget" (arXiv 2512.23017). With PEFT's
-shapes, A is r x d_in and B is d_out x r, and a layer's update is (alpha / r) B A:
+SLAO is Algorithm 1 of Qiao & Mahdavi 2025, "Merge before Forget: A Single LoRA Continual
+Learning via Continual Merging" (arXiv 2512.23017). With PEFT's shapes, A is r x d_in and B is
+d_out x r, and a layer's update is (alpha / r) B A:
 
     task 1: train a standard LoRA -> (A_ft1, B_ft1); A_m <- A_ft1; B_m <- B_ft1
     for task i = 2..T, for every adapted layer:

@@ -36,6 +36,35 @@ UNSET_IS_DEFAULT = ("lora_dropout", "warmup_ratio", "weight_decay", "max_grad_no
 
 
 MAX_EPOCHS = 10_000
+MAX_PROCESSES = 64  # per machine: the GPUs of the largest nodes, with room
+
+
+def check_processes(config: trainer_pb2.TrainConfig) -> None:
+    """What a run trained by several processes needs (`runtime.ranks`): an SFT run (trl's
+    preference trainers run in one), and at least a row of each step's batch for each."""
+    processes = config.nproc_per_node
+    if not 0 <= processes <= MAX_PROCESSES:
+        raise ConfigError(
+            f"nproc_per_node must be in [1, {MAX_PROCESSES}] (0: one), got {processes}.",
+            hint="Pass --nproc-per-node with the number of GPUs to train on.",
+            fields="nproc_per_node",
+        )
+    if processes <= 1:
+        return
+    if config.method not in ("", "sft"):
+        raise ConfigError(
+            f"--method {config.method} trains in one process; --nproc-per-node is for sft runs.",
+            hint="Leave out --nproc-per-node.",
+            fields="method,nproc_per_node",
+        )
+    batch_size = config.batch_size or TrainingConfig().batch_size
+    if batch_size < processes:
+        raise ConfigError(
+            f"A batch of {batch_size} conversations cannot be shared by {processes} processes: "
+            "each takes a share of every step's batch.",
+            hint=f"Raise --batch-size to {processes} or more, or lower --nproc-per-node.",
+            fields="batch_size,nproc_per_node",
+        )
 
 
 def with_budget(message: trainer_pb2.TrainConfig, num_examples: int) -> trainer_pb2.TrainConfig:

@@ -29,7 +29,7 @@ from backpropagate_services.common.hardware import Hardware, default_micro_batch
 from backpropagate_services.trainer.planning.config import is_set, with_budget
 
 # The data-driven budget: passes over the data by its size, and at least MIN_EXAMPLES_SEEN rows
-# seen. Measured on SmolLM2 (docs/trainer.md): rows of new facts were learnt after about 480 rows
+# seen. Measured on SmolLM2 (docs/training.md): rows of new facts were learnt after about 480 rows
 # seen (120 steps at batch 4) whether the set had 20 or 40 rows, and training that far cost
 # general answers the base model gave, which keeping DATA_BUDGET_ADAPTER_SCALE of the update
 # (WiSE-FT) gave back without losing the facts.

@@ -8,6 +8,9 @@ worker took its job over (nothing written), or if the worker is shutting down (c
 then release), and it obeys the safety sidecar (`safety_gate` decides): at critical it
 checkpoints and pauses until the level has been back at warning or below for a while, at
 emergency it checkpoints and stops with the reason's error code, resumable later.
+
+In a run trained by several processes these hooks run on rank 0 alone, and the others follow
+its verdict (`ranks`); while a hook holds (a pause, a drill), each poll tells them to wait on.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from backpropagate_services.trainer.loop.sft import (
     StepReport,
     TrainingHooks,
 )
+from backpropagate_services.trainer.runtime.run_metrics import RunMetrics
 from backpropagate_services.trainer.runtime.safety_gate import Action, Decision, SafetyGate
 from backpropagate_services.trainer.runtime.safety_monitor import SafetyMonitor
 from backpropagate_services.trainer.runtime.tracking import RunTracking
@@ -129,6 +133,7 @@ class RunHooks(TrainingHooks):
         checkpoint_every: int,
         checkpoint_interval: float,
         safety_gate: SafetyGate,
+        metrics: RunMetrics,
         hold_at_steps: Collection[int] = (),
         hold_release_file: Path | None = None,
     ) -> None:
@@ -142,6 +147,7 @@ class RunHooks(TrainingHooks):
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = checkpoint_interval
         self.gate = safety_gate
+        self.metrics = metrics
         self.hold_at_steps = hold_at_steps
         self.hold_release_file = hold_release_file
         self.safety = events.safety
@@ -152,6 +158,7 @@ class RunHooks(TrainingHooks):
         self._stop_if_asked(step, training)
         self._obey_safety(step, training)
         self._hold_for_drill(step, training)
+        self.metrics.before_step(training)
 
     def _hold_for_drill(self, step: int, training: LoraTraining) -> None:
         """Fault drill (`FaultSettings.hold_at_step`): wait before the step until the run is
@@ -164,8 +171,7 @@ class RunHooks(TrainingHooks):
             return
         log.warning("fault drill: holding before step %d until released or stopped", step)
         while not self._released_by_drill():
-            self.safety.wait_for_update(PAUSE_POLL_SECONDS)
-            self._stop_if_asked(step, training)
+            self._poll(step, training)
             self._obey_safety(step, training)
         log.warning("fault drill: %s released the run before step %d", self.hold_release_file, step)
 
@@ -177,6 +183,13 @@ class RunHooks(TrainingHooks):
             return False
         release.unlink(missing_ok=True)
         return True
+
+    def _poll(self, step: int, training: LoraTraining) -> None:
+        """While holding before a step: wait for news from the sidecar (a second at most),
+        keep the run's other processes waiting, and stop if asked."""
+        self.safety.wait_for_update(PAUSE_POLL_SECONDS)
+        training.ranks.keep_waiting()
+        self._stop_if_asked(step, training)
 
     def _stop_if_asked(self, step: int, training: LoraTraining) -> None:
         """Cancelled, the job taken over, the worker shutting down: no further step."""
@@ -209,8 +222,7 @@ class RunHooks(TrainingHooks):
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()  # NVML counts torch's cache as used VRAM
                 self._safety_event("paused", decision, training)
-            self.safety.wait_for_update(PAUSE_POLL_SECONDS)
-            self._stop_if_asked(step, training)
+            self._poll(step, training)
             decision = self.gate.decide(self.safety.level, self.safety.reasons)
         if decision.action is Action.STOP:
             self.checkpoint(training)
@@ -227,6 +239,7 @@ class RunHooks(TrainingHooks):
 
     def after_step(self, report: StepReport, training: LoraTraining) -> None:
         self.lease.check()
+        self.metrics.after_step(report, training)
         self.record.loss_history.append(report.loss)  # kept per step: a failed run keeps its curve
         self.events.emit(
             self.record,
@@ -304,7 +317,7 @@ class RunHooks(TrainingHooks):
         # Never touch what a worker that took the job over wrote: confirmed before every write,
         # and a checkpoint finished after the lease was lost (frozen mid-write) is deleted.
         self.lease.confirm()
-        info = durably(self.checkpoints.save)(training.state(), self.record.attempts)
+        info = durably(self.checkpoints.save)(training.checkpoint_state(), self.record.attempts)
         try:
             self.lease.confirm()
         except LeaseLost:
@@ -316,6 +329,7 @@ class RunHooks(TrainingHooks):
         self.record.last_checkpoint_step = info.step
         save_while_held(self.lease, self.checkpoints.store, self.record)
         self.last_checkpoint_at = time.monotonic()
+        self.metrics.checkpoint_written(info)
         log.info(
             "checkpoint at step %d: %.1f MB in %.2f s",
             info.step,

@@ -16,7 +16,8 @@ from collections.abc import Callable
 import grpc
 from tenacity import Retrying, retry_if_result, wait_exponential
 
-from backpropagate_api.channels import STACK_CALL
+from backpropagate_api.channels import STACK_CALL, open_channel
+from backpropagate_api.settings import Settings
 from backpropagate_api.v1 import common_pb2, safety_pb2, safety_pb2_grpc
 from backpropagate_services.common.service import BackgroundWorker
 
@@ -49,6 +50,15 @@ class SafetyMonitor(BackgroundWorker):
         self._connected = False
         self._updates = 0
         self._call: grpc.Future | None = None
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> SafetyMonitor:
+        """Following the sidecar the settings name, with the stack's token and TLS."""
+        return cls(
+            settings.endpoint_of("safety"),
+            settings.safety.interval_seconds,
+            dial=lambda target: open_channel(target, settings),
+        )
 
     @property
     def configured(self) -> bool:

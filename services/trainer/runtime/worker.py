@@ -4,6 +4,9 @@ This is the service layer around the plain training domain (templating, lora, lo
 about records, events, the store, checkpoints and the lease; the domain knows only about
 tensors. A run whose record lists a checkpoint continues from it: that is how a redelivered job
 (its worker died) or a resumed run goes on where it stopped.
+
+A run with `nproc_per_node` > 1 trains in that many processes (`launcher`, `rank_process`):
+rank 0 runs `train` as one process would, the others `follow` it (`ranks`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -23,6 +26,7 @@ from backpropagate_api.training import PREFERENCE_METHODS, TrainingConfig
 from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.common.datasets import SftRow, load_preference_rows, load_sft_rows
 from backpropagate_services.common.hardware import (
+    Hardware,
     detect,
     limit_malloc_arenas,
     peak_memory_bytes,
@@ -35,7 +39,7 @@ from backpropagate_services.common.jobs import (
     run_recorded,
 )
 from backpropagate_services.common.logs import run_context
-from backpropagate_services.common.models import load_model, resolve_model
+from backpropagate_services.common.models import ModelSource, load_model, resolve_model
 from backpropagate_services.common.queue import Job
 from backpropagate_services.common.records import load_record, save_record
 from backpropagate_services.common.runtime import Runtime
@@ -55,20 +59,42 @@ from backpropagate_services.trainer.planning.memory_estimate import (
     preference_conversations,
 )
 from backpropagate_services.trainer.planning.memory_plan import fit_again_if_moved
+from backpropagate_services.trainer.runtime.launcher import train_in_processes
+from backpropagate_services.trainer.runtime.ranks import ONE_PROCESS, Ranks, RunEnded
 from backpropagate_services.trainer.runtime.run_hooks import (
     RunEvents,
     RunHooks,
     job_run_id,
     save_while_held,
 )
+from backpropagate_services.trainer.runtime.run_metrics import RunMetrics
 from backpropagate_services.trainer.runtime.safety_gate import SafetyGate
 from backpropagate_services.trainer.runtime.safety_monitor import SafetyMonitor
 from backpropagate_services.trainer.runtime.tracking import tracked
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 # The first event of every attempt at a run: a redelivered run shows it once per worker.
 STARTED_MESSAGE = "loading dataset and model"
+
+
+class Prepared(NamedTuple):
+    """A run set up to take its first step."""
+
+    training: LoraTraining
+    config: TrainingConfig
+    tokenizer: PreTrainedTokenizerBase
+
+
+class Orders(NamedTuple):
+    """What rank 0 hands the other processes of a run as it starts an attempt: the run, and
+    the hardware choice it made (a CPU's dtype probe, timed, could choose otherwise on each)."""
+
+    record: bytes
+    hardware: Hardware
 
 
 def last_checkpoint(record: trainer_pb2.RunRecord) -> trainer_pb2.CheckpointInfo:
@@ -86,7 +112,9 @@ class TrainWorker(JobWorker):
     name = "train-worker"
     queue_name = TRAIN_QUEUE
 
-    def __init__(self, runtime: Runtime, safety: SafetyMonitor) -> None:
+    def __init__(self, runtime: Runtime, safety: SafetyMonitor, ranks: Ranks = ONE_PROCESS) -> None:
+        """`ranks`: this process's place among those training a run together (rank_process);
+        a pool worker trains in one, starting others for a run that asks for them."""
         queue_settings = runtime.settings.queue
         super().__init__(
             runtime.queue, queue_settings.visibility_timeout_seconds, queue_settings.max_attempts
@@ -98,6 +126,8 @@ class TrainWorker(JobWorker):
         self.events = RunEvents(runtime.queue, safety)
         trainer = runtime.settings.trainer
         self.policy = CheckpointPolicy(trainer.keep_last_checkpoints, trainer.keep_best_checkpoints)
+        self.ranks = ranks
+        self.followers_told = False  # rank 0 of several: whether the others have their orders
 
     def stop(self, timeout: float = 5.0) -> None:
         """Give a running step the time to finish, checkpoint and release the job."""
@@ -128,15 +158,28 @@ class TrainWorker(JobWorker):
                 self.emit_ended(record, f"already {status}")
                 return
             assert self.lease is not None
-            lease = self.lease
-            # Saved with the attempt's first record: in a pool, which worker (pod) runs it.
-            record.worker = self.consumer
-            with tracked(self.events, record, self.runtime.settings.tensorboard_dir):
-                if record.HasField("campaign"):
-                    message = run_recorded(record, CampaignRunner(self, record, job, lease).run)
-                else:
-                    message = run_recorded(record, lambda: self.train(record, job, lease))
-                self.finish(record, message)
+            if record.config.nproc_per_node > 1 and self.ranks.world == 1:
+                # Its processes run the attempt; rank 0 records it as this worker.
+                train_in_processes(
+                    self.runtime.settings,
+                    job,
+                    self.consumer,
+                    record.config.nproc_per_node,
+                    lambda: self.stopping,
+                )
+                return
+            self.run_attempt(record, job, self.lease)
+
+    def run_attempt(self, record: trainer_pb2.RunRecord, job: Job, lease: Lease) -> None:
+        """Train the run here (alone, or as rank 0 of several) and record its outcome."""
+        # Saved with the attempt's first record: in a pool, which worker (pod) runs it.
+        record.worker = self.consumer
+        with tracked(self.events, record, self.runtime.settings.tensorboard_dir):
+            if record.HasField("campaign"):
+                message = run_recorded(record, CampaignRunner(self, record, job, lease).run)
+            else:
+                message = run_recorded(record, lambda: self.train(record, job, lease))
+            self.finish(record, message)
 
     def train(
         self,
@@ -163,20 +206,131 @@ class TrainWorker(JobWorker):
         record.attempts += 1
         record.job_id = job.job_id
         record.resumed_from_step = resume_from
+        record.world_size = self.ranks.world
         record.ClearField("error")
         save_while_held(lease, self.store, record)
         self.events.emit(record, kind="started", message=STARTED_MESSAGE)
 
-        config = training_config_from_proto(record.config)
         settings = self.runtime.settings
         source = resolve_model(record.base_model)
-        if settings.trainer.threads > 0:  # before the dtype probe, which times these threads
-            torch.set_num_threads(settings.trainer.threads)
+        self.use_threads()  # before the dtype probe, which times these threads
         hardware = detect(
             settings.trainer.cpu_dtype,
             matmul_shapes(source, settings.model_cache_dir),
             settings.home,
         )
+        if self.ranks.world > 1:
+            self.ranks.from_voice(Orders(record.SerializeToString(), hardware))
+            self.followers_told = True
+        training, config, tokenizer = self.prepare(
+            record, checkpoints, source, hardware, plan, start
+        )
+        self._report_training(record, training, config, source, hardware)
+        metrics = RunMetrics(run_id, hardware)
+        hooks = RunHooks(
+            record,
+            self.events,
+            checkpoints,
+            lease,
+            worker=self,
+            cancel_cursor=cancel_cursor,
+            release_on_shutdown=self.runtime.settings.trainer.release_on_shutdown,
+            checkpoint_every=record.config.checkpoint_every,
+            checkpoint_interval=self.runtime.settings.trainer.checkpoint_interval_seconds,
+            safety_gate=SafetyGate(
+                self.runtime.settings.safety.resume_after_seconds,
+                configured=self.safety.configured,
+            ),
+            metrics=metrics,
+            hold_at_steps=self.runtime.settings.fault.hold_at_step,
+            hold_release_file=self.runtime.settings.fault.hold_release_file,
+        )
+        with metrics:  # the run's series end with its training
+            _, outcome = training.run(hooks)
+
+        self.events.emit(
+            record,
+            kind="saving",
+            step=outcome.steps_done,
+            message="saving the model" if config.adapter == "full" else "saving adapter",
+        )
+        lease.confirm()
+        with tempfile.TemporaryDirectory(prefix="bp-adapter-") as tmp:
+            training.save_trained(Path(tmp))
+            if config.adapter == "full":  # a whole model: loadable on its own
+                tokenizer.save_pretrained(tmp)
+            durably(self.store.put_dir)(adapter_prefix(run_id), Path(tmp))
+            curve = write_loss_curve(outcome.loss_history, Path(tmp) / "loss.png")
+            durably(self.store.put_file)(loss_curve_key(run_id), curve)
+        record.final_loss = outcome.final_loss
+        record.samples_seen = outcome.samples_seen
+        record.stopped_early = outcome.stopped_early
+        record.best_step = outcome.best_step
+        record.tokens_per_second = outcome.tokens_seen / max(outcome.duration_seconds, 1e-9)
+        record.peak_memory_bytes = peak_memory_bytes(hardware)
+        record.output = adapter_prefix(run_id) + "/"
+        lease.confirm()  # the terminal record, saved next, is this worker's to write
+        if record.evals:
+            return (
+                f"done: eval loss {record.best_eval_loss:.4f} at step {record.best_step} "
+                f"(base model {record.evals[0].loss:.4f})"
+                + (", stopped early" if record.stopped_early else "")
+            )
+        return f"done: final loss {record.final_loss:.4f}"
+
+    def follow(self, orders: Orders) -> None:
+        """Train as a rank other than 0 of a run: the setup rank 0 does, then the steps as it
+        leads them (`ranks`); nothing written, nothing published."""
+        record = trainer_pb2.RunRecord.FromString(orders.record)
+        self.use_threads()
+        checkpoints = CheckpointManager(self.store, record.run_id, self.policy)
+        source = resolve_model(record.base_model)
+        self.prepare(record, checkpoints, source, orders.hardware).training.run()
+
+    def use_threads(self) -> None:
+        threads = self.runtime.settings.trainer.threads
+        if threads > 0:
+            torch.set_num_threads(threads)
+
+    def prepare(
+        self,
+        record: trainer_pb2.RunRecord,
+        checkpoints: CheckpointManager,
+        source: ModelSource,
+        hardware: Hardware,
+        plan: CampaignPlan | None = None,
+        start: Adapter | None = None,
+    ) -> Prepared:
+        """The run set up to take its first step (from its last checkpoint, if any): data,
+        model, adapter, optimizer. Every process of a run does this alike, and a failure on any
+        of them fails all: rank 0 raises the first one (and records it), the others RunEnded."""
+        if self.ranks.world == 1:
+            return self._prepare(record, checkpoints, source, hardware, plan, start)
+        failed: Exception | None = None
+        try:
+            prepared = self._prepare(
+                record, checkpoints, source, self.ranks.on_own_device(hardware), plan, start
+            )
+        except Exception as error:
+            failed = error
+        failure = self.ranks.first_failure(failed)
+        if failure is None:
+            return prepared
+        if self.ranks.speaks:
+            raise failure from failed
+        raise RunEnded(f"setting up failed: {failure}") from failed
+
+    def _prepare(
+        self,
+        record: trainer_pb2.RunRecord,
+        checkpoints: CheckpointManager,
+        source: ModelSource,
+        hardware: Hardware,
+        plan: CampaignPlan | None,
+        start: Adapter | None,
+    ) -> Prepared:
+        settings = self.runtime.settings
+        config = training_config_from_proto(record.config)
         reset_peak_memory(hardware)
         preference = config.method in PREFERENCE_METHODS
         if preference:  # pairs or labelled answers, for trl's losses
@@ -203,6 +357,7 @@ class TrainWorker(JobWorker):
         record.device = hardware.device
         record.compute_dtype = hardware.compute_dtype
         record.compute_dtype_reason = hardware.dtype_reason
+        resume_from = record.last_checkpoint_step
         if not record.config.gradient_accumulation and not resume_from:
             config.gradient_accumulation = machine_accumulation(config, hardware)
         state = durably(checkpoints.load)(last_checkpoint(record).key) if resume_from else None
@@ -216,7 +371,7 @@ class TrainWorker(JobWorker):
         options: dict[str, Any] = {
             "resume": state,
             "oom_recovery": not record.config.disable_oom_recovery,
-            "oom_drill_step": self.runtime.settings.fault.oom_at_step,
+            "oom_drill_step": settings.fault.oom_at_step,
             "gradient_checkpointing": record.memory_plan.gradient_checkpointing,
         }
         training = (
@@ -229,9 +384,21 @@ class TrainWorker(JobWorker):
                 config,
                 eval_conversations=eval_conversations,
                 start=start,  # campaigns train sft runs only (campaign_plan checks)
+                ranks=self.ranks,
                 **options,
             )
         )
+        return Prepared(training, config, tokenizer)
+
+    def _report_training(
+        self,
+        record: trainer_pb2.RunRecord,
+        training: LoraTraining,
+        config: TrainingConfig,
+        source: ModelSource,
+        hardware: Hardware,
+    ) -> None:
+        """What the run trains, how, and what its data lost, in the record and the events."""
         record.trainable_parameters = sum(parameter.numel() for parameter in training.trainable)
         record.batch_size = training.micro_batch_size
         record.gradient_accumulation = training.gradient_accumulation
@@ -247,6 +414,8 @@ class TrainWorker(JobWorker):
                 f"{record.examples_trained + record.examples_dropped} conversations truncated, "
                 f"{record.examples_dropped} dropped (raise --max-length to keep them whole)",
             )
+        resume_from = record.resumed_from_step
+        processes = self.ranks.world
         self.events.emit(
             record,
             kind="started",
@@ -254,59 +423,12 @@ class TrainWorker(JobWorker):
             message=f"training {source.name} ({config.adapter} {config.method}) for "
             f"{config.steps} steps on {hardware.device} in {hardware.compute_dtype} "
             f"({hardware.dtype_reason})"
+            + (f" x {processes} processes" if processes > 1 else "")
             + (f" ({record.budget_reason})" if record.budget_reason else "")
             + (f", resumed from step {resume_from}" if resume_from else "")
             + (f"; {hardware.note}" if hardware.note else "")
             + (f"; {record.memory_plan.reason}" if record.HasField("memory_plan") else ""),
         )
-        hooks = RunHooks(
-            record,
-            self.events,
-            checkpoints,
-            lease,
-            worker=self,
-            cancel_cursor=cancel_cursor,
-            release_on_shutdown=self.runtime.settings.trainer.release_on_shutdown,
-            checkpoint_every=record.config.checkpoint_every,
-            checkpoint_interval=self.runtime.settings.trainer.checkpoint_interval_seconds,
-            safety_gate=SafetyGate(
-                self.runtime.settings.safety.resume_after_seconds,
-                configured=self.safety.configured,
-            ),
-            hold_at_steps=self.runtime.settings.fault.hold_at_step,
-            hold_release_file=self.runtime.settings.fault.hold_release_file,
-        )
-        peft_model, outcome = training.run(hooks)
-
-        self.events.emit(
-            record,
-            kind="saving",
-            step=outcome.steps_done,
-            message="saving the model" if config.adapter == "full" else "saving adapter",
-        )
-        lease.confirm()
-        with tempfile.TemporaryDirectory(prefix="bp-adapter-") as tmp:
-            peft_model.save_pretrained(tmp)
-            if config.adapter == "full":  # a whole model: loadable on its own
-                tokenizer.save_pretrained(tmp)
-            durably(self.store.put_dir)(adapter_prefix(run_id), Path(tmp))
-            curve = write_loss_curve(outcome.loss_history, Path(tmp) / "loss.png")
-            durably(self.store.put_file)(loss_curve_key(run_id), curve)
-        record.final_loss = outcome.final_loss
-        record.samples_seen = outcome.samples_seen
-        record.stopped_early = outcome.stopped_early
-        record.best_step = outcome.best_step
-        record.tokens_per_second = outcome.tokens_seen / max(outcome.duration_seconds, 1e-9)
-        record.peak_memory_bytes = peak_memory_bytes(hardware)
-        record.output = adapter_prefix(run_id) + "/"
-        lease.confirm()  # the terminal record, saved next, is this worker's to write
-        if record.evals:
-            return (
-                f"done: eval loss {record.best_eval_loss:.4f} at step {record.best_step} "
-                f"(base model {record.evals[0].loss:.4f})"
-                + (", stopped early" if record.stopped_early else "")
-            )
-        return f"done: final loss {record.final_loss:.4f}"
 
     def _report_selection(
         self, record: trainer_pb2.RunRecord, selection: Selection, config: TrainingConfig
