@@ -15,12 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from backpropagate.in_process import STACK_EXTRAS, services_needed
 from backpropagate_api.layout import export_record_key, run_record_key
 from backpropagate_api.settings import Settings
 from backpropagate_api.v1 import export_pb2, safety_pb2, trainer_pb2
+
+Record = TypeVar("Record", trainer_pb2.RunRecord, export_pb2.ExportResult)
 
 
 @dataclass(frozen=True)
@@ -36,17 +38,21 @@ class ServiceCode:
     safety_sources: ModuleType
 
 
-class LocalTrainer:
+class _LocalReads:
+    """Reads from the local artifact store through the services' own code."""
+
     def __init__(self, store: Any, code: ServiceCode) -> None:
         self.store = store
         self.code = code
 
-    def GetRun(self, request: trainer_pb2.GetRunRequest, **_: Any) -> trainer_pb2.RunRecord:
-        key = run_record_key(request.run_id)
-        record: trainer_pb2.RunRecord = self.code.records.load_record(
-            self.store, key, trainer_pb2.RunRecord, "run"
-        )
+    def _record(self, key: str, kind: type[Record], what: str) -> Record:
+        record: Record = self.code.records.load_record(self.store, key, kind, what)
         return record
+
+
+class LocalTrainer(_LocalReads):
+    def GetRun(self, request: trainer_pb2.GetRunRequest, **_: Any) -> trainer_pb2.RunRecord:
+        return self._record(run_record_key(request.run_id), trainer_pb2.RunRecord, "run")
 
     def ListRuns(
         self, request: trainer_pb2.ListRunsRequest, **_: Any
@@ -57,17 +63,10 @@ class LocalTrainer:
         return page
 
 
-class LocalExport:
-    def __init__(self, store: Any, code: ServiceCode) -> None:
-        self.store = store
-        self.code = code
-
+class LocalExport(_LocalReads):
     def GetExport(self, request: export_pb2.GetExportRequest, **_: Any) -> export_pb2.ExportResult:
         key = export_record_key(request.export_id)
-        record: export_pb2.ExportResult = self.code.records.load_record(
-            self.store, key, export_pb2.ExportResult, "export"
-        )
-        return record
+        return self._record(key, export_pb2.ExportResult, "export")
 
     def DownloadArtifact(
         self, request: export_pb2.DownloadArtifactRequest, **_: Any

@@ -9,6 +9,7 @@ from typing import Any
 
 import gradio as gr
 
+from backpropagate.ui.components import loss_chart
 from backpropagate.ui.context import UiContext
 from backpropagate.ui.data_page import PickedDataset, required
 from backpropagate.ui.follow import RunView, followed
@@ -42,15 +43,7 @@ def build(context: UiContext, model: gr.Textbox, dataset: gr.State) -> None:
         cancel = gr.Button("Cancel", variant="stop", elem_id="multi-cancel")
     campaign_box = gr.Textbox(label="campaign", elem_id="multi-campaign-id")
     status = gr.Markdown(elem_id="multi-status")
-    chart = gr.LinePlot(
-        None,
-        x="step",
-        y="loss",
-        color="series",
-        title="loss by run",
-        height=280,
-        elem_id="multi-chart",
-    )
+    chart = loss_chart("loss by run", 280, "multi-chart")
     timeline = gr.Markdown(elem_id="multi-timeline")
     record = gr.Markdown(elem_id="multi-record")
 

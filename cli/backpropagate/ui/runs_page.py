@@ -12,6 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from backpropagate.run_history import differences, list_runs, resolve_run_id
+from backpropagate.ui.components import loss_chart
 from backpropagate.ui.context import UiContext
 from backpropagate.ui.follow import ended_view, get_record
 from backpropagate.ui.handlers import shown_errors
@@ -70,15 +71,7 @@ def build(context: UiContext, tab: gr.Tab) -> None:
         resume = gr.Button("Resume", elem_id="runs-resume", scale=1)
         replay = gr.Button("Replay", elem_id="runs-replay", scale=1)
     message = gr.Markdown(elem_id="runs-message")
-    chart = gr.LinePlot(
-        None,
-        x="step",
-        y="loss",
-        color="series",
-        title="loss",
-        height=260,
-        elem_id="runs-chart",
-    )
+    chart = loss_chart("loss", 260, "runs-chart")
     record_box = gr.Markdown(elem_id="runs-record")
     checkpoints = gr.Markdown(elem_id="runs-checkpoints")
     with gr.Row():

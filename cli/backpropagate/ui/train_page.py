@@ -15,6 +15,7 @@ import gradio as gr
 
 from backpropagate.run_history import resolve_run_id
 from backpropagate.sdk import Trainer
+from backpropagate.ui.components import loss_chart
 from backpropagate.ui.context import UiContext
 from backpropagate.ui.data_page import PickedDataset, required
 from backpropagate.ui.follow import RunView, followed
@@ -84,15 +85,7 @@ def build(context: UiContext, model: gr.Textbox, dataset: gr.State) -> None:
                 run_box = gr.Textbox(label="run", elem_id="train-run-id", scale=3)
                 watch = gr.Button("Watch", elem_id="train-watch", scale=1)
             status = gr.Markdown(elem_id="train-status")
-            chart = gr.LinePlot(
-                None,
-                x="step",
-                y="loss",
-                color="series",
-                title="loss",
-                height=300,
-                elem_id="train-chart",
-            )
+            chart = loss_chart("loss", 300, "train-chart")
             memory = gr.Markdown(elem_id="train-memory")
             record = gr.Markdown(elem_id="train-record")
     followed_outputs = [run_box, status, chart, record]
