@@ -20,6 +20,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from selenium import webdriver
+from selenium.common.exceptions import ElementClickInterceptedException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -157,22 +158,32 @@ class UiPage:
         field.send_keys(str(value))
         field.send_keys(Keys.TAB)  # Gradio takes the value when the field loses focus
 
-    def choose(self, elem_id: str, option: str) -> str:
+    def choose(self, elem_id: str, option: str, timeout: float = 60.0) -> str:
         """Pick the first option of a dropdown whose text contains `option`; returns its
-        text."""
+        text. The choices may still be on their way from the server (a tab fills its
+        dropdowns when it is selected, covering them with a spinner meanwhile), so the list is
+        opened and read again until the option is there."""
         field = self.element(elem_id, "input")
-        field.click()
         listbox = field.get_attribute("aria-controls")
-        options = self.wait_for(
-            lambda: self.driver.find_elements(By.CSS_SELECTOR, f"#{listbox} li[role=option]"),
-            f"the options of #{elem_id}",
-        )
-        for candidate in options:
-            if option in candidate.text:
-                text = candidate.text.strip()
-                candidate.click()
-                return text
-        raise AssertionError(f"#{elem_id} offers no {option!r}: {[o.text for o in options]}")
+        offered: list[str] = []
+
+        def matching() -> WebElement | None:
+            if not self.driver.find_elements(By.ID, listbox):
+                try:
+                    field.click()
+                except ElementClickInterceptedException:  # still loading its choices
+                    return None
+            options = self.driver.find_elements(By.CSS_SELECTOR, f"#{listbox} li[role=option]")
+            offered[:] = [candidate.text for candidate in options]
+            return next((candidate for candidate in options if option in candidate.text), None)
+
+        try:
+            candidate = self.wait_for(matching, f"{option!r} in #{elem_id}", timeout)
+        except AssertionError as error:
+            raise AssertionError(f"#{elem_id} offers no {option!r}: {offered}") from error
+        text = candidate.text.strip()
+        candidate.click()
+        return text
 
     def upload(self, elem_id: str, path: Path) -> None:
         self.element(elem_id, "input[type=file]").send_keys(str(path))
