@@ -49,6 +49,13 @@ def multi_run_command(
     continue_from: Annotated[
         str, typer.Option(help="A finished campaign whose merged adapter this one goes on from.")
     ] = "",
+    replay: Annotated[
+        float,
+        typer.Option(
+            help="Rehearsal: each run also trains on rows of the campaign's earlier runs, this "
+            "share of its own (0.1: a tenth more; 0: none)."
+        ),
+    ] = 0.0,
     model: Annotated[
         str, typer.Option(help="HF id, local HF dir or .gguf file; default: this machine's.")
     ] = "",
@@ -98,6 +105,7 @@ def multi_run_command(
         merge=merge,
         with_replacement=with_replacement,
         continue_from=continue_from,
+        replay=replay,
         learning_rate=learning_rate,
         batch_size=batch_size,
         max_length=max_length,

@@ -92,8 +92,12 @@ def _campaign_rows(run: RunResult) -> list[tuple[str, str]]:
         return [("campaign", f"run {run.campaign_run} of {run.campaign_id}")]
     if not run.merge:
         return []
+    rehearsal = f", replaying {run.replay:g} of each run's rows" if run.replay else ""
     return [
-        ("campaign", f"{len(run.timeline)} of {run.runs_planned} runs merged ({run.merge})"),
+        (
+            "campaign",
+            f"{len(run.timeline)} of {run.runs_planned} runs merged ({run.merge}{rehearsal})",
+        ),
         ("runs", ", ".join(run.run_ids) or "-"),
     ]
 

@@ -66,6 +66,7 @@ class RunResult:
     reward_accuracy: float = 0.0
     # A campaign (multi_run): its merge mode, planned runs, child runs and merge timeline.
     merge: str = ""
+    replay: float = 0.0  # a campaign's rehearsal share
     runs_planned: int = 0
     run_ids: list[str] = field(default_factory=list)
     timeline: list[MergeResult] = field(default_factory=list)
@@ -118,6 +119,7 @@ class RunResult:
             reward_margin=record.reward_margin,
             reward_accuracy=record.reward_accuracy,
             merge=record.campaign.config.merge,
+            replay=record.campaign.config.replay,
             runs_planned=record.campaign.config.runs,
             run_ids=list(record.campaign.run_ids),
             timeline=[

@@ -406,6 +406,7 @@ class Trainer:
         merge: str = "",
         with_replacement: bool = False,
         continue_from: str = "",
+        replay: float = 0.0,
         learning_rate: float = 0.0,
         batch_size: int | Literal["auto"] = 0,
         max_length: int = 0,
@@ -431,7 +432,9 @@ class Trainer:
         `data`: one dataset, from which each run draws `samples_per_run` rows no other run has
         (0: an equal share), or a list of datasets, one per run. `with_replacement`: runs draw
         from the whole pool on their own and may share rows. `continue_from`: a finished
-        campaign whose merged adapter this one goes on from. The result is the campaign's
+        campaign whose merged adapter this one goes on from. `replay`: rehearsal, each run
+        also trains on rows the campaign's earlier runs trained on, this share of its own
+        (0.1: a tenth more). The result is the campaign's
         record: its runs, the merge timeline and the merged adapter, which exports like any
         run's. `dataset`, `num_runs` and `merge_mode` are other names of `data`, `runs` and
         `merge`. Other arguments as in train().
@@ -467,6 +470,7 @@ class Trainer:
             merge=merge or merge_mode,
             with_replacement=with_replacement,
             continue_from=continue_from,
+            replay=replay,
         )
         campaign_id = submit_multi_run(
             connection, dataset_ids, self._with_defaults(config), multi_run

@@ -195,6 +195,23 @@ def test_a_campaign_goes_on_from_an_earlier_one(trainer, campaign, datasets):
         assert torch.allclose(layer.b, expected_b, atol=1e-7)
 
 
+def test_with_replay_later_runs_also_train_on_earlier_runs_rows(trainer, datasets):
+    """Rehearsal: run 2 trains on its 6 rows and half as many of run 1's, and says so."""
+    result = trainer.multi_run(datasets, replay=0.5, **{**RUN, "steps_per_run": 2})
+    campaign = get_run(trainer, result.run_id)
+
+    assert result.replay == 0.5 and campaign.campaign.config.replay == 0.5
+    children = [get_run(trainer, run_id) for run_id in campaign.campaign.run_ids]
+    assert [child.examples_trained for child in children] == [6, 6 + 3]
+    assert [point.samples for point in campaign.campaign.timeline] == [6, 9]
+    connection = trainer.reader
+    events = connection.stream(
+        "trainer", connection.trainer.WatchRun, trainer_pb2.WatchRunRequest(run_id=result.run_id)
+    )
+    said = [event.message for event in events if "replaying" in event.message]
+    assert said == ["replaying 3 rows of run 1 (0.5 of this run's own)"]
+
+
 def test_campaigns_that_cannot_work_are_refused_before_they_are_queued(trainer, datasets):
     with pytest.raises(ConfigError) as refused:
         trainer.multi_run(datasets[0], runs=4, samples_per_run=3, **RUN)
@@ -202,6 +219,8 @@ def test_campaigns_that_cannot_work_are_refused_before_they_are_queued(trainer, 
     assert "need 12 distinct rows; the dataset has 6" in refused.value.message
     assert "--with-replacement" in refused.value.hint
 
+    with pytest.raises(ConfigError, match="replay is a share of each run's rows"):
+        trainer.multi_run(datasets, replay=1.5, **RUN)
     with pytest.raises(ConfigError, match="merge mode 'ties'"):
         trainer.multi_run(datasets[0], runs=2, merge="ties", **RUN)
     single = trainer.train(datasets[0], steps=1, max_length=64)

@@ -51,6 +51,41 @@ def test_several_datasets_are_one_a_run():
     assert sorted(set(plan(3, 4, datasets=3).rows_of(2, 6))) == plan(3, 4, datasets=3).rows_of(2, 6)
 
 
+def test_replay_draws_a_share_of_a_runs_rows_from_the_rows_earlier_runs_trained_on():
+    campaign = CampaignPlan(4, 20, False, 7, ("pool",), replay=0.25)
+    sizes = {"pool": 100}
+
+    replayed = [campaign.replayed_of(run, sizes) for run in (1, 2, 3, 4)]
+
+    assert [len(rows) for rows in replayed] == [0, 5, 5, 5]
+    for run, rows in enumerate(replayed, start=1):
+        assert len(set(rows)) == len(rows)  # no row twice
+        for before, index in rows:
+            assert before < run and index in campaign.rows_of(before, 100)
+    assert {before for before, _ in replayed[3]} <= {1, 2, 3}
+    assert replayed == [campaign.replayed_of(run, sizes) for run in (1, 2, 3, 4)]  # seeded
+    assert CampaignPlan(4, 20, False, 7, ("pool",)).replayed_of(3, sizes) == []
+
+
+def test_replay_across_datasets_names_each_rows_run_and_at_least_one_row_is_replayed():
+    campaign = CampaignPlan(3, 0, False, 7, ("a", "b", "c"), replay=0.01)
+    sizes = {"a": 4, "b": 10, "c": 30}
+
+    [(before, index)] = campaign.replayed_of(3, sizes)  # 0.01 of 30 rows rounds up to one
+
+    assert before in (1, 2) and index < sizes[campaign.dataset_of(before)]
+    wide = CampaignPlan(3, 0, False, 7, ("a", "b", "c"), replay=1).replayed_of(2, sizes)
+    assert sorted(wide) == [(1, index) for index in range(4)]  # all run 1 had, no more
+
+
+def test_replay_outside_zero_to_one_is_refused():
+    for replay in (-0.1, 1.5):
+        with pytest.raises(ConfigError) as refused:
+            settle(2, 0, [10], replay=replay)
+        assert refused.value.context["fields"] == "replay" and "--replay 0.1" in refused.value.hint
+    assert settle(2, 0, [10], replay=1).replay == 1
+
+
 def settle(runs: int, samples: int, sizes: list[int], **fields) -> trainer_pb2.MultiRunConfig:
     return settle_campaign(
         trainer_pb2.MultiRunConfig(runs=runs, samples_per_run=samples, **fields), sizes

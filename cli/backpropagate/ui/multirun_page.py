@@ -33,6 +33,13 @@ def build(context: UiContext, model: gr.Textbox, dataset: gr.State) -> None:
         merge = gr.Dropdown(list(MERGES), value="slao", label="merge")
     with gr.Row():
         with_replacement = gr.Checkbox(label="runs may share rows (draw from the whole pool)")
+        replay = gr.Number(
+            0,
+            label="replay: earlier runs' rows, a share of each run's (0: none)",
+            minimum=0,
+            maximum=1,
+            elem_id="multi-replay",
+        )
         continue_from = gr.Textbox(label="continue a finished campaign (its id)")
         batch_size = gr.Number(0, precision=0, label="batch size (0: the trainer's)")
         max_length = gr.Number(
@@ -65,6 +72,7 @@ def build(context: UiContext, model: gr.Textbox, dataset: gr.State) -> None:
         run_samples: float,
         merge_mode: str,
         share_rows: bool,
+        rehearsal: float,
         campaign: str,
         batch: float,
         length: float,
@@ -77,6 +85,7 @@ def build(context: UiContext, model: gr.Textbox, dataset: gr.State) -> None:
             samples_per_run=int(run_samples or 0),
             merge=merge_mode,
             with_replacement=share_rows,
+            replay=float(rehearsal or 0),
             continue_from=campaign.strip(),
             batch_size=int(batch or 0),
             max_length=int(length or 0),
@@ -104,6 +113,7 @@ def build(context: UiContext, model: gr.Textbox, dataset: gr.State) -> None:
         samples,
         merge,
         with_replacement,
+        replay,
         continue_from,
         batch_size,
         max_length,

@@ -307,6 +307,7 @@ class MultiRunConfig(_message.Message):
     MERGE_FIELD_NUMBER: _builtins.int
     WITH_REPLACEMENT_FIELD_NUMBER: _builtins.int
     CONTINUE_FROM_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
     runs: _builtins.int
     """runs in the campaign; 0: one per dataset given"""
     samples_per_run: _builtins.int
@@ -319,6 +320,10 @@ class MultiRunConfig(_message.Message):
     """
     continue_from: _builtins.str
     """a finished campaign whose merged adapter this one goes on from"""
+    replay: _builtins.float
+    """Rehearsal: runs 2.. also train on rows that earlier runs of this campaign trained on, as
+    many as this share of their own rows (0: none; at most 1).
+    """
     def __init__(
         self,
         *,
@@ -327,10 +332,11 @@ class MultiRunConfig(_message.Message):
         merge: _builtins.str = ...,
         with_replacement: _builtins.bool = ...,
         continue_from: _builtins.str = ...,
+        replay: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_from", b"continue_from", "merge", b"merge", "runs", b"runs", "samples_per_run", b"samples_per_run", "with_replacement", b"with_replacement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_from", b"continue_from", "merge", b"merge", "replay", b"replay", "runs", b"runs", "samples_per_run", b"samples_per_run", "with_replacement", b"with_replacement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

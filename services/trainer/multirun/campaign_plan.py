@@ -7,6 +7,10 @@ data each run) and the campaign must fit in the pool. With replacement each run 
 from the whole pool on its own, duplicates allowed. Several datasets are one per run, in order:
 each run takes `samples_per_run` of its own (all of them by default).
 
+With `replay` (rehearsal, the strongest guard against forgetting in the continual-learning
+literature), runs 2.. also train on rows earlier runs of the campaign trained on: `replay` times
+their own row count, drawn from all of them.
+
 Every draw is a function of the seed and the run's number, so a resumed campaign trains each
 run on the very rows the uninterrupted one would have.
 """
@@ -14,6 +18,7 @@ run on the very rows the uninterrupted one would have.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from backpropagate_api.errors import ConfigError, quoted
@@ -34,6 +39,7 @@ class CampaignPlan:
     with_replacement: bool
     seed: int
     dataset_ids: tuple[str, ...]
+    replay: float = 0.0  # a share of each run's own rows, drawn again from earlier runs' rows
 
     @classmethod
     def of(cls, campaign: trainer_pb2.CampaignInfo, seed: int) -> CampaignPlan:
@@ -44,6 +50,7 @@ class CampaignPlan:
             settled.with_replacement,
             seed,
             tuple(campaign.dataset_ids),
+            settled.replay,
         )
 
     def dataset_of(self, run: int) -> str:
@@ -63,6 +70,21 @@ class CampaignPlan:
         order = list(range(pool_size))
         random.Random(f"campaign-{self.seed}").shuffle(order)
         return sorted(order[(run - 1) * size : run * size])
+
+    def replayed_of(self, run: int, sizes: Mapping[str, int]) -> list[tuple[int, int]]:
+        """The rows run `run` trains on again: (earlier run, row index in that run's dataset),
+        `replay` times its own row count (at least one), drawn without repeats from every row
+        runs 1 .. run - 1 trained on. `sizes`: the rows of each dataset, by id."""
+        if not self.replay or run < 2:
+            return []
+        earlier = [
+            (before, index)
+            for before in range(1, run)
+            for index in self.rows_of(before, sizes[self.dataset_of(before)])
+        ]
+        own = len(self.rows_of(run, sizes[self.dataset_of(run)]))
+        wanted = min(max(round(self.replay * own), 1), len(earlier))
+        return random.Random(f"campaign-{self.seed}-{run}-replay").sample(earlier, wanted)
 
 
 def settle_campaign(
@@ -96,6 +118,13 @@ def settle_campaign(
         )
     if multi_run.samples_per_run < 0:
         raise ConfigError("samples_per_run must be >= 0.", fields="samples_per_run")
+    if not 0 <= multi_run.replay <= 1:
+        raise ConfigError(
+            f"replay is a share of each run's rows, between 0 and 1; {multi_run.replay:g} was "
+            "asked for.",
+            hint="Pass --replay 0.1 to train each run on a tenth more rows from earlier runs.",
+            fields="replay",
+        )
     if not multi_run.with_replacement:
         _check_fits(settled, dataset_sizes)
     return settled

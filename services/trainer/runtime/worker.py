@@ -444,11 +444,37 @@ class TrainWorker(JobWorker):
     ) -> tuple[list[SftRow], list[SftRow]]:
         """The conversations to train on and those to evaluate on: a separate eval dataset, or
         a seeded split of `eval_split` of the data (at least one of each side). A campaign's
-        run takes the rows `plan` draws for it first."""
+        run takes the rows `plan` draws for it first, and the rows it replays."""
         conversations = durably(load_sft_rows)(self.store, record.dataset_id)
         if plan is not None:
             rows = plan.rows_of(record.campaign_run, len(conversations))
-            conversations = [conversations[index] for index in rows]
+            own = [conversations[index] for index in rows]
+            conversations = own + self._replayed(record, plan, conversations)
         if record.config.eval_dataset_id:
             return conversations, durably(load_sft_rows)(self.store, record.config.eval_dataset_id)
         return split_for_eval(conversations, config.eval_split, config.seed)
+
+    def _replayed(
+        self, record: trainer_pb2.RunRecord, plan: CampaignPlan, own_dataset: list[SftRow]
+    ) -> list[SftRow]:
+        """The rows of earlier runs that `plan` has this run train on again (none without
+        replay), said in the run's events."""
+        run = record.campaign_run
+        if not plan.replay or run < 2:
+            return []
+        datasets = {record.dataset_id: own_dataset}
+        for dataset_id in {plan.dataset_of(before) for before in range(1, run)} - set(datasets):
+            datasets[dataset_id] = durably(load_sft_rows)(self.store, dataset_id)
+        sizes = {dataset_id: len(rows) for dataset_id, rows in datasets.items()}
+        replayed = [
+            datasets[plan.dataset_of(before)][index]
+            for before, index in plan.replayed_of(run, sizes)
+        ]
+        self.events.emit(
+            record,
+            kind="started",
+            message=f"replaying {len(replayed)} rows of "
+            + ("run 1" if run == 2 else f"runs 1-{run - 1}")
+            + f" ({plan.replay:g} of this run's own)",
+        )
+        return replayed
