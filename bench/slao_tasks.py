@@ -1,16 +1,19 @@
-"""The four tasks of the forgetting benchmark (../shared/SLAO_BENCH.md), generated from a seed.
+"""The four tasks of the forgetting benchmark (docs/multi-run.md), generated from a seed.
 
-Every task asks a question with 8 candidate answers (chance 12.5%) and is scored by the
-likeliest candidate, so each answer is one token of the model's vocabulary: the logits at the
-answer's position rank all eight at once. Tasks 1 and 2 ask about the same 64 invented names,
-so training on one interferes with the other.
+In the spirit of the standard continual-learning benchmark of the SLAO paper (topic, sentiment,
+entity-type classification, each with its own labels), every task sorts short prompts into 8
+classes the base model already tells apart, and answers with a label word of its own: the
+topic of a sentence, the kind of a thing, the feeling in a sentence, the colour of a thing. What
+a task must learn is its label for each class; which label a class gets is drawn from the seed,
+so no label is guessable. The label sets are disjoint, and the kind and colour tasks ask about
+some of the same things, so training on one task pulls the answers of the others toward its
+own labels: the forgetting the benchmark measures.
 
-1. city: name -> one of 8 cities; train on 3 phrasings, test every name with a 4th.
-2. colour: the same names -> one of 8 colours; likewise.
-3. code: a 3-digit number -> an animal, by its last digit (0-7); 300 numbers train, 100 unseen
-   numbers test.
-4. topic: a sentence of words from one of 8 topics -> the topic; test sentences pair words
-   that no training sentence pairs.
+A prompt is a question template filled with one or two words of a class; each class's prompts
+are shuffled by the seed and split into TRAIN_PER_CLASS to train and TEST_PER_CLASS to test, so
+a test question is never one training asked (its words come up in training, in other
+phrasings or pairs). Every label is one token of SmolLM2's vocabulary, so the model's answer is
+scored by its first token.
 """
 
 from __future__ import annotations
@@ -20,42 +23,252 @@ import random
 from dataclasses import dataclass
 
 SYSTEM = "Answer with one word."
-NAMES = 64
-CITIES = ["Paris", "London", "Rome", "Boston", "Chicago", "Cambridge", "Oxford", "Washington"]
-COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
-ANIMALS = ["cat", "dog", "horse", "bird", "fish", "lion", "bear", "wolf"]
-TOPICS = {
-    "games": ["goal", "referee", "stadium", "league", "coach", "match", "team", "trophy"],
-    "music": ["guitar", "melody", "drum", "concert", "singer", "piano", "chorus", "album"],
-    "food": ["recipe", "oven", "flour", "soup", "kitchen", "spice", "dinner", "bread"],
-    "weather": ["rain", "storm", "cloud", "forecast", "wind", "snow", "thunder", "fog"],
-    "money": ["bank", "loan", "price", "budget", "coin", "salary", "tax", "profit"],
-    "health": ["doctor", "fever", "nurse", "clinic", "vaccine", "injury", "medicine", "pill"],
-    "travel": ["airport", "hotel", "passport", "ticket", "luggage", "tourist", "flight", "map"],
-    "science": [
-        "atom",
-        "experiment",
-        "laboratory",
-        "theory",
-        "molecule",
-        "physics",
-        "cell",
-        "data",
-    ],
-}
-SYLLABLES = ["ka", "lo", "mi", "ren", "to", "sa", "vel", "dor", "an", "ib", "zu", "mar", "en", "os"]
+TRAIN_PER_CLASS = 24
+TEST_PER_CLASS = 8
 
-CITY_TRAIN = ["Where does {} live?", "Which city is {} from?", "What is the home city of {}?"]
-CITY_TEST = "In which city does {} reside?"
-COLOUR_TRAIN = [
-    "What is the favourite colour of {}?",
-    "Which colour does {} like best?",
-    "Name the colour {} loves most.",
+
+@dataclass(frozen=True)
+class Concept:
+    """A task's classes (name -> words), its question templates (with as many `{}` as words a
+    prompt takes) and its label words, one per class."""
+
+    name: str
+    classes: dict[str, list[str]]
+    templates: list[str]
+    labels: list[str]
+
+
+CONCEPTS = [
+    Concept(
+        "topic",
+        {
+            "games": ["goal", "referee", "stadium", "league", "coach", "match", "team", "trophy"],
+            "music": ["guitar", "melody", "drum", "concert", "singer", "piano", "chorus", "album"],
+            "food": ["recipe", "oven", "flour", "soup", "kitchen", "spice", "dinner", "bread"],
+            "weather": ["rain", "storm", "cloud", "forecast", "wind", "snow", "thunder", "fog"],
+            "money": ["bank", "loan", "price", "budget", "coin", "salary", "tax", "profit"],
+            "health": [
+                "doctor",
+                "fever",
+                "nurse",
+                "clinic",
+                "vaccine",
+                "injury",
+                "medicine",
+                "pill",
+            ],
+            "travel": [
+                "airport",
+                "hotel",
+                "passport",
+                "ticket",
+                "luggage",
+                "tourist",
+                "flight",
+                "map",
+            ],
+            "science": [
+                "atom",
+                "experiment",
+                "laboratory",
+                "theory",
+                "molecule",
+                "physics",
+                "cell",
+                "data",
+            ],
+        },
+        [
+            "What is the topic of: we talked about the {} and the {}?",
+            "What is the topic of: the {} was next to the {}?",
+        ],
+        ["cat", "dog", "horse", "bird", "fish", "lion", "bear", "wolf"],
+    ),
+    Concept(
+        "kind",
+        {
+            "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear"],
+            "vehicle": ["car", "bus", "truck", "bicycle", "train", "boat", "plane", "tractor"],
+            "tool": ["hammer", "saw", "drill", "wrench", "screwdriver", "shovel", "axe", "pliers"],
+            "clothing": ["shirt", "jacket", "sock", "scarf", "hat", "glove", "coat", "sweater"],
+            "furniture": ["chair", "table", "sofa", "bed", "desk", "shelf", "stool", "cabinet"],
+            "vegetable": [
+                "carrot",
+                "potato",
+                "onion",
+                "cabbage",
+                "lettuce",
+                "spinach",
+                "broccoli",
+                "cucumber",
+            ],
+            "building": [
+                "church",
+                "castle",
+                "school",
+                "hospital",
+                "library",
+                "museum",
+                "temple",
+                "tower",
+            ],
+            "body part": ["arm", "leg", "knee", "elbow", "finger", "shoulder", "ankle", "wrist"],
+        },
+        [
+            "What kind of thing is a {}?",
+            "Which category does the word {} belong to?",
+            "Classify this word: {}.",
+            "A {} is an example of what?",
+        ],
+        ["Paris", "London", "Rome", "Boston", "Chicago", "Cambridge", "Oxford", "Washington"],
+    ),
+    Concept(
+        "feeling",
+        {
+            "joy": [
+                "happy",
+                "cheerful",
+                "glad",
+                "joyful",
+                "delighted",
+                "thrilled",
+                "merry",
+                "elated",
+            ],
+            "anger": [
+                "angry",
+                "furious",
+                "annoyed",
+                "irritated",
+                "outraged",
+                "mad",
+                "enraged",
+                "livid",
+            ],
+            "sadness": [
+                "sad",
+                "gloomy",
+                "miserable",
+                "heartbroken",
+                "unhappy",
+                "depressed",
+                "sorrowful",
+                "lonely",
+            ],
+            "fear": [
+                "afraid",
+                "scared",
+                "terrified",
+                "frightened",
+                "nervous",
+                "anxious",
+                "panicked",
+                "fearful",
+            ],
+            "surprise": [
+                "surprised",
+                "astonished",
+                "amazed",
+                "shocked",
+                "stunned",
+                "startled",
+                "speechless",
+                "astounded",
+            ],
+            "disgust": [
+                "disgusted",
+                "sickened",
+                "revolted",
+                "repulsed",
+                "nauseated",
+                "appalled",
+                "grossed out",
+                "queasy",
+            ],
+            "calm": [
+                "calm",
+                "relaxed",
+                "peaceful",
+                "serene",
+                "tranquil",
+                "content",
+                "rested",
+                "mellow",
+            ],
+            "tiredness": [
+                "tired",
+                "sleepy",
+                "exhausted",
+                "weary",
+                "drowsy",
+                "fatigued",
+                "worn",
+                "drained",
+            ],
+        },
+        [
+            "Which feeling is this: I felt {} and {} all day?",
+            "Which feeling is this: she was {} and {} after the news?",
+        ],
+        ["one", "two", "three", "four", "five", "six", "seven", "eight"],
+    ),
+    Concept(
+        "colour",
+        {
+            "red": [
+                "blood",
+                "cherry",
+                "strawberry",
+                "tomato",
+                "ruby",
+                "ladybug",
+                "rose",
+                "fire truck",
+            ],
+            "yellow": [
+                "banana",
+                "lemon",
+                "sunflower",
+                "corn",
+                "butter",
+                "canary",
+                "egg yolk",
+                "daffodil",
+            ],
+            "green": ["grass", "leaf", "frog", "lime", "emerald", "cucumber", "moss", "lettuce"],
+            "blue": ["sky", "ocean", "sapphire", "blueberry", "jeans", "bluebird", "sea", "denim"],
+            "white": ["snow", "milk", "cloud", "salt", "sugar", "swan", "paper", "cotton"],
+            "black": ["coal", "crow", "ink", "tar", "raven", "soot", "charcoal", "panther"],
+            "orange": [
+                "carrot",
+                "pumpkin",
+                "tangerine",
+                "apricot",
+                "tiger",
+                "goldfish",
+                "marigold",
+                "mandarin",
+            ],
+            "purple": [
+                "grape",
+                "plum",
+                "eggplant",
+                "lavender",
+                "violet",
+                "amethyst",
+                "lilac",
+                "beetroot",
+            ],
+        },
+        [
+            "What colour is the {}?",
+            "What is the usual colour of the {}?",
+            "Name the colour of the {}.",
+            "Which colour do you see when you look at the {}?",
+        ],
+        ["gold", "iron", "tin", "lead", "clay", "sand", "rock", "glass"],
+    ),
 ]
-COLOUR_TEST = "What colour does {} prefer?"
-CODE_QUESTION = "Which animal does code {} stand for?"
-TOPIC_QUESTION = "What is the topic of: {}?"
-TOPIC_TEMPLATES = ["We talked about the {} and the {}.", "The {} was next to the {}."]
 
 
 @dataclass(frozen=True)
@@ -67,7 +280,7 @@ class Question:
 @dataclass(frozen=True)
 class Task:
     name: str
-    candidates: list[str]
+    candidates: list[str]  # the label of each class, in class order
     train: list[Question]
     test: list[Question]
 
@@ -87,70 +300,32 @@ def training_rows(task: Task) -> list[dict[str, list[dict[str, str]]]]:
     return [row(question.prompt, task.candidates[question.answer]) for question in task.train]
 
 
-def _names(draw: random.Random) -> list[str]:
-    names: set[str] = set()
-    while len(names) < NAMES:
-        names.add("".join(draw.choice(SYLLABLES) for _ in range(3)).capitalize())
-    return sorted(names)
+def _prompts(concept: Concept, words: list[str]) -> list[str]:
+    """Every prompt of one class: each template with each choice (ordered, distinct) of its
+    class's words."""
+    prompts = []
+    for template in concept.templates:
+        for choice in itertools.permutations(words, template.count("{}")):
+            prompts.append(template.format(*choice))
+    return prompts
 
 
-def _balanced(draw: random.Random, count: int) -> list[int]:
-    """`count` answers, each of the 8 equally often, in random order."""
-    answers = [index % 8 for index in range(count)]
-    draw.shuffle(answers)
-    return answers
-
-
-def _fact_task(
-    name: str,
-    candidates: list[str],
-    names: list[str],
-    draw: random.Random,
-    phrasings: list[str],
-    test: str,
-) -> Task:
-    answers = _balanced(draw, len(names))
-    return Task(
-        name,
-        candidates,
-        [Question(p.format(n), a) for n, a in zip(names, answers, strict=True) for p in phrasings],
-        [Question(test.format(n), a) for n, a in zip(names, answers, strict=True)],
-    )
-
-
-def _code_task(draw: random.Random) -> Task:
-    numbers = [n for n in range(100, 1000) if n % 10 < 8]
-    draw.shuffle(numbers)
-    return Task(
-        "code",
-        ANIMALS,
-        [Question(CODE_QUESTION.format(n), n % 10) for n in numbers[:300]],
-        [Question(CODE_QUESTION.format(n), n % 10) for n in numbers[300:400]],
-    )
-
-
-def _topic_task(draw: random.Random) -> Task:
-    """Pairs of distinct words of one topic in a template; a held-out set of pairs tests."""
+def _task(concept: Concept, draw: random.Random) -> Task:
+    labels = list(concept.labels)
+    draw.shuffle(labels)  # which label each class answers with: the thing to learn
     train, test = [], []
-    for label, words in enumerate(TOPICS.values()):
-        pairs = list(itertools.permutations(words, 2))
-        draw.shuffle(pairs)
-        sentences = [
-            TOPIC_QUESTION.format(draw.choice(TOPIC_TEMPLATES).format(*pair)) for pair in pairs
+    for answer, words in enumerate(concept.classes.values()):
+        prompts = _prompts(concept, words)
+        draw.shuffle(prompts)
+        train += [Question(p, answer) for p in prompts[:TRAIN_PER_CLASS]]
+        test += [
+            Question(p, answer) for p in prompts[TRAIN_PER_CLASS : TRAIN_PER_CLASS + TEST_PER_CLASS]
         ]
-        train += [Question(sentence, label) for sentence in sentences[:32]]
-        test += [Question(sentence, label) for sentence in sentences[32:40]]
     draw.shuffle(train)
-    return Task("topic", list(TOPICS), train, test)
+    return Task(concept.name, labels, train, test)
 
 
 def make_tasks(seed: int) -> list[Task]:
     """The four tasks, in the benchmark's order 1 -> 4."""
     draw = random.Random(f"slao-bench-{seed}")
-    names = _names(draw)
-    return [
-        _fact_task("city", CITIES, names, draw, CITY_TRAIN, CITY_TEST),
-        _fact_task("colour", COLOURS, names, draw, COLOUR_TRAIN, COLOUR_TEST),
-        _code_task(draw),
-        _topic_task(draw),
-    ]
+    return [_task(concept, draw) for concept in CONCEPTS]
