@@ -33,7 +33,6 @@ import argparse
 import copy
 import hashlib
 import json
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import described
 from slao_table import write_tables
 from slao_tasks import Task, make_tasks, row, training_rows
 
@@ -433,7 +433,7 @@ def main() -> None:
     )
     started = time.monotonic()
     bench = Bench(settings)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    machine = f"{described()}, {torch.get_num_threads()} threads"
     print(f"SmolLM2-135M in {bench.dtype}; {machine}; {settings.steps} steps a task")
     runs, upper, alone_by_seed = [], [], {}
     for seed in settings.seeds:
