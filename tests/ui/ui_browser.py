@@ -20,7 +20,10 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from selenium import webdriver
-from selenium.common.exceptions import ElementClickInterceptedException
+from selenium.common.exceptions import (
+    ElementClickInterceptedException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -102,15 +105,24 @@ class UiPage:
     def chart_points(self, elem_id: str) -> list[str]:
         """The points of a chart, as it describes them to screen readers:
         "step: 1; loss: 5.17; series: train"."""
-        marks = self.element(elem_id).find_elements(By.CSS_SELECTOR, "[aria-label^='step: ']")
-        labels = {mark.get_attribute("aria-label") or "" for mark in marks}
-        return sorted(label for label in labels if not label.startswith("step: null"))
+        labels = self.driver.execute_script(
+            "return Array.from(document.querySelectorAll(arguments[0]),"
+            " mark => mark.getAttribute('aria-label') || '');",
+            f"#{elem_id} [aria-label^='step: ']",
+        )
+        return sorted({label for label in labels if not label.startswith("step: null")})
 
     def wait_for(self, condition: Callable[[], T], what: str, timeout: float = 60.0) -> T:
-        """Poll `condition` until it is truthy; fail with the page's errors if it never is."""
+        """Poll `condition` until it is truthy; fail with the page's errors if it never is.
+
+        A live page redraws while it is read (a chart gains a point, a table a row): an element
+        gone stale under a read counts as not yet, and the next poll reads the new one."""
         deadline = time.monotonic() + timeout
         while True:
-            result = condition()
+            try:
+                result = condition()
+            except StaleElementReferenceException:
+                result = None
             if result:
                 return result
             if time.monotonic() > deadline:
