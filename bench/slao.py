@@ -49,7 +49,7 @@ from slao_table import write_tables
 from slao_tasks import Task, make_tasks, row, training_rows
 
 from backpropagate_api.settings import get_settings
-from backpropagate_api.training import TrainingConfig
+from backpropagate_api.training import DEFAULT_REPLAY, TrainingConfig
 from backpropagate_services.common.hardware import detect
 from backpropagate_services.common.models import (
     OFFLINE_DEFAULT_ALIAS,
@@ -94,7 +94,7 @@ class Settings:
     learning_rate: float = 3e-3
     batch_size: int = 8
     max_length: int = 64
-    replay: float = 0.1  # the share of a task's rows replayed, in the +replay variants
+    replay: float = DEFAULT_REPLAY  # the share of a task's rows replayed, in +replay variants
 
     def training(self, steps: int, seed: int) -> TrainingConfig:
         return TrainingConfig(

@@ -89,7 +89,9 @@ def test_a_campaign_is_one_job_whose_runs_train_on_one_dataset_each(trainer, cam
     assert {child.campaign_id for child in children} == {campaign.run_id}
     assert [child.dataset_id for child in children] == list(campaign.campaign.dataset_ids)
     assert all(child.status == common_pb2.JOB_STATUS_SUCCEEDED for child in children)
-    assert [child.examples_trained for child in children] == [6, 6]
+    # Run 2 also replays a tenth of its 6 rows from run 1's (the default replay): 1 row.
+    assert campaign.campaign.config.replay == pytest.approx(0.1)
+    assert [child.examples_trained for child in children] == [6, 7]
     assert [child.config.seed for child in children] == [42, 43]
     timeline = campaign.campaign.timeline
     assert [(p.run, p.task, p.run_id) for p in timeline] == [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from backpropagate_api.errors import ConfigError
+from backpropagate_api.training import DEFAULT_REPLAY
 from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.trainer.multirun.campaign_plan import (
     CampaignPlan,
@@ -84,6 +85,13 @@ def test_replay_outside_zero_to_one_is_refused():
             settle(2, 0, [10], replay=replay)
         assert refused.value.context["fields"] == "replay" and "--replay 0.1" in refused.value.hint
     assert settle(2, 0, [10], replay=1).replay == 1
+
+
+def test_a_campaign_replays_a_tenth_unless_it_says_otherwise_and_zero_turns_replay_off():
+    assert settle(2, 0, [10]).replay == DEFAULT_REPLAY == 0.1
+    turned_off = settle(2, 0, [10], replay=0)
+    assert turned_off.HasField("replay") and turned_off.replay == 0
+    assert CampaignPlan.of(trainer_pb2.CampaignInfo(config=turned_off), 0).replay == 0
 
 
 def settle(runs: int, samples: int, sizes: list[int], **fields) -> trainer_pb2.MultiRunConfig:

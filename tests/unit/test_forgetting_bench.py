@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from slao import calibration, goal_holds, metrics, recommended, summary
+from slao import REPLAY, calibration, goal_holds, metrics, recommended, summary
 from slao_table import END, START, markdown, shown
 from slao_tasks import CONCEPTS, make_tasks
 
@@ -128,6 +128,20 @@ def test_the_documents_show_the_last_full_run_of_the_benchmark():
     for document in (REPO / "docs" / "multi-run.md", REPO / "README.md"):
         assert shown(document) == section(measured), f"{document.name}: run bench/slao_table.py"
     assert START in section(measured) and END in section(measured)
+
+
+def test_the_products_default_is_the_variant_the_last_full_run_recommends():
+    """The tables say `backprop multi-run`'s default follows the measurement: its merge mode
+    and its replay share are those of the recommended variant, as measured."""
+    import json
+
+    from backpropagate_api.training import DEFAULT_REPLAY
+    from backpropagate_services.trainer.multirun.campaign_plan import DEFAULT_MERGE
+
+    measured = json.loads((REPO / "bench" / "results" / "slao.json").read_text())
+    default = f"{DEFAULT_MERGE}{REPLAY}" if DEFAULT_REPLAY else DEFAULT_MERGE
+    assert measured["recommended"] == default
+    assert measured["settings"]["replay"] == DEFAULT_REPLAY
 
 
 def test_tasks_are_the_same_for_a_seed_and_differ_between_seeds():

@@ -14,6 +14,7 @@ from backpropagate.ui.context import UiContext
 from backpropagate.ui.data_page import PickedDataset, required
 from backpropagate.ui.follow import RunView, followed
 from backpropagate.ui.handlers import shown_errors
+from backpropagate_api.training import DEFAULT_REPLAY
 from backpropagate_api.v1 import trainer_pb2
 
 MERGES = ("slao", "last-merge", "no-qr", "average", "sequential")
@@ -34,7 +35,7 @@ def build(context: UiContext, model: gr.Textbox, dataset: gr.State) -> None:
     with gr.Row():
         with_replacement = gr.Checkbox(label="runs may share rows (draw from the whole pool)")
         replay = gr.Number(
-            0,
+            DEFAULT_REPLAY,
             label="replay: earlier runs' rows, a share of each run's (0: none)",
             minimum=0,
             maximum=1,
@@ -72,7 +73,7 @@ def build(context: UiContext, model: gr.Textbox, dataset: gr.State) -> None:
         run_samples: float,
         merge_mode: str,
         share_rows: bool,
-        rehearsal: float,
+        rehearsal: float | None,
         campaign: str,
         batch: float,
         length: float,
@@ -85,7 +86,7 @@ def build(context: UiContext, model: gr.Textbox, dataset: gr.State) -> None:
             samples_per_run=int(run_samples or 0),
             merge=merge_mode,
             with_replacement=share_rows,
-            replay=float(rehearsal or 0),
+            replay=None if rehearsal is None else float(rehearsal),  # cleared: the default
             continue_from=campaign.strip(),
             batch_size=int(batch or 0),
             max_length=int(length or 0),

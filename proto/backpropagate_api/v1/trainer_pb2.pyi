@@ -322,7 +322,8 @@ class MultiRunConfig(_message.Message):
     """a finished campaign whose merged adapter this one goes on from"""
     replay: _builtins.float
     """Rehearsal: runs 2.. also train on rows that earlier runs of this campaign trained on, as
-    many as this share of their own rows (0: none; at most 1).
+    many as this share of their own rows (0: none; at most 1). Unset: 0.1, the share the
+    forgetting benchmark measured best (bench/slao.py).
     """
     def __init__(
         self,
@@ -332,13 +333,15 @@ class MultiRunConfig(_message.Message):
         merge: _builtins.str = ...,
         with_replacement: _builtins.bool = ...,
         continue_from: _builtins.str = ...,
-        replay: _builtins.float = ...,
+        replay: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_replay", b"_replay", "replay", b"replay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_from", b"continue_from", "merge", b"merge", "replay", b"replay", "runs", b"runs", "samples_per_run", b"samples_per_run", "with_replacement", b"with_replacement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_replay", b"_replay", "continue_from", b"continue_from", "merge", b"merge", "replay", b"replay", "runs", b"runs", "samples_per_run", b"samples_per_run", "with_replacement", b"with_replacement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__replay: _TypeAlias = _typing.Literal["replay"]  # noqa: Y015
+    _WhichOneofArgType__replay: _TypeAlias = _typing.Literal["_replay", b"_replay"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__replay) -> _WhichOneofReturnType__replay | None: ...
 
 Global___MultiRunConfig: _TypeAlias = MultiRunConfig  # noqa: Y015
 

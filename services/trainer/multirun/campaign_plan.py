@@ -9,7 +9,7 @@ each run takes `samples_per_run` of its own (all of them by default).
 
 With `replay` (rehearsal, the strongest guard against forgetting in the continual-learning
 literature), runs 2.. also train on rows earlier runs of the campaign trained on: `replay` times
-their own row count, drawn from all of them.
+their own row count, drawn from all of them; a tenth unless the campaign says otherwise (0: none).
 
 Every draw is a function of the seed and the run's number, so a resumed campaign trains each
 run on the very rows the uninterrupted one would have.
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from backpropagate_api.errors import ConfigError, quoted
-from backpropagate_api.training import SCALABLE_ADAPTERS, TrainingConfig
+from backpropagate_api.training import DEFAULT_REPLAY, SCALABLE_ADAPTERS, TrainingConfig
 from backpropagate_api.v1 import common_pb2, trainer_pb2
 from backpropagate_services.trainer.multirun.slao import MERGE_MODES
 
@@ -90,11 +90,13 @@ class CampaignPlan:
 def settle_campaign(
     multi_run: trainer_pb2.MultiRunConfig, dataset_sizes: list[int]
 ) -> trainer_pb2.MultiRunConfig:
-    """`multi_run` with its defaults filled in (runs from the datasets given, the merge), or
-    a ConfigError naming what cannot work: a campaign is refused before it is queued."""
+    """`multi_run` with its defaults filled in (runs from the datasets given, the merge, the
+    replay), or a ConfigError naming what cannot work: a campaign is refused before it is
+    queued."""
     settled = trainer_pb2.MultiRunConfig()
     settled.CopyFrom(multi_run)
     settled.merge = multi_run.merge or DEFAULT_MERGE
+    settled.replay = multi_run.replay if multi_run.HasField("replay") else DEFAULT_REPLAY
     if settled.merge not in MERGE_MODES:
         raise ConfigError(
             f"Unknown merge mode {quoted(settled.merge)}.",
