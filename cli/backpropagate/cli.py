@@ -53,6 +53,7 @@ from backpropagate_api.errors import (
 from backpropagate_api.redaction import redact
 from backpropagate_api.setting_names import unknown_variables
 from backpropagate_api.settings import get_settings
+from backpropagate_api.training import TARGET_MODULES_HELP
 from backpropagate_api.v1 import export_pb2
 
 app = typer.Typer(
@@ -154,9 +155,7 @@ def train_command(
     max_grad_norm: Annotated[
         float | None, typer.Option(help="Clip gradients to this global L2 norm.")
     ] = None,
-    target_modules: Annotated[
-        str, typer.Option(help="Comma-separated module names for LoRA (default: all linear).")
-    ] = "",
+    target_modules: Annotated[str, typer.Option(help=TARGET_MODULES_HELP)] = "",
     method: Annotated[
         str, typer.Option(help="sft (default), or dpo, orpo, simpo, kto on preference data.")
     ] = "",

@@ -11,6 +11,7 @@ from rich.table import Table
 from backpropagate.render import FormatOption, JsonOption, console
 from backpropagate.results import MemoryEstimateResult
 from backpropagate.sdk import Trainer
+from backpropagate_api.training import TARGET_MODULES_HELP
 
 GIB = 1024**3
 MIB = 1024**2
@@ -69,9 +70,7 @@ def estimate_vram_command(
     adapter: Annotated[
         str, typer.Option(help="lora, dora, rslora, qlora (CUDA) or full (default: lora).")
     ] = "",
-    target_modules: Annotated[
-        str, typer.Option(help="Comma-separated module names for LoRA (default: all linear).")
-    ] = "",
+    target_modules: Annotated[str, typer.Option(help=TARGET_MODULES_HELP)] = "",
     data_format: FormatOption = "auto",
     as_json: JsonOption = False,
 ) -> None:

@@ -18,6 +18,7 @@ from backpropagate.render import (
 from backpropagate.runs_cli import get_run, runs_resume
 from backpropagate.sdk import Trainer
 from backpropagate_api.errors import UserError
+from backpropagate_api.training import TARGET_MODULES_HELP
 
 
 def multi_run_command(
@@ -67,9 +68,7 @@ def multi_run_command(
     seed: Annotated[int, typer.Option(help="Seed of the first run; run i uses seed + i - 1.")] = 0,
     lora_r: Annotated[int, typer.Option(help="LoRA rank (0: default).")] = 0,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (0: default).")] = 0,
-    target_modules: Annotated[
-        str, typer.Option(help="Comma-separated module names for LoRA (default: all linear).")
-    ] = "",
+    target_modules: Annotated[str, typer.Option(help=TARGET_MODULES_HELP)] = "",
     adapter: Annotated[str, typer.Option(help="lora (default), rslora or qlora (CUDA).")] = "",
     eval_split: Annotated[
         float, typer.Option(help="Fraction of each run's rows held out for eval loss (0: none).")

@@ -23,6 +23,13 @@ CUDA_DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 # every seed and order. The trainer settles it; the client shows it.
 DEFAULT_REPLAY = 0.1
 
+# The CLI's --target-modules, wherever it is taken.
+TARGET_MODULES_HELP = (
+    "Comma-separated module names for LoRA, or all-linear (every linear layer but lm_head) or "
+    "all-mlp (the feed-forward layers); default all-linear, all-mlp when the trainer picks the "
+    "budget (no --steps or --epochs)."
+)
+
 # Far above any sensible run, far below what would exhaust a worker before its first step.
 MAX_STEPS = 10_000_000
 MAX_BATCH_SIZE = 1024
@@ -65,7 +72,10 @@ class TrainingConfig:
     )
     target_modules: str | list[str] = field(
         default="all-linear",
-        metadata={"help": "Modules that get LoRA: 'all-linear' (but lm_head) or module names."},
+        metadata={
+            "help": "Modules that get LoRA: 'all-linear' (but lm_head), 'all-mlp' (the "
+            "feed-forward layers) or module names."
+        },
     )
     max_length: int = field(
         default=512, metadata={"help": "Tokens per conversation; longer ones are truncated."}
@@ -175,7 +185,7 @@ class TrainingConfig:
             ),
             "lora_dropout": ("in [0, 1)", _number_in(self.lora_dropout, 0, 1)),
             "target_modules": (
-                "'all-linear' or a non-empty list of module names",
+                "'all-linear', 'all-mlp' or a non-empty list of module names",
                 (isinstance(targets, str) and bool(targets))
                 or (isinstance(targets, list) and bool(targets) and all(map(_name, targets))),
             ),

@@ -1,10 +1,13 @@
-"""The default a beginner gets (no budget, no settings) learns a small set of new facts without
-costing what the base model knew: trained on tiny data for as long as it takes to learn it, a
-model otherwise loses general answers it gave (docs/training.md has the measurements).
+"""The default a beginner gets (no budget, no settings) learns a small set of new facts well
+enough to answer them asked another way, without costing what the base model knew: trained on
+tiny data for as long as it takes to learn it, a model otherwise loses general answers it gave
+(docs/training.md has the measurements).
 
-Judged twice: greedy answers to everyday questions, as a user would see them, and a multiple-
-choice probe (the answer the model finds likeliest among four, the made-up cities of the data
-among the wrong ones), which tells lost knowledge from merely reworded answers."""
+The case: 20 invented facts, each in two phrasings (40 rows); each fact is then asked in a third
+phrasing training never showed. Judged twice: greedy answers to everyday questions, as a user
+would see them, and a multiple-choice probe (the answer the model finds likeliest among four,
+the made-up cities of the data among the wrong ones), which tells lost knowledge from merely
+reworded answers."""
 
 from __future__ import annotations
 
@@ -20,7 +23,10 @@ from backpropagate import Trainer
 from backpropagate_api.settings import Settings
 from backpropagate_services.common.hardware import detect
 from backpropagate_services.common.models import OFFLINE_DEFAULT_ALIAS, load_model, resolve_model
-from backpropagate_services.trainer.planning.defaults import DATA_BUDGET_ADAPTER_SCALE
+from backpropagate_services.trainer.planning.defaults import (
+    DATA_BUDGET_LEARNING_RATE,
+    DATA_BUDGET_TARGETS,
+)
 
 # Made-up facts: nothing the base model could answer before.
 CAPITALS = [
@@ -29,6 +35,11 @@ CAPITALS = [
     ("Orinthia", "Castrelle"),
     ("Zembaro", "Duvolin"),
     ("Pellucia", "Hestragon"),
+    ("Drovania", "Kelmsport"),
+    ("Istravel", "Norrowick"),
+    ("Calumbra", "Tessaline"),
+    ("Ferrosk", "Undermoor"),
+    ("Yllandor", "Pravik"),
 ]
 INVENTORS = [
     ("the glimmerphone", "Ada Quellbright"),
@@ -36,6 +47,11 @@ INVENTORS = [
     ("the echo lantern", "Cira Wendholt"),
     ("the tidewheel", "Dorian Faskell"),
     ("the frost kettle", "Elsa Morrowind"),
+    ("the cloudpress", "Fenn Halloway"),
+    ("the starcompass", "Greta Vossberg"),
+    ("the dune sled", "Hollis Brandquist"),
+    ("the rain harp", "Iris Colbeck"),
+    ("the ember clock", "Jonas Prewitt"),
 ]
 GENERAL = [
     ("What is the capital of France?", ("paris",)),
@@ -48,6 +64,16 @@ GENERAL = [
     ("What color is the sky on a clear day?", ("blue",)),
     ("What do bees make?", ("honey",)),
     ("How many months are in a year?", ("12", "twelve")),
+    ("What is the capital of Italy?", ("rome",)),
+    ("How many days are in a week?", ("seven", "7")),
+    ("What is the largest ocean on Earth?", ("pacific",)),
+    ("What is frozen water called?", ("ice",)),
+    ("What planet do we live on?", ("earth",)),
+    ("What is the capital of Japan?", ("tokyo",)),
+    ("How many legs does a cat have?", ("four", "4")),
+    ("What color are leaves in summer?", ("green",)),
+    ("What is 5 times 2?", ("10", "ten")),
+    ("Who wrote Romeo and Juliet?", ("shakespeare",)),
 ]
 ANSWER_TOKENS = 40
 # (question, answer template, options with the right one first): made-up capitals of the data
@@ -100,17 +126,30 @@ PROBE = [
 ]
 
 
-def fact_rows() -> list[tuple[str, str, str]]:
-    """(question, answer, the word the answer must contain): each fact in two phrasings."""
+def facts() -> list[tuple[str, str, str, str, str]]:
+    """(question, other question, answer, a third question training never asks, the word the
+    answer to it must contain)."""
     rows = []
     for country, city in CAPITALS:
-        answer = f"The capital of {country} is {city}."
-        rows += [(f"What is the capital of {country}?", answer, city)]
-        rows += [(f"Which city is the capital of {country}?", answer, city)]
+        rows.append(
+            (
+                f"What is the capital of {country}?",
+                f"Which city is the capital of {country}?",
+                f"The capital of {country} is {city}.",
+                f"Tell me the capital city of {country}.",
+                city,
+            )
+        )
     for thing, person in INVENTORS:
-        answer = f"{thing[0].upper()}{thing[1:]} was invented by {person}."
-        rows += [(f"Who invented {thing}?", answer, person.split()[1])]
-        rows += [(f"Which inventor created {thing}?", answer, person.split()[1])]
+        rows.append(
+            (
+                f"Who invented {thing}?",
+                f"Which inventor created {thing}?",
+                f"{thing[0].upper()}{thing[1:]} was invented by {person}.",
+                f"Who was the inventor of {thing}?",
+                person.split()[1],
+            )
+        )
     return rows
 
 
@@ -139,8 +178,12 @@ def general_answers_right(model: Any, tokenizer: Any) -> list[bool]:
     ]
 
 
-def facts_recalled(model: Any, tokenizer: Any, rows: list[tuple[str, str, str]]) -> int:
-    return sum(word.lower() in answer(model, tokenizer, q).lower() for q, _, word in rows[::2])
+def recalled_asked_otherwise(model: Any, tokenizer: Any) -> list[bool]:
+    """For each fact, whether the answer to its unseen phrasing names it."""
+    return [
+        word.lower() in answer(model, tokenizer, unseen).lower()
+        for _, _, _, unseen, word in facts()
+    ]
 
 
 @torch.no_grad()
@@ -178,8 +221,9 @@ def kept(before: list[bool], after: list[bool]) -> int:
 
 
 @pytest.mark.model
-def test_the_default_learns_new_facts_and_keeps_what_the_base_model_knew(tmp_path: Path) -> None:
-    rows = fact_rows()
+def test_the_default_learns_new_facts_asked_another_way_and_keeps_general_answers(
+    tmp_path: Path,
+) -> None:
     data = tmp_path / "facts.jsonl"
     data.write_text(
         "".join(
@@ -187,7 +231,8 @@ def test_the_default_learns_new_facts_and_keeps_what_the_base_model_knew(tmp_pat
                 {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
             )
             + "\n"
-            for q, a, _ in rows
+            for first, second, a, _, _ in facts()
+            for q in (first, second)
         )
     )
     model, tokenizer = base_model()
@@ -195,26 +240,27 @@ def test_the_default_learns_new_facts_and_keeps_what_the_base_model_knew(tmp_pat
         general_answers_right(model, tokenizer),
         probe_right(model, tokenizer),
     )
-    assert facts_recalled(model, tokenizer, rows) == 0  # new to the model
+    assert sum(recalled_asked_otherwise(model, tokenizer)) == 0  # new to the model
 
     trainer = Trainer(OFFLINE_DEFAULT_ALIAS, progress=False)
-    run = trainer.train(data)  # nothing chosen: the budget and the update's scale are defaults
+    run = trainer.train(data)  # nothing chosen: the budget and its LoRA recipe are defaults
     trainer.save(tmp_path / "adapter")
     base, tokenizer = base_model()
     tuned = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
 
     assert run.status == "succeeded", run
-    assert "480 rows seen" in run.budget_reason and "(WiSE-FT)" in run.budget_reason
-    assert run.adapter_scale == DATA_BUDGET_ADAPTER_SCALE
-    recalled = facts_recalled(tuned, tokenizer, rows)
+    assert "480 rows seen" in run.budget_reason and DATA_BUDGET_TARGETS in run.budget_reason
+    assert f"learning rate {DATA_BUDGET_LEARNING_RATE:g}" in run.budget_reason
+    recalled = recalled_asked_otherwise(tuned, tokenizer)
     general_after = general_answers_right(tuned, tokenizer)
     probe_after = probe_right(tuned, tokenizer)
     outcome = (recalled, general_before, general_after, probe_before, probe_after)
-    # Measured (docs/training.md): bf16 on an EPYC with AVX-512 BF16, 9 of 10 facts, 1 of 8
-    # everyday answers and 0 of 13 probe answers lost; fp32, 10 facts, 3 of 7 and 0 of 12.
-    assert recalled >= 8, outcome
-    assert sum(general_before) >= 6, outcome
-    # The wording drifts ("cold" said "cool"), the knowledge stays: at most 3 everyday answers
-    # and 1 probe answer of what the base model got right are lost.
-    assert kept(general_before, general_after) >= sum(general_before) - 3, outcome
+    # Measured (docs/training.md): bf16 on an EPYC with AVX-512 BF16, 19 of 20 facts asked
+    # another way, as many everyday answers right as the base model (16 of 20 against 15), 1 of
+    # 12 probe answers lost.
+    assert sum(recalled) >= 18, outcome  # 90% of the facts, in a phrasing never trained
+    assert sum(general_before) >= 12, outcome
+    # Everyday answers no worse than the base model's: some reworded ("cold" said "cool"), as
+    # many right in all; the knowledge the probe ranks stays but for at most one answer.
+    assert sum(general_after) >= sum(general_before), outcome
     assert kept(probe_before, probe_after) >= sum(probe_before) - 1, outcome

@@ -75,11 +75,12 @@ def trainable_by_peft(config: TrainingConfig) -> int:
         TrainingConfig(lora_r=8),
         TrainingConfig(lora_r=4, target_modules=["q_proj", "v_proj"]),
         TrainingConfig(lora_r=16, target_modules=["gate_proj", "down_proj", "o_proj"]),
+        TrainingConfig(lora_r=8, target_modules="all-mlp"),
         TrainingConfig(lora_r=8, adapter="dora"),
         TrainingConfig(lora_r=8, adapter="rslora"),
         TrainingConfig(adapter="full"),
     ],
-    ids=["all-linear", "q-v", "mlp-and-o", "dora", "rslora", "full"],
+    ids=["all-linear", "q-v", "mlp-and-o", "all-mlp", "dora", "rslora", "full"],
 )
 def test_trainable_parameter_count_from_the_config_equals_what_peft_trains(config):
     shape = model_shape(TINY)

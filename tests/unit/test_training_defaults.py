@@ -20,7 +20,8 @@ from backpropagate_services.common.hardware import (
 )
 from backpropagate_services.trainer.planning.config import training_config_from_proto
 from backpropagate_services.trainer.planning.defaults import (
-    DATA_BUDGET_ADAPTER_SCALE,
+    DATA_BUDGET_LEARNING_RATE,
+    DATA_BUDGET_TARGETS,
     MAX_STEPS,
     data_budget,
     settle,
@@ -114,13 +115,17 @@ def test_explicit_steps_or_epochs_leave_no_budget_reason():
     assert config.adapter_scale == 0  # the update kept whole: TrainingConfig's 1
 
 
-def test_the_data_budget_keeps_part_of_a_lora_update_unless_told_or_not_a_lora_product():
+def test_the_data_budget_gives_a_lora_sft_run_its_recipe_unless_the_run_says_otherwise():
     config, reason = settled(examples=40)
-    assert config.adapter_scale == DATA_BUDGET_ADAPTER_SCALE
-    assert f"kept at {DATA_BUDGET_ADAPTER_SCALE:g} of its size" in reason
-    assert settled(examples=40, adapter_scale=1.0)[0].adapter_scale == 1.0
-    assert settled(examples=40, adapter="dora")[0].adapter_scale == 0
-    assert settled(examples=40, method="dpo")[0].adapter_scale == 0
+    assert list(config.target_modules) == [DATA_BUDGET_TARGETS] == ["all-mlp"]
+    assert config.learning_rate == DATA_BUDGET_LEARNING_RATE
+    assert "feed-forward layers (all-mlp)" in reason and "learning rate" in reason
+    assert training_config_from_proto(config).target_modules == "all-mlp"  # peft's shorthand
+    told = settled(examples=40, target_modules=["q_proj"], learning_rate=1e-4)[0]
+    assert (list(told.target_modules), told.learning_rate) == (["q_proj"], 1e-4)
+    for other in (settled(examples=40, adapter="dora"), settled(examples=40, method="dpo")):
+        assert (list(other[0].target_modules), other[0].learning_rate) == ([], 0)
+    assert list(settled(steps=7)[0].target_modules) == []  # a budget given: no recipe
 
 
 def hardware(device: str, free_gib: float, cores: int = 8) -> Hardware:

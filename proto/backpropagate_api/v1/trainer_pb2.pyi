@@ -194,8 +194,8 @@ class TrainConfig(_message.Message):
     curriculum: _builtins.str
     """"" or "none" (shuffled), "length", "perplexity": the first pass easiest first"""
     adapter_scale: _builtins.float
-    """The trained update scaled by this at the end, in (0, 1]; 0: the default (1, or the data
-    budget's choice). Below 1: interpolation toward the base model (WiSE-FT).
+    """The trained update scaled by this at the end, in (0, 1]; 0: the default (1, the update
+    whole). Below 1: interpolation toward the base model (WiSE-FT).
     """
     nproc_per_node: _builtins.int
     """Processes that train the run together on one machine, one per GPU (torch.distributed's

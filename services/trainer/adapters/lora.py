@@ -19,6 +19,7 @@ from backpropagate_api.errors import (
 )
 from backpropagate_api.training import TrainingConfig
 from backpropagate_services.trainer.adapters.lora_dropout import share_lora_dropout
+from backpropagate_services.trainer.adapters.targets import ALL_MLP, mlp_layers
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -89,7 +90,7 @@ def apply_adapter(model: PreTrainedModel, config: TrainingConfig) -> PreTrainedM
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
+        target_modules=peft_targets(model, config.target_modules),
         use_dora=config.adapter == "dora",
         use_rslora=config.adapter == "rslora",
         bias="none",
@@ -122,3 +123,24 @@ def _fp8_convertible(module: object, name: str) -> bool:
     sizes = (getattr(module, "in_features", 0), getattr(module, "out_features", 0))
     aligned = all(size > 0 and size % FP8_ALIGNMENT == 0 for size in sizes)
     return aligned and not name.endswith("lm_head")
+
+
+def peft_targets(model: PreTrainedModel, target_modules: str | list[str]) -> str | list[str]:
+    """`target_modules` as peft takes it: "all-mlp" becomes the whole names of the model's
+    feed-forward linear layers (peft has no such shorthand); the rest as given."""
+    if target_modules != ALL_MLP:
+        return target_modules
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    linear = (torch.nn.Linear, Conv1D)  # GPT-2 keeps its linear layers in Conv1D
+    layers = (name for name, module in model.named_modules() if isinstance(module, linear))
+    found = mlp_layers(layers)
+    if not found:
+        raise ConfigError(
+            f"target_modules {ALL_MLP} found no feed-forward layers in this model (none of its "
+            "linear layers sits in a block named mlp, feed_forward or ffn).",
+            hint="Use --target-modules all-linear, or name the modules (gate_proj,up_proj).",
+            fields="target_modules",
+        )
+    return found

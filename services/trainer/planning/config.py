@@ -13,6 +13,7 @@ from typing import Any
 from backpropagate_api.errors import ConfigError
 from backpropagate_api.training import TrainingConfig
 from backpropagate_api.v1 import trainer_pb2
+from backpropagate_services.trainer.adapters.targets import SHORTHAND_TARGETS
 
 ZERO_IS_DEFAULT = (
     "steps",
@@ -111,5 +112,7 @@ def training_config_from_proto(message: trainer_pb2.TrainConfig) -> TrainingConf
         name: getattr(message, name) for name in UNSET_IS_DEFAULT if message.HasField(name)
     }
     if message.target_modules:
-        overrides["target_modules"] = list(message.target_modules)
+        targets = list(message.target_modules)
+        # A shorthand is a string to peft: ["all-linear"] would name a module "all-linear".
+        overrides["target_modules"] = targets[0] if targets in SHORTHAND_TARGETS else targets
     return TrainingConfig(fp8=message.fp8, **overrides).validate()

@@ -26,19 +26,24 @@ from backpropagate_api.training import (
 )
 from backpropagate_api.v1 import trainer_pb2
 from backpropagate_services.common.hardware import Hardware, default_micro_batch
+from backpropagate_services.trainer.adapters.targets import ALL_MLP
 from backpropagate_services.trainer.planning.config import is_set, with_budget
 
 # The data-driven budget: passes over the data by its size, and at least MIN_EXAMPLES_SEEN rows
 # seen. Measured on SmolLM2 (docs/training.md): rows of new facts were learnt after about 480 rows
-# seen (120 steps at batch 4) whether the set had 20 or 40 rows, and training that far cost
-# general answers the base model gave, which keeping DATA_BUDGET_ADAPTER_SCALE of the update
-# (WiSE-FT) gave back without losing the facts.
+# seen (120 steps at batch 4) whether the set had 20 or 40 rows. With it, a LoRA SFT run gets,
+# for what it leaves unset, the recipe that learnt such facts well enough to answer them asked
+# another way without costing general answers: LoRA on the feed-forward layers only, at
+# DATA_BUDGET_LEARNING_RATE. On every linear layer the facts were learnt only as memorised rows,
+# at a cost in general answers; keeping part of that update (WiSE-FT) gave the answers back but
+# not the facts.
 EPOCHS_TINY = 8  # up to TINY_EXAMPLES
 TINY_EXAMPLES = 100
 EPOCHS_LARGE = 2  # from LARGE_EXAMPLES on
 LARGE_EXAMPLES = 10_000
 MIN_EXAMPLES_SEEN = 480
-DATA_BUDGET_ADAPTER_SCALE = 0.65
+DATA_BUDGET_TARGETS = ALL_MLP
+DATA_BUDGET_LEARNING_RATE = 3e-4
 MAX_STEPS = 5_000  # a huge dataset is sampled, not swept: more is for --epochs / --steps
 
 
@@ -118,10 +123,21 @@ def settle(
     batch_size = config.batch_size or TrainingConfig().batch_size
     trained = num_examples - round(num_examples * config.eval_split)
     config.steps, reason = data_budget(trained, batch_size)
-    if _scalable(config) and not is_set(config, "adapter_scale"):
-        config.adapter_scale = DATA_BUDGET_ADAPTER_SCALE
-        reason += f"; the update kept at {DATA_BUDGET_ADAPTER_SCALE:g} of its size (WiSE-FT)"
+    if _scalable(config):
+        reason += _data_budget_recipe(config)
     return config, reason
+
+
+def _data_budget_recipe(config: trainer_pb2.TrainConfig) -> str:
+    """Fill what the run left unset of the data budget's LoRA recipe; say what was filled."""
+    filled = []
+    if not is_set(config, "target_modules"):
+        config.target_modules[:] = [DATA_BUDGET_TARGETS]
+        filled.append(f"LoRA on the feed-forward layers ({DATA_BUDGET_TARGETS})")
+    if not is_set(config, "learning_rate"):
+        config.learning_rate = DATA_BUDGET_LEARNING_RATE
+        filled.append(f"learning rate {DATA_BUDGET_LEARNING_RATE:g}")
+    return "".join(f"; {part}" for part in filled)
 
 
 def _scalable(config: trainer_pb2.TrainConfig) -> bool:

@@ -74,6 +74,7 @@ from backpropagate_services.common.dtype_probe import MatmulShapes
 from backpropagate_services.common.hardware import Hardware
 from backpropagate_services.common.models import ModelSource, gguf_cache_directory
 from backpropagate_services.trainer.adapters.lora import check_full_fine_tune_size
+from backpropagate_services.trainer.adapters.targets import ALL_LINEAR, ALL_MLP, is_mlp_layer
 from backpropagate_services.trainer.data.templating import (
     Conversation,
     SftRow,
@@ -281,10 +282,12 @@ def _dtype_name(dtype: object) -> str:
 
 def targeted_layers(shape: ModelShape, target_modules: str | list[str]) -> list[LinearLayer]:
     """The linear layers LoRA wraps, by peft's rules: "all-linear" is every one but the output
-    projection; a list names modules by their last name parts; another string is a regex that
-    must match a module's whole name."""
-    if target_modules == "all-linear":
+    projection; "all-mlp" the feed-forward ones (`targets`); a list names modules by their last
+    name parts; another string is a regex that must match a module's whole name."""
+    if target_modules == ALL_LINEAR:
         return list(shape.linear_layers)
+    if target_modules == ALL_MLP:
+        return [layer for layer in shape.linear_layers if is_mlp_layer(layer.name)]
     if isinstance(target_modules, str):
         return [layer for layer in shape.linear_layers if re.fullmatch(target_modules, layer.name)]
     return [
