@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from slao import REPLAY, calibration, goal_holds, metrics, recommended, summary
-from slao_table import END, START, markdown, shown
+from slao_table import END, START, best_measured, markdown, shown
 from slao_tasks import CONCEPTS, make_tasks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,7 +113,8 @@ def test_the_documents_table_shows_each_variant_the_calibration_and_the_goal_run
     assert "Meets the goal in every run: **slao+replay**" in text
     assert "2 seeds x 2 orders, 80 steps a task" in text and "10.0 min" in text
     nothing = markdown(results([r for r in RUNS if r["variant"] != "slao+replay"]))
-    assert "No variant meets the goal in every run." in nothing
+    assert "No variant meets the goal in every run. Measured best (mean ACC, then BWT): " in nothing
+    assert "**slao**, ACC" in nothing  # the better of the two left, sequential aside
 
 
 def test_the_documents_show_the_last_full_run_of_the_benchmark():
@@ -132,7 +133,8 @@ def test_the_documents_show_the_last_full_run_of_the_benchmark():
 
 def test_the_products_default_is_the_variant_the_last_full_run_recommends():
     """The tables say `backprop multi-run`'s default follows the measurement: its merge mode
-    and its replay share are those of the recommended variant, as measured."""
+    and its replay share are those of the recommended variant, as measured (the best measured
+    where none meets the goal)."""
     import json
 
     from backpropagate_api.training import DEFAULT_REPLAY
@@ -140,7 +142,7 @@ def test_the_products_default_is_the_variant_the_last_full_run_recommends():
 
     measured = json.loads((REPO / "bench" / "results" / "slao.json").read_text())
     default = f"{DEFAULT_MERGE}{REPLAY}" if DEFAULT_REPLAY else DEFAULT_MERGE
-    assert measured["recommended"] == default
+    assert (measured["recommended"] or best_measured(measured["summary"])) == default
     assert measured["settings"]["replay"] == DEFAULT_REPLAY
 
 

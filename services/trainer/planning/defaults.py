@@ -123,7 +123,7 @@ def settle(
     batch_size = config.batch_size or TrainingConfig().batch_size
     trained = num_examples - round(num_examples * config.eval_split)
     config.steps, reason = data_budget(trained, batch_size)
-    if _scalable(config):
+    if _plain_lora_sft(config):
         reason += _data_budget_recipe(config)
     return config, reason
 
@@ -140,7 +140,8 @@ def _data_budget_recipe(config: trainer_pb2.TrainConfig) -> str:
     return "".join(f"; {part}" for part in filled)
 
 
-def _scalable(config: trainer_pb2.TrainConfig) -> bool:
-    """Whether the run's update is a LoRA product that adapter_scale can scale."""
+def _plain_lora_sft(config: trainer_pb2.TrainConfig) -> bool:
+    """Whether the run is SFT of a plain LoRA product (lora, rslora, qlora): what the data
+    budget's recipe was measured on."""
     adapter = config.adapter or TrainingConfig().adapter
     return config.method in ("", "sft") and adapter in SCALABLE_ADAPTERS
