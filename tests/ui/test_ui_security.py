@@ -206,30 +206,29 @@ def test_the_login_page_refuses_a_wrong_password_and_lets_the_right_one_in(
     with chromium(tmp_path / "profile") as driver:
         page = UiPage(driver, guarded.url, SCREENSHOTS)
         driver.get(guarded.url)
-        user, password = page.wait_for(
-            lambda: driver.find_elements("css selector", "input") or None, "the login form"
-        )[:2]
-        user.send_keys(USER)
-        password.send_keys("wrong")
-        login_button = driver.find_element("xpath", "//button[normalize-space()='Login']")
-        login_button.click()
+
+        def log_in(password: str) -> bool:
+            """Fill the form and submit it; False until it is there. The form is drawn again
+            after a refusal, so it is found afresh each time (a stale one is tried again)."""
+            fields = driver.find_elements("css selector", "input")[:2]
+            if len(fields) < 2:
+                return False
+            for field, text in zip(fields, (USER, password), strict=True):
+                field.clear()
+                field.send_keys(text)
+            driver.find_element("xpath", "//button[normalize-space()='Login']").click()
+            return True
+
+        page.wait_for(lambda: log_in("wrong"), "the login form")
         page.wait_for(lambda: "Incorrect Credentials" in driver.page_source, "the login's refusal")
         page.screenshot("login-refused")
-        user, password = driver.find_elements("css selector", "input")[:2]
-        user.clear()
-        user.send_keys(USER)
-        password.clear()
-        password.send_keys(PASSWORD)
-        driver.find_element("xpath", "//button[normalize-space()='Login']").click()
-        page.wait_for(lambda: "Estimate memory" in driver.page_source, "the app after login")
-        assert {tab.text for tab in driver.find_elements("css selector", "button[role=tab]")} >= {
-            "Data",
-            "Train",
-            "Runs",
-            "Multi-run",
-            "Export",
-            "Chat",
-        }
+        page.wait_for(lambda: log_in(PASSWORD), "the login form again")
+        # The app's page arrives before it draws its tabs: wait for them, not for its text.
+        page.wait_until(
+            lambda: {tab.text for tab in driver.find_elements("css selector", "button[role=tab]")},
+            lambda tabs: tabs >= {"Data", "Train", "Runs", "Multi-run", "Export", "Chat"},
+            "the app's tabs after login",
+        )
 
 
 def test_failed_logins_are_rate_limited_even_for_the_right_password_until_the_lockout_ends(
