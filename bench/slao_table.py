@@ -36,7 +36,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Multi-task upper bound: ACC {result['multitask_upper_bound_ACC']:.1f}.",
+        f"Multi-task upper bound: ACC {result['multitask_upper_bound_ACC']:.1f}"
+        f" (seed {result['multitask_upper_bound_seed']}).",
         "Calibration (every task alone at least 85% in every seed, sequential BWT at most -15 in "
         "every run): "
         + ("passed." if calibration["passed"] else "not met: " + "; ".join(calibration["short"]))

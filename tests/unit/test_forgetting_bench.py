@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from slao import REPLAY, calibration, goal_holds, metrics, recommended, summary
+from lora_adapters import tiny_llama
+from slao import (
+    REPLAY,
+    calibration,
+    goal_holds,
+    metrics,
+    next_token_logits,
+    recommended,
+    shared_length,
+    summary,
+)
 from slao_table import END, START, best_measured, markdown, shown
 from slao_tasks import CONCEPTS, make_tasks
 
@@ -98,6 +108,7 @@ def results(runs: list[dict]) -> dict:
         "calibration": calibration({0: [0.9, 1.0], 1: [0.86, 0.95]}, runs),
         "summary": table,
         "multitask_upper_bound_ACC": 80.0,
+        "multitask_upper_bound_seed": 0,
         "goal": goal,
         "recommended": recommended(goal, table),
         "runs": runs,
@@ -109,6 +120,7 @@ def test_the_documents_table_shows_each_variant_the_calibration_and_the_goal_run
     assert "| slao+replay | 68.0 ± 2.0 | -2.0 ± 1.0 | 0.0 ± 0.0 | 2.0 ± 1.0 |" in text
     assert "Calibration (every task alone" in text and "passed." in text
     assert "seed 1 86%, 95%" in text
+    assert "Multi-task upper bound: ACC 80.0 (seed 0)." in text
     assert "- slao: 1 of 3 runs" in text and "- slao+replay: 3 of 3 runs" in text
     assert "Meets the goal in every run: **slao+replay**" in text
     assert "2 seeds x 2 orders, 80 steps a task" in text and "10.0 min" in text
@@ -182,3 +194,28 @@ def test_every_candidate_answer_is_one_token_of_smollm2(smollm2_tokenizer):
         for candidate in task.candidates:
             ids = smollm2_tokenizer.encode(candidate, add_special_tokens=False)
             assert len(ids) == 1, f"{task.name}: {candidate!r} is {len(ids)} tokens"
+
+
+def test_the_shared_opening_is_the_common_prefix_leaving_each_prompt_a_token_of_its_own():
+    assert shared_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 7]]) == 2
+    assert shared_length([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert shared_length([[1, 2], [3, 2]]) == 0
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("opening", [[5, 9, 2, 7], []], ids=["shared opening", "none shared"])
+def test_scoring_from_the_shared_openings_cache_gives_each_whole_prompts_logits(
+    attention: str, opening: list[int]
+):
+    import torch
+
+    model = tiny_llama().eval()
+    model.set_attn_implementation(attention)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [
+        opening + torch.randint(10, 128, (length,), generator=generator).tolist()
+        for length in (1, 6, 3, 9, 2, 6, 4) * 11  # 77 prompts: two batches, ragged lengths
+    ]
+    with torch.no_grad():
+        whole = torch.stack([model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts])
+    assert torch.allclose(next_token_logits(model, prompts, pad_id=0), whole, atol=1e-5)
