@@ -183,7 +183,9 @@ def torch_wheel_check(wheels: Path) -> None:
 def build(
     engine: str, image: Image, contexts: dict[str, Path], build_args: dict[str, str]
 ) -> float:
-    """Build one image; the seconds it took."""
+    """Build one image; the seconds it took. The image the tag named before is removed when
+    the build replaced it and no container uses it: each rebuild would otherwise leave GBs of
+    untagged images behind."""
     command = [engine, "build", "-f", str(image.dockerfile), "-t", image.name]
     if engine == "podman":
         command.append("--format=docker")  # OCI images have no HEALTHCHECK
@@ -195,8 +197,19 @@ def build(
             command += ["--build-context", f"{stage}={directory.resolve()}"]
     started = time.monotonic()
     print(f">>> {image.name}", flush=True)
+    replaced = image_id(engine, image.name)
     subprocess.run([*command, str(image.context)], check=True)
+    if replaced and replaced != image_id(engine, image.name):
+        _succeeds([engine, "image", "rm", replaced])
     return time.monotonic() - started
+
+
+def image_id(engine: str, name: str) -> str | None:
+    """The ID of the image `name` tags, None where there is none."""
+    found = subprocess.run(
+        [engine, "image", "inspect", "--format", "{{.Id}}", name], capture_output=True, text=True
+    )
+    return found.stdout.strip() if found.returncode == 0 else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
@@ -13,18 +14,30 @@ import servers
 
 from backpropagate_api.settings import Settings
 
+GIB = 1024**3
+FREE_AT_START = pytest.StashKey[int]()
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """A home of its own for the session (queue file, artifacts, logs, for this process and
     the ones it starts), so no job left by another session, or in the user's own
-    ~/.backpropagate, is taken by a test's worker; the model cache stays shared."""
+    ~/.backpropagate, is taken by a test's worker; the model cache stays shared. It is removed
+    at the end, as a machine that runs the suite again and again keeps its /tmp."""
     os.environ.setdefault("BACKPROPAGATE_MODEL_CACHE", str(Settings().model_cache_dir))
     os.environ["BACKPROPAGATE_HOME"] = tempfile.mkdtemp(prefix="bp-test-home-")
+    config.stash[FREE_AT_START] = shutil.disk_usage(tempfile.gettempdir()).free
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ["BACKPROPAGATE_HOME"], ignore_errors=True)
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Seconds spent in each test folder (setup, call and teardown together), so a slow CI
-    run says which part of the suite grew, not only which single tests were slowest."""
+    run says which part of the suite grew, not only which single tests were slowest; and the
+    free space of the disk the tests write to, so a run that filled it says so. Last, just
+    above the counts, where a CI log cut to its tail still shows them."""
     seconds: dict[str, float] = defaultdict(float)
     for reports in terminalreporter.stats.values():
         for report in reports:
@@ -36,6 +49,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("time per test folder")
         for folder, spent in sorted(seconds.items(), key=lambda item: -item[1]):
             terminalreporter.write_line(f"{folder:<12} {spent:8.1f} s")
+    temp = tempfile.gettempdir()
+    usage = shutil.disk_usage(temp)
+    terminalreporter.write_line(
+        f"disk under {temp}: {usage.free / GIB:.1f} GiB free of {usage.total / GIB:.1f} "
+        f"({terminalreporter.config.stash[FREE_AT_START] / GIB:.1f} at the start)"
+    )
 
 
 @pytest.fixture(scope="session")

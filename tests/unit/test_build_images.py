@@ -3,13 +3,12 @@ and what it refuses. tests/containers builds them for real."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from deploy_script import build_images_module
 from test_deploy_static import REQUIRED_SECRETS, compose_binary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -17,11 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def build_images(monkeypatch_module: pytest.MonkeyPatch) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("build_images", REPO / "deploy/build_images.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_images"] = module
-    spec.loader.exec_module(module)
+    module = build_images_module()
     # Compose as a clean shell would run it: no .env in the way, no stray settings.
     for name in REQUIRED_SECRETS:
         monkeypatch_module.delenv(name, raising=False)

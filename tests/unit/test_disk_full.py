@@ -73,6 +73,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     size = f"size={DISK_BYTES}"
     subprocess.run(["mount", "-t", "tmpfs", "-o", size, "bp-test", mount_point], check=True)
     try:
+        # fill() takes all the free space it sees: never the real disk's.
+        assert shutil.disk_usage(mount_point).total == DISK_BYTES, "no tmpfs mounted there"
         yield mount_point
     finally:
         subprocess.run(["umount", "--lazy", mount_point], check=True)  # a handle may be open
