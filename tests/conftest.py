@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
@@ -26,6 +27,10 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("BACKPROPAGATE_MODEL_CACHE", str(Settings().model_cache_dir))
     os.environ["BACKPROPAGATE_HOME"] = tempfile.mkdtemp(prefix="bp-test-home-")
     config.stash[FREE_AT_START] = shutil.disk_usage(tempfile.gettempdir()).free
+    # Started in the background (`make test &`, nohup), the suite inherits SIGINT ignored, and
+    # so would every process it starts: the drills that press Ctrl-C on one need it delivered.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
