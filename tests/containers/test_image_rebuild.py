@@ -22,8 +22,8 @@ def test_a_rebuild_removes_the_image_it_replaced(images: float, tmp_path: Path) 
     engine = engine_name()
     assert engine
     dockerfile = tmp_path / "Dockerfile"
-    services = build_images.Image(NAME, REPO, REPO / "deploy" / "dataprep" / "Dockerfile", {})
-    base = build_images.qualified(services.base())
+    dataprep = build_images.Image(NAME, REPO, REPO / "deploy" / "dataprep" / "Dockerfile", {})
+    base = build_images.qualified(dataprep.base())  # the base every service image builds on
     dockerfile.write_text(f"FROM {base}\nCOPY version /version\n")
     image = build_images.Image(NAME, tmp_path, dockerfile, {})
     try:
